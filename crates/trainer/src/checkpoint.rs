@@ -1,9 +1,88 @@
-//! Checkpoint files. Weights are `.safetensors` with arcface_torch key names, written to a
-//! temporary file and renamed so an interrupted write never replaces a good checkpoint.
+//! Checkpoints: everything `--resume` needs, written so that a crash never damages a good one.
+//!
+//! A checkpoint is a folder `<run dir>/checkpoints/step-NNNNNNNN/` holding
+//! - `model.safetensors`: the backbone, arcface_torch key names (BN running stats included);
+//! - `classifier.safetensors`: the classifier weight;
+//! - `optimizer.safetensors`: the optimiser's buffers and step count;
+//! - `meta.json`: [`Meta`] (step, epoch and position in the epoch's data order, scaler, counters,
+//!   model description, the resolved config), written last.
+//!
+//! The folder is assembled under `.step-NNNNNNNN.partial` and renamed into place, so a checkpoint
+//! either exists complete or not at all; older ones are deleted only after the new one is in place.
+//! Randomness needs no saved generator state: the data order and augmentation derive from
+//! `(seed, epoch, index)`, ElasticFace margins and Partial FC samples from `(seed, step)`, and the
+//! torch generator is re-seeded from `(seed, step)` before every step.
+//!
+//! Loading checks names and shapes and names the file and the keys that differ.
 
-use anyhow::{Context, Result};
-use std::path::Path;
+use crate::amp::ScalerState;
+use crate::optim::Optimizer;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
 use tch::nn::VarStore;
+use tch::Tensor;
+
+/// Checkpoint format version written to `meta.json`.
+pub const FORMAT: u32 = 1;
+
+/// What a checkpoint says about the run besides its tensors.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Meta {
+    /// [`FORMAT`].
+    pub format: u32,
+    /// Optimiser steps completed.
+    pub step: usize,
+    /// The epoch in progress (or the next one when `batch_in_epoch` is 0).
+    pub epoch: usize,
+    /// Loader batches of `epoch` already consumed.
+    pub batch_in_epoch: usize,
+    /// The run seed (data order, augmentation, margins, sampling).
+    pub seed: u64,
+    /// Classifier rows.
+    pub num_classes: usize,
+    /// Training images and batches per epoch when the checkpoint was written, and a fingerprint of
+    /// the current epoch's order: resuming on different data is refused.
+    pub data: DataOrder,
+    /// The backbone configuration (TOML).
+    pub model: String,
+    /// `sgd` or `adamw`.
+    pub optimizer: String,
+    /// Loss scaler.
+    pub scaler: ScalerState,
+    /// Steps skipped by the NaN guard so far, and the current run of consecutive ones.
+    pub skipped_steps: usize,
+    /// Consecutive non-finite steps at the time of writing.
+    pub consecutive_bad: usize,
+    /// Best verification accuracy per target so far.
+    pub best: Vec<f64>,
+    /// The resolved config of the run.
+    pub config: String,
+}
+
+/// The data position stored in a checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct DataOrder {
+    /// Training images.
+    pub images: usize,
+    /// Loader batches per epoch.
+    pub batches_per_epoch: usize,
+    /// FNV-1a hash of the current epoch's image order.
+    pub order_fingerprint: u64,
+}
+
+/// FNV-1a over the indices (stable across platforms and versions).
+pub fn fingerprint(order: &[usize]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &i in order {
+        for b in (i as u64).to_le_bytes() {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
 
 /// Save every variable of `vs` to `path` (a `.safetensors` file) atomically.
 pub fn save_varstore(vs: &VarStore, path: &Path) -> Result<()> {
@@ -14,10 +93,245 @@ pub fn save_varstore(vs: &VarStore, path: &Path) -> Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
 }
 
+/// The folder of checkpoint `step` under `parent`.
+pub fn step_dir(parent: &Path, step: usize) -> PathBuf {
+    parent.join(format!("step-{step:08}"))
+}
+
+/// Write a checkpoint under `parent` (created if needed), then delete all but the newest `keep`.
+/// Returns its folder.
+pub fn save(parent: &Path, meta: &Meta, backbone: &VarStore, classifier: &VarStore, opt: &Optimizer, keep: usize) -> Result<PathBuf> {
+    std::fs::create_dir_all(parent).with_context(|| format!("creating checkpoint folder {}", parent.display()))?;
+    let dest = step_dir(parent, meta.step);
+    let tmp = parent.join(format!(".step-{:08}.partial", meta.step));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).with_context(|| format!("removing stale {}", tmp.display()))?;
+    }
+    std::fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    backbone.save(tmp.join("model.safetensors")).with_context(|| format!("writing {}", tmp.join("model.safetensors").display()))?;
+    classifier.save(tmp.join("classifier.safetensors")).with_context(|| format!("writing {}", tmp.join("classifier.safetensors").display()))?;
+    let state = opt.state_tensors();
+    Tensor::write_safetensors(&state, tmp.join("optimizer.safetensors"))
+        .with_context(|| format!("writing {}", tmp.join("optimizer.safetensors").display()))?;
+    let json = serde_json::to_vec_pretty(meta)?;
+    std::fs::write(tmp.join("meta.json"), json).with_context(|| format!("writing {}", tmp.join("meta.json").display()))?;
+    sync_dir_files(&tmp)?;
+    if dest.exists() {
+        // The same step written again (a resumed run reaching it anew): swap, then drop the old one.
+        let old = parent.join(format!(".step-{:08}.old", meta.step));
+        let _ = std::fs::remove_dir_all(&old);
+        std::fs::rename(&dest, &old).with_context(|| format!("moving aside {}", dest.display()))?;
+        std::fs::rename(&tmp, &dest).with_context(|| format!("renaming {} to {}", tmp.display(), dest.display()))?;
+        let _ = std::fs::remove_dir_all(&old);
+    } else {
+        std::fs::rename(&tmp, &dest).with_context(|| format!("renaming {} to {}", tmp.display(), dest.display()))?;
+    }
+    prune(parent, keep)?;
+    Ok(dest)
+}
+
+/// fsync every file of `dir` and the folder itself, so the rename publishes durable data.
+fn sync_dir_files(dir: &Path) -> Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        std::fs::File::open(&path).and_then(|f| f.sync_all()).with_context(|| format!("syncing {}", path.display()))?;
+    }
+    std::fs::File::open(dir).and_then(|f| f.sync_all()).with_context(|| format!("syncing {}", dir.display()))
+}
+
+/// Complete checkpoints under `parent`, oldest first.
+pub fn list(parent: &Path) -> Result<Vec<(usize, PathBuf)>> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(parent) else { return Ok(out) };
+    for entry in entries {
+        let path = entry.with_context(|| format!("listing {}", parent.display()))?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if let Some(step) = name.strip_prefix("step-").and_then(|s| s.parse::<usize>().ok()) {
+            if path.join("meta.json").is_file() {
+                out.push((step, path));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+fn prune(parent: &Path, keep: usize) -> Result<()> {
+    let all = list(parent)?;
+    for (_, dir) in all.iter().take(all.len().saturating_sub(keep)) {
+        std::fs::remove_dir_all(dir).with_context(|| format!("deleting old checkpoint {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// The newest complete checkpoint of a run directory.
+pub fn latest(run_dir: &Path) -> Result<PathBuf> {
+    let parent = run_dir.join("checkpoints");
+    match list(&parent)?.pop() {
+        Some((_, dir)) => Ok(dir),
+        None => bail!("{}: no complete checkpoint to resume from (looked for checkpoints/step-*/meta.json)", run_dir.display()),
+    }
+}
+
+/// Read `meta.json` of a checkpoint folder.
+pub fn read_meta(dir: &Path) -> Result<Meta> {
+    let path = dir.join("meta.json");
+    let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    let meta: Meta = serde_json::from_slice(&bytes).with_context(|| format!("{}: not a facerec checkpoint description (corrupt?)", path.display()))?;
+    if meta.format != FORMAT {
+        bail!("{}: checkpoint format {} (this facerec reads {FORMAT})", path.display(), meta.format);
+    }
+    Ok(meta)
+}
+
+/// Read a `.safetensors` file, naming it on failure.
+pub fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
+    let list = Tensor::read_safetensors(path)
+        .with_context(|| format!("reading {} (not a safetensors file, or corrupt or truncated)", path.display()))?;
+    Ok(list.into_iter().collect())
+}
+
+/// The keys of a tensor file compared with the variables of a model.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct KeyReport {
+    /// Model variables the file lacks.
+    pub missing: Vec<String>,
+    /// File entries the model does not have.
+    pub unexpected: Vec<String>,
+    /// `(key, file shape, model shape)` where both have the key with different shapes.
+    pub mismatched: Vec<(String, Vec<i64>, Vec<i64>)>,
+}
+
+impl KeyReport {
+    /// Compare `file` with `vars`.
+    pub fn compare(file: &HashMap<String, Tensor>, vars: &HashMap<String, Tensor>) -> Self {
+        let fk: BTreeSet<&String> = file.keys().collect();
+        let vk: BTreeSet<&String> = vars.keys().collect();
+        KeyReport {
+            missing: vk.difference(&fk).map(|s| s.to_string()).collect(),
+            unexpected: fk.difference(&vk).map(|s| s.to_string()).collect(),
+            mismatched: fk
+                .intersection(&vk)
+                .filter(|k| file[**k].size() != vars[**k].size())
+                .map(|k| (k.to_string(), file[*k].size(), vars[*k].size()))
+                .collect(),
+        }
+    }
+
+    /// True when names and shapes agree exactly.
+    pub fn is_exact(&self) -> bool {
+        self.missing.is_empty() && self.unexpected.is_empty() && self.mismatched.is_empty()
+    }
+
+    /// A readable description (lists are cut after 10 entries).
+    pub fn describe(&self) -> String {
+        let list = |v: &[String]| {
+            let mut s = v.iter().take(10).cloned().collect::<Vec<_>>().join(", ");
+            if v.len() > 10 {
+                s.push_str(&format!(", ... ({} in all)", v.len()));
+            }
+            s
+        };
+        let mut parts = Vec::new();
+        if !self.missing.is_empty() {
+            parts.push(format!("missing keys: {}", list(&self.missing)));
+        }
+        if !self.unexpected.is_empty() {
+            parts.push(format!("unexpected keys: {}", list(&self.unexpected)));
+        }
+        for (k, f, m) in self.mismatched.iter().take(10) {
+            parts.push(format!("`{k}` has shape {f:?} in the file, {m:?} in the model"));
+        }
+        if parts.is_empty() {
+            "all keys match".into()
+        } else {
+            parts.join("; ")
+        }
+    }
+}
+
+/// Copy `file`'s tensors into the variables of `vs` with the same names (no autograd).
+pub fn copy_into(vs: &VarStore, file: &HashMap<String, Tensor>) {
+    let _guard = tch::no_grad_guard();
+    for (name, mut var) in vs.variables() {
+        if let Some(src) = file.get(&name) {
+            var.copy_(&src.to_kind(var.kind()).to_device(var.device()));
+        }
+    }
+}
+
+/// Load `path` into `vs`, requiring exactly the same names and shapes; the error names the file
+/// and the keys that differ.
+pub fn load_exact(vs: &VarStore, path: &Path, what: &str) -> Result<()> {
+    let file = read_tensors(path)?;
+    let report = KeyReport::compare(&file, &vs.variables());
+    if !report.is_exact() {
+        bail!("{}: this {what} does not fit the configured model ({})", path.display(), report.describe());
+    }
+    copy_into(vs, &file);
+    Ok(())
+}
+
+/// The state tensors of a checkpoint's optimiser file.
+pub fn read_optimizer(dir: &Path) -> Result<HashMap<String, Tensor>> {
+    read_tensors(&dir.join("optimizer.safetensors"))
+}
+
+/// Resolve `init.from`: a `.safetensors` file, a run directory (its `model.safetensors`, else its
+/// newest checkpoint), or a checkpoint directory.
+pub fn resolve_init(path: &Path) -> Result<PathBuf> {
+    if path.is_file() {
+        return Ok(path.to_path_buf());
+    }
+    if path.is_dir() {
+        let direct = path.join("model.safetensors");
+        if direct.is_file() {
+            return Ok(direct);
+        }
+        if let Ok(dir) = latest(path) {
+            return Ok(dir.join("model.safetensors"));
+        }
+        bail!("config key `init.from`: {} holds neither model.safetensors nor checkpoints/step-*", path.display());
+    }
+    bail!("config key `init.from`: {} does not exist", path.display())
+}
+
+/// Fine-tuning: load backbone weights from `path` into `vs`. Keys may carry a `module.` prefix
+/// (DataParallel) or `backbone.` prefix; both are stripped. Shape mismatches are always an error;
+/// missing keys are an error when `strict`. Returns the report (to be logged).
+pub fn init_backbone(vs: &VarStore, path: &Path, strict: bool) -> Result<KeyReport> {
+    let file = resolve_init(path)?;
+    let raw = read_tensors(&file)?;
+    let strip = |k: &str| -> String {
+        let mut k = k;
+        for prefix in ["module.", "backbone."] {
+            if let Some(rest) = k.strip_prefix(prefix) {
+                k = rest;
+            }
+        }
+        k.to_string()
+    };
+    let tensors: HashMap<String, Tensor> = raw.into_iter().map(|(k, t)| (strip(&k), t)).collect();
+    let report = KeyReport::compare(&tensors, &vs.variables());
+    if !report.mismatched.is_empty() || (strict && !report.missing.is_empty()) {
+        bail!(
+            "config key `init.from`: {} does not fit the configured backbone ({}){}",
+            file.display(),
+            report.describe(),
+            if strict && !report.missing.is_empty() { "; set init.strict = false to start the missing ones from random init" } else { "" }
+        );
+    }
+    if report.missing.len() == vs.variables().len() {
+        bail!("config key `init.from`: {} shares no key with the configured backbone ({})", file.display(), report.describe());
+    }
+    copy_into(vs, &tensors);
+    Ok(report)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tch::{nn, Device};
+    use tch::{nn, Device, Kind};
 
     #[test]
     fn save_then_load_round_trips() {
@@ -26,10 +340,78 @@ mod tests {
         let w = (vs.root() / "fc").randn("weight", &[3, 2], 0.0, 1.0);
         let path = dir.path().join("model.safetensors");
         save_varstore(&vs, &path).unwrap();
-        let mut vs2 = nn::VarStore::new(Device::Cpu);
+        let vs2 = nn::VarStore::new(Device::Cpu);
         let w2 = (vs2.root() / "fc").zeros("weight", &[3, 2]);
-        vs2.load(&path).unwrap();
+        load_exact(&vs2, &path, "model").unwrap();
         assert!(w.equal(&w2));
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary left behind");
+    }
+
+    #[test]
+    fn mismatched_model_is_described() {
+        let dir = tempfile::tempdir().unwrap();
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _ = (vs.root() / "fc").randn("weight", &[3, 2], 0.0, 1.0);
+        let _ = (vs.root() / "old").randn("bias", &[2], 0.0, 1.0);
+        let path = dir.path().join("model.safetensors");
+        save_varstore(&vs, &path).unwrap();
+        let vs2 = nn::VarStore::new(Device::Cpu);
+        let _ = (vs2.root() / "fc").zeros("weight", &[4, 2]);
+        let _ = (vs2.root() / "new").zeros("bias", &[2]);
+        let err = load_exact(&vs2, &path, "model").unwrap_err().to_string();
+        assert!(err.contains("missing keys: new.bias"), "{err}");
+        assert!(err.contains("unexpected keys: old.bias"), "{err}");
+        assert!(err.contains("`fc.weight` has shape [3, 2] in the file, [4, 2] in the model"), "{err}");
+    }
+
+    #[test]
+    fn init_strips_prefixes_and_lists_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = Tensor::from_slice(&[1.0f32, 2.0]);
+        let extra = Tensor::from_slice(&[0.0f32]);
+        let path = dir.path().join("r.safetensors");
+        Tensor::write_safetensors(&[("module.conv.weight", &src), ("module.fc_head.weight", &extra)], &path).unwrap();
+        let vs = nn::VarStore::new(Device::Cpu);
+        let w = (vs.root() / "conv").zeros("weight", &[2]);
+        let _ = (vs.root() / "bn").zeros("bias", &[2]);
+        assert!(init_backbone(&vs, &path, true).unwrap_err().to_string().contains("missing keys: bn.bias"));
+        let report = init_backbone(&vs, &path, false).unwrap();
+        assert_eq!(report.missing, vec!["bn.bias".to_string()]);
+        assert_eq!(report.unexpected, vec!["fc_head.weight".to_string()]);
+        assert!(w.equal(&src));
+    }
+
+    #[test]
+    fn prune_keeps_newest_and_ignores_partials() {
+        let dir = tempfile::tempdir().unwrap();
+        let vs = nn::VarStore::new(Device::Cpu);
+        let w = (vs.root() / "fc").randn("weight", &[2, 2], 0.0, 1.0).set_requires_grad(true);
+        let opt = Optimizer::sgd(vec![crate::optim::ParamGroup::new(vec![w], 0.0)], 0.9, false);
+        let meta = |step| Meta {
+            format: FORMAT,
+            step,
+            epoch: 0,
+            batch_in_epoch: step,
+            seed: 1,
+            num_classes: 2,
+            data: DataOrder { images: 4, batches_per_epoch: 2, order_fingerprint: 0 },
+            model: String::new(),
+            optimizer: "sgd".into(),
+            scaler: ScalerState { scale: 1.0, growth_tracker: 0 },
+            skipped_steps: 0,
+            consecutive_bad: 0,
+            best: vec![],
+            config: String::new(),
+        };
+        std::fs::create_dir_all(dir.path().join(".step-00000009.partial")).unwrap();
+        for step in [1, 2, 3, 4] {
+            save(dir.path(), &meta(step), &vs, &vs, &opt, 2).unwrap();
+        }
+        let steps: Vec<usize> = list(dir.path()).unwrap().into_iter().map(|(s, _)| s).collect();
+        assert_eq!(steps, vec![3, 4]);
+        assert_eq!(read_meta(&step_dir(dir.path(), 4)).unwrap(), meta(4));
+        let state = read_optimizer(&step_dir(dir.path(), 4)).unwrap();
+        assert_eq!(i64::try_from(&state["steps"]).unwrap(), 0);
+        let _ = Kind::Float;
     }
 }

@@ -49,6 +49,12 @@ pub struct Config {
     /// Verification targets.
     #[serde(default)]
     pub eval: EvalConfig,
+    /// Periodic checkpoints for `--resume`.
+    #[serde(default)]
+    pub checkpoint: CheckpointConfig,
+    /// Fine-tuning from existing backbone weights.
+    #[serde(default)]
+    pub init: InitConfig,
 }
 
 fn default_seed() -> u64 {
@@ -140,11 +146,13 @@ pub struct ClassifierConfig {
     pub num_classes: Option<usize>,
 }
 
-/// Optimiser. Only SGD exists so far.
+/// Optimiser. Two parameter groups: the backbone (`weight_decay`) and the classifier
+/// (`classifier_weight_decay`, default: the same). Gradient clipping (`train.grad_clip`) applies
+/// to the backbone only, as in arcface_torch.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum OptimConfig {
-    /// SGD with momentum and decoupled-from-nothing (PyTorch-style, L2) weight decay.
+    /// SGD with momentum and L2 weight decay (`torch.optim.SGD`).
     Sgd {
         /// Base learning rate. Default 0.1.
         #[serde(default = "default_lr")]
@@ -152,12 +160,36 @@ pub enum OptimConfig {
         /// Momentum. Default 0.9.
         #[serde(default = "default_momentum")]
         momentum: f64,
-        /// L2 weight decay for every parameter. Default 5e-4.
+        /// L2 weight decay of the backbone. Default 5e-4.
         #[serde(default = "default_wd")]
         weight_decay: f64,
+        /// L2 weight decay of the classifier. Default: `weight_decay`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        classifier_weight_decay: Option<f64>,
         /// Nesterov momentum. Default false.
         #[serde(default)]
         nesterov: bool,
+    },
+    /// AdamW with decoupled weight decay (`torch.optim.AdamW`).
+    Adamw {
+        /// Base learning rate. Default 1e-3.
+        #[serde(default = "default_adamw_lr")]
+        lr: f64,
+        /// First-moment decay. Default 0.9.
+        #[serde(default = "default_beta1")]
+        beta1: f64,
+        /// Second-moment decay. Default 0.999.
+        #[serde(default = "default_beta2")]
+        beta2: f64,
+        /// Denominator epsilon. Default 1e-8.
+        #[serde(default = "default_eps")]
+        eps: f64,
+        /// Decoupled weight decay of the backbone. Default 0.05.
+        #[serde(default = "default_adamw_wd")]
+        weight_decay: f64,
+        /// Decoupled weight decay of the classifier. Default: `weight_decay`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        classifier_weight_decay: Option<f64>,
     },
 }
 
@@ -167,8 +199,71 @@ impl Default for OptimConfig {
             lr: default_lr(),
             momentum: default_momentum(),
             weight_decay: default_wd(),
+            classifier_weight_decay: None,
             nesterov: false,
         }
+    }
+}
+
+impl OptimConfig {
+    /// The base learning rate.
+    pub fn lr(&self) -> f64 {
+        match self {
+            OptimConfig::Sgd { lr, .. } | OptimConfig::Adamw { lr, .. } => *lr,
+        }
+    }
+
+    /// Weight decay of the backbone and of the classifier.
+    pub fn weight_decays(&self) -> (f64, f64) {
+        match self {
+            OptimConfig::Sgd { weight_decay, classifier_weight_decay, .. }
+            | OptimConfig::Adamw { weight_decay, classifier_weight_decay, .. } => {
+                (*weight_decay, classifier_weight_decay.unwrap_or(*weight_decay))
+            }
+        }
+    }
+
+    /// The optimiser's update rule.
+    pub fn rule(&self) -> crate::optim::Rule {
+        match self {
+            OptimConfig::Sgd { momentum, nesterov, .. } => crate::optim::Rule::Sgd { momentum: *momentum, nesterov: *nesterov },
+            OptimConfig::Adamw { beta1, beta2, eps, .. } => crate::optim::Rule::AdamW { beta1: *beta1, beta2: *beta2, eps: *eps },
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        let lr = self.lr();
+        if !(lr > 0.0 && lr.is_finite()) {
+            bail!("config key `optim.lr`: must be a positive number, got {lr}");
+        }
+        let (wd, cwd) = self.weight_decays();
+        if !(wd >= 0.0) {
+            bail!("config key `optim.weight_decay`: must be >= 0, got {wd}");
+        }
+        if !(cwd >= 0.0) {
+            bail!("config key `optim.classifier_weight_decay`: must be >= 0, got {cwd}");
+        }
+        match self {
+            OptimConfig::Sgd { momentum, nesterov, .. } => {
+                if !(0.0..1.0).contains(momentum) {
+                    bail!("config key `optim.momentum`: must be in [0, 1), got {momentum}");
+                }
+                if *nesterov && *momentum == 0.0 {
+                    bail!("config key `optim.nesterov`: Nesterov needs momentum > 0");
+                }
+            }
+            OptimConfig::Adamw { beta1, beta2, eps, .. } => {
+                for (k, v) in [("beta1", beta1), ("beta2", beta2)] {
+                    if !(0.0..1.0).contains(v) {
+                        bail!("config key `optim.{k}`: must be in [0, 1), got {v}");
+                    }
+                }
+                if !(*eps > 0.0) {
+                    bail!("config key `optim.eps`: must be > 0, got {eps}");
+                }
+            }
+        }
+        Ok(())
     }
 }
 fn default_lr() -> f64 {
@@ -179,6 +274,59 @@ fn default_momentum() -> f64 {
 }
 fn default_wd() -> f64 {
     5e-4
+}
+fn default_adamw_lr() -> f64 {
+    1e-3
+}
+fn default_beta1() -> f64 {
+    0.9
+}
+fn default_beta2() -> f64 {
+    0.999
+}
+fn default_eps() -> f64 {
+    1e-8
+}
+fn default_adamw_wd() -> f64 {
+    0.05
+}
+
+/// Periodic checkpoints (`<run dir>/checkpoints/step-NNNNNNNN/`), each holding everything
+/// `--resume` needs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// Write one every this many optimiser steps; 0 = at the end of every epoch. A final one is
+    /// always written. Default 0.
+    #[serde(default)]
+    pub every_steps: usize,
+    /// Keep the newest this many (older ones are deleted after a new one is complete). Default 3.
+    #[serde(default = "default_keep")]
+    pub keep: usize,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        CheckpointConfig { every_steps: 0, keep: default_keep() }
+    }
+}
+fn default_keep() -> usize {
+    3
+}
+
+/// Fine-tuning: backbone weights to start from.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct InitConfig {
+    /// A `.safetensors` backbone state dict (ours, or arcface_torch's `state_dict` exported to
+    /// safetensors; a `module.` prefix from DataParallel is stripped), a run directory, or a
+    /// checkpoint directory. Only backbone weights are loaded. Default: none (random init).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<PathBuf>,
+    /// Fail when the file lacks a backbone key (missing keys are always listed). Unexpected keys
+    /// are listed and ignored. Default true.
+    #[serde(default = "yes")]
+    pub strict: bool,
 }
 
 /// Learning-rate schedule, evaluated at every optimiser step.
@@ -269,6 +417,20 @@ pub struct TrainConfig {
     /// `cpu`, `cuda`, `cuda:N` or `auto` (CUDA when available). Default `auto`.
     #[serde(default = "default_device")]
     pub device: String,
+    /// Micro-batches whose gradients are summed before one optimiser step (the loss of each is
+    /// divided by this). The schedule counts optimiser steps. Default 1.
+    #[serde(default = "default_accumulation")]
+    pub grad_accumulation: usize,
+    /// Mixed precision: `"off"` (default) or `"fp16"` (CUDA autocast for backbone and classifier
+    /// matmul, dynamic loss scaling).
+    #[serde(default)]
+    pub precision: crate::amp::Precision,
+    /// The fp16 loss scaler.
+    #[serde(default)]
+    pub scaler: crate::amp::ScalerConfig,
+}
+fn default_accumulation() -> usize {
+    1
 }
 fn default_clip() -> f64 {
     5.0
@@ -373,15 +535,16 @@ impl Config {
             bail!("config key `train.grad_clip`: must be a finite number >= 0");
         }
         crate::device::parse_device(&t.device).context("config key `train.device`")?;
-        let OptimConfig::Sgd { lr, momentum, weight_decay, .. } = &self.optim;
-        if !(*lr > 0.0 && lr.is_finite()) {
-            bail!("config key `optim.lr`: must be a positive number, got {lr}");
+        self.optim.validate()?;
+        if t.grad_accumulation == 0 {
+            bail!("config key `train.grad_accumulation`: must be at least 1");
         }
-        if !(0.0..1.0).contains(momentum) {
-            bail!("config key `optim.momentum`: must be in [0, 1), got {momentum}");
+        let sc = &t.scaler;
+        if !(sc.init_scale >= sc.min_scale && sc.min_scale > 0.0 && sc.growth_factor > 1.0 && sc.backoff_factor > 0.0 && sc.backoff_factor < 1.0 && sc.growth_interval > 0) {
+            bail!("config key `train.scaler`: need init_scale >= min_scale > 0, growth_factor > 1, 0 < backoff_factor < 1, growth_interval >= 1");
         }
-        if *weight_decay < 0.0 {
-            bail!("config key `optim.weight_decay`: must be >= 0, got {weight_decay}");
+        if self.checkpoint.keep == 0 {
+            bail!("config key `checkpoint.keep`: must be at least 1 (the newest checkpoint is what --resume needs)");
         }
         if let Some(0) = self.classifier.num_classes {
             bail!("config key `classifier.num_classes`: must be at least 1");
@@ -535,8 +698,7 @@ mod tests {
     #[test]
     fn overrides_parse_types() {
         let cfg = Config::load(None, &["optim.lr=0.05".into(), "train.flip=false".into(), "run_name=abc".into()]).unwrap();
-        let OptimConfig::Sgd { lr, .. } = cfg.optim;
-        assert_eq!(lr, 0.05);
+        assert_eq!(cfg.optim.lr(), 0.05);
         assert!(!cfg.train.flip);
         assert_eq!(cfg.run_name, "abc");
     }

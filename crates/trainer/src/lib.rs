@@ -1,10 +1,12 @@
 //! The facerec trainer: wires the library crates (backbone, loss heads, data, evaluation) into a
 //! training run driven by a TOML config, and builds the `facerec` binary.
 //!
-//! Owns: configs ([`config`]), the optimiser with savable state ([`optim`]), LR schedules
-//! ([`schedule`]), checkpoints ([`checkpoint`]), logs ([`log`]) and the run itself ([`run`]).
+//! Owns: configs ([`config`]), the optimisers with savable state ([`optim`]), mixed precision
+//! ([`amp`]), LR schedules ([`schedule`]), checkpoints and resume ([`checkpoint`]), logs ([`log`])
+//! and the run itself ([`run`]).
 //! Library crates never depend on this one.
 
+pub mod amp;
 pub mod checkpoint;
 pub mod commands;
 pub mod config;

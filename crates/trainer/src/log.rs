@@ -104,9 +104,18 @@ pub struct Logger {
 }
 
 impl Logger {
-    /// Open the two files in `dir`.
-    pub fn create(dir: &Path) -> Result<Self> {
-        let open = |name: &str| File::create(dir.join(name)).with_context(|| format!("creating {}", dir.join(name).display()));
+    /// Create the two files in `dir`, or append to them (`append`, a resumed run).
+    pub fn open(dir: &Path, append: bool) -> Result<Self> {
+        let open = |name: &str| {
+            let path = dir.join(name);
+            std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .append(append)
+                .truncate(!append)
+                .open(&path)
+                .with_context(|| format!("opening {}", path.display()))
+        };
         Ok(Logger { log: open("training.log")?, metrics: open("metrics.jsonl")? })
     }
 
@@ -121,10 +130,12 @@ impl Logger {
     }
 
     /// A training log line from a `kind = "train"` record.
-    pub fn train_line(&mut self, r: &serde_json::Value, total: usize, eta_s: f64, progress: &Progress) {
+    /// `show_scale`: print the loss scaler's grad scale (mixed precision).
+    pub fn train_line(&mut self, r: &serde_json::Value, total: usize, eta_s: f64, show_scale: bool, progress: &Progress) {
         let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
+        let scale = if show_scale { format!(" grad scale {}", f("grad_scale")) } else { String::new() };
         let text = format!(
-            "epoch {} global step {}/{} loss {:.4} lr {:.6} samples/sec {:.1} data-wait {:.1}% ETA {}",
+            "epoch {} global step {}/{} loss {:.4} lr {:.6} samples/sec {:.1} data-wait {:.1}%{scale} ETA {}",
             r["epoch"], r["step"], total, f("loss"), f("lr"), f("samples_per_sec"), 100.0 * f("data_wait_fraction"), fmt_duration(eta_s)
         );
         progress.set_message(format!("loss {:.3} lr {:.4} {:.0} samples/s", f("loss"), f("lr"), f("samples_per_sec")));

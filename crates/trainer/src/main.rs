@@ -26,6 +26,10 @@ enum Command {
         /// Print the resolved config and exit.
         #[arg(long)]
         print_config: bool,
+        /// Continue the run in RUN_DIR from its newest checkpoint, with its own `config.toml`
+        /// (plus any --set; changing the model or the number of classes is refused).
+        #[arg(long, value_name = "RUN_DIR", conflicts_with = "config")]
+        resume: Option<PathBuf>,
     },
     /// Data preparation: `prep pack`, `prep check`, `prep lfw` (insightface RecordIO and .bin packs).
     Prep(facerec_trainer::commands::prep::Args),
@@ -45,13 +49,17 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Train { config, overrides, print_config } => {
+        Command::Train { config, overrides, print_config, resume } => {
+            let config = match &resume {
+                Some(dir) => Some(dir.join("config.toml")),
+                None => config,
+            };
             let cfg = Config::load(config.as_deref(), &overrides)?;
             if print_config {
                 print!("{}", cfg.to_toml());
                 return Ok(());
             }
-            train(&cfg, &RunOptions::default())?;
+            train(&cfg, &RunOptions { resume, ..RunOptions::default() })?;
             Ok(())
         }
         Command::Prep(args) => facerec_trainer::commands::prep::run(args),

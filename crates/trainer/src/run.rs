@@ -6,7 +6,9 @@
 use crate::config::{Config, EvalTarget, OptimConfig, SourceConfig};
 use crate::device::{check_available, parse_device};
 use crate::log::{Logger, Progress};
-use crate::optim::{clip_grad_norm, ParamGroup, Sgd};
+use crate::amp::{self, GradScaler, Precision};
+use crate::checkpoint::{self, DataOrder, Meta};
+use crate::optim::{clip_grad_norm, Optimizer, ParamGroup};
 use crate::schedule::Schedule;
 use anyhow::{bail, Context, Result};
 use facerec_backbone::Backbone;
@@ -30,11 +32,13 @@ pub struct RunOptions {
     pub workspace: PathBuf,
     /// Print the resolved config at start.
     pub echo_config: bool,
+    /// Continue the run in this directory from its newest checkpoint.
+    pub resume: Option<PathBuf>,
 }
 
 impl Default for RunOptions {
     fn default() -> Self {
-        RunOptions { workspace: default_workspace(), echo_config: true }
+        RunOptions { workspace: default_workspace(), echo_config: true, resume: None }
     }
 }
 
@@ -231,10 +235,107 @@ fn evaluate(backbone: &Backbone, device: Device, sets: &[EvalSet], batch: usize)
         .collect()
 }
 
-/// Train as `cfg` says. Returns the summary; everything is also written to the run directory.
+/// The model, optimiser and counters of a run: what a checkpoint holds.
+struct State {
+    backbone_vs: nn::VarStore,
+    head_vs: nn::VarStore,
+    backbone: Backbone,
+    classifier: Classifier,
+    opt: Optimizer,
+    scaler: GradScaler,
+    step: usize,
+    epoch: usize,
+    batch_in_epoch: usize,
+    skipped: usize,
+    consecutive_bad: usize,
+    best: Vec<f64>,
+}
+
+/// Everything fixed for the run that a checkpoint must agree with.
+struct RunFacts<'a> {
+    cfg: &'a Config,
+    num_classes: usize,
+    images: usize,
+    batches_per_epoch: usize,
+}
+
+impl RunFacts<'_> {
+    fn meta(&self, s: &State, order_fingerprint: u64) -> Meta {
+        Meta {
+            format: checkpoint::FORMAT,
+            step: s.step,
+            epoch: s.epoch,
+            batch_in_epoch: s.batch_in_epoch,
+            seed: self.cfg.seed,
+            num_classes: self.num_classes,
+            data: DataOrder { images: self.images, batches_per_epoch: self.batches_per_epoch, order_fingerprint },
+            model: model_toml(self.cfg),
+            optimizer: optimizer_name(self.cfg).into(),
+            scaler: s.scaler.state(),
+            skipped_steps: s.skipped,
+            consecutive_bad: s.consecutive_bad,
+            best: s.best.clone(),
+            config: self.cfg.to_toml(),
+        }
+    }
+
+    /// Refuse a checkpoint written for another model, class count, optimiser or data.
+    fn check(&self, meta: &Meta, dir: &Path, fingerprint_of: impl Fn(usize) -> u64) -> Result<()> {
+        let at = dir.display();
+        if meta.num_classes != self.num_classes {
+            bail!(
+                "config key `classifier.num_classes`: the checkpoint {at} was trained with {} classes, this config gives {}; a resumed run cannot change the classifier (start a new run with `init.from` to fine-tune)",
+                meta.num_classes,
+                self.num_classes
+            );
+        }
+        if meta.model != model_toml(self.cfg) {
+            bail!("config key `model`: the checkpoint {at} was written for another backbone:\n{}\nthis config has:\n{}", meta.model, model_toml(self.cfg));
+        }
+        if meta.optimizer != optimizer_name(self.cfg) {
+            bail!("config key `optim.type`: the checkpoint {at} holds {} state, this config asks for {}", meta.optimizer, optimizer_name(self.cfg));
+        }
+        if meta.seed != self.cfg.seed {
+            bail!("config key `seed`: the checkpoint {at} used seed {}, this config {}; the data order would not continue", meta.seed, self.cfg.seed);
+        }
+        if meta.data.images != self.images || meta.data.batches_per_epoch != self.batches_per_epoch || meta.data.order_fingerprint != fingerprint_of(meta.epoch) {
+            bail!(
+                "config key `data`: the training data changed since the checkpoint {at} ({} images, {} batches per epoch then; {} images, {} batches now, or another order); resuming would not continue the same run",
+                meta.data.images,
+                meta.data.batches_per_epoch,
+                self.images,
+                self.batches_per_epoch
+            );
+        }
+        Ok(())
+    }
+}
+
+fn model_toml(cfg: &Config) -> String {
+    toml::to_string(&cfg.model).unwrap_or_default()
+}
+
+fn optimizer_name(cfg: &Config) -> &'static str {
+    match cfg.optim {
+        OptimConfig::Sgd { .. } => "sgd",
+        OptimConfig::Adamw { .. } => "adamw",
+    }
+}
+
+/// Seed of the torch generator for step `step` (dropout): a function of (seed, step) only, so a
+/// resumed run draws what the uninterrupted one drew.
+fn step_seed(seed: u64, step: usize) -> i64 {
+    (seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ step as u64) as i64 & i64::MAX
+}
+
+/// Train as `cfg` says (or continue the run in `opts.resume`). Returns the summary; everything is
+/// also written to the run directory.
 pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     let device = parse_device(&cfg.train.device)?;
     check_available(device)?;
+    if cfg.train.precision == Precision::Fp16 && !device.is_cuda() {
+        bail!("config key `train.precision`: fp16 autocast needs a CUDA device (train.device resolved to {device:?}); use \"off\" on CPU");
+    }
     let size = cfg.model.input_size() as usize;
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let split = thread_split(cores, device.is_cuda());
@@ -243,40 +344,10 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     tch::set_num_threads(threads as i32);
     tch::manual_seed(cfg.seed as i64);
 
-    // Open everything that can fail on bad input before creating the run directory.
+    // Open everything that can fail on bad input before creating or touching the run directory.
     let source = open_source(&cfg.data, size, &opts.workspace, cfg.seed, "data", true)?.expect("required source");
     let num_classes = cfg.classifier.num_classes.unwrap_or(source.num_classes());
     check_labels(source.as_ref(), num_classes)?;
-    let run_dir = crate::log::new_run_dir(&cfg.output_dir, &cfg.run_name)?;
-    let mut logger = Logger::create(&run_dir)?;
-    std::fs::write(run_dir.join("config.toml"), cfg.to_toml())
-        .with_context(|| format!("writing {}", run_dir.join("config.toml").display()))?;
-    if opts.echo_config {
-        logger.line(&format!("resolved config:\n{}", cfg.to_toml()));
-    }
-    logger.line(&format!(
-        "run directory {}; device {device:?}; {threads} libtorch threads, {workers} data workers",
-        run_dir.display()
-    ));
-    logger.line(&format!("training data: {} images of {} identities; classifier over {num_classes} classes", source.len(), source.num_classes()));
-    let (eval_sets, skipped_targets) = load_eval_sets(cfg, size, opts, &mut logger)?;
-
-    let backbone_vs = nn::VarStore::new(device);
-    let backbone = facerec_backbone::build(&backbone_vs.root(), &cfg.model);
-    let head_vs = nn::VarStore::new(device);
-    let classifier = Classifier::new(&head_vs.root(), &cfg.head, num_classes as i64, cfg.model.embedding_size());
-    let mut head = cfg.head.build();
-    let mut partial_fc = (cfg.partial_fc.sample_rate < 1.0).then(|| PartialFc::new(&cfg.partial_fc));
-    let OptimConfig::Sgd { lr: base_lr, momentum, weight_decay, nesterov } = cfg.optim.clone();
-    let backbone_params = backbone_vs.trainable_variables();
-    let mut opt = Sgd::new(
-        vec![
-            ParamGroup::new(backbone_params.iter().map(|t| t.shallow_clone()).collect(), weight_decay),
-            ParamGroup::new(head_vs.trainable_variables(), weight_decay),
-        ],
-        momentum,
-        nesterov,
-    );
     let loader = Loader::new(
         source.clone(),
         LoaderConfig {
@@ -294,104 +365,230 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
             },
         },
     );
-    let steps_per_epoch = loader.batches_per_epoch();
+    let batches_per_epoch = loader.batches_per_epoch();
+    let accumulation = cfg.train.grad_accumulation;
+    let steps_per_epoch = batches_per_epoch / accumulation;
     if steps_per_epoch == 0 {
         bail!(
-            "config key `train.batch_size`: {} is larger than the training set ({} images)",
+            "config key `train.batch_size`: {} x train.grad_accumulation {accumulation} is larger than the training set ({} images)",
             cfg.train.batch_size,
             source.len()
         );
     }
+    let facts = RunFacts { cfg, num_classes, images: source.len(), batches_per_epoch };
+    let resume_from = match &opts.resume {
+        Some(run_dir) => {
+            let dir = checkpoint::latest(run_dir)?;
+            let meta = checkpoint::read_meta(&dir)?;
+            facts.check(&meta, &dir, |e| checkpoint::fingerprint(&loader.epoch_order(e)))?;
+            Some((run_dir.clone(), dir, meta))
+        }
+        None => None,
+    };
+
+    let backbone_vs = nn::VarStore::new(device);
+    let backbone = facerec_backbone::build(&backbone_vs.root(), &cfg.model);
+    let head_vs = nn::VarStore::new(device);
+    let classifier = Classifier::new(&head_vs.root(), &cfg.head, num_classes as i64, cfg.model.embedding_size());
+    let (wd_backbone, wd_classifier) = cfg.optim.weight_decays();
+    let backbone_params = backbone_vs.trainable_variables();
+    let opt = Optimizer::new(
+        vec![
+            ParamGroup::new(backbone_params.iter().map(|t| t.shallow_clone()).collect(), wd_backbone),
+            ParamGroup::new(head_vs.trainable_variables(), wd_classifier),
+        ],
+        cfg.optim.rule(),
+    );
+    let scaler = GradScaler::new(cfg.train.scaler, cfg.train.precision == Precision::Fp16);
+    let mut st = State {
+        backbone_vs,
+        head_vs,
+        backbone,
+        classifier,
+        opt,
+        scaler,
+        step: 0,
+        epoch: 0,
+        batch_in_epoch: 0,
+        skipped: 0,
+        consecutive_bad: 0,
+        best: Vec::new(),
+    };
+    let mut init_report = None;
+    if let Some((_, dir, meta)) = &resume_from {
+        checkpoint::load_exact(&st.backbone_vs, &dir.join("model.safetensors"), "checkpoint's backbone")?;
+        checkpoint::load_exact(&st.head_vs, &dir.join("classifier.safetensors"), "checkpoint's classifier")?;
+        st.opt.load_state(checkpoint::read_optimizer(dir)?).with_context(|| format!("{}", dir.join("optimizer.safetensors").display()))?;
+        st.scaler.load_state(meta.scaler);
+        (st.step, st.epoch, st.batch_in_epoch) = (meta.step, meta.epoch, meta.batch_in_epoch);
+        (st.skipped, st.consecutive_bad, st.best) = (meta.skipped_steps, meta.consecutive_bad, meta.best.clone());
+    } else if let Some(from) = &cfg.init.from {
+        init_report = Some((from.clone(), checkpoint::init_backbone(&st.backbone_vs, from, cfg.init.strict)?));
+    }
+
+    let run_dir = match &resume_from {
+        Some((run_dir, ..)) => run_dir.clone(),
+        None => crate::log::new_run_dir(&cfg.output_dir, &cfg.run_name).context("config key `output_dir`")?,
+    };
+    let mut logger = Logger::open(&run_dir, resume_from.is_some())?;
+    if resume_from.is_none() {
+        crate::log::write_atomic(&run_dir.join("config.toml"), cfg.to_toml().as_bytes())?;
+    }
+    if opts.echo_config {
+        logger.line(&format!("resolved config:\n{}", cfg.to_toml()));
+    }
+    logger.line(&format!(
+        "run directory {}; device {device:?}; {threads} libtorch threads, {workers} data workers",
+        run_dir.display()
+    ));
+    if let Some((_, dir, meta)) = &resume_from {
+        logger.line(&format!("resumed from {} at global step {} (epoch {}, batch {})", dir.display(), meta.step, meta.epoch, meta.batch_in_epoch));
+    }
+    if let Some((from, report)) = &init_report {
+        logger.line(&format!("backbone initialised from {}: {}", from.display(), report.describe()));
+    }
+    logger.line(&format!("training data: {} images of {} identities; classifier over {num_classes} classes", source.len(), source.num_classes()));
+    let (eval_sets, skipped_targets) = load_eval_sets(cfg, size, opts, &mut logger)?;
+    st.best.resize(eval_sets.len(), 0.0);
+
+    let mut head = cfg.head.build();
+    let mut partial_fc = (cfg.partial_fc.sample_rate < 1.0).then(|| PartialFc::new(&cfg.partial_fc));
     let total_steps = steps_per_epoch * cfg.train.epochs;
-    let schedule = Schedule::new(cfg.schedule.clone(), base_lr, total_steps, steps_per_epoch);
+    let schedule = Schedule::new(cfg.schedule.clone(), cfg.optim.lr(), total_steps, steps_per_epoch);
     let n_params: i64 = backbone_params.iter().map(|t| t.numel() as i64).sum();
     logger.line(&format!(
-        "backbone: {n_params} trainable parameters; {steps_per_epoch} steps per epoch, {total_steps} steps in all"
+        "backbone: {n_params} trainable parameters; {steps_per_epoch} steps per epoch ({batches_per_epoch} batches, accumulation {accumulation}), {total_steps} steps in all; optimizer {}",
+        optimizer_name(cfg)
     ));
+    let ckpt_parent = run_dir.join("checkpoints");
+    let save = |st: &State, order_fp: u64| -> Result<PathBuf> {
+        checkpoint::save(&ckpt_parent, &facts.meta(st, order_fp), &st.backbone_vs, &st.head_vs, &st.opt, cfg.checkpoint.keep)
+    };
 
     let mut progress = Progress::new(total_steps as u64);
-    let mut step = 0usize;
-    let mut skipped = 0usize;
-    let mut consecutive_bad = 0usize;
-    let mut best: Vec<f64> = vec![0.0; eval_sets.len()];
-    let mut window = (0.0f64, 0usize, 0usize, 0.0f64, 0.0f64); // loss sum, count, samples, busy s, wait s
+    progress.set(st.step as u64);
+    let mut window = Window::default();
     let mut final_loss = f64::NAN;
     let started = Instant::now();
     let mut eval_seconds = 0.0;
-    for epoch in 0..cfg.train.epochs {
-        let mut batches = loader.epoch(epoch, 0);
+    let start_step = st.step;
+    while st.epoch < cfg.train.epochs {
+        let epoch = st.epoch;
+        let order_fp = checkpoint::fingerprint(&loader.epoch_order(epoch));
+        let mut batches = loader.epoch(epoch, st.batch_in_epoch);
+        // Micro-batches of this epoch that make whole optimiser steps (leftovers are dropped).
+        let usable = steps_per_epoch * accumulation;
         loop {
-            let wait_start = Instant::now();
-            let Some(batch) = batches.next() else { break };
-            let batch = batch.with_context(|| format!("loading a batch in epoch {epoch}"))?;
-            let t0 = Instant::now();
-            window.4 += (t0 - wait_start).as_secs_f64();
-            let lr = schedule.lr(step);
-            let (x, y) = batch.to_tensors(device);
-            head.set_step(step as u64);
-            let emb = backbone.forward_t(&x, true);
-            let (scores, y) = match partial_fc.as_mut() {
-                None => (classifier.scores(&emb), y),
-                Some(pfc) => {
-                    pfc.set_step(step as u64);
-                    let sampled = pfc.sample(&y, num_classes as i64);
-                    // Only the sampled rows (and their momentum) may change in this step.
-                    opt.set_row_mask(CLASSIFIER_GROUP, Some(sampled.row_mask(num_classes as i64, tch::Kind::Float)));
-                    (classifier.scores_sampled(&emb, &sampled), sampled.labels)
-                }
-            };
-            let norms = emb.norm_scalaropt_dim(2, [1], false);
-            let logits = head.logits_with_norms(&scores, &y, &norms);
-            let loss = cross_entropy(&logits, &y);
-            opt.zero_grad();
-            loss.backward();
-            let loss_v = f64::try_from(&loss).unwrap_or(f64::NAN);
-            if !loss_v.is_finite() || !opt.grads_finite() {
-                skipped += 1;
-                consecutive_bad += 1;
-                logger.line(&format!("step {step}: non-finite loss or gradient ({loss_v}); step skipped"));
-                if consecutive_bad >= cfg.train.max_nonfinite_steps {
-                    save_weights(&backbone_vs, &head_vs, &run_dir)?;
-                    bail!(
-                        "{consecutive_bad} consecutive non-finite steps (train.max_nonfinite_steps); stopped at step {step}; the last good weights are in {}",
-                        run_dir.display()
-                    );
-                }
-            } else {
-                consecutive_bad = 0;
+            let lr = schedule.lr(st.step);
+            tch::manual_seed(step_seed(cfg.seed, st.step));
+            head.set_step(st.step as u64);
+            if let Some(pfc) = partial_fc.as_mut() {
+                pfc.set_step(st.step as u64);
+            }
+            st.opt.zero_grad();
+            let mut loss_v = 0.0;
+            let mut row_mask: Option<Tensor> = None;
+            for _ in 0..accumulation {
+                let wait_start = Instant::now();
+                let batch = batches.next().context("the loader ended early")?.with_context(|| format!("loading a batch in epoch {epoch}"))?;
+                let t0 = Instant::now();
+                window.wait += (t0 - wait_start).as_secs_f64();
+                let (x, y) = batch.to_tensors(device);
+                let emb = amp::autocast(cfg.train.precision, || st.backbone.forward_t(&x, true));
+                let (scores, y) = match partial_fc.as_mut() {
+                    None => (amp::autocast(cfg.train.precision, || st.classifier.scores(&emb)), y),
+                    Some(pfc) => {
+                        let sampled = pfc.sample(&y, num_classes as i64);
+                        let m = sampled.row_mask(num_classes as i64, tch::Kind::Float);
+                        row_mask = Some(match row_mask.take() {
+                            None => m,
+                            Some(prev) => prev.maximum(&m),
+                        });
+                        (amp::autocast(cfg.train.precision, || st.classifier.scores_sampled(&emb, &sampled)), sampled.labels)
+                    }
+                };
+                let scores = scores.to_kind(tch::Kind::Float);
+                let emb = emb.to_kind(tch::Kind::Float);
+                let norms = emb.norm_scalaropt_dim(2, [1], false);
+                let logits = head.logits_with_norms(&scores, &y, &norms);
+                let loss = cross_entropy(&logits, &y) / accumulation as f64;
+                st.scaler.scale_loss(&loss).backward();
+                loss_v += f64::try_from(&loss).unwrap_or(f64::NAN);
+                window.samples += batch.len();
+                window.busy += t0.elapsed().as_secs_f64();
+                st.batch_in_epoch += 1;
+            }
+            let t1 = Instant::now();
+            // Only the sampled rows (and their optimiser state) may change in this step.
+            if partial_fc.is_some() {
+                st.opt.set_row_mask(CLASSIFIER_GROUP, row_mask);
+            }
+            let all_params: Vec<Tensor> = st.opt.params().map(|p| p.shallow_clone()).collect();
+            st.scaler.unscale(&all_params);
+            let finite = loss_v.is_finite() && st.opt.grads_finite();
+            let collapsed = st.scaler.update(finite);
+            if finite {
+                st.consecutive_bad = 0;
                 if cfg.train.grad_clip > 0.0 {
                     clip_grad_norm(&backbone_params, cfg.train.grad_clip);
                 }
-                opt.step(lr);
-                window.0 += loss_v;
-                window.1 += 1;
+                st.opt.step(lr);
+                window.loss += loss_v;
+                window.steps += 1;
+            } else {
+                st.skipped += 1;
+                st.consecutive_bad += 1;
+                logger.line(&format!("step {}: non-finite loss or gradient (loss {loss_v}); step skipped; grad scale now {}", st.step, st.scaler.scale()));
             }
-            window.2 += batch.len();
-            window.3 += t0.elapsed().as_secs_f64();
-            step += 1;
-            progress.set(step as u64);
-            if step % cfg.train.log_every.max(1) == 0 || step == total_steps {
-                let loss_mean = window.0 / window.1.max(1) as f64;
-                final_loss = loss_mean;
-                let elapsed = window.3 + window.4;
+            st.step += 1;
+            if st.batch_in_epoch >= usable {
+                st.epoch += 1;
+                st.batch_in_epoch = 0;
+            }
+            let order_now = if st.batch_in_epoch == 0 { checkpoint::fingerprint(&loader.epoch_order(st.epoch)) } else { order_fp };
+            if !finite && (st.consecutive_bad >= cfg.train.max_nonfinite_steps || collapsed) {
+                let dir = save(&st, order_now)?;
+                let why = if collapsed {
+                    format!("the fp16 loss scale fell to train.scaler.min_scale ({})", cfg.train.scaler.min_scale)
+                } else {
+                    format!("{} consecutive non-finite steps (train.max_nonfinite_steps)", st.consecutive_bad)
+                };
+                logger.line(&format!("stopping: {why}"));
+                bail!("{why}; stopped at global step {}; the last good state is checkpointed in {} (lower optim.lr or check the data, then --resume)", st.step, dir.display());
+            }
+            window.busy += t1.elapsed().as_secs_f64();
+            progress.set(st.step as u64);
+            if st.step % cfg.train.log_every.max(1) == 0 || st.step == total_steps {
+                final_loss = window.loss / window.steps.max(1) as f64;
+                let elapsed = window.busy + window.wait;
                 let record = serde_json::json!({
-                    "kind": "train", "step": step, "epoch": epoch, "loss": loss_mean, "lr": lr,
-                    "samples_per_sec": window.2 as f64 / elapsed.max(1e-9),
-                    "data_wait_fraction": window.4 / elapsed.max(1e-9),
+                    "kind": "train", "step": st.step, "epoch": epoch, "loss": final_loss, "lr": lr,
+                    "samples_per_sec": window.samples as f64 / elapsed.max(1e-9),
+                    "data_wait_fraction": window.wait / elapsed.max(1e-9),
+                    "grad_scale": st.scaler.scale(),
+                    "skipped_steps": st.skipped,
                     "skipped_images": loader.skipped(),
                 });
-                let eta = progress.eta_seconds(step as u64, total_steps as u64);
-                logger.train_line(&record, total_steps, eta, &progress);
-                window = (0.0, 0, 0, 0.0, 0.0);
+                let eta = progress.eta_seconds((st.step - start_step) as u64, (total_steps - start_step) as u64);
+                logger.train_line(&record, total_steps, eta, st.scaler.enabled(), &progress);
+                window = Window::default();
             }
-            if cfg.eval.every_steps > 0 && step % cfg.eval.every_steps == 0 && step < total_steps {
+            let epoch_done = st.batch_in_epoch == 0;
+            let every = cfg.checkpoint.every_steps;
+            if st.step < total_steps && ((every > 0 && st.step % every == 0) || (every == 0 && epoch_done)) {
+                save(&st, order_now)?;
+            }
+            if cfg.eval.every_steps > 0 && st.step % cfg.eval.every_steps == 0 && st.step < total_steps {
                 let e0 = Instant::now();
-                let results = evaluate(&backbone, device, &eval_sets, cfg.eval.batch_size);
+                let results = evaluate(&st.backbone, device, &eval_sets, cfg.eval.batch_size);
                 eval_seconds += e0.elapsed().as_secs_f64();
-                for (r, b) in results.iter().zip(best.iter_mut()) {
+                for (r, b) in results.iter().zip(st.best.iter_mut()) {
                     *b = b.max(r.model.accuracy_mean);
-                    logger.eval_line(step, r, *b, &progress);
+                    logger.eval_line(st.step, r, *b, &progress);
                 }
+            }
+            if epoch_done {
+                break;
             }
         }
     }
@@ -400,20 +597,34 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
         logger.line(&format!("{} unreadable images were skipped (data.policy = \"skip\"); see the messages above", loader.skipped()));
     }
     let train_seconds = started.elapsed().as_secs_f64() - eval_seconds;
-    let targets = evaluate(&backbone, device, &eval_sets, cfg.eval.batch_size);
-    for (r, b) in targets.iter().zip(best.iter_mut()) {
+    let targets = evaluate(&st.backbone, device, &eval_sets, cfg.eval.batch_size);
+    for (r, b) in targets.iter().zip(st.best.iter_mut()) {
         *b = b.max(r.model.accuracy_mean);
-        logger.eval_line(step, r, *b, &progress);
+        logger.eval_line(st.step, r, *b, &progress);
     }
-    save_weights(&backbone_vs, &head_vs, &run_dir)?;
-    let summary = RunSummary { run_dir: run_dir.clone(), steps: step, skipped_steps: skipped, train_seconds, final_loss, targets, skipped_targets };
+    save(&st, checkpoint::fingerprint(&loader.epoch_order(st.epoch)))?;
+    checkpoint::save_varstore(&st.backbone_vs, &run_dir.join("model.safetensors"))?;
+    checkpoint::save_varstore(&st.head_vs, &run_dir.join("classifier.safetensors"))?;
+    let summary = RunSummary {
+        run_dir: run_dir.clone(),
+        steps: st.step,
+        skipped_steps: st.skipped,
+        train_seconds,
+        final_loss,
+        targets,
+        skipped_targets,
+    };
     crate::log::write_atomic(&run_dir.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
     logger.summary(&summary);
     Ok(summary)
 }
 
-/// Write the backbone (arcface_torch key names) and the classifier, each atomically.
-fn save_weights(backbone: &nn::VarStore, head: &nn::VarStore, dir: &Path) -> Result<()> {
-    crate::checkpoint::save_varstore(backbone, &dir.join("model.safetensors"))?;
-    crate::checkpoint::save_varstore(head, &dir.join("classifier.safetensors"))
+/// Counters of one logging window.
+#[derive(Default)]
+struct Window {
+    loss: f64,
+    steps: usize,
+    samples: usize,
+    busy: f64,
+    wait: f64,
 }

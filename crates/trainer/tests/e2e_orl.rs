@@ -34,7 +34,7 @@ fn orl_trained_model_beats_raw_pixels() {
         source: SourceConfig::Orl { classes: orl_classes(31..=40), data_dir: Some(data_dir) },
         required: true,
     }];
-    let summary = train(&cfg, &RunOptions { workspace: ws, echo_config: false }).unwrap();
+    let summary = train(&cfg, &RunOptions { workspace: ws, echo_config: false, resume: None }).unwrap();
     let t = &summary.targets[0];
     // 10 identities x C(10, 2) same-identity pairs, and as many different-identity pairs.
     assert_eq!(t.model.num_pairs, 2 * 10 * 45);

@@ -78,7 +78,7 @@ fn bin_and_pairs_targets_are_verified_during_training() {
             required: true,
         },
     ];
-    let summary = train(&cfg, &RunOptions { workspace: dir.path().into(), echo_config: false }).unwrap();
+    let summary = train(&cfg, &RunOptions { workspace: dir.path().into(), echo_config: false, resume: None }).unwrap();
     assert_eq!(summary.targets.len(), 2);
     for t in &summary.targets {
         assert_eq!(t.model.num_pairs, num_pairs, "{}", t.name);

@@ -20,7 +20,7 @@ fn short_run(extra: &[&str]) -> facerec_trainer::RunSummary {
     overrides.extend(extra.iter().map(|s| s.to_string()));
     let mut cfg = Config::load(None, &overrides).unwrap();
     cfg.output_dir = dir.path().to_path_buf();
-    let summary = train(&cfg, &RunOptions { workspace: dir.path().into(), echo_config: false }).unwrap();
+    let summary = train(&cfg, &RunOptions { workspace: dir.path().into(), echo_config: false, resume: None }).unwrap();
     let metrics = std::fs::read_to_string(summary.run_dir.join("metrics.jsonl")).unwrap();
     let losses: Vec<f64> = metrics
         .lines()
