@@ -726,4 +726,26 @@ mod tests {
         let err = format!("{:#}", Config::load(Some(Path::new("/no/such.toml")), &[]).unwrap_err());
         assert!(err.contains("/no/such.toml"), "{err}");
     }
+
+    /// Every shipped config (CPU configs and published recipes) parses and validates.
+    #[test]
+    fn shipped_configs_validate() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+        let mut n = 0;
+        for dir in [root.clone(), root.join("recipes")] {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.extension().is_some_and(|e| e == "toml") {
+                    let cfg = Config::load(Some(&path), &[]).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+                    assert!(cfg.train.epochs > 0);
+                    n += 1;
+                }
+            }
+        }
+        assert!(n >= 12, "only {n} configs found");
+        let r100 = Config::load(Some(&root.join("recipes/ms1mv2_r100_elasticface_arc_plus.toml")), &[]).unwrap();
+        assert_eq!(r100.classifier.num_classes, Some(85742));
+        assert_eq!(r100.train.batch_size * r100.train.grad_accumulation, 512);
+        assert_eq!(r100.schedule, ScheduleConfig::Multistep { warmup_steps: 0, milestones: vec![7, 13, 19, 24], gamma: 0.1 });
+    }
 }
