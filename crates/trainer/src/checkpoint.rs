@@ -4,6 +4,7 @@
 //! - `model.safetensors`: the backbone, arcface_torch key names (BN running stats included);
 //! - `classifier.safetensors`: the classifier weight;
 //! - `optimizer.safetensors`: the optimiser's buffers and step count;
+//! - `objective.safetensors`: method state (CoReFace's margin, cluster tables), when there is any;
 //! - `meta.json`: [`Meta`] (step, epoch and position in the epoch's data order, scaler, counters,
 //!   model description, the resolved config), written last.
 //!
@@ -100,7 +101,7 @@ pub fn step_dir(parent: &Path, step: usize) -> PathBuf {
 
 /// Write a checkpoint under `parent` (created if needed), then delete all but the newest `keep`.
 /// Returns its folder.
-pub fn save(parent: &Path, meta: &Meta, backbone: &VarStore, classifier: &VarStore, opt: &Optimizer, keep: usize) -> Result<PathBuf> {
+pub fn save(parent: &Path, meta: &Meta, backbone: &VarStore, classifier: &VarStore, opt: &Optimizer, objective: &[(String, Tensor)], keep: usize) -> Result<PathBuf> {
     std::fs::create_dir_all(parent).with_context(|| format!("creating checkpoint folder {}", parent.display()))?;
     let dest = step_dir(parent, meta.step);
     let tmp = parent.join(format!(".step-{:08}.partial", meta.step));
@@ -113,6 +114,10 @@ pub fn save(parent: &Path, meta: &Meta, backbone: &VarStore, classifier: &VarSto
     let state = opt.state_tensors();
     Tensor::write_safetensors(&state, tmp.join("optimizer.safetensors"))
         .with_context(|| format!("writing {}", tmp.join("optimizer.safetensors").display()))?;
+    if !objective.is_empty() {
+        Tensor::write_safetensors(objective, tmp.join("objective.safetensors"))
+            .with_context(|| format!("writing {}", tmp.join("objective.safetensors").display()))?;
+    }
     let json = serde_json::to_vec_pretty(meta)?;
     std::fs::write(tmp.join("meta.json"), json).with_context(|| format!("writing {}", tmp.join("meta.json").display()))?;
     sync_dir_files(&tmp)?;
@@ -277,6 +282,16 @@ pub fn read_optimizer(dir: &Path) -> Result<HashMap<String, Tensor>> {
     read_tensors(&dir.join("optimizer.safetensors"))
 }
 
+/// The objective's state of a checkpoint (empty when it has none).
+pub fn read_objective(dir: &Path) -> Result<HashMap<String, Tensor>> {
+    let path = dir.join("objective.safetensors");
+    if path.exists() {
+        read_tensors(&path)
+    } else {
+        Ok(HashMap::new())
+    }
+}
+
 /// Resolve `init.from`: a `.safetensors` file, a run directory (its `model.safetensors`, else its
 /// newest checkpoint), or a checkpoint directory.
 pub fn resolve_init(path: &Path) -> Result<PathBuf> {
@@ -326,6 +341,18 @@ pub fn init_backbone(vs: &VarStore, path: &Path, strict: bool) -> Result<KeyRepo
     }
     copy_into(vs, &tensors);
     Ok(report)
+}
+
+/// With `init.classifier`: load `classifier.safetensors` from beside the backbone file that
+/// `init.from` resolves to, exactly.
+pub fn init_classifier(vs: &VarStore, from: &Path) -> Result<PathBuf> {
+    let model = resolve_init(from)?;
+    let path = model.with_file_name("classifier.safetensors");
+    if !path.is_file() {
+        bail!("config key `init.classifier`: {} has no classifier.safetensors beside it (point init.from at a run or checkpoint folder)", model.display());
+    }
+    load_exact(vs, &path, "classifier (init.classifier)").context("config key `init.classifier`")?;
+    Ok(path)
 }
 
 #[cfg(test)]
@@ -405,7 +432,7 @@ mod tests {
         };
         std::fs::create_dir_all(dir.path().join(".step-00000009.partial")).unwrap();
         for step in [1, 2, 3, 4] {
-            save(dir.path(), &meta(step), &vs, &vs, &opt, 2).unwrap();
+            save(dir.path(), &meta(step), &vs, &vs, &opt, &[], 2).unwrap();
         }
         let steps: Vec<usize> = list(dir.path()).unwrap().into_iter().map(|(s, _)| s).collect();
         assert_eq!(steps, vec![3, 4]);

@@ -327,6 +327,11 @@ pub struct InitConfig {
     /// are listed and ignored. Default true.
     #[serde(default = "yes")]
     pub strict: bool,
+    /// Also load the classifier (`classifier.safetensors` beside the backbone file; names and
+    /// shapes must match exactly), e.g. to start CoReFace from an ArcFace run. The optimiser and
+    /// schedule still start fresh. Default false.
+    #[serde(default)]
+    pub classifier: bool,
 }
 
 /// Learning-rate schedule, evaluated at every optimiser step.

@@ -12,6 +12,7 @@ pub mod commands;
 pub mod config;
 pub mod device;
 pub mod log;
+pub mod objective;
 pub mod optim;
 pub mod run;
 pub mod schedule;

@@ -6,7 +6,7 @@
 use crate::config::{Config, EvalTarget, OptimConfig, SourceConfig};
 use crate::device::{check_available, parse_device};
 use crate::log::{Logger, Progress};
-use crate::amp::{self, GradScaler, Precision};
+use crate::amp::{GradScaler, Precision};
 use crate::checkpoint::{self, DataOrder, Meta};
 use crate::optim::{clip_grad_norm, Optimizer, ParamGroup};
 use crate::schedule::Schedule;
@@ -15,7 +15,7 @@ use facerec_backbone::Backbone;
 use facerec_data::{shared_data, thread_split, ImageFolder, Sampler, Loader, LoaderConfig, RecOptions, RecordIo, Source, SyntheticConfig, SyntheticFaces};
 use facerec_evaluation::images::{decode_all, normalize};
 use facerec_evaluation::{balanced_pairs, verify_images, BinPack, LfwPairs, Pair, VerificationReport};
-use facerec_loss_heads::{cross_entropy, Classifier, PartialFc};
+use facerec_loss_heads::Classifier;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -414,8 +414,10 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
         consecutive_bad: 0,
         best: Vec::new(),
     };
+    let mut objective = crate::objective::build(cfg);
     let mut init_report = None;
     if let Some((_, dir, meta)) = &resume_from {
+        objective.load_state(checkpoint::read_objective(dir)?).with_context(|| format!("{}", dir.join("objective.safetensors").display()))?;
         checkpoint::load_exact(&st.backbone_vs, &dir.join("model.safetensors"), "checkpoint's backbone")?;
         checkpoint::load_exact(&st.head_vs, &dir.join("classifier.safetensors"), "checkpoint's classifier")?;
         st.opt.load_state(checkpoint::read_optimizer(dir)?).with_context(|| format!("{}", dir.join("optimizer.safetensors").display()))?;
@@ -424,6 +426,9 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
         (st.skipped, st.consecutive_bad, st.best) = (meta.skipped_steps, meta.consecutive_bad, meta.best.clone());
     } else if let Some(from) = &cfg.init.from {
         init_report = Some((from.clone(), checkpoint::init_backbone(&st.backbone_vs, from, cfg.init.strict)?));
+        if cfg.init.classifier {
+            checkpoint::init_classifier(&st.head_vs, from)?;
+        }
     }
 
     let run_dir = match &resume_from {
@@ -446,13 +451,14 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     }
     if let Some((from, report)) = &init_report {
         logger.line(&format!("backbone initialised from {}: {}", from.display(), report.describe()));
+        if cfg.init.classifier {
+            logger.line("classifier initialised from the same folder (init.classifier)");
+        }
     }
     logger.line(&format!("training data: {} images of {} identities; classifier over {num_classes} classes", source.len(), source.num_classes()));
     let (eval_sets, skipped_targets) = load_eval_sets(cfg, size, opts, &mut logger)?;
     st.best.resize(eval_sets.len(), 0.0);
 
-    let mut head = cfg.head.build();
-    let mut partial_fc = (cfg.partial_fc.sample_rate < 1.0).then(|| PartialFc::new(&cfg.partial_fc));
     let total_steps = steps_per_epoch * cfg.train.epochs;
     let schedule = Schedule::new(cfg.schedule.clone(), cfg.optim.lr(), total_steps, steps_per_epoch);
     let n_params: i64 = backbone_params.iter().map(|t| t.numel() as i64).sum();
@@ -461,8 +467,9 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
         optimizer_name(cfg)
     ));
     let ckpt_parent = run_dir.join("checkpoints");
-    let save = |st: &State, order_fp: u64| -> Result<PathBuf> {
-        checkpoint::save(&ckpt_parent, &facts.meta(st, order_fp), &st.backbone_vs, &st.head_vs, &st.opt, cfg.checkpoint.keep)
+    let training_set = SourceSet { source: source.clone(), size, threads: cores, device };
+    let save = |st: &State, objective: &dyn crate::objective::Objective, order_fp: u64| -> Result<PathBuf> {
+        checkpoint::save(&ckpt_parent, &facts.meta(st, order_fp), &st.backbone_vs, &st.head_vs, &st.opt, &objective.state(), cfg.checkpoint.keep)
     };
 
     let mut progress = Progress::new(total_steps as u64);
@@ -476,53 +483,43 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
         let epoch = st.epoch;
         let order_fp = checkpoint::fingerprint(&loader.epoch_order(epoch));
         let mut batches = loader.epoch(epoch, st.batch_in_epoch);
+        let r0 = Instant::now();
+        if let Some(note) = objective.begin_epoch(epoch, &st.model(cfg.train.precision, num_classes as i64), &training_set)? {
+            logger.line(&format!("epoch {epoch}: {note} ({:.1} s)", r0.elapsed().as_secs_f64()));
+        }
         // Micro-batches of this epoch that make whole optimiser steps (leftovers are dropped).
         let usable = steps_per_epoch * accumulation;
         loop {
             let lr = schedule.lr(st.step);
             tch::manual_seed(step_seed(cfg.seed, st.step));
-            head.set_step(st.step as u64);
-            if let Some(pfc) = partial_fc.as_mut() {
-                pfc.set_step(st.step as u64);
-            }
+            objective.begin_step(st.step, st.epoch);
             st.opt.zero_grad();
             let mut loss_v = 0.0;
             let mut row_mask: Option<Tensor> = None;
+            let mut extra: Vec<(&'static str, f64)> = Vec::new();
             for _ in 0..accumulation {
                 let wait_start = Instant::now();
                 let batch = batches.next().context("the loader ended early")?.with_context(|| format!("loading a batch in epoch {epoch}"))?;
                 let t0 = Instant::now();
                 window.wait += (t0 - wait_start).as_secs_f64();
                 let (x, y) = batch.to_tensors(device);
-                let emb = amp::autocast(cfg.train.precision, || st.backbone.forward_t(&x, true));
-                let (scores, y) = match partial_fc.as_mut() {
-                    None => (amp::autocast(cfg.train.precision, || st.classifier.scores(&emb)), y),
-                    Some(pfc) => {
-                        let sampled = pfc.sample(&y, num_classes as i64);
-                        let m = sampled.row_mask(num_classes as i64, tch::Kind::Float);
-                        row_mask = Some(match row_mask.take() {
-                            None => m,
-                            Some(prev) => prev.maximum(&m),
-                        });
-                        (amp::autocast(cfg.train.precision, || st.classifier.scores_sampled(&emb, &sampled)), sampled.labels)
-                    }
-                };
-                let scores = scores.to_kind(tch::Kind::Float);
-                let emb = emb.to_kind(tch::Kind::Float);
-                let norms = emb.norm_scalaropt_dim(2, [1], false);
-                let logits = head.logits_with_norms(&scores, &y, &norms);
-                let loss = cross_entropy(&logits, &y) / accumulation as f64;
+                let model = st.model(cfg.train.precision, num_classes as i64);
+                let micro = objective.loss(&model, &x, &y);
+                let loss = micro.loss / accumulation as f64;
                 st.scaler.scale_loss(&loss).backward();
                 loss_v += f64::try_from(&loss).unwrap_or(f64::NAN);
+                row_mask = match (row_mask.take(), micro.row_mask) {
+                    (Some(a), Some(b)) => Some(a.maximum(&b)),
+                    (a, b) => a.or(b),
+                };
+                extra = micro.metrics;
                 window.samples += batch.len();
                 window.busy += t0.elapsed().as_secs_f64();
                 st.batch_in_epoch += 1;
             }
             let t1 = Instant::now();
             // Only the sampled rows (and their optimiser state) may change in this step.
-            if partial_fc.is_some() {
-                st.opt.set_row_mask(CLASSIFIER_GROUP, row_mask);
-            }
+            st.opt.set_row_mask(CLASSIFIER_GROUP, row_mask);
             let all_params: Vec<Tensor> = st.opt.params().map(|p| p.shallow_clone()).collect();
             st.scaler.unscale(&all_params);
             let finite = loss_v.is_finite() && st.opt.grads_finite();
@@ -547,7 +544,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
             }
             let order_now = if st.batch_in_epoch == 0 { checkpoint::fingerprint(&loader.epoch_order(st.epoch)) } else { order_fp };
             if !finite && (st.consecutive_bad >= cfg.train.max_nonfinite_steps || collapsed) {
-                let dir = save(&st, order_now)?;
+                let dir = save(&st, objective.as_ref(), order_now)?;
                 let why = if collapsed {
                     format!("the fp16 loss scale fell to train.scaler.min_scale ({})", cfg.train.scaler.min_scale)
                 } else {
@@ -569,6 +566,10 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
                     "skipped_steps": st.skipped,
                     "skipped_images": loader.skipped(),
                 });
+                let mut record = record;
+                for (k, v) in &extra {
+                    record[*k] = serde_json::json!(v);
+                }
                 let eta = progress.eta_seconds((st.step - start_step) as u64, (total_steps - start_step) as u64);
                 logger.train_line(&record, total_steps, eta, st.scaler.enabled(), &progress);
                 window = Window::default();
@@ -576,7 +577,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
             let epoch_done = st.batch_in_epoch == 0;
             let every = cfg.checkpoint.every_steps;
             if st.step < total_steps && ((every > 0 && st.step % every == 0) || (every == 0 && epoch_done)) {
-                save(&st, order_now)?;
+                save(&st, objective.as_ref(), order_now)?;
             }
             if cfg.eval.every_steps > 0 && st.step % cfg.eval.every_steps == 0 && st.step < total_steps {
                 let e0 = Instant::now();
@@ -602,7 +603,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
         *b = b.max(r.model.accuracy_mean);
         logger.eval_line(st.step, r, *b, &progress);
     }
-    save(&st, checkpoint::fingerprint(&loader.epoch_order(st.epoch)))?;
+    save(&st, objective.as_ref(), checkpoint::fingerprint(&loader.epoch_order(st.epoch)))?;
     checkpoint::save_varstore(&st.backbone_vs, &run_dir.join("model.safetensors"))?;
     checkpoint::save_varstore(&st.head_vs, &run_dir.join("classifier.safetensors"))?;
     let summary = RunSummary {
@@ -617,6 +618,33 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     crate::log::write_atomic(&run_dir.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
     logger.summary(&summary);
     Ok(summary)
+}
+
+impl State {
+    fn model(&self, precision: Precision, num_classes: i64) -> crate::objective::Model<'_> {
+        crate::objective::Model { backbone: &self.backbone, classifier: &self.classifier, precision, num_classes }
+    }
+}
+
+/// The training source as objectives see it (decoded without augmentation).
+struct SourceSet {
+    source: Arc<dyn Source>,
+    size: usize,
+    threads: usize,
+    device: Device,
+}
+
+impl crate::objective::TrainingSet for SourceSet {
+    fn len(&self) -> usize {
+        self.source.len()
+    }
+    fn label(&self, i: usize) -> usize {
+        self.source.label(i)
+    }
+    fn images(&self, idx: &[usize]) -> Result<Tensor> {
+        let u8 = decode_all(idx.len(), self.size, self.threads, &|k| self.source.load(idx[k]), &|| {})?;
+        Ok(normalize(&u8.to_device(self.device)))
+    }
 }
 
 /// Counters of one logging window.

@@ -281,6 +281,21 @@ fn init_from_loads_the_backbone_and_rejects_another_shape() {
     let tuned = short_run(&dir.path().join("ft"), &cfg, &[&format!("init.from={}", source.display()), "data.identities=12"]);
     let log = std::fs::read_to_string(tuned.join("training.log")).unwrap();
     assert!(log.contains("backbone initialised from") && log.contains("all keys match"), "{log}");
+    // Classifier too: 16 classes in the source run, so 12 identities do not fit it.
+    let (ok, err) = run(&[
+        "--config",
+        cfg.to_str().unwrap(),
+        "--set",
+        &format!("output_dir={}", dir.path().join("ft2").display()),
+        "--set",
+        &format!("init.from={}", source.display()),
+        "--set",
+        "init.classifier=true",
+        "--set",
+        "data.identities=12",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("init.classifier") && err.contains("classifier.safetensors"), "{err}");
 
     let (ok, err) = run(&[
         "--config",

@@ -1,0 +1,43 @@
+//! Margin softmax: a `facerec-loss-heads` margin head on the cosine (or linear) classifier, the
+//! cross-entropy of its logits, optionally over a Partial FC class sample. This is ArcFace,
+//! CosFace, SphereFace, ElasticFace, ... as arcface_torch trains them.
+
+use super::{forward_embeddings, MicroLoss, Model, Objective};
+use facerec_loss_heads::{cross_entropy, HeadConfig, MarginHead, PartialFc, PartialFcConfig};
+use tch::Tensor;
+
+/// A margin head + cross-entropy.
+pub struct MarginSoftmax {
+    head: Box<dyn MarginHead>,
+    partial_fc: Option<PartialFc>,
+}
+
+impl MarginSoftmax {
+    /// From the `[head]` and `[partial_fc]` tables.
+    pub fn new(head: &HeadConfig, partial_fc: &PartialFcConfig) -> Self {
+        MarginSoftmax { head: head.build(), partial_fc: (partial_fc.sample_rate < 1.0).then(|| PartialFc::new(partial_fc)) }
+    }
+
+    /// The head's logits and the cross-entropy for embeddings `emb_bd` (already through the
+    /// backbone); used by objectives that add terms to the margin softmax.
+    pub fn loss_of(&mut self, model: &Model, emb_bd: Tensor, y: &Tensor) -> (Tensor, Option<Tensor>) {
+        let (emb, scores, y, mask) = super::score(model, emb_bd, y, self.partial_fc.as_mut());
+        let norms = emb.norm_scalaropt_dim(2, [1], false);
+        let logits = self.head.logits_with_norms(&scores, &y, &norms);
+        (cross_entropy(&logits, &y), mask)
+    }
+}
+
+impl Objective for MarginSoftmax {
+    fn begin_step(&mut self, step: usize, _epoch: usize) {
+        self.head.set_step(step as u64);
+        if let Some(pfc) = self.partial_fc.as_mut() {
+            pfc.set_step(step as u64);
+        }
+    }
+
+    fn loss(&mut self, model: &Model, x: &Tensor, y: &Tensor) -> MicroLoss {
+        let (loss, row_mask) = self.loss_of(model, forward_embeddings(model, x), y);
+        MicroLoss { loss, row_mask, metrics: Vec::new() }
+    }
+}

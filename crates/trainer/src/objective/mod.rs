@@ -1,0 +1,109 @@
+//! Training objectives: what one micro-batch's loss is. The loop in `run.rs` owns data, optimiser,
+//! scaler, checkpoints and logs; an [`Objective`] owns the margin head, Partial FC and any method
+//! state (CoReFace's adaptive margin, cluster tables), and turns images and labels into a loss
+//! through the shared backbone and classifier.
+//!
+//! - [`margin_softmax::MarginSoftmax`]: a margin head from `facerec-loss-heads` on the cosine
+//!   classifier (every method of the heads issue), optionally over a Partial FC sample.
+
+pub mod margin_softmax;
+
+use crate::amp::Precision;
+use anyhow::Result;
+use facerec_backbone::Backbone;
+use facerec_loss_heads::{Classifier, PartialFc};
+use std::collections::HashMap;
+use tch::Tensor;
+
+/// The objective a config asks for.
+pub fn build(cfg: &crate::Config) -> Box<dyn Objective> {
+    Box::new(margin_softmax::MarginSoftmax::new(&cfg.head, &cfg.partial_fc))
+}
+
+/// The trained modules, as an objective sees them.
+pub struct Model<'a> {
+    /// The backbone (train mode during the loss).
+    pub backbone: &'a Backbone,
+    /// The classifier that owns the class weights.
+    pub classifier: &'a Classifier,
+    /// Autocast for the backbone and the classifier matmul.
+    pub precision: Precision,
+    /// Classifier rows.
+    pub num_classes: i64,
+}
+
+/// One micro-batch's result.
+pub struct MicroLoss {
+    /// The scalar loss (fp32) to backpropagate.
+    pub loss: Tensor,
+    /// Classifier rows this micro-batch may change (Partial FC); `None` = all.
+    pub row_mask: Option<Tensor>,
+    /// Extra scalars to log (name, value), e.g. a loss component or a margin.
+    pub metrics: Vec<(&'static str, f64)>,
+}
+
+/// A training objective.
+pub trait Objective {
+    /// Called once before each optimiser step with the global step (0-based) and epoch, before
+    /// any [`Objective::loss`] of that step (heads and samplers move to the stream of the step).
+    fn begin_step(&mut self, step: usize, epoch: usize);
+
+    /// The loss of one micro-batch.
+    ///
+    /// # Shapes
+    /// `x [B, 3, S, S]` (normalised images), `y [B]` Int64 labels.
+    fn loss(&mut self, model: &Model, x: &Tensor, y: &Tensor) -> MicroLoss;
+
+    /// Called at the start of every epoch (also the first one after a resume). Objectives that
+    /// refresh tables from the training set do it here and return a line for the log.
+    fn begin_epoch(&mut self, _epoch: usize, _model: &Model, _data: &dyn TrainingSet) -> Result<Option<String>> {
+        Ok(None)
+    }
+
+    /// State to checkpoint (tensors), beyond the weights and the optimiser.
+    fn state(&self) -> Vec<(String, Tensor)> {
+        Vec::new()
+    }
+
+    /// Restore [`Objective::state`].
+    fn load_state(&mut self, state: HashMap<String, Tensor>) -> Result<()> {
+        if let Some(k) = state.keys().next() {
+            anyhow::bail!("objective state has an entry `{k}` this objective does not have");
+        }
+        Ok(())
+    }
+}
+
+/// Read access to the training images for objectives that embed the training set.
+pub trait TrainingSet {
+    /// Number of images.
+    fn len(&self) -> usize;
+    /// Whether there are none.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Label of image `i`.
+    fn label(&self, i: usize) -> usize;
+    /// Images `idx` as a normalised batch `[N, 3, S, S]` (no augmentation).
+    fn images(&self, idx: &[usize]) -> Result<Tensor>;
+}
+
+/// The backbone's embeddings of `x` in train mode (under autocast when configured).
+pub fn forward_embeddings(model: &Model, x: &Tensor) -> Tensor {
+    use tch::nn::ModuleT as _;
+    crate::amp::autocast(model.precision, || model.backbone.forward_t(x, true))
+}
+
+/// Classifier scores for embeddings `emb`, over a Partial FC sample when given:
+/// `(emb_bd fp32, scores_bc fp32, labels remapped to the sample, row mask of the sample)`.
+pub fn score(model: &Model, emb: Tensor, y: &Tensor, pfc: Option<&mut PartialFc>) -> (Tensor, Tensor, Tensor, Option<Tensor>) {
+    let (scores, y, mask) = match pfc {
+        None => (crate::amp::autocast(model.precision, || model.classifier.scores(&emb)), y.shallow_clone(), None),
+        Some(pfc) => {
+            let sampled = pfc.sample(y, model.num_classes);
+            let mask = sampled.row_mask(model.num_classes, tch::Kind::Float);
+            (crate::amp::autocast(model.precision, || model.classifier.scores_sampled(&emb, &sampled)), sampled.labels, Some(mask))
+        }
+    };
+    (emb.to_kind(tch::Kind::Float), scores.to_kind(tch::Kind::Float), y, mask)
+}
