@@ -33,6 +33,8 @@ enum Command {
     },
     /// Data preparation: `prep pack`, `prep check`, `prep lfw` (insightface RecordIO and .bin packs).
     Prep(facerec_trainer::commands::prep::Args),
+    /// Train several configs over several seeds at the same budget and print one accuracy table.
+    Compare(facerec_trainer::commands::compare::Args),
     /// Evaluate a trained model: `--bin FILE.bin`, `--pairs pairs.txt --images DIR`, `--ijb DIR --target IJBC`.
     Eval(facerec_trainer::commands::eval::Args),
 }
@@ -64,5 +66,6 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Prep(args) => facerec_trainer::commands::prep::run(args),
         Command::Eval(args) => facerec_trainer::commands::eval::run(args),
+        Command::Compare(args) => facerec_trainer::commands::compare::run(args),
     }
 }
