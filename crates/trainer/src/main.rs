@@ -31,6 +31,8 @@ enum Command {
     Prep(facerec_trainer::commands::prep::Args),
     /// Evaluate a trained model: `--bin FILE.bin`, `--pairs pairs.txt --images DIR`, `--ijb DIR --target IJBC`.
     Eval(facerec_trainer::commands::eval::Args),
+    /// Cluster a folder of faces: `--model RUN_DIR --images DIR [--method kmeans|finch|graph] --out FILE.csv`.
+    Cluster(facerec_trainer::commands::cluster::Args),
 }
 
 fn main() -> ExitCode {
@@ -56,5 +58,6 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Prep(args) => facerec_trainer::commands::prep::run(args),
         Command::Eval(args) => facerec_trainer::commands::eval::run(args),
+        Command::Cluster(args) => facerec_trainer::commands::cluster::run(args),
     }
 }

@@ -1,4 +1,5 @@
 //! `facerec` subcommands other than `train`: one file each, with a clap `Args` struct and `run(args)`.
 
+pub mod cluster;
 pub mod eval;
 pub mod prep;
