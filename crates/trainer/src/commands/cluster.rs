@@ -214,3 +214,101 @@ pub fn run(args: Args) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use facerec_backbone::BackboneConfig;
+    use image::{Rgb, RgbImage};
+    use tch::{nn, Device};
+
+    /// A tiny run directory (random weights) and a folder of 3 identities x 4 images, where every
+    /// image of an identity is the same picture: any model embeds them identically, so every
+    /// method must recover the identities.
+    fn fixture(dir: &Path) -> (PathBuf, PathBuf) {
+        let run = dir.join("run");
+        std::fs::create_dir_all(&run).unwrap();
+        let toml = "[model]\ntype = \"iresnet\"\nlayers = [1, 1, 1, 1]\nwidths = [4, 4, 8, 8]\nembedding_size = 16\ninput_size = 32\n";
+        std::fs::write(run.join("config.toml"), toml).unwrap();
+        let cfg: BackboneConfig = toml::from_str::<toml::Table>(toml).unwrap()["model"]
+            .clone()
+            .try_into()
+            .unwrap();
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _ = facerec_backbone::build(&vs.root(), &cfg);
+        vs.save(run.join("model.safetensors")).unwrap();
+        let images = dir.join("faces");
+        for id in 0..3u32 {
+            let sub = images.join(format!("p{id}"));
+            std::fs::create_dir_all(&sub).unwrap();
+            let img = RgbImage::from_fn(40, 40, |x, y| {
+                Rgb([((x * (id + 3) + y * 7 * id) % 251) as u8, (y * 5 + id * 40) as u8, (x * 11) as u8])
+            });
+            for k in 0..4 {
+                img.save(sub.join(format!("{k}.png"))).unwrap();
+            }
+        }
+        (run, images)
+    }
+
+    fn args(run: &Path, images: &Path, method: Method, out: &Path) -> Args {
+        Args {
+            model: run.to_path_buf(),
+            config: None,
+            images: images.to_path_buf(),
+            classes: None,
+            method,
+            k: None,
+            threshold: Some(0.999),
+            knn: 3,
+            level: 5,
+            seed: 0,
+            no_flip: false,
+            batch_size: 5,
+            device: "cpu".into(),
+            threads: 1,
+            out: out.to_path_buf(),
+        }
+    }
+
+    fn read(out: &Path) -> Vec<(String, i64)> {
+        let text = std::fs::read_to_string(out).unwrap();
+        let mut lines = text.lines();
+        assert_eq!(lines.next(), Some("path,cluster"));
+        lines
+            .map(|l| {
+                let (p, c) = l.rsplit_once(',').unwrap();
+                (p.to_string(), c.parse().unwrap())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn clusters_identical_images_together_with_every_method() {
+        let dir = tempfile::tempdir().unwrap();
+        let (run_dir, images) = fixture(dir.path());
+        for method in [Method::Kmeans, Method::Finch, Method::Graph] {
+            let out = dir.path().join(format!("{method:?}.csv"));
+            let mut a = args(&run_dir, &images, method, &out);
+            if method == Method::Finch {
+                // A random model puts different pictures at cosines > 0.999: ask FINCH for k.
+                (a.k, a.threshold) = (Some(3), None);
+            }
+            run(a).unwrap();
+            let rows = read(&out);
+            assert_eq!(rows.len(), 12);
+            let truth: Vec<i64> = rows.iter().map(|(p, _)| p.contains("/p1/") as i64 + 2 * p.contains("/p2/") as i64).collect();
+            let pred: Vec<i64> = rows.iter().map(|r| r.1).collect();
+            let m = evaluate(&pred, &truth).unwrap();
+            assert_eq!(m.pairwise_f, 1.0, "{method:?}: {m}");
+        }
+        // A folder without identity sub-folders is clustered unlabelled.
+        let flat = images.join("p0");
+        let out = dir.path().join("flat.csv");
+        run(args(&run_dir, &flat, Method::Graph, &out)).unwrap();
+        assert!(read(&out).iter().all(|r| r.1 == 0));
+        // Bad input names the folder.
+        let e = run(args(&run_dir, &dir.path().join("missing"), Method::Graph, &out)).unwrap_err();
+        assert!(format!("{e:#}").contains("missing"), "{e:#}");
+    }
+}
