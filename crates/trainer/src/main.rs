@@ -37,6 +37,8 @@ enum Command {
     Compare(facerec_trainer::commands::compare::Args),
     /// Evaluate a trained model: `--bin FILE.bin`, `--pairs pairs.txt --images DIR`, `--ijb DIR --target IJBC`.
     Eval(facerec_trainer::commands::eval::Args),
+    /// Cluster a folder of faces: `--model RUN_DIR --images DIR [--method kmeans|finch|graph] --out FILE.csv`.
+    Cluster(facerec_trainer::commands::cluster::Args),
 }
 
 fn main() -> ExitCode {
@@ -67,5 +69,6 @@ fn run(cli: Cli) -> Result<()> {
         Command::Prep(args) => facerec_trainer::commands::prep::run(args),
         Command::Eval(args) => facerec_trainer::commands::eval::run(args),
         Command::Compare(args) => facerec_trainer::commands::compare::run(args),
+        Command::Cluster(args) => facerec_trainer::commands::cluster::run(args),
     }
 }
