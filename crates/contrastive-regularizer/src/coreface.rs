@@ -61,8 +61,8 @@ pub enum MomentumOn {
     /// unverified (SPEC 3(f)); (2) the margin's stated purpose is a steady loss: subtracting the
     /// batch's own positive-minus-hardest-negative gap puts the positive logit near the hardest
     /// negative in *every* batch, whereas a slow average lags the gap by about `1/(1 − 0.99)` =
-    /// 100 steps and, started from `m = 0`, gives a near-zero margin for the first hundreds of
-    /// steps of the contrastive phase.
+    /// 100 steps and, started from `m = 0`, reaches only `(1 − 0.99^t)` of the typical gap after
+    /// `t` steps of the contrastive phase (half after 69 steps).
     #[default]
     Batch,
     /// A textbook exponential moving average: `m ← momentum·m_prev + (1 − momentum)·gap_batch`
