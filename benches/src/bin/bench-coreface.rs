@@ -15,6 +15,7 @@
 //! coreface / arcface and, as a check against a busy machine, the ratio of the fastest repetitions. Default backbone: a small iResNet (one block
 //! per stage, widths 16-32-64-128, 112 x 112 input, 512-d embedding, trunk width 6272), 1000
 //! classes, B = 64 and 128. On a CUDA machine the CPU table is followed by a CUDA one.
+//! `--loss-only` times L_con alone for the three protocols instead (no backbone).
 
 use std::time::Instant;
 
@@ -57,6 +58,9 @@ struct Args {
     /// Skip the CUDA table even when a GPU is present.
     #[arg(long)]
     cpu_only: bool,
+    /// Only time L_con (forward + backward on two `[B, 512]` leaves) for every protocol.
+    #[arg(long)]
+    loss_only: bool,
 }
 
 fn four(s: &str) -> Result<[i64; 4]> {
@@ -233,6 +237,41 @@ fn table(args: &Args, device: Device, protocol: Protocol) -> Result<()> {
     Ok(())
 }
 
+/// L_con alone for every protocol and batch size (no backbone).
+fn loss_table(args: &Args, device: Device) -> Result<()> {
+    let batches: Vec<i64> = args
+        .batches
+        .split(',')
+        .map(|x| x.trim().parse())
+        .collect::<Result<_, _>>()?;
+    println!("| B | one_way (ms) | both_ways (ms) | two_n (ms) |");
+    println!("|---:|---:|---:|---:|");
+    for b in batches {
+        tch::manual_seed(0);
+        let labels = Tensor::randint(b / 2, [b], (Kind::Int64, device));
+        let v1 = Tensor::randn([b, 512], (Kind::Float, device)).set_requires_grad(true);
+        let v2 = (v1.detach() + Tensor::randn([b, 512], (Kind::Float, device)))
+            .set_requires_grad(true);
+        let m = Tensor::from(0.3).to_device(device);
+        let mut row = format!("| {b} |");
+        for protocol in [Protocol::OneWay, Protocol::BothWays, Protocol::TwoN] {
+            let once = || {
+                sync(device);
+                let t0 = Instant::now();
+                let loss = contrastive_logits(&v1, &v2, &labels, protocol).loss(64.0, &m);
+                let _ = Tensor::run_backward(&[loss], &[&v1, &v2], false, false);
+                sync(device);
+                t0.elapsed().as_secs_f64() * 1e3
+            };
+            once();
+            let t = median((0..args.reps).map(|_| once()).collect());
+            row += &format!(" {t:.3} |");
+        }
+        println!("{row}");
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     if let Some(n) = args.threads {
@@ -251,11 +290,17 @@ fn main() -> Result<()> {
         tch::get_num_threads(),
         args.reps
     );
-    println!("\ndevice cpu\n");
-    table(&args, Device::Cpu, protocol)?;
+    let mut devices = vec![Device::Cpu];
     if !args.cpu_only && tch::Cuda::is_available() {
-        println!("\ndevice cuda:0\n");
-        table(&args, Device::Cuda(0), protocol)?;
+        devices.push(Device::Cuda(0));
+    }
+    for device in devices {
+        println!("\ndevice {device:?}\n");
+        if args.loss_only {
+            loss_table(&args, device)?;
+        } else {
+            table(&args, device, protocol)?;
+        }
     }
     Ok(())
 }

@@ -409,10 +409,10 @@ pub fn contrastive_logits(
     let dev = view1_bd.device();
     let e1 = normalize(&view1_bd.to_kind(kind));
     let e2 = normalize(&view2_bd.to_kind(kind));
-    let same_bb = same_identity_mask(labels_b);
     let ar_b = Tensor::arange(b, (Kind::Int64, dev));
     match protocol {
         Protocol::OneWay | Protocol::BothWays => {
+            let same_bb = same_identity_mask(labels_b);
             let cos12 = e1.mm(&e2.tr()).clamp(-1.0, 1.0);
             let eye = Tensor::eye(b, (Kind::Bool, dev));
             let (cos, targets, positive, same) = if protocol == Protocol::OneWay {
