@@ -145,12 +145,29 @@ impl IResNet {
     /// Forward pass; with `amp` the trunk (stem, stages, `bn2`) runs under CUDA fp16 autocast and
     /// `fc`/`features` in the parameter kind, as arcface_torch does.
     ///
+    /// Equals `forward_neck_t(forward_trunk_amp(xs, train, amp).dropout(dropout, train), train)`.
+    ///
     /// # Shapes
     /// `xs`: `[B, 3, S, S]` with `S = input_size`; output `[B, embedding_size]`.
     ///
     /// # Panics
     /// If the input side differs from the configured `input_size` (the `fc` width would not match).
     pub fn forward_amp(&self, xs: &Tensor, train: bool, amp: bool) -> Tensor {
+        let x = self
+            .forward_trunk_amp(xs, train, amp)
+            .dropout(self.dropout, train);
+        self.forward_neck_t(&x, train)
+    }
+
+    /// The trunk: stem, stages and `bn2`, flattened in (C, H, W) order, *before* the dropout;
+    /// with `amp` under CUDA fp16 autocast, cast back to the parameter kind.
+    ///
+    /// # Shapes
+    /// `xs`: `[B, 3, S, S]`; output `[B, widths[3] * side * side]` (`[B, 25088]` for the presets).
+    ///
+    /// # Panics
+    /// On a wrong input shape.
+    pub fn forward_trunk_amp(&self, xs: &Tensor, train: bool, amp: bool) -> Tensor {
         let trunk = tch::autocast(amp, || {
             let mut x = self
                 .prelu
@@ -160,8 +177,19 @@ impl IResNet {
             }
             self.bn2.forward_t(&x, train).flatten(1, -1)
         });
-        let x = to_param_kind(trunk, &self.fc.ws).dropout(self.dropout, train);
-        self.features.forward_t(&self.fc.forward(&x), train)
+        to_param_kind(trunk, &self.fc.ws)
+    }
+
+    /// The neck: `fc` then the `features` BatchNorm1d (batch statistics when `train`). No dropout:
+    /// the caller applies its own (CoReFace draws two masks per image here).
+    ///
+    /// # Shapes
+    /// `feat_bf`: `[B, F]` with `F` the trunk width; output `[B, embedding_size]`.
+    ///
+    /// # Panics
+    /// If `F` differs from the `fc` input width.
+    pub fn forward_neck_t(&self, feat_bf: &Tensor, train: bool) -> Tensor {
+        self.features.forward_t(&self.fc.forward(feat_bf), train)
     }
 }
 

@@ -321,6 +321,69 @@ impl Backbone {
             Backbone::MobileFaceNet(m) => m.forward_amp(xs, train, amp),
         }
     }
+
+    /// The trunk: everything before the embedding neck, flattened, with no dropout applied
+    /// (iResNet: stem, stages, `bn2`; MobileFaceNet: `layers`, `conv_sep`, GDC). With `amp` the
+    /// convolutional part runs under CUDA fp16 autocast; the output is in the parameter kind.
+    ///
+    /// `forward_amp(xs, train, amp)` equals `forward_neck_t(dropout(forward_trunk_amp(xs, train,
+    /// amp)), train)`, with the configured dropout (iResNet only). Embedding augmentation
+    /// (CoReFace) draws its own dropout masks between the two halves.
+    ///
+    /// # Shapes
+    /// `xs`: `[B, 3, S, S]`; output `[B, F]` with `F = trunk_width()` (25088 for the iResNet
+    /// presets, 512 for MobileFaceNet).
+    ///
+    /// # Panics
+    /// On a wrong input shape.
+    pub fn forward_trunk_amp(&self, xs: &Tensor, train: bool, amp: bool) -> Tensor {
+        match self {
+            Backbone::IResNet(m) => m.forward_trunk_amp(xs, train, amp),
+            Backbone::MobileFaceNet(m) => m.forward_trunk_amp(xs, train, amp),
+        }
+    }
+
+    /// [`Backbone::forward_trunk_amp`] without autocast.
+    ///
+    /// # Shapes
+    /// `xs`: `[B, 3, S, S]`; output `[B, F]`.
+    pub fn forward_trunk_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        self.forward_trunk_amp(xs, train, false)
+    }
+
+    /// The neck: trunk features to the embedding (iResNet: `fc` then the `features`
+    /// BatchNorm1d; MobileFaceNet: the final Linear then BatchNorm1d). No dropout is applied here.
+    /// With `train` the BatchNorm1d uses the batch statistics and updates its running statistics,
+    /// once per call.
+    ///
+    /// # Shapes
+    /// `feat_bf`: `[B, F]` with `F = trunk_width()`; output `[B, embedding_size]`.
+    ///
+    /// # Panics
+    /// If `feat_bf` is not `[B, F]`.
+    pub fn forward_neck_t(&self, feat_bf: &Tensor, train: bool) -> Tensor {
+        match self {
+            Backbone::IResNet(m) => m.forward_neck_t(feat_bf, train),
+            Backbone::MobileFaceNet(m) => m.forward_neck_t(feat_bf, train),
+        }
+    }
+
+    /// Width `F` of the trunk features (the neck's input).
+    pub fn trunk_width(&self) -> i64 {
+        match self {
+            Backbone::IResNet(m) => m.fc.ws.size()[1],
+            Backbone::MobileFaceNet(m) => m.linear.ws.size()[1],
+        }
+    }
+
+    /// The dropout probability the backbone applies between trunk and neck in
+    /// [`Backbone::forward_amp`] (the configured `model.dropout` for iResNet; 0 for MobileFaceNet).
+    pub fn dropout(&self) -> f64 {
+        match self {
+            Backbone::IResNet(m) => m.dropout,
+            Backbone::MobileFaceNet(_) => 0.0,
+        }
+    }
 }
 
 impl ModuleT for Backbone {

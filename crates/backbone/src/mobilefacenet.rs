@@ -240,6 +240,18 @@ impl MobileFaceNet {
     /// # Panics
     /// If the input side differs from the configured `input_size`.
     pub fn forward_amp(&self, xs: &Tensor, train: bool, amp: bool) -> Tensor {
+        self.forward_neck_t(&self.forward_trunk_amp(xs, train, amp), train)
+    }
+
+    /// The trunk: `layers` (under CUDA fp16 autocast with `amp`), `conv_sep` and the GDC
+    /// (`features.layers.0`), flattened; the input of the final Linear.
+    ///
+    /// # Shapes
+    /// `xs`: `[B, 3, S, S]`; output `[B, 512]`.
+    ///
+    /// # Panics
+    /// On a wrong input shape.
+    pub fn forward_trunk_amp(&self, xs: &Tensor, train: bool, amp: bool) -> Tensor {
         let trunk = tch::autocast(amp, || {
             self.stages
                 .iter()
@@ -248,8 +260,18 @@ impl MobileFaceNet {
         let x = self
             .conv_sep
             .forward_t(&to_param_kind(trunk, &self.linear.ws), train);
-        let x = self.gdc.forward_t(&x, train).flatten(1, -1);
-        self.bn.forward_t(&self.linear.forward(&x), train)
+        self.gdc.forward_t(&x, train).flatten(1, -1)
+    }
+
+    /// The neck: the bias-free Linear (`features.layers.2`) then BatchNorm1d (`features.layers.3`).
+    ///
+    /// # Shapes
+    /// `feat_bf`: `[B, 512]`; output `[B, embedding_size]`.
+    ///
+    /// # Panics
+    /// If `feat_bf` is not `[B, 512]`.
+    pub fn forward_neck_t(&self, feat_bf: &Tensor, train: bool) -> Tensor {
+        self.bn.forward_t(&self.linear.forward(feat_bf), train)
     }
 }
 
