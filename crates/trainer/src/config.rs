@@ -55,6 +55,9 @@ pub struct Config {
     /// Fine-tuning from existing backbone weights.
     #[serde(default)]
     pub init: InitConfig,
+    /// CoReFace contrastive regularization (docs/coreface.md); absent = plain margin softmax.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coreface: Option<facerec_contrastive_regularizer::CoReFaceConfig>,
 }
 
 fn default_seed() -> u64 {
@@ -541,6 +544,15 @@ impl Config {
         }
         crate::device::parse_device(&t.device).context("config key `train.device`")?;
         self.optim.validate()?;
+        if let Some(cf) = &self.coreface {
+            cf.validate()?;
+            if matches!(&self.model, BackboneConfig::Iresnet(c) if c.dropout != 0.0) {
+                bail!("config key `model.dropout`: must be 0 with [coreface], which applies `coreface.warmup_dropout` and `coreface.dropout` to the trunk features itself");
+            }
+            if cf.init_from.is_some() {
+                bail!("config key `coreface.init_from`: use `init.from` (and `init.classifier = true`) to start CoReFace from an ArcFace run");
+            }
+        }
         if t.grad_accumulation == 0 {
             bail!("config key `train.grad_accumulation`: must be at least 1");
         }

@@ -21,10 +21,26 @@ impl MarginSoftmax {
     /// The head's logits and the cross-entropy for embeddings `emb_bd` (already through the
     /// backbone); used by objectives that add terms to the margin softmax.
     pub fn loss_of(&mut self, model: &Model, emb_bd: Tensor, y: &Tensor) -> (Tensor, Option<Tensor>) {
-        let (emb, scores, y, mask) = super::score(model, emb_bd, y, self.partial_fc.as_mut());
-        let norms = emb.norm_scalaropt_dim(2, [1], false);
-        let logits = self.head.logits_with_norms(&scores, &y, &norms);
-        (cross_entropy(&logits, &y), mask)
+        let (mut losses, mask) = self.losses_of_views(model, vec![emb_bd], y);
+        (losses.remove(0), mask)
+    }
+
+    /// [`MarginSoftmax::loss_of`] for several views of the same images: one Partial FC sample
+    /// serves every view.
+    pub fn losses_of_views(&mut self, model: &Model, views: Vec<Tensor>, y: &Tensor) -> (Vec<Tensor>, Option<Tensor>) {
+        let sampled = self.partial_fc.as_mut().map(|pfc| pfc.sample(y, model.num_classes));
+        let mask = sampled.as_ref().map(|s| s.row_mask(model.num_classes, tch::Kind::Float));
+        let labels = sampled.as_ref().map(|s| s.labels.shallow_clone()).unwrap_or_else(|| y.shallow_clone());
+        let losses = views
+            .into_iter()
+            .map(|emb| {
+                let (emb, scores) = super::score(model, emb, sampled.as_ref());
+                let norms = emb.norm_scalaropt_dim(2, [1], false);
+                let logits = self.head.logits_with_norms(&scores, &labels, &norms);
+                cross_entropy(&logits, &labels)
+            })
+            .collect();
+        (losses, mask)
     }
 }
 

@@ -5,19 +5,26 @@
 //!
 //! - [`margin_softmax::MarginSoftmax`]: a margin head from `facerec-loss-heads` on the cosine
 //!   classifier (every method of the heads issue), optionally over a Partial FC sample.
+//! - [`coreface::CoReFaceObjective`]: CoReFace (`[coreface]`): two dropout views of the trunk
+//!   features, both classified, plus the contrastive regularizer.
 
+pub mod coreface;
 pub mod margin_softmax;
 
 use crate::amp::Precision;
 use anyhow::Result;
 use facerec_backbone::Backbone;
-use facerec_loss_heads::{Classifier, PartialFc};
+use facerec_loss_heads::{Classifier, Sampled};
 use std::collections::HashMap;
 use tch::Tensor;
 
 /// The objective a config asks for.
 pub fn build(cfg: &crate::Config) -> Box<dyn Objective> {
-    Box::new(margin_softmax::MarginSoftmax::new(&cfg.head, &cfg.partial_fc))
+    let base = margin_softmax::MarginSoftmax::new(&cfg.head, &cfg.partial_fc);
+    match &cfg.coreface {
+        Some(cf) => Box::new(coreface::CoReFaceObjective::new(base, cf)),
+        None => Box::new(base),
+    }
 }
 
 /// The trained modules, as an objective sees them.
@@ -30,6 +37,13 @@ pub struct Model<'a> {
     pub precision: Precision,
     /// Classifier rows.
     pub num_classes: i64,
+}
+
+impl Model<'_> {
+    /// Whether fp16 autocast is on.
+    pub fn amp(&self) -> bool {
+        self.precision == Precision::Fp16
+    }
 }
 
 /// One micro-batch's result.
@@ -88,22 +102,23 @@ pub trait TrainingSet {
     fn images(&self, idx: &[usize]) -> Result<Tensor>;
 }
 
-/// The backbone's embeddings of `x` in train mode (under autocast when configured).
+/// The backbone's embeddings of `x` in train mode (with fp16 the trunk runs under autocast and the
+/// embedding neck in fp32, as in arcface_torch).
 pub fn forward_embeddings(model: &Model, x: &Tensor) -> Tensor {
-    use tch::nn::ModuleT as _;
-    crate::amp::autocast(model.precision, || model.backbone.forward_t(x, true))
+    model.backbone.forward_amp(x, true, model.amp())
 }
 
-/// Classifier scores for embeddings `emb`, over a Partial FC sample when given:
-/// `(emb_bd fp32, scores_bc fp32, labels remapped to the sample, row mask of the sample)`.
-pub fn score(model: &Model, emb: Tensor, y: &Tensor, pfc: Option<&mut PartialFc>) -> (Tensor, Tensor, Tensor, Option<Tensor>) {
-    let (scores, y, mask) = match pfc {
-        None => (crate::amp::autocast(model.precision, || model.classifier.scores(&emb)), y.shallow_clone(), None),
-        Some(pfc) => {
-            let sampled = pfc.sample(y, model.num_classes);
-            let mask = sampled.row_mask(model.num_classes, tch::Kind::Float);
-            (crate::amp::autocast(model.precision, || model.classifier.scores_sampled(&emb, &sampled)), sampled.labels, Some(mask))
-        }
-    };
-    (emb.to_kind(tch::Kind::Float), scores.to_kind(tch::Kind::Float), y, mask)
+/// The backbone's flattened trunk features of `x` in train mode, before dropout and neck.
+pub fn forward_trunk(model: &Model, x: &Tensor) -> Tensor {
+    model.backbone.forward_trunk_amp(x, true, model.amp())
+}
+
+/// Classifier scores for embeddings `emb` (all classes, or a Partial FC sample):
+/// `(emb_bd fp32, scores_bc fp32)`.
+pub fn score(model: &Model, emb: Tensor, sampled: Option<&Sampled>) -> (Tensor, Tensor) {
+    let scores = crate::amp::autocast(model.precision, || match sampled {
+        None => model.classifier.scores(&emb),
+        Some(s) => model.classifier.scores_sampled(&emb, s),
+    });
+    (emb.to_kind(tch::Kind::Float), scores.to_kind(tch::Kind::Float))
 }

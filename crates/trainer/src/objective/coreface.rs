@@ -1,0 +1,81 @@
+//! CoReFace in the trainer (`[coreface]`; method and choices in docs/coreface.md).
+//!
+//! Before `start_epoch`: one view, `warmup_dropout` on the trunk features, the margin softmax.
+//! From `start_epoch` on: two independent dropout masks (`dropout`) on the trunk features, each
+//! through the shared fc + BatchNorm1d neck; both views classified by the configured head over the
+//! same Partial FC sample; `w_cls1·L¹ + w_cls2·L² + w_con·L_con` with the contrastive regularizer
+//! of `facerec-contrastive-regularizer`. Evaluation uses the ordinary forward with dropout off.
+//! The adaptive margin is objective state, so checkpoints carry it. `model.dropout` must be 0
+//! (the objective applies the dropout itself; the config check says so).
+
+use super::{forward_trunk, margin_softmax::MarginSoftmax, MicroLoss, Model, Objective};
+use anyhow::{Context, Result};
+use facerec_contrastive_regularizer::{dropout_views, CoReFace, CoReFaceConfig, ContrastiveRegularizer};
+use std::collections::HashMap;
+use tch::{Device, Kind, Tensor};
+
+/// The margin softmax plus CoReFace's two views and contrastive term.
+pub struct CoReFaceObjective {
+    cfg: CoReFaceConfig,
+    base: MarginSoftmax,
+    reg: CoReFace,
+    epoch: usize,
+}
+
+impl CoReFaceObjective {
+    /// Wrap the margin softmax `base`.
+    ///
+    /// # Panics
+    /// If `cfg` does not validate (the config check runs first).
+    pub fn new(base: MarginSoftmax, cfg: &CoReFaceConfig) -> Self {
+        CoReFaceObjective { cfg: cfg.clone(), base, reg: CoReFace::standalone(cfg, Device::Cpu, Kind::Float), epoch: 0 }
+    }
+}
+
+fn scalar(t: &Tensor) -> f64 {
+    f64::try_from(t).unwrap_or(f64::NAN)
+}
+
+impl Objective for CoReFaceObjective {
+    fn begin_step(&mut self, step: usize, epoch: usize) {
+        self.base.begin_step(step, epoch);
+        self.epoch = epoch;
+    }
+
+    fn loss(&mut self, model: &Model, x: &Tensor, y: &Tensor) -> MicroLoss {
+        let h = forward_trunk(model, x).to_kind(Kind::Float);
+        if !self.cfg.is_contrastive(self.epoch) {
+            let emb = model.backbone.forward_neck_t(&h.dropout(self.cfg.warmup_dropout, true), true);
+            let (loss, row_mask) = self.base.loss_of(model, emb, y);
+            return MicroLoss { loss, row_mask, metrics: Vec::new() };
+        }
+        let (e1, e2) = dropout_views(&h, self.cfg.dropout, |f| model.backbone.forward_neck_t(f, true));
+        let (losses, row_mask) = self.base.losses_of_views(model, vec![e1.shallow_clone(), e2.shallow_clone()], y);
+        let out = self.reg.forward(&e1, &e2, y);
+        let loss = self.cfg.total_loss(&losses[0], &losses[1], &out.loss);
+        let metrics = vec![
+            ("loss_cls1", scalar(&losses[0])),
+            ("loss_cls2", scalar(&losses[1])),
+            ("loss_con", scalar(&out.loss)),
+            ("coreface_margin", scalar(&out.margin)),
+            ("coreface_batch_gap", scalar(&out.batch_gap)),
+        ];
+        MicroLoss { loss, row_mask, metrics }
+    }
+
+    fn state(&self) -> Vec<(String, Tensor)> {
+        vec![("coreface.margin".into(), self.reg.margin_state().copy())]
+    }
+
+    fn load_state(&mut self, mut state: HashMap<String, Tensor>) -> Result<()> {
+        // A checkpoint of a plain margin-softmax run (e.g. the ArcFace warm phase) has no margin
+        // yet: the regularizer starts from 0, as in a fresh contrastive phase.
+        if let Some(m) = state.remove("coreface.margin") {
+            self.reg.set_margin(f64::try_from(&m).context("coreface.margin")?);
+        }
+        if let Some(k) = state.keys().next() {
+            anyhow::bail!("objective state has an entry `{k}` that CoReFace does not have");
+        }
+        Ok(())
+    }
+}
