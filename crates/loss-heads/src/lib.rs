@@ -57,6 +57,7 @@ pub mod classifier;
 pub mod combined;
 pub mod cosface;
 pub mod elastic;
+pub mod gce;
 pub mod gradcheck;
 pub mod normface;
 pub mod partial_fc;
@@ -70,6 +71,9 @@ pub use cosface::{CosFace, CosFaceConfig};
 pub use elastic::{
     ElasticArcConfig, ElasticArcPlusConfig, ElasticCosConfig, ElasticCosPlusConfig, ElasticFace,
     ElasticKind, ElasticParams, PlusAssignment,
+};
+pub use gce::{
+    Gce, GceConfig, MarginForm, OutWeight, OutWeightRule, PairwiseConfig, Replacement, SelfPair,
 };
 pub use normface::{NormFace, NormFaceConfig};
 pub use partial_fc::{PartialFc, PartialFcConfig, Sampled};
