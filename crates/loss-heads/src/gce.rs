@@ -44,7 +44,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use crate::arcface::{ArcFaceGradient, COS_EPS, SIN2_EPS};
+use crate::arcface::{ArcFaceGradient, COS_EPS};
 use crate::classifier::normalize_rows;
 use crate::combined::AngularMargin;
 
@@ -279,6 +279,11 @@ impl GceConfig {
         );
         check_margin("m_t", self.m_t, self.target_form)?;
         check_margin("m_n", self.m_n, self.nontarget_form)?;
+        ensure!(
+            self.nontarget_form == MarginForm::Additive || self.m_n == 0.0 || self.m_n >= 1e-3,
+            "gce.m_n: an angular non-target margin must be 0 or >= 1e-3, got {}",
+            self.m_n
+        );
         if let OutWeight::Value(w) = self.out_weight {
             ensure!(
                 w.is_finite() && w >= 0.0,
@@ -631,8 +636,8 @@ impl Gce {
     /// with a scalar, so the in-place writes are safe, as in [`crate::scaled_targets`]).
     ///
     /// Angular: `cos(max(θ − m_n, 0))` is `1` for `c ≥ cos m_n` and
-    /// `c·cos m_n + sin θ·sin m_n` below, with `sin θ = sqrt(max(1 − u², eps))` on the clamped
-    /// cosine `u`; the two pieces meet continuously at `c = cos m_n`. The transform is evaluated
+    /// `c·cos m_n + sin θ·sin m_n` below (`sin θ = sqrt(1 − c²)`, `c` clamped at `−1 + 1e-7`);
+    /// the two pieces meet continuously at `c = cos m_n`. The transform is evaluated
     /// under `no_grad` together with its derivative `f′(c)`, and autograd sees only its tangent
     /// `z = c·s f′(c) + s(f(c) − c f′(c))` (both factors constants): the same value and the same
     /// gradient `s f′(c)` as differentiating the elementwise chain, with one saved `[B, C]` tensor
@@ -665,29 +670,32 @@ impl Gce {
     }
 
     /// `(s f′(c), s (f(c) − c f′(c)))` of the angular non-target transform `f` (no autograd).
+    ///
+    /// With `u = clamp(c, −1 + eps, cos m)` and `sin θ = sqrt(1 − u²)`: `f(u) = u cos m +
+    /// sin θ sin m`, `f′(u) = cos m − sin m·u/sin θ`, and the intercept simplifies to
+    /// `f − u f′ = sin m / sin θ`. At the upper clamp `u = cos m` these are exactly `f′ = 0` and
+    /// intercept 1, i.e. `f = 1` with zero slope for every `c ≥ cos m`, so the piecewise
+    /// definition needs no mask there. Below `−1 + eps` (only `c` in `[−1, −1 + 1e-7)`) the value
+    /// is frozen at `f(−1 + eps)` with zero slope, as `cos(acos(clamp(c)) − m)` would be.
+    /// `1 − u² ≥ min(sin² m, 2e-7) > 0`, so no
+    /// further guard is needed (validation keeps an angular `m_n` at 0 or ≥ 1e-3).
     fn angular_tangent(&self, cos_bc: &Tensor) -> (Tensor, Tensor) {
         let s = self.cfg.s;
         let (cm, sm) = (self.cos_mn, self.sin_mn);
-        let u = cos_bc.clamp(-1.0 + COS_EPS, 1.0 - COS_EPS);
-        let mut sin = u.square();
-        let _ = sin.neg_().g_add_scalar_(1.0).clamp_min_(SIN2_EPS).sqrt_();
-        // f = c·cos m + sin θ·sin m and f′ = cos m − sin m·u/sin θ where c is inside the clamp
-        // (the clamp at −1 + eps freezes u, so f′ = cos m there).
-        let inside = cos_bc.gt(-1.0 + COS_EPS);
-        let mut dsin = &u / &sin;
-        let _ = dsin.g_mul_scalar_(-sm).g_add_scalar_(cm);
-        let slope = dsin.where_scalarother(&inside, cm);
-        let mut f = sin;
-        let _ = f.g_mul_scalar_(sm);
-        let _ = f.g_add_(&(cos_bc * cm));
-        let mut intercept = f - cos_bc * &slope;
-        // Above cos m: f = 1, f′ = 0.
-        let below = cos_bc.lt(cm);
-        let mut slope = slope.where_scalarother(&below, 0.0);
-        let _ = intercept.g_mul_scalar_(s);
-        let intercept = intercept.where_scalarother(&below, s);
-        let _ = slope.g_mul_scalar_(s);
-        (slope, intercept)
+        let u = cos_bc.clamp(-1.0 + COS_EPS, cm);
+        // r = 1 / sin θ.
+        let mut r = u.square().rsub_scalar(1.0);
+        let _ = r.rsqrt_();
+        let mut slope = &u * &r;
+        let _ = slope.g_mul_scalar_(-s * sm).g_add_scalar_(s * cm);
+        let _ = r.g_mul_scalar_(s * sm);
+        // Below the lower clamp: f = f(−1 + eps), constant (as acos of the clamped cosine).
+        let low = cos_bc.lt(-1.0 + COS_EPS);
+        let u0 = -1.0 + COS_EPS;
+        let f0 = u0 * cm + (1.0 - u0 * u0).sqrt() * sm;
+        let _ = slope.masked_fill_(&low, 0.0);
+        let _ = r.masked_fill_(&low, s * f0);
+        (slope, r)
     }
 }
 
