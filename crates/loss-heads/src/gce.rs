@@ -47,6 +47,7 @@ use tch::{Device, Kind, Tensor};
 use crate::arcface::{ArcFaceGradient, COS_EPS};
 use crate::classifier::normalize_rows;
 use crate::combined::AngularMargin;
+use crate::MarginHead;
 
 /// How a margin enters a similarity.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -468,10 +469,7 @@ impl Gce {
         } else {
             feats_rd
         };
-        let pair_br = x_bd
-            .matmul(&feats_rd.tr())
-            .clamp(-1.0, 1.0)
-            .to_kind(kind);
+        let pair_br = x_bd.matmul(&feats_rd.tr()).clamp(-1.0, 1.0).to_kind(kind);
         let pair_br = match self.cfg.pairwise.self_pair {
             SelfPair::KeepPrototype => {
                 let own_r = cos_bc.index(&[Some(&samples_r), Some(&classes_r)]);
@@ -696,6 +694,39 @@ impl Gce {
         let _ = slope.masked_fill_(&low, 0.0);
         let _ = r.masked_fill_(&low, s * f0);
         (slope, r)
+    }
+}
+
+/// GCE as a [`MarginHead`], so a trainer can hold it next to the other heads:
+/// [`MarginHead::training_loss`] is [`Gce::step_loss`] (draw + GCE), [`MarginHead::set_step`]
+/// moves the replacement stream, and [`MarginHead::logits`] gives the bilateral-margin logits (`s t̃` at the
+/// target, `s ñ` elsewhere), whose cross-entropy is GCE at `ω = 0` without replacement.
+impl MarginHead for Gce {
+    /// # Shapes
+    /// `cos_bc [B, C]`, `labels_b [B]` (Int64) -> `[B, C]`.
+    fn logits(&self, cos_bc: &Tensor, labels_b: &Tensor) -> Tensor {
+        let b = crate::check_head_inputs(cos_bc, labels_b);
+        let idx_b1 = labels_b.view([b, 1]);
+        let target_b1 = self.target_margin(&cos_bc.gather(1, &idx_b1, false)) * self.cfg.s;
+        let mut z = self.masked_nontarget_logits(cos_bc, &idx_b1);
+        let _ = z.scatter_(1, &idx_b1, &target_b1);
+        z
+    }
+
+    fn set_step(&mut self, step: u64) {
+        Gce::set_step(self, step);
+    }
+
+    /// # Shapes
+    /// `cos_bc [B, C]`, `labels_b [B]` (Int64), `emb_bd [B, D]`, `norms_b [B]` (unused) -> scalar.
+    fn training_loss(
+        &mut self,
+        cos_bc: &Tensor,
+        labels_b: &Tensor,
+        emb_bd: &Tensor,
+        _norms_b: &Tensor,
+    ) -> Tensor {
+        self.step_loss(cos_bc, labels_b, emb_bd)
     }
 }
 

@@ -112,6 +112,23 @@ pub trait MarginHead: std::fmt::Debug + Send {
     fn logits_with_norms(&self, cos_bc: &Tensor, labels_b: &Tensor, _norms_b: &Tensor) -> Tensor {
         self.logits(cos_bc, labels_b)
     }
+
+    /// The step's training loss. Default: [`cross_entropy`] of
+    /// [`MarginHead::logits_with_norms`]. Losses that are not a cross-entropy over logits
+    /// override it ([`Gce`] needs the embeddings for its prototype replacement).
+    ///
+    /// # Shapes
+    /// `cos_bc [B, C]`, `labels_b [B]` (Int64), `emb_bd [B, D]` (the backbone's embeddings),
+    /// `norms_b [B]` -> scalar.
+    fn training_loss(
+        &mut self,
+        cos_bc: &Tensor,
+        labels_b: &Tensor,
+        _emb_bd: &Tensor,
+        norms_b: &Tensor,
+    ) -> Tensor {
+        cross_entropy(&self.logits_with_norms(cos_bc, labels_b, norms_b), labels_b)
+    }
 }
 
 /// Which margin head to train with; the `[head]` table of a training config, tagged by `type`.

@@ -7,9 +7,9 @@
 
 use facerec_loss_heads::gradcheck::{check_gradients, GradCheck};
 use facerec_loss_heads::{
-    cross_entropy, ArcFaceConfig, ArcFaceGradient, CosFaceConfig, CosineClassifier, Gce,
-    GceConfig, HeadConfig, MarginForm, OutWeight, PairwiseConfig, PartialFc, PartialFcConfig,
-    Replacement, SelfPair,
+    cross_entropy, ArcFaceConfig, ArcFaceGradient, CosFaceConfig, CosineClassifier, Gce, GceConfig,
+    HeadConfig, MarginForm, OutWeight, PairwiseConfig, PartialFc, PartialFcConfig, Replacement,
+    SelfPair,
 };
 use facerec_testkit::python;
 use rand::{Rng, SeedableRng};
@@ -115,7 +115,11 @@ fn cases(s: f64) -> Vec<(String, GceConfig, Replacement)> {
     };
     let none = Replacement::default();
     let mut v = vec![
-        ("default, no replacement".to_string(), base.clone(), none.clone()),
+        (
+            "default, no replacement".to_string(),
+            base.clone(),
+            none.clone(),
+        ),
         ("default, replacement".into(), base.clone(), replacement()),
         (
             "live replacement, keep_prototype".into(),
@@ -271,7 +275,12 @@ fn gce_matches_the_oracle() {
             &[ans["loss"].as_f64().unwrap()],
             rtol,
         );
-        check(&format!("{name}: d/demb"), ge, &floats(&ans["grad_emb"]), rtol);
+        check(
+            &format!("{name}: d/demb"),
+            ge,
+            &floats(&ans["grad_emb"]),
+            rtol,
+        );
         check(
             &format!("{name}: d/dweight"),
             gw,
@@ -349,16 +358,84 @@ fn omega_zero_is_margin_softmax() {
                 cfg.term2_weight = w2;
                 let mut gce = Gce::new(&cfg);
                 gce.set_step(3);
-                let ours = gce.step_loss(&cos, &labels, &Tensor::zeros([8, 4], (Kind::Double, Device::Cpu)));
+                let ours = gce.step_loss(
+                    &cos,
+                    &labels,
+                    &Tensor::zeros([8, 4], (Kind::Double, Device::Cpu)),
+                );
                 let theirs = cross_entropy(&head.build().logits(&cos, &labels), &labels);
                 let g1 = Tensor::run_backward(&[&ours], &[&cos], false, false);
                 let g2 = Tensor::run_backward(&[&theirs], &[&cos], false, false);
                 let what = format!("{cfg:?} vs {head:?}");
-                check(&what, &[ours.double_value(&[])], &[theirs.double_value(&[])], 1e-12);
+                check(
+                    &what,
+                    &[ours.double_value(&[])],
+                    &[theirs.double_value(&[])],
+                    1e-12,
+                );
                 check(&what, &to_vec(&g1[0]), &to_vec(&g2[0]), 1e-10);
             }
         }
     }
+}
+
+/// GCE through the `MarginHead` trait: `training_loss` is `step_loss`; the logits' cross-entropy is GCE
+/// at ω = 0 without replacement, and with m_n = 0 the logits are ArcFace's.
+#[test]
+fn margin_head_interface() {
+    use facerec_loss_heads::MarginHead;
+    let labels = Tensor::from_slice(&[3i64, 0, 7, 7, 2, 9, 1, 0]);
+    let cos = random_cos(8, 8, 10, -0.95, 0.95);
+    let emb = Tensor::from_slice(&randn(9, 8 * 4)).view([8, 4]);
+    let norms = emb.norm_scalaropt_dim(2, [1], false);
+    let cfg = GceConfig {
+        pairwise: PairwiseConfig {
+            rate: 1.0,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let mut direct = Gce::new(&cfg);
+    let mut boxed: Box<dyn MarginHead> = Box::new(Gce::new(&cfg));
+    direct.set_step(7);
+    boxed.set_step(7);
+    let a = direct.step_loss(&cos, &labels, &emb).double_value(&[]);
+    let b = boxed
+        .training_loss(&cos, &labels, &emb, &norms)
+        .double_value(&[]);
+    assert_eq!(a, b);
+    let zero = Gce::new(&GceConfig {
+        out_weight: OutWeight::Value(0.0),
+        ..cfg.clone()
+    });
+    let ce = cross_entropy(&zero.logits(&cos, &labels), &labels).double_value(&[]);
+    check(
+        "logits CE",
+        &[ce],
+        &[zero.loss(&cos, &labels).double_value(&[])],
+        1e-12,
+    );
+    let arc = Gce::new(&GceConfig { m_n: 0.0, ..cfg });
+    let want = HeadConfig::Arcface(ArcFaceConfig::default())
+        .build()
+        .logits(&cos, &labels);
+    check(
+        "logits",
+        &to_vec(&arc.logits(&cos, &labels)),
+        &to_vec(&want),
+        1e-12,
+    );
+    // The default `loss` of the other heads is their cross-entropy.
+    let mut head = HeadConfig::Arcface(ArcFaceConfig::default()).build();
+    let l = head
+        .training_loss(&cos, &labels, &emb, &norms)
+        .double_value(&[]);
+    check(
+        "default loss",
+        &[l],
+        &[cross_entropy(&want, &labels).double_value(&[])],
+        1e-15,
+    );
 }
 
 /// Plain-loop GCE over a cosine matrix (SPEC 5 written as sums, stable logsumexp), per sample.
@@ -396,7 +473,9 @@ fn naive_terms(
         let m = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
         m + v.iter().map(|x| (x - m).exp()).sum::<f64>().ln()
     };
-    let t: Vec<f64> = (0..b).map(|k| tgt(cos[k * c + labels[k] as usize])).collect();
+    let t: Vec<f64> = (0..b)
+        .map(|k| tgt(cos[k * c + labels[k] as usize]))
+        .collect();
     let negs = |k: usize| -> Vec<f64> {
         (0..c)
             .filter(|&j| j as i64 != labels[k])
@@ -420,7 +499,12 @@ fn naive_terms(
         }
         l1.push(lse(&v1));
         let mut pos = vec![-s * t[i]];
-        pos.extend(out(i).into_iter().filter(|&k| valid[k]).map(|k| -s * t[k] + omega.ln()));
+        pos.extend(
+            out(i)
+                .into_iter()
+                .filter(|&k| valid[k])
+                .map(|k| -s * t[k] + omega.ln()),
+        );
         let mut v2 = vec![0.0];
         for n in negs(i) {
             v2.extend(pos.iter().map(|p| n + p));
@@ -454,9 +538,8 @@ fn fast_terms_match_a_plain_loop() {
         for cfg in cfgs {
             let gce = Gce::new(&cfg);
             let cos_t = Tensor::from_slice(&cos).view([b as i64, c as i64]);
-            let valid_t = Tensor::from_slice(
-                &valid.iter().map(|&v| v as i64 as f64).collect::<Vec<_>>(),
-            );
+            let valid_t =
+                Tensor::from_slice(&valid.iter().map(|&v| v as i64 as f64).collect::<Vec<_>>());
             let (l1, l2) = gce.terms(&cos_t, &Tensor::from_slice(&labels), Some(&valid_t));
             let (e1, e2) = naive_terms(&cos, c, &labels, &valid, &cfg);
             let what = format!("trial {trial} {cfg:?}");
@@ -503,7 +586,12 @@ fn stable_at_s64_with_extreme_cosines() {
         assert!(losses[0] > 50.0, "hard rows must cost ~s: {losses:?}");
         // The only f32/f64 gap is the eps clamp at ±1 (`1 − 1e-7` rounds in f32, which moves
         // sin θ from 4.5e-4 to 4.9e-4: s·sin(m)·4e-5 per wrapped target).
-        check(&format!("{cfg:?} f32 vs f64"), &[losses[1]], &[losses[0]], 3e-5);
+        check(
+            &format!("{cfg:?} f32 vs f64"),
+            &[losses[1]],
+            &[losses[0]],
+            3e-5,
+        );
         if cfg.gradient != ArcFaceGradient::Exact {
             continue; // the plain loop implements the exact treatment only
         }
@@ -538,7 +626,10 @@ fn replacement_rewrites_columns_and_keeps_the_self_pair() {
             } else {
                 pair.double_value(&[i, j])
             };
-            assert!((got - want).abs() < 1e-12, "S[{i},{c}] = {got}, want {want}");
+            assert!(
+                (got - want).abs() < 1e-12,
+                "S[{i},{c}] = {got}, want {want}"
+            );
         }
     }
     // Untouched columns.
@@ -581,9 +672,15 @@ fn replacement_draw_is_seeded_and_eligible() {
     let a = draw(1, 5, 0.5, 2, &labels_t);
     assert_eq!(a, draw(1, 5, 0.5, 2, &labels_t), "same seed and step");
     let steps: Vec<Replacement> = (0..20).map(|s| draw(1, s, 0.5, 2, &labels_t)).collect();
-    assert!(steps.iter().any(|r| r != &a), "the draw must change with the step");
+    assert!(
+        steps.iter().any(|r| r != &a),
+        "the draw must change with the step"
+    );
     let sizes: usize = steps.iter().map(|r| r.classes.len()).sum();
-    assert!((40..=120).contains(&sizes), "rate 0.5 of 8 classes x 20 steps: {sizes}");
+    assert!(
+        (40..=120).contains(&sizes),
+        "rate 0.5 of 8 classes x 20 steps: {sizes}"
+    );
     let all = draw(2, 0, 1.0, 2, &labels_t);
     assert_eq!(all.classes, (0..8).map(|k| 10 + 3 * k).collect::<Vec<_>>());
     for (&c, &j) in all.classes.iter().zip(&all.samples) {
@@ -631,7 +728,12 @@ fn works_over_a_partial_fc_subset() {
     let loss = gce.loss_with_replacement(&cos, &sampled.labels, &emb, &rep);
     let full = clf.cosines(&emb).index_select(1, &sampled.index);
     let same = gce.loss_with_replacement(&full, &sampled.labels, &emb, &rep);
-    check("partial fc", &[loss.double_value(&[])], &[same.double_value(&[])], 1e-12);
+    check(
+        "partial fc",
+        &[loss.double_value(&[])],
+        &[same.double_value(&[])],
+        1e-12,
+    );
     let g = Tensor::run_backward(&[&loss], &[clf.weight()], false, false);
     let row_norm = to_vec(&g[0].norm_scalaropt_dim(2, [1], false));
     let sampled_rows = to_vec(&sampled.index);
