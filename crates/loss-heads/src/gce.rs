@@ -558,9 +558,8 @@ impl Gce {
         let t_b1 = cos_bc.gather(1, &idx_b1, false);
         // −s·t̃, [B].
         let neg_st_b = (self.target_margin(&t_b1) * (-s)).view([b]);
-        // ℓ_k = log Σ_{c≠y_k} e^{s ñ_kc}: the target entry is set to −∞ before the logsumexp.
-        let z_bc = self.masked_nontarget_logits(&cos_bc, &idx_b1);
-        let ell_b = z_bc.logsumexp([1], false);
+        // ℓ_k = log Σ_{c≠y_k} e^{s ñ_kc} (see `row_log_sum_exp`).
+        let ell_b = self.row_log_sum_exp(&cos_bc, &idx_b1);
         let omega = self.cfg.out_weight.value(b);
         let (a_b, g_b) = if omega == 0.0 {
             // No out-sample terms: both terms are the margin-softmax cross-entropy.
@@ -667,6 +666,61 @@ impl Gce {
         z
     }
 
+    /// `ℓ_k = log Σ_{c≠y_k} e^{s ñ_kc}` as a differentiable `[B]` tensor, built from one fused
+    /// no-grad pass and one linear autograd node.
+    ///
+    /// Under `no_grad`, one `[B, C]` buffer holds in turn `s ñ` (target at `−∞`), the
+    /// max-shifted exponentials, the softmax weights `P` over the non-targets, and
+    /// `G = P·∂(s ñ)/∂c`. This gives `ℓ` exactly as `logsumexp` computes it, and its gradient
+    /// `∂ℓ_k/∂c_kj = G_kj`. Autograd then sees only `ℓ + (Σ_j c_kj G_kj − detach(same))`, one
+    /// batched dot product: the same value (up to one rounding) and the same first-order
+    /// gradient as differentiating `logsumexp(s ñ)`. Torch's `logsumexp` allocates about five
+    /// `[B, C]` tensors in its forward and backward; this needs one buffer plus the gradient.
+    /// Second derivatives through `ℓ` are not available (not needed for training).
+    ///
+    /// # Shapes
+    /// `cos_bc [B, C]`, `idx_b1 [B, 1]` (Int64 labels) -> `[B]`.
+    fn row_log_sum_exp(&self, cos_bc: &Tensor, idx_b1: &Tensor) -> Tensor {
+        let s = self.cfg.s;
+        let m = self.cfg.m_n;
+        let kind = cos_bc.kind();
+        let (ell_b, g_bc) = tch::no_grad(|| {
+            let (mut z, slope) = if m != 0.0 && self.cfg.nontarget_form == MarginForm::Angular {
+                let (slope, intercept) = self.angular_tangent(cos_bc);
+                let mut z = cos_bc * &slope;
+                let _ = z.g_add_(&intercept);
+                (z, Some(slope))
+            } else {
+                let mut z = cos_bc * s;
+                if m != 0.0 {
+                    let _ = z.g_add_scalar_(s * m);
+                }
+                (z, None)
+            };
+            let _ = z.scatter_value_(1, idx_b1, f64::NEG_INFINITY);
+            let max_b1 = z.amax([1], true);
+            let _ = z.g_sub_(&max_b1).exp_();
+            let sum_b1 = z.sum_dim_intlist(1, true, kind);
+            let ell_b = (sum_b1.log() + max_b1).view([-1]);
+            let _ = z.g_div_(&sum_b1);
+            match slope {
+                Some(slope) => {
+                    let _ = z.g_mul_(&slope);
+                }
+                None => {
+                    let _ = z.g_mul_scalar_(s);
+                }
+            }
+            (ell_b, z)
+        });
+        let (b, c) = cos_bc.size2().expect("cos_bc must be [B, C]");
+        let lin_b = cos_bc
+            .view([b, 1, c])
+            .bmm(&g_bc.view([b, c, 1]))
+            .view([b]);
+        &lin_b - lin_b.detach() + ell_b
+    }
+
     /// `(s f′(c), s (f(c) − c f′(c)))` of the angular non-target transform `f` (no autograd).
     ///
     /// With `u = clamp(c, −1 + eps, cos m)` and `sin θ = sqrt(1 − u²)`: `f(u) = u cos m +
@@ -682,8 +736,8 @@ impl Gce {
         let (cm, sm) = (self.cos_mn, self.sin_mn);
         let u = cos_bc.clamp(-1.0 + COS_EPS, cm);
         // r = 1 / sin θ.
-        let mut r = u.square().rsub_scalar(1.0);
-        let _ = r.rsqrt_();
+        let mut r = u.square();
+        let _ = r.neg_().g_add_scalar_(1.0).rsqrt_();
         let mut slope = &u * &r;
         let _ = slope.g_mul_scalar_(-s * sm).g_add_scalar_(s * cm);
         let _ = r.g_mul_scalar_(s * sm);
