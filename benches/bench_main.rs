@@ -5,7 +5,7 @@
 //! ratio is measured under the same conditions. Numbers are recorded in docs/benchmarks.md.
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use facerec_loss_heads::{cross_entropy, ArcFaceConfig, HeadConfig};
+use facerec_loss_heads::{cross_entropy, ArcFaceConfig, Gce, HeadConfig};
 use tch::{Device, Kind, Tensor};
 
 /// The reference formulation (arcface_torch style): `acos` and `cos` over the whole `[B, C]`
@@ -163,5 +163,98 @@ fn margin_heads(c: &mut Criterion) {
     }
 }
 
-criterion_group!(benches, arcface, margin_heads);
+/// GCE written the straightforward way (the `gce` reference of bench_losses_reference.py):
+/// margins through acos/cos of the whole matrix and one-hot masks, row sums and out-sample sums in
+/// the linear domain after a global max shift, a `[B, B]` mask product. ω = 1/(B − 1).
+fn reference_gce(cos: &Tensor, labels: &Tensor, s: f64, m_t: f64, m_n: f64) -> Tensor {
+    use std::f64::consts::PI;
+    let b = labels.size()[0];
+    let onehot = cos
+        .zeros_like()
+        .scatter_value(1, &labels.unsqueeze(1), 1.0)
+        .to_kind(Kind::Bool);
+    let theta = cos.clamp(-1.0 + 1e-7, 1.0 - 1e-7).acos();
+    let (th, mm) = ((PI - m_t).cos(), (PI - m_t).sin() * m_t);
+    let tgt = (&theta + m_t).cos().where_self(&cos.gt(th), &(cos - mm));
+    let non = (&theta - m_n).clamp_min(0.0).cos();
+    let t = (tgt * onehot.to_kind(cos.kind())).sum_dim_intlist(1, false, cos.kind());
+    let z = (non * s).masked_fill(&onehot, f64::NEG_INFINITY);
+    let zmax = z.max().detach();
+    let r = (&z - &zmax).exp().sum_dim_intlist(1, false, cos.kind());
+    let out = labels
+        .view([b, 1])
+        .ne_tensor(&labels.view([1, b]))
+        .to_kind(cos.kind())
+        * (1.0 / (b - 1) as f64);
+    let neg = &r + out.matmul(&r);
+    let l1 = (neg.log() + &zmax - &t * s).softplus();
+    let st = &t * (-s);
+    let tmax = st.max().detach();
+    let p = (&st - &tmax).exp();
+    let pos = &p + out.matmul(&p);
+    let l2 = (r.log() + &zmax + pos.log() + &tmax).softplus();
+    ((l1 + l2) * 0.5).mean(cos.kind())
+}
+
+/// GCE forward + backward from `[B, C]` scores at both bench-losses shapes: ours (angular and
+/// additive margins), the straightforward reference, and ArcFace + CE (the margin softmax GCE
+/// reduces to at ω = 0) for scale. No prototype replacement (no embeddings here).
+fn gce(c: &mut Criterion) {
+    let device = Device::cuda_if_available();
+    let prefix = if device.is_cuda() { "cuda" } else { "cpu" };
+    let sync = || {
+        if device.is_cuda() {
+            tch::Cuda::synchronize(0);
+        }
+    };
+    let arcface = HeadConfig::Arcface(ArcFaceConfig::default()).build();
+    for (b, classes) in [(128i64, 10_000i64), (512, 100_000)] {
+        tch::manual_seed(0);
+        let raw =
+            (Tensor::rand([b, classes], (Kind::Float, device)) * 2.0 - 1.0).set_requires_grad(true);
+        let labels = Tensor::randint(classes, [b], (Kind::Int64, device));
+        let mut group = c.benchmark_group(format!("{prefix}/gce_fwd_bwd/B{b}xC{classes}"));
+        group.sample_size(10);
+        for (name, cfg) in facerec_benches::gce_cases() {
+            let loss_fn = Gce::new(&cfg);
+            if name == "gce" {
+                // Same numbers first: the comparison is only fair if both compute the same loss.
+                let cos = raw.clamp(-1.0, 1.0);
+                let ours = loss_fn.loss(&cos, &labels).double_value(&[]);
+                let theirs = reference_gce(&cos, &labels, 64.0, 0.5, 0.1).double_value(&[]);
+                assert!(
+                    (ours - theirs).abs() <= 1e-3 * theirs.abs(),
+                    "GCE: ours {ours}, reference {theirs}"
+                );
+            }
+            group.bench_function(format!("{name}/facerec"), |bench| {
+                bench.iter(|| {
+                    let cos = raw.clamp(-1.0, 1.0);
+                    let loss = loss_fn.loss(&cos, &labels);
+                    let _ = Tensor::run_backward(&[&loss], &[&raw], false, false);
+                    sync();
+                })
+            });
+        }
+        group.bench_function("gce/reference_straightforward", |bench| {
+            bench.iter(|| {
+                let cos = raw.clamp(-1.0, 1.0);
+                let loss = reference_gce(&cos, &labels, 64.0, 0.5, 0.1);
+                let _ = Tensor::run_backward(&[&loss], &[&raw], false, false);
+                sync();
+            })
+        });
+        group.bench_function("arcface_ce/facerec", |bench| {
+            bench.iter(|| {
+                let cos = raw.clamp(-1.0, 1.0);
+                let loss = cross_entropy(&arcface.logits(&cos, &labels), &labels);
+                let _ = Tensor::run_backward(&[&loss], &[&raw], false, false);
+                sync();
+            })
+        });
+        group.finish();
+    }
+}
+
+criterion_group!(benches, arcface, margin_heads, gce);
 criterion_main!(benches);

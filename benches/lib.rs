@@ -3,8 +3,8 @@
 
 use facerec_loss_heads::{
     ArcFaceConfig, ArcFaceGradient, CombinedConfig, CosFaceConfig, ElasticArcConfig,
-    ElasticArcPlusConfig, ElasticCosConfig, ElasticCosPlusConfig, HeadConfig, NormFaceConfig,
-    SoftmaxConfig, SphereFaceConfig,
+    ElasticArcPlusConfig, ElasticCosConfig, ElasticCosPlusConfig, GceConfig, HeadConfig,
+    MarginForm, NormFaceConfig, PairwiseConfig, SoftmaxConfig, SphereFaceConfig,
 };
 
 /// Every head with its default parameters (s = 64 everywhere, as the PyTorch reference script
@@ -56,6 +56,31 @@ pub fn head_cases() -> Vec<(&'static str, HeadConfig, u64)> {
             "elastic_cos_plus",
             HeadConfig::ElasticCosPlus(ElasticCosPlusConfig::default()),
             0,
+        ),
+    ]
+}
+
+/// The GCE losses timed next to the heads (s = 64, ω = 1/(B − 1), no prototype replacement: the
+/// benches start from `[B, C]` scores, without embeddings): `gce` with the default angular
+/// margins (m_t = 0.5, m_n = 0.1), `gce_additive` with additive ones (m_t = 0.35, m_n = 0.1).
+pub fn gce_cases() -> Vec<(&'static str, GceConfig)> {
+    let base = GceConfig {
+        pairwise: PairwiseConfig {
+            rate: 0.0,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    vec![
+        ("gce", base.clone()),
+        (
+            "gce_additive",
+            GceConfig {
+                target_form: MarginForm::Additive,
+                m_t: 0.35,
+                nontarget_form: MarginForm::Additive,
+                ..base
+            },
         ),
     ]
 }

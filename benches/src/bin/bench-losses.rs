@@ -10,6 +10,8 @@
 //! is followed by `--reps` repetitions that alternate between ours and the reference, so both
 //! see the same machine load. The table shows medians and, as a check against a busy machine,
 //! the ratio of the fastest repetitions.
+//! GCE (`gce`, `gce_additive`) is timed the same way, its loss in place of head + CE; its
+//! reference is GCE written the straightforward way (see the script).
 //! Shapes: `(B, C) = (128, 10 000)` and `(512, 100 000)`; `--quick` runs the first only, with
 //! two repetitions. On a CUDA machine the CPU table is followed by a CUDA one.
 
@@ -20,7 +22,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use facerec_loss_heads::{cross_entropy, CosineClassifier, HeadConfig, MarginHead};
+use facerec_loss_heads::{cross_entropy, CosineClassifier, Gce, GceConfig, HeadConfig, MarginHead};
 use serde::Deserialize;
 use tch::{nn, Device, Kind, Tensor};
 
@@ -191,7 +193,7 @@ impl Case {
     }
 
     /// Milliseconds of one forward + backward.
-    fn time_once(&self, head: &dyn MarginHead) -> f64 {
+    fn time_once(&self, loss_fn: &Loss) -> f64 {
         let leaf_refs: Vec<&Tensor> = self.leaves.iter().collect();
         sync(self.device);
         let t0 = Instant::now();
@@ -199,13 +201,42 @@ impl Case {
             Some(clf) => clf.cosines(&self.leaves[0]),
             None => self.leaves[0].clamp(-1.0, 1.0),
         };
-        let loss = cross_entropy(&head.logits(&cos, &self.labels), &self.labels);
+        let loss = match loss_fn {
+            Loss::Head(head) => cross_entropy(&head.logits(&cos, &self.labels), &self.labels),
+            Loss::Gce(gce) => gce.loss(&cos, &self.labels),
+        };
         let grads = Tensor::run_backward(&[&loss], &leaf_refs, false, false);
         sync(self.device);
         let ms = t0.elapsed().as_secs_f64() * 1e3;
         // Freed outside the timed region, as the reference does.
         drop((grads, loss, cos));
         ms
+    }
+}
+
+/// What is timed: a margin head followed by the cross-entropy, or a GCE loss.
+enum Loss {
+    Head(Box<dyn MarginHead>),
+    Gce(Gce),
+}
+
+/// A head config (with the step to set) or a GCE config.
+#[derive(Clone)]
+enum LossConfig {
+    Head(HeadConfig, u64),
+    Gce(GceConfig),
+}
+
+impl LossConfig {
+    fn build(&self) -> Loss {
+        match self {
+            LossConfig::Head(cfg, step) => {
+                let mut head = cfg.build();
+                head.set_step(*step);
+                Loss::Head(head)
+            }
+            LossConfig::Gce(cfg) => Loss::Gce(Gce::new(cfg)),
+        }
     }
 }
 
@@ -231,17 +262,25 @@ fn main() -> Result<()> {
         None if args.quick => vec![(128, 10_000)],
         None => vec![(128, 10_000), (512, 100_000)],
     };
-    let all = facerec_benches::head_cases();
-    let selected: Vec<(&str, HeadConfig, u64)> = match &args.heads {
+    let mut all: Vec<(&str, LossConfig)> = facerec_benches::head_cases()
+        .into_iter()
+        .map(|(n, cfg, step)| (n, LossConfig::Head(cfg, step)))
+        .collect();
+    all.extend(
+        facerec_benches::gce_cases()
+            .into_iter()
+            .map(|(n, cfg)| (n, LossConfig::Gce(cfg))),
+    );
+    let selected: Vec<(&str, LossConfig)> = match &args.heads {
         Some(list) => {
             let wanted: Vec<&str> = list.split(',').map(str::trim).collect();
             for w in &wanted {
-                if !all.iter().any(|(n, _, _)| n == w) {
+                if !all.iter().any(|(n, _)| n == w) {
                     bail!("--heads: unknown head `{w}`");
                 }
             }
             all.into_iter()
-                .filter(|(n, _, _)| wanted.contains(n))
+                .filter(|(n, _)| wanted.contains(n))
                 .collect()
         }
         None => all,
@@ -263,16 +302,15 @@ fn main() -> Result<()> {
         for &(b, c) in &shapes {
             eprintln!("bench-losses: {dev} B={b} C={c} ...");
             let case = Case::new(&args, device, b, c);
-            for (name, cfg, step) in &selected {
-                let mut head = cfg.build();
-                head.set_step(*step);
-                case.time_once(head.as_ref());
+            for (name, cfg) in &selected {
+                let head = cfg.build();
+                case.time_once(&head);
                 if let Some(r) = reference.as_mut() {
                     r.time(name, b, c, 1)?;
                 }
                 let (mut ours, mut theirs) = (Vec::new(), Vec::new());
                 for _ in 0..reps {
-                    ours.push(case.time_once(head.as_ref()));
+                    ours.push(case.time_once(&head));
                     if let Some(r) = reference.as_mut() {
                         theirs.extend(r.time(name, b, c, 1)?);
                     }

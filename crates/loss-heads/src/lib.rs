@@ -57,6 +57,7 @@ pub mod classifier;
 pub mod combined;
 pub mod cosface;
 pub mod elastic;
+pub mod gce;
 pub mod gradcheck;
 pub mod normface;
 pub mod partial_fc;
@@ -70,6 +71,9 @@ pub use cosface::{CosFace, CosFaceConfig};
 pub use elastic::{
     ElasticArcConfig, ElasticArcPlusConfig, ElasticCosConfig, ElasticCosPlusConfig, ElasticFace,
     ElasticKind, ElasticParams, PlusAssignment,
+};
+pub use gce::{
+    Gce, GceConfig, MarginForm, OutWeight, OutWeightRule, PairwiseConfig, Replacement, SelfPair,
 };
 pub use normface::{NormFace, NormFaceConfig};
 pub use partial_fc::{PartialFc, PartialFcConfig, Sampled};
@@ -107,6 +111,23 @@ pub trait MarginHead: std::fmt::Debug + Send {
     /// `cos_bc [B, C]`, `labels_b [B]` (Int64), `norms_b [B]` (same kind as `cos_bc`) -> `[B, C]`.
     fn logits_with_norms(&self, cos_bc: &Tensor, labels_b: &Tensor, _norms_b: &Tensor) -> Tensor {
         self.logits(cos_bc, labels_b)
+    }
+
+    /// The step's training loss. Default: [`cross_entropy`] of
+    /// [`MarginHead::logits_with_norms`]. Losses that are not a cross-entropy over logits
+    /// override it ([`Gce`] needs the embeddings for its prototype replacement).
+    ///
+    /// # Shapes
+    /// `cos_bc [B, C]`, `labels_b [B]` (Int64), `emb_bd [B, D]` (the backbone's embeddings),
+    /// `norms_b [B]` -> scalar.
+    fn training_loss(
+        &mut self,
+        cos_bc: &Tensor,
+        labels_b: &Tensor,
+        _emb_bd: &Tensor,
+        norms_b: &Tensor,
+    ) -> Tensor {
+        cross_entropy(&self.logits_with_norms(cos_bc, labels_b, norms_b), labels_b)
     }
 }
 

@@ -1,0 +1,146 @@
+#!/usr/bin/env python3
+"""Independent oracle for the GCE loss (crates/loss-heads/src/gce.rs), written from SPEC section 5.
+
+Written the naive way on purpose, so that it shares nothing with the fast Rust computation:
+- prototype replacement at the *prototype* level: W'_c = x_j (detached or not), then S = x W'^T;
+  the self-pair S[j, c] is reset to the original prototype's similarity (keep_prototype) or sample j
+  loses its target (drop);
+- margins through acos/cos over the whole matrix (SPEC 5: t~ = cos(theta + m_t), n~ = cos(max(theta - m_n, 0))
+  or the additive forms), the ArcFace threshold / easy-margin / detached treatments of SPEC 1(b);
+- every term enumerated pair by pair: for anchor i, term 1 lists each negative (own non-targets, and
+  each out-sample's non-targets with log(omega)) and term 2 lists each (negative, positive) product,
+  i.e. a [B, B, C]-sized enumeration, then one logsumexp with a leading 0 (log(1 + sum)).
+
+Reads one JSON request on stdin: {"cases": [{dtype, emb [B][D], weight [C][D], labels [B], cfg,
+replacement: {classes, samples}}]} where cfg is GceConfig serialised by serde; writes
+{"cases": [{loss, grad_emb, grad_weight}]} (gradients flattened row-major).
+"""
+import json
+import math
+import sys
+
+import torch
+
+COS_EPS = 1e-7
+
+
+def normalize(x):
+    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def target_margin(t, cfg):
+    m = cfg["m_t"]
+    if cfg["target_form"] == "additive":
+        return t - m
+    theta = torch.acos(t.clamp(-1 + COS_EPS, 1 - COS_EPS))
+    phi = torch.cos(theta + m)
+    mode = cfg["gradient"]
+    if mode == "exact":
+        th = math.cos(math.pi - m)
+        return torch.where(t > th, phi, t - m * math.sin(m))
+    if mode == "easy_margin":
+        return torch.where(t > 0, phi, t)
+    if mode == "detached":
+        return t + (phi - t).detach()
+    raise ValueError(mode)
+
+
+def nontarget_margin(n, cfg):
+    m = cfg["m_n"]
+    if m == 0:
+        return n
+    if cfg["nontarget_form"] == "additive":
+        return n + m
+    theta = torch.acos(n.clamp(-1 + COS_EPS, 1 - COS_EPS))
+    return torch.cos((theta - m).clamp_min(0.0))
+
+
+def omega(cfg, b):
+    w = cfg["out_weight"]
+    if w == "inverse_batch":
+        return 1.0 / (b - 1) if b > 1 else 0.0
+    return float(w)
+
+
+def lse_with_zero(terms):
+    """log(1 + sum exp(terms)) for a list of 0-d tensors."""
+    return torch.logsumexp(torch.stack([torch.zeros_like(terms[0])] + terms), 0)
+
+
+def gce(emb, weight, labels, cfg, rep):
+    pw = cfg["pairwise"]
+    x = normalize(emb)
+    w = normalize(weight)
+    rows = []
+    for c in range(w.shape[0]):
+        rows.append(w[c])
+    for c, j in zip(rep["classes"], rep["samples"]):
+        rows[c] = x[j].detach() if pw["detach"] else x[j]
+    w_rep = torch.stack(rows)
+    S = (x @ w_rep.T).clamp(-1, 1)
+    b, ncls = S.shape
+    valid = [True] * b
+    if rep["classes"]:
+        S = S.clone()
+        for c, j in zip(rep["classes"], rep["samples"]):
+            if pw["self_pair"] == "keep_prototype":
+                S[j, c] = (x[j] @ w[c]).clamp(-1, 1)
+            else:
+                valid[j] = False
+    s = cfg["s"]
+    om = omega(cfg, b)
+    t = torch.stack([S[k, labels[k]] for k in range(b)])
+    tt = target_margin(t, cfg)
+    nn = nontarget_margin(S, cfg)
+
+    def out_samples(i):
+        if om == 0:
+            return []
+        if cfg["same_class_out"]:
+            return [k for k in range(b) if k != i]
+        return [k for k in range(b) if labels[k] != labels[i]]
+
+    def negatives(k):
+        return [s * nn[k, c] for c in range(ncls) if c != labels[k]]
+
+    total = torch.zeros((), dtype=S.dtype)
+    count = 0
+    for i in range(b):
+        if not valid[i]:
+            continue
+        # Term 1: every negative against this anchor's target.
+        terms = [n - s * tt[i] for n in negatives(i)]
+        for k in out_samples(i):
+            terms += [n + math.log(om) - s * tt[i] for n in negatives(k)]
+        l1 = lse_with_zero(terms)
+        # Term 2: this anchor's negatives against every positive.
+        positives = [-s * tt[i]] + [-s * tt[k] + math.log(om) for k in out_samples(i) if valid[k]]
+        terms = [n + p for n in negatives(i) for p in positives]
+        l2 = lse_with_zero(terms)
+        total = total + cfg["term1_weight"] * l1 + cfg["term2_weight"] * l2
+        count += 1
+    return total / max(count, 1)
+
+
+def main():
+    req = json.load(sys.stdin)
+    out = []
+    for case in req["cases"]:
+        dtype = torch.float64 if case["dtype"] == "float64" else torch.float32
+        emb = torch.tensor(case["emb"], dtype=dtype, requires_grad=True)
+        weight = torch.tensor(case["weight"], dtype=dtype, requires_grad=True)
+        loss = gce(emb, weight, case["labels"], case["cfg"], case["replacement"])
+        ge, gw = torch.autograd.grad(loss, [emb, weight], allow_unused=True)
+        gw = torch.zeros_like(weight) if gw is None else gw
+        out.append(
+            {
+                "loss": loss.item(),
+                "grad_emb": ge.flatten().tolist(),
+                "grad_weight": gw.flatten().tolist(),
+            }
+        )
+    json.dump({"cases": out}, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
