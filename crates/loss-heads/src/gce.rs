@@ -115,7 +115,7 @@ pub enum SelfPair {
     Drop,
 }
 
-/// `[gce.pairwise]`: the prototype-replacement framework.
+/// `[head.pairwise]` (with `[head] type = "gce"`): the prototype-replacement framework.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct PairwiseConfig {
@@ -161,7 +161,7 @@ impl Default for PairwiseConfig {
     }
 }
 
-/// `[gce]`: the GCE loss (SPEC 5, `docs/gce.md`).
+/// `[head] type = "gce"`: the GCE loss (SPEC 5, `docs/gce.md`).
 ///
 /// ```toml
 /// [gce]
@@ -175,7 +175,7 @@ impl Default for PairwiseConfig {
 /// same_class_out = false
 /// term1_weight = 0.5
 /// term2_weight = 0.5
-/// [gce.pairwise]
+/// [head.pairwise]
 /// rate = 0.2
 /// min_count = 2
 /// detach = true
@@ -265,30 +265,30 @@ fn check_margin(key: &str, m: f64, form: MarginForm) -> Result<()> {
     };
     ensure!(
         m.is_finite() && (0.0..hi).contains(&m),
-        "gce.{key}: must be in [0, {hi}) for the {form:?} form, got {m}"
+        "head.{key}: must be in [0, {hi}) for the {form:?} form, got {m}"
     );
     Ok(())
 }
 
 impl GceConfig {
-    /// Checks every value; the error names the key, e.g. `gce.m_n: must be in [0, 2) ...`.
+    /// Checks every value; the error names the key, e.g. `head.m_n: must be in [0, 2) ...`.
     pub fn validate(&self) -> Result<()> {
         ensure!(
             self.s.is_finite() && self.s > 0.0,
-            "gce.s: must be finite and > 0, got {}",
+            "head.s: must be finite and > 0, got {}",
             self.s
         );
         check_margin("m_t", self.m_t, self.target_form)?;
         check_margin("m_n", self.m_n, self.nontarget_form)?;
         ensure!(
             self.nontarget_form == MarginForm::Additive || self.m_n == 0.0 || self.m_n >= 1e-3,
-            "gce.m_n: an angular non-target margin must be 0 or >= 1e-3, got {}",
+            "head.m_n: an angular non-target margin must be 0 or >= 1e-3, got {}",
             self.m_n
         );
         if let OutWeight::Value(w) = self.out_weight {
             ensure!(
                 w.is_finite() && w >= 0.0,
-                "gce.out_weight: must be \"inverse_batch\" or a finite number >= 0, got {w}"
+                "head.out_weight: must be \"inverse_batch\" or a finite number >= 0, got {w}"
             );
         }
         for (key, w) in [
@@ -297,21 +297,21 @@ impl GceConfig {
         ] {
             ensure!(
                 w.is_finite() && w >= 0.0,
-                "gce.{key}: must be finite and >= 0, got {w}"
+                "head.{key}: must be finite and >= 0, got {w}"
             );
         }
         ensure!(
             self.term1_weight + self.term2_weight > 0.0,
-            "gce.term1_weight, gce.term2_weight: at least one must be > 0"
+            "head.term1_weight, head.term2_weight: at least one must be > 0"
         );
         let r = self.pairwise.rate;
         ensure!(
             (0.0..=1.0).contains(&r),
-            "gce.pairwise.rate: must be in [0, 1], got {r}"
+            "head.pairwise.rate: must be in [0, 1], got {r}"
         );
         ensure!(
             self.pairwise.min_count >= 1,
-            "gce.pairwise.min_count: must be >= 1"
+            "head.pairwise.min_count: must be >= 1"
         );
         Ok(())
     }

@@ -136,7 +136,7 @@ pub trait MarginHead: std::fmt::Debug + Send {
 /// ```toml
 /// [head]
 /// type = "arcface"   # "softmax" | "normface" | "sphereface" | "cosface" | "arcface" | "combined"
-///                    # | "elastic_arc" | "elastic_cos" | "elastic_arc_plus" | "elastic_cos_plus"
+///                    # | "elastic_arc" | "elastic_cos" | "elastic_arc_plus" | "elastic_cos_plus" | "gce"
 /// s = 64.0
 /// m = 0.5
 /// gradient = "exact" # "exact" | "easy_margin" | "detached"
@@ -166,6 +166,9 @@ pub enum HeadConfig {
     ElasticArcPlus(ElasticArcPlusConfig),
     /// ElasticFace-Cos+: the drawn margins assigned by target cosine.
     ElasticCosPlus(ElasticCosPlusConfig),
+    /// GCE / GFace: global cross-entropy with bilateral margins and optional pairwise prototype
+    /// replacement (a loss, not logits: see [`MarginHead::training_loss`]).
+    Gce(GceConfig),
 }
 
 impl Default for HeadConfig {
@@ -188,6 +191,7 @@ impl HeadConfig {
             HeadConfig::ElasticCos(c) => c.params().validate(),
             HeadConfig::ElasticArcPlus(c) => c.params().validate(),
             HeadConfig::ElasticCosPlus(c) => c.params().validate(),
+            HeadConfig::Gce(c) => c.validate(),
         }
     }
 
@@ -216,6 +220,7 @@ impl HeadConfig {
             HeadConfig::ElasticCos(c) => Box::new(ElasticFace::new(&c.params())),
             HeadConfig::ElasticArcPlus(c) => Box::new(ElasticFace::new(&c.params())),
             HeadConfig::ElasticCosPlus(c) => Box::new(ElasticFace::new(&c.params())),
+            HeadConfig::Gce(c) => Box::new(Gce::new(c)),
         }
     }
 }

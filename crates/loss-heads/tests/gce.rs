@@ -771,21 +771,21 @@ fn config_defaults_parse_and_validation() {
             s: 0.0,
             ..Default::default()
         },
-        "gce.s",
+        "head.s",
     );
     bad(
         GceConfig {
             m_n: 4.0,
             ..Default::default()
         },
-        "gce.m_n",
+        "head.m_n",
     );
     bad(
         GceConfig {
             out_weight: OutWeight::Value(-1.0),
             ..Default::default()
         },
-        "gce.out_weight",
+        "head.out_weight",
     );
     bad(
         GceConfig {
@@ -795,7 +795,7 @@ fn config_defaults_parse_and_validation() {
             },
             ..Default::default()
         },
-        "gce.pairwise.rate",
+        "head.pairwise.rate",
     );
     bad(
         GceConfig {

@@ -3,7 +3,7 @@
 //! CosFace, SphereFace, ElasticFace, ... as arcface_torch trains them.
 
 use super::{forward_embeddings, MicroLoss, Model, Objective};
-use facerec_loss_heads::{cross_entropy, HeadConfig, MarginHead, PartialFc, PartialFcConfig};
+use facerec_loss_heads::{HeadConfig, MarginHead, PartialFc, PartialFcConfig};
 use tch::Tensor;
 
 /// A margin head + cross-entropy.
@@ -36,8 +36,7 @@ impl MarginSoftmax {
             .map(|emb| {
                 let (emb, scores) = super::score(model, emb, sampled.as_ref());
                 let norms = emb.norm_scalaropt_dim(2, [1], false);
-                let logits = self.head.logits_with_norms(&scores, &labels, &norms);
-                cross_entropy(&logits, &labels)
+                self.head.training_loss(&scores, &labels, &emb, &norms)
             })
             .collect();
         (losses, mask)
