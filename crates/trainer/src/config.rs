@@ -58,6 +58,9 @@ pub struct Config {
     /// CoReFace contrastive regularization (docs/coreface.md); absent = plain margin softmax.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub coreface: Option<facerec_contrastive_regularizer::CoReFaceConfig>,
+    /// Cluster-guided ArcFace (docs/cluster-guided.md); absent = plain margin softmax.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_guided: Option<facerec_clustering::cluster_guided::ClusterGuidedConfig>,
 }
 
 fn default_seed() -> u64 {
@@ -544,6 +547,15 @@ impl Config {
         }
         crate::device::parse_device(&t.device).context("config key `train.device`")?;
         self.optim.validate()?;
+        if let Some(cg) = &self.cluster_guided {
+            cg.validate()?;
+            if self.coreface.is_some() {
+                bail!("config key `cluster_guided`: cannot be combined with [coreface] (choose one method)");
+            }
+            if !matches!(self.head, facerec_loss_heads::HeadConfig::Arcface(_)) {
+                bail!("config key `head.type`: [cluster_guided] trains its own cluster-guided ArcFace (s, m0 and gradient in `cluster_guided.margin`); set head.type = \"arcface\"");
+            }
+        }
         if let Some(cf) = &self.coreface {
             cf.validate()?;
             if matches!(&self.model, BackboneConfig::Iresnet(c) if c.dropout != 0.0) {

@@ -414,7 +414,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
         consecutive_bad: 0,
         best: Vec::new(),
     };
-    let mut objective = crate::objective::build(cfg);
+    let mut objective = crate::objective::build(cfg, num_classes as i64, device);
     let mut init_report = None;
     if let Some((_, dir, meta)) = &resume_from {
         objective.load_state(checkpoint::read_objective(dir)?).with_context(|| format!("{}", dir.join("objective.safetensors").display()))?;

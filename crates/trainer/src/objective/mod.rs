@@ -5,9 +5,12 @@
 //!
 //! - [`margin_softmax::MarginSoftmax`]: a margin head from `facerec-loss-heads` on the cosine
 //!   classifier (every method of the heads issue), optionally over a Partial FC sample.
+//! - [`cluster_guided::ClusterGuidedObjective`]: cluster-guided ArcFace (`[cluster_guided]`) with
+//!   periodic refresh, supervised contrastive clustering and cluster aligning.
 //! - [`coreface::CoReFaceObjective`]: CoReFace (`[coreface]`): two dropout views of the trunk
 //!   features, both classified, plus the contrastive regularizer.
 
+pub mod cluster_guided;
 pub mod coreface;
 pub mod margin_softmax;
 
@@ -19,7 +22,10 @@ use std::collections::HashMap;
 use tch::Tensor;
 
 /// The objective a config asks for.
-pub fn build(cfg: &crate::Config) -> Box<dyn Objective> {
+pub fn build(cfg: &crate::Config, num_classes: i64, device: tch::Device) -> Box<dyn Objective> {
+    if let Some(cg) = &cfg.cluster_guided {
+        return Box::new(cluster_guided::ClusterGuidedObjective::new(cg, &cfg.partial_fc, num_classes, cfg.model.embedding_size(), device));
+    }
     let base = margin_softmax::MarginSoftmax::new(&cfg.head, &cfg.partial_fc);
     match &cfg.coreface {
         Some(cf) => Box::new(coreface::CoReFaceObjective::new(base, cf)),

@@ -1,0 +1,166 @@
+//! Cluster-guided ArcFace in the trainer (`[cluster_guided]`; our reading and every choice in
+//! docs/cluster-guided.md).
+//!
+//! At the start of every epoch `e > 0` with `e % refresh_every_epochs == 0` the objective embeds
+//! the training set (or a class-stratified subset) in eval mode, clusters each identity, and
+//! sets the per-identity margins from the cluster hardness and the cluster centres; with
+//! `align.mode = "reimprint" | "both"` it also re-imprints the classifier rows. Each step:
+//! `CE(cluster-guided ArcFace) + λ_scc·L_scc + λ_align·L_align` (the centre terms only once a
+//! refresh has happened). Margins, centres and the epoch of the last refresh are objective state,
+//! so a resumed run neither repeats nor skips a refresh.
+
+use super::{forward_embeddings, score, MicroLoss, Model, Objective, TrainingSet};
+use anyhow::{bail, Context, Result};
+use facerec_clustering::cluster_guided::{
+    align_loss, cluster_statistics, margins_from_hardness, reimprint, scc_loss, stratified_subset, ClusterCentres,
+    ClusterGuidedArcFace, ClusterGuidedConfig,
+};
+use facerec_loss_heads::{cross_entropy, MarginHead, PartialFc, PartialFcConfig};
+use std::collections::HashMap;
+use tch::{Device, Kind, Tensor};
+
+/// Images per forward pass at a refresh.
+const REFRESH_BATCH: usize = 128;
+
+/// The cluster-guided objective.
+pub struct ClusterGuidedObjective {
+    cfg: ClusterGuidedConfig,
+    head: ClusterGuidedArcFace,
+    centres: ClusterCentres,
+    partial_fc: Option<PartialFc>,
+    /// Epoch whose start ran the last refresh (-1: none yet).
+    last_refresh: i64,
+}
+
+impl ClusterGuidedObjective {
+    /// Tables for `num_classes` identities and `dim`-dimensional embeddings on `device`.
+    pub fn new(cfg: &ClusterGuidedConfig, partial_fc: &PartialFcConfig, num_classes: i64, dim: i64, device: Device) -> Self {
+        let margins = Tensor::full([num_classes], cfg.margin.m0, (Kind::Float, device));
+        let centres = ClusterCentres::from_tensors(
+            Tensor::zeros([num_classes, dim], (Kind::Float, device)),
+            &Tensor::zeros([num_classes], (Kind::Float, device)),
+        );
+        ClusterGuidedObjective {
+            cfg: cfg.clone(),
+            head: ClusterGuidedArcFace::with_margins(margins, cfg.margin.s, cfg.margin.gradient),
+            centres,
+            partial_fc: (partial_fc.sample_rate < 1.0).then(|| PartialFc::new(partial_fc)),
+            last_refresh: -1,
+        }
+    }
+
+    fn refreshed(&self) -> bool {
+        self.last_refresh >= 0
+    }
+
+    fn refresh(&mut self, epoch: usize, model: &Model, data: &dyn TrainingSet) -> Result<String> {
+        let labels: Vec<i64> = (0..data.len()).map(|i| data.label(i) as i64).collect();
+        let idx = stratified_subset(&labels, self.cfg.samples_per_class, self.cfg.subset_seed ^ epoch as u64);
+        let emb = {
+            let _guard = tch::no_grad_guard();
+            let mut parts = Vec::new();
+            for chunk in idx.chunks(REFRESH_BATCH) {
+                let x = data.images(chunk).context("embedding the training set for the cluster refresh")?;
+                parts.push(model.backbone.forward_amp(&x, false, model.amp()).to_kind(Kind::Float));
+            }
+            Tensor::cat(&parts, 0)
+        };
+        let sub_labels: Vec<i64> = idx.iter().map(|&i| labels[i]).collect();
+        let stats = cluster_statistics(&emb, &sub_labels, model.num_classes as usize, &self.cfg);
+        let margins = margins_from_hardness(&stats.hardness, &self.cfg.margin);
+        self.head.set_margins(&margins);
+        self.centres.set(&stats);
+        let reimprinted = if self.cfg.align.uses_reimprint() {
+            reimprint(model.classifier.weight(), &self.centres, self.cfg.align.beta, self.cfg.align.norm)
+        } else {
+            0
+        };
+        self.last_refresh = epoch as i64;
+        let seen = stats.class_sizes.iter().filter(|&&n| n > 0).count();
+        let (lo, hi) = margins.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &m| (a.min(m), b.max(m)));
+        let mean = margins.iter().sum::<f64>() / margins.len().max(1) as f64;
+        Ok(format!(
+            "cluster refresh: {} images embedded, {seen} identities with a centre, mean hardness {:.4}, margins min {lo:.4} mean {mean:.4} max {hi:.4}, {reimprinted} classifier rows re-imprinted",
+            idx.len(),
+            stats.mean_hardness()
+        ))
+    }
+}
+
+impl Objective for ClusterGuidedObjective {
+    fn begin_step(&mut self, step: usize, _epoch: usize) {
+        if let Some(pfc) = self.partial_fc.as_mut() {
+            pfc.set_step(step as u64);
+        }
+    }
+
+    fn loss(&mut self, model: &Model, x: &Tensor, y: &Tensor) -> MicroLoss {
+        let emb = forward_embeddings(model, x);
+        let sampled = self.partial_fc.as_mut().map(|pfc| pfc.sample(y, model.num_classes));
+        let row_mask = sampled.as_ref().map(|s| s.row_mask(model.num_classes, Kind::Float));
+        let (emb, scores) = score(model, emb, sampled.as_ref());
+        let (logits, labels) = match &sampled {
+            Some(s) => (self.head.logits_for_classes(&scores, &s.labels, y), s.labels.shallow_clone()),
+            None => (self.head.logits(&scores, y), y.shallow_clone()),
+        };
+        let ce = cross_entropy(&logits, &labels);
+        let mut loss = ce.shallow_clone();
+        let mut metrics = Vec::new();
+        if self.refreshed() {
+            if self.cfg.scc.weight > 0.0 {
+                let extra = (self.cfg.scc.extra_negatives > 0)
+                    .then(|| Tensor::randint(model.num_classes, [self.cfg.scc.extra_negatives as i64], (Kind::Int64, y.device())));
+                let scc = scc_loss(&emb, y, &self.centres, self.cfg.scc.scale, extra.as_ref());
+                metrics.push(("loss_scc", f64::try_from(&scc).unwrap_or(f64::NAN)));
+                loss = loss + scc * self.cfg.scc.weight;
+            }
+            if self.cfg.align.uses_loss() {
+                let align = align_loss(model.classifier.weight(), y, &self.centres);
+                metrics.push(("loss_align", f64::try_from(&align).unwrap_or(f64::NAN)));
+                loss = loss + align * self.cfg.align.weight;
+            }
+            if let Some(alpha) = self.cfg.scc.ema {
+                self.centres.ema_update(&emb, y, alpha);
+            }
+            metrics.push(("loss_cls", f64::try_from(&ce).unwrap_or(f64::NAN)));
+        }
+        MicroLoss { loss, row_mask, metrics }
+    }
+
+    fn begin_epoch(&mut self, epoch: usize, model: &Model, data: &dyn TrainingSet) -> Result<Option<String>> {
+        let due = epoch > 0 && epoch % self.cfg.refresh_every_epochs == 0;
+        if !due || self.last_refresh == epoch as i64 {
+            return Ok(None);
+        }
+        self.refresh(epoch, model, data).map(Some)
+    }
+
+    fn state(&self) -> Vec<(String, Tensor)> {
+        vec![
+            ("cluster_guided.margins".into(), self.head.margins().copy()),
+            ("cluster_guided.centres".into(), self.centres.centres().copy()),
+            ("cluster_guided.valid".into(), self.centres.valid().copy()),
+            ("cluster_guided.last_refresh".into(), Tensor::from(self.last_refresh)),
+        ]
+    }
+
+    fn load_state(&mut self, mut state: HashMap<String, Tensor>) -> Result<()> {
+        let mut take = |k: &str| state.remove(k).with_context(|| format!("objective state lacks `{k}` (a checkpoint of another objective?)"));
+        let margins = take("cluster_guided.margins")?;
+        let centres = take("cluster_guided.centres")?;
+        let valid = take("cluster_guided.valid")?;
+        let last = take("cluster_guided.last_refresh")?;
+        if margins.size() != self.head.margins().size() || centres.size() != self.centres.centres().size() {
+            bail!("cluster_guided state has shapes {:?} / {:?}, the model needs {:?} / {:?}", margins.size(), centres.size(), self.head.margins().size(), self.centres.centres().size());
+        }
+        let dev = self.head.margins().device();
+        let margins_v: Vec<f64> = Vec::try_from(margins.to_kind(Kind::Double))?;
+        self.head.set_margins(&margins_v);
+        self.centres = ClusterCentres::from_tensors(centres.to_device(dev), &valid.to_device(dev));
+        self.last_refresh = i64::try_from(&last)?;
+        if let Some(k) = state.keys().next() {
+            bail!("objective state has an entry `{k}` that cluster-guided training does not have");
+        }
+        Ok(())
+    }
+}
