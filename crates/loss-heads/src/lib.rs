@@ -58,6 +58,7 @@ pub mod combined;
 pub mod cosface;
 pub mod elastic;
 pub mod gradcheck;
+pub mod margin_ce;
 pub mod normface;
 pub mod partial_fc;
 pub mod softmax;
@@ -71,6 +72,7 @@ pub use elastic::{
     ElasticArcConfig, ElasticArcPlusConfig, ElasticCosConfig, ElasticCosPlusConfig, ElasticFace,
     ElasticKind, ElasticParams, PlusAssignment,
 };
+pub use margin_ce::{margin_cross_entropy, margin_cross_entropy_with_norms};
 pub use normface::{NormFace, NormFaceConfig};
 pub use partial_fc::{PartialFc, PartialFcConfig, Sampled};
 pub use softmax::{LinearClassifier, Softmax, SoftmaxConfig};
@@ -107,6 +109,17 @@ pub trait MarginHead: std::fmt::Debug + Send {
     /// `cos_bc [B, C]`, `labels_b [B]` (Int64), `norms_b [B]` (same kind as `cos_bc`) -> `[B, C]`.
     fn logits_with_norms(&self, cos_bc: &Tensor, labels_b: &Tensor, _norms_b: &Tensor) -> Tensor {
         self.logits(cos_bc, labels_b)
+    }
+
+    /// True if the logits have the row-scaled form [`margin_cross_entropy`] relies on:
+    /// `z_ij = r_i·cos_ij` for every `j ≠ y_i`, where the row scale `r_i` (`s`, 1, or a feature
+    /// norm) does not depend on the cosines, and the target logit `z_{i,y_i}` depends on the
+    /// cosines of row `i` only through `cos_{i,y_i}`; both for [`MarginHead::logits`] and
+    /// [`MarginHead::logits_with_norms`], and for any `C` (the fused loss evaluates the head on a
+    /// `[B, 2]` probe). Every head of this crate returns true. Default false: a head of your own
+    /// then gets the unfused `cross_entropy(head.logits(..))` from [`margin_cross_entropy`].
+    fn row_scaled_logits(&self) -> bool {
+        false
     }
 }
 
