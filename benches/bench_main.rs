@@ -161,9 +161,9 @@ fn margin_heads(c: &mut Criterion) {
             });
             let reference: Option<Reference> = match *name {
                 "sphereface" => Some(Box::new(|c, y| reference_sphereface(c, y, 64.0, 5.0))),
-                "arcface_detached" => Some(Box::new(|c, y| {
-                    reference_arcface_detached(c, y, 64.0, 0.5)
-                })),
+                "arcface_detached" => {
+                    Some(Box::new(|c, y| reference_arcface_detached(c, y, 64.0, 0.5)))
+                }
                 "combined" => Some(Box::new(|c, y| {
                     reference_combined(c, y, 64.0, (1.0, 0.3, 0.2))
                 })),

@@ -17,7 +17,9 @@
 //!    (`ψ(θ_y)` with λ annealing), [`ElasticFace`] (a random margin per sample and step, with the
 //!    "+" assignments) and [`Softmax`] (identity over `Wx + b`). Heads never own the weight, so
 //!    one head works unchanged over a full or a sampled class set.
-//! 3. [`cross_entropy`] averages `−log softmax(z)_y` over the batch.
+//! 3. [`cross_entropy`] averages `−log softmax(z)_y` over the batch. [`margin_cross_entropy`]
+//!    (and [`margin_cross_entropy_with_norms`]) does steps 2 and 3 at once with the same value
+//!    and gradients and fewer `[B, C]` temporaries: use it in training loops (see [`margin_ce`]).
 //!
 //! ```text
 //! emb [B,D] --CosineClassifier--> cos [B,C] --MarginHead--> logits [B,C] --cross_entropy--> L
@@ -26,7 +28,7 @@
 //! A minimal training step (see `examples/train_small.rs` for a complete one):
 //!
 //! ```no_run
-//! use facerec_loss_heads::{cross_entropy, CosineClassifier, HeadConfig, MarginHead};
+//! use facerec_loss_heads::{margin_cross_entropy, CosineClassifier, HeadConfig, MarginHead};
 //! use tch::{nn, Device, Kind, Tensor};
 //!
 //! let vs = nn::VarStore::new(Device::Cpu);
@@ -35,7 +37,8 @@
 //! let emb = Tensor::randn([32, 512], (Kind::Float, Device::Cpu)); // your model's output
 //! let labels = Tensor::randint(1000, [32], (Kind::Int64, Device::Cpu));
 //! head.set_step(0); // once per iteration: annealing (SphereFace) and random margins (ElasticFace)
-//! let loss = cross_entropy(&head.logits(&classifier.cosines(&emb), &labels), &labels);
+//! // = cross_entropy(&head.logits(&cos, &labels), &labels), fused
+//! let loss = margin_cross_entropy(&*head, &classifier.cosines(&emb), &labels);
 //! loss.backward();
 //! ```
 //!
