@@ -48,8 +48,9 @@ use crate::{check_head_inputs, cross_entropy, MarginHead};
 /// `z − max` is floored here before `exp` in f32: `exp(−87) ≈ 1.6e-38` is just above the smallest
 /// normal float. Below it `exp` returns subnormals, which x86 CPUs compute about ten times slower
 /// (measured in torch on `[512, 100000]` f32 logits with s = 64: `z − max` and an in-place `exp_`
-/// took about 550 ms of CPU time, with the floor in between about 80 ms). The floor changes a softmax probability by less than
-/// `1.6e-38/Σ` absolute, and `Σ` (so the loss) by less than `C·1.6e-38` relative.
+/// took about 550 ms of CPU time, with the floor in between about 80 ms). The floor changes a
+/// softmax probability by less than `1.6e-38/Σ` absolute, and `Σ` (so the loss) by less than
+/// `C·1.6e-38` relative.
 pub const EXP_FLOOR_F32: f64 = -87.0;
 /// As [`EXP_FLOOR_F32`] for f64 (`exp(−708) ≈ 3.3e-308`).
 pub const EXP_FLOOR_F64: f64 = -708.0;
