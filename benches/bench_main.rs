@@ -5,7 +5,7 @@
 //! ratio is measured under the same conditions. Numbers are recorded in docs/benchmarks.md.
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use facerec_loss_heads::{cross_entropy, ArcFaceConfig, Gce, HeadConfig};
+use facerec_loss_heads::{cross_entropy, margin_cross_entropy, ArcFaceConfig, Gce, HeadConfig};
 use tch::{Device, Kind, Tensor};
 
 /// The reference formulation (arcface_torch style): `acos` and `cos` over the whole `[B, C]`
@@ -51,7 +51,14 @@ fn arcface(c: &mut Criterion) {
                 tch::Cuda::synchronize(0);
             }
         };
-        group.bench_function("facerec_gather_scatter", |bench| {
+        group.bench_function("facerec_fused", |bench| {
+            bench.iter(|| {
+                let loss = margin_cross_entropy(head.as_ref(), &cos, &labels);
+                loss.backward();
+                sync();
+            })
+        });
+        group.bench_function("facerec_unfused", |bench| {
             bench.iter(|| {
                 let loss = cross_entropy(&head.logits(&cos, &labels), &labels);
                 loss.backward();
@@ -103,9 +110,23 @@ fn reference_sphereface(cos: &Tensor, labels: &Tensor, s: f64, lambda: f64) -> T
     ((&c * lambda + psi) / (1.0 + lambda)).where_self(&onehot, &c) * s
 }
 
-/// Every head, forward + backward from `[B, C]` scores, at both bench-losses shapes; the heads
-/// whose reference computes transcendental functions over the whole matrix are paired with that
-/// reference formulation (written in tch here; `cargo xtask bench-losses` compares with PyTorch).
+/// Reference formulation of the current arcface_torch ArcFace (`detached` mode): in-place
+/// `arccos_`/`cos_` of the whole clamp output under `no_grad`, margin by index assignment.
+fn reference_arcface_detached(cos: &Tensor, labels: &Tensor, s: f64, m: f64) -> Tensor {
+    let idx = labels.unsqueeze(1);
+    let mut logits = cos.shallow_clone();
+    tch::no_grad(|| {
+        let target = logits.gather(1, &idx, false).acos() + m;
+        let _ = logits.acos_();
+        let _ = logits.scatter_(1, &idx, &target);
+        let _ = logits.cos_();
+    });
+    logits * s
+}
+
+/// Every head, forward + backward from `[B, C]` scores through the fused `margin_cross_entropy`
+/// (the trainer's path), at both bench-losses shapes; the heads whose reference computes
+/// transcendental functions over the whole matrix are paired with that reference formulation (written in tch here; `cargo xtask bench-losses` compares with PyTorch).
 fn margin_heads(c: &mut Criterion) {
     let device = Device::cuda_if_available();
     let prefix = if device.is_cuda() { "cuda" } else { "cpu" };
@@ -133,13 +154,16 @@ fn margin_heads(c: &mut Criterion) {
             group.bench_function(format!("{name}/facerec"), |bench| {
                 bench.iter(|| {
                     let cos = raw.clamp(-1.0, 1.0);
-                    let loss = cross_entropy(&head.logits(&cos, &labels), &labels);
+                    let loss = margin_cross_entropy(head.as_ref(), &cos, &labels);
                     let _ = Tensor::run_backward(&[&loss], &[&raw], false, false);
                     sync();
                 })
             });
             let reference: Option<Reference> = match *name {
                 "sphereface" => Some(Box::new(|c, y| reference_sphereface(c, y, 64.0, 5.0))),
+                "arcface_detached" => {
+                    Some(Box::new(|c, y| reference_arcface_detached(c, y, 64.0, 0.5)))
+                }
                 "combined" => Some(Box::new(|c, y| {
                     reference_combined(c, y, 64.0, (1.0, 0.3, 0.2))
                 })),

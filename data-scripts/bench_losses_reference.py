@@ -11,7 +11,7 @@ backward to the raw scores, exactly what the Rust side times. In-place tricks of
 Usage:
   bench_losses_reference.py --threads 2 [--device cpu|cuda] [--dim 512 --with-classifier]
       serve mode (what bench-losses uses): prints {"torch", "threads"}, then answers each stdin line
-      "HEAD B C REPS" with {"ms": [...]}, so the caller can interleave its own repetitions.
+      "HEAD B C REPS" with {"ms": [...], "cpu_ms": [...]} (wall and process CPU time), so the caller can interleave its own repetitions.
   bench_losses_reference.py --threads 2 --heads a,b --shapes 128x10000,512x100000 --reps 3
       batch mode: one warm-up then REPS timed runs per head and shape, one JSON object
       {"torch", "threads", "results": [{head, b, c, device, ms}]}.
@@ -187,9 +187,10 @@ class Case:
             self.leaves = [self.raw]
 
     def time_once(self, name):
-        """Milliseconds of one forward + backward."""
+        """(wall, process CPU) milliseconds of one forward + backward."""
         sync(self.device)
         t0 = time.perf_counter()
+        c0 = time.process_time()
         if self.with_classifier:
             cos = F.linear(F.normalize(self.emb), F.normalize(self.weight)).clamp(-1, 1)
         else:
@@ -201,8 +202,9 @@ class Case:
         grads = torch.autograd.grad(loss, self.leaves)
         sync(self.device)
         ms = (time.perf_counter() - t0) * 1e3
+        cpu_ms = (time.process_time() - c0) * 1e3
         del cos, loss, grads
-        return ms
+        return ms, cpu_ms
 
 
 def main():
@@ -232,16 +234,17 @@ def main():
         for line in sys.stdin:
             name, b, c, reps = line.split()
             cs = case(int(b), int(c))
-            ms = [cs.time_once(name) for _ in range(int(reps))]
-            print(json.dumps({"ms": ms}), flush=True)
+            t = [cs.time_once(name) for _ in range(int(reps))]
+            print(json.dumps({"ms": [w for w, _ in t], "cpu_ms": [c for _, c in t]}), flush=True)
         return
     results = []
     for shape in args.shapes.split(","):
         b, c = (int(x) for x in shape.split("x"))
         for name in args.heads.split(","):
             cs = case(b, c)
-            ms = [cs.time_once(name) for _ in range(args.reps + 1)][1:]
-            results.append({"head": name, "b": b, "c": c, "device": args.device, "ms": ms})
+            t = [cs.time_once(name) for _ in range(args.reps + 1)][1:]
+            results.append({"head": name, "b": b, "c": c, "device": args.device,
+                            "ms": [w for w, _ in t], "cpu_ms": [c for _, c in t]})
     print(json.dumps({"torch": torch.__version__, "threads": args.threads, "results": results}))
 
 

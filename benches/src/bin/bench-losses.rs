@@ -3,13 +3,18 @@
 //! (`data-scripts/bench_losses_reference.py`: acos/cos over the whole `[B, C]` matrix, one-hot or
 //! index-assigned margins), measured in the same run with the same libtorch thread count.
 //!
-//! Timed per repetition: `cos = clamp(raw, −1, 1)` from a `[B, C]` leaf, the head, the mean
-//! cross-entropy and the backward to the leaf (`autograd.grad`, no accumulation). The classifier's
+//! Timed per repetition: `cos = clamp(raw, −1, 1)` from a `[B, C]` leaf, the head with the mean
+//! cross-entropy, and the backward to the leaf (`autograd.grad`, no accumulation). Ours is the
+//! path the trainer uses, the fused `margin_cross_entropy(head, cos, labels)`; `--unfused` adds a
+//! column for the generic `cross_entropy(head.logits(cos, labels), labels)`, timed in the same
+//! alternation. The classifier's
 //! matmul is the same in both and excluded by default (`--with-classifier` includes it, with
 //! `D = --dim`). The reference runs as a subprocess in serve mode, and per head one warm-up each
 //! is followed by `--reps` repetitions that alternate between ours and the reference, so both
 //! see the same machine load. The table shows medians and, as a check against a busy machine,
-//! the ratio of the fastest repetitions.
+//! the ratio of the fastest repetitions and the ratio of median process CPU times (user + system
+//! time of all threads, `CLOCK_PROCESS_CPUTIME_ID` here and `time.process_time()` in Python), which
+//! the other processes on a shared machine do not inflate the way they inflate wall time.
 //! GCE (`gce`, `gce_additive`) is timed the same way, its loss in place of head + CE; its
 //! reference is GCE written the straightforward way (see the script).
 //! Shapes: `(B, C) = (128, 10 000)` and `(512, 100 000)`; `--quick` runs the first only, with
@@ -22,7 +27,9 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use facerec_loss_heads::{cross_entropy, CosineClassifier, Gce, GceConfig, HeadConfig, MarginHead};
+use facerec_loss_heads::{
+    cross_entropy, margin_cross_entropy, CosineClassifier, Gce, GceConfig, HeadConfig, MarginHead,
+};
 use serde::Deserialize;
 use tch::{nn, Device, Kind, Tensor};
 
@@ -53,6 +60,9 @@ struct Args {
     /// Only our side.
     #[arg(long)]
     skip_python: bool,
+    /// Also time the unfused `cross_entropy(head.logits(..))` (an extra column).
+    #[arg(long)]
+    unfused: bool,
     /// Python with torch (default `$FACEREC_PYTHON`, else `python3`).
     #[arg(long)]
     python: Option<PathBuf>,
@@ -67,6 +77,26 @@ struct Hello {
 #[derive(Deserialize)]
 struct Reply {
     ms: Vec<f64>,
+    cpu_ms: Vec<f64>,
+}
+
+/// One timed repetition: wall and process CPU milliseconds.
+#[derive(Debug, Clone, Copy)]
+struct Timing {
+    wall: f64,
+    cpu: f64,
+}
+
+/// CPU time of this process (all threads), in milliseconds.
+fn process_cpu_ms() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; the clock id is a constant libc defines.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_PROCESS_CPUTIME_ID) failed");
+    ts.tv_sec as f64 * 1e3 + ts.tv_nsec as f64 * 1e-6
 }
 
 /// The PyTorch reference in serve mode: one request line, one JSON line back.
@@ -119,7 +149,7 @@ impl Reference {
         })
     }
 
-    fn time(&mut self, head: &str, b: i64, c: i64, reps: usize) -> Result<Vec<f64>> {
+    fn time(&mut self, head: &str, b: i64, c: i64, reps: usize) -> Result<Vec<Timing>> {
         let stdin = self.stdin.as_mut().context("reference closed")?;
         writeln!(stdin, "{head} {b} {c} {reps}")?;
         stdin.flush()?;
@@ -127,7 +157,12 @@ impl Reference {
         self.stdout.read_line(&mut line)?;
         let reply: Reply = serde_json::from_str(&line)
             .with_context(|| format!("reference reply for {head} {b}x{c}: {line:?}"))?;
-        Ok(reply.ms)
+        Ok(reply
+            .ms
+            .iter()
+            .zip(&reply.cpu_ms)
+            .map(|(&wall, &cpu)| Timing { wall, cpu })
+            .collect())
     }
 }
 
@@ -192,25 +227,28 @@ impl Case {
         }
     }
 
-    /// Milliseconds of one forward + backward.
-    fn time_once(&self, loss_fn: &Loss) -> f64 {
+    /// Milliseconds of one forward + backward (for a head: the fused loss, or the unfused one).
+    fn time_once(&self, loss_fn: &Loss, fused: bool) -> Timing {
         let leaf_refs: Vec<&Tensor> = self.leaves.iter().collect();
         sync(self.device);
         let t0 = Instant::now();
+        let c0 = process_cpu_ms();
         let cos = match &self.classifier {
             Some(clf) => clf.cosines(&self.leaves[0]),
             None => self.leaves[0].clamp(-1.0, 1.0),
         };
         let loss = match loss_fn {
+            Loss::Head(head) if fused => margin_cross_entropy(head.as_ref(), &cos, &self.labels),
             Loss::Head(head) => cross_entropy(&head.logits(&cos, &self.labels), &self.labels),
             Loss::Gce(gce) => gce.loss(&cos, &self.labels),
         };
         let grads = Tensor::run_backward(&[&loss], &leaf_refs, false, false);
         sync(self.device);
-        let ms = t0.elapsed().as_secs_f64() * 1e3;
+        let wall = t0.elapsed().as_secs_f64() * 1e3;
+        let cpu = process_cpu_ms() - c0;
         // Freed outside the timed region, as the reference does.
         drop((grads, loss, cos));
-        ms
+        Timing { wall, cpu }
     }
 }
 
@@ -304,18 +342,24 @@ fn main() -> Result<()> {
             let case = Case::new(&args, device, b, c);
             for (name, cfg) in &selected {
                 let head = cfg.build();
-                case.time_once(&head);
+                case.time_once(&head, true);
+                if args.unfused {
+                    case.time_once(&head, false);
+                }
                 if let Some(r) = reference.as_mut() {
                     r.time(name, b, c, 1)?;
                 }
-                let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+                let (mut ours, mut unfused, mut theirs) = (Vec::new(), Vec::new(), Vec::new());
                 for _ in 0..reps {
-                    ours.push(case.time_once(&head));
+                    ours.push(case.time_once(&head, true));
+                    if args.unfused {
+                        unfused.push(case.time_once(&head, false));
+                    }
                     if let Some(r) = reference.as_mut() {
                         theirs.extend(r.time(name, b, c, 1)?);
                     }
                 }
-                rows.push((name.to_string(), b, c, ours, theirs));
+                rows.push((name.to_string(), b, c, ours, unfused, theirs));
             }
         }
         let torch_version = reference.as_ref().map(|r| r.torch.clone());
@@ -332,18 +376,33 @@ fn main() -> Result<()> {
                 .map(|t| format!(", reference torch {t}"))
                 .unwrap_or_default()
         );
+        let (unfused_head, unfused_rule) = if args.unfused {
+            (" ours unfused (ms) |", "---:|")
+        } else {
+            ("", "")
+        };
         println!(
-            "| head | B x C | ours (ms) | reference (ms) | reference / ours | best-of ratio |"
+            "| head | B x C | ours (ms) |{unfused_head} reference (ms) | reference / ours | best-of ratio | CPU-time ratio |"
         );
-        println!("|---|---|---:|---:|---:|---:|");
-        for (name, b, c, ms, theirs) in rows {
+        println!("|---|---|---:|{unfused_rule}---:|---:|---:|---:|");
+        let wall = |v: &[Timing]| v.iter().map(|t| t.wall).collect::<Vec<_>>();
+        let cpu = |v: &[Timing]| v.iter().map(|t| t.cpu).collect::<Vec<_>>();
+        for (name, b, c, ours, unfused, theirs) in rows {
+            let ms = wall(&ours);
             let (ours_med, ours_min) = (median(ms.clone()), min(&ms));
-            if theirs.is_empty() {
-                println!("| {name} | {b} x {c} | {ours_med:.1} | - | - | - |");
+            let unfused_col = if args.unfused {
+                format!(" {:.1} |", median(wall(&unfused)))
             } else {
-                let (ref_med, ref_min) = (median(theirs.clone()), min(&theirs));
+                String::new()
+            };
+            if theirs.is_empty() {
+                println!("| {name} | {b} x {c} | {ours_med:.1} |{unfused_col} - | - | - | - |");
+            } else {
+                let ref_ms = wall(&theirs);
+                let (ref_med, ref_min) = (median(ref_ms.clone()), min(&ref_ms));
+                let cpu_ratio = median(cpu(&theirs)) / median(cpu(&ours));
                 println!(
-                    "| {name} | {b} x {c} | {ours_med:.1} | {ref_med:.1} | {:.2}x | {:.2}x |",
+                    "| {name} | {b} x {c} | {ours_med:.1} |{unfused_col} {ref_med:.1} | {:.2}x | {:.2}x | {cpu_ratio:.2}x |",
                     ref_med / ours_med,
                     ref_min / ours_min
                 );

@@ -13,7 +13,8 @@
 
 use anyhow::Result;
 use facerec_loss_heads::{
-    classifier::normalize_rows, cross_entropy, Classifier, HeadConfig, PartialFc, PartialFcConfig,
+    classifier::normalize_rows, margin_cross_entropy, Classifier, HeadConfig, PartialFc,
+    PartialFcConfig,
 };
 use tch::{nn, nn::Module, nn::OptimizerConfig, Device, Kind, Tensor};
 
@@ -120,7 +121,7 @@ fn main() -> Result<()> {
         pfc.set_step(step);
         let sampled = pfc.sample(&yb, TRAIN_IDS);
         let scores = classifier.scores_sampled(&model.forward(&xb), &sampled);
-        let loss = cross_entropy(&head.logits(&scores, &sampled.labels), &sampled.labels);
+        let loss = margin_cross_entropy(&*head, &scores, &sampled.labels);
         opt.backward_step(&loss);
         if step % 100 == 0 || step + 1 == steps {
             println!("step {step:4}  loss {:.4}", loss.double_value(&[]));

@@ -119,6 +119,10 @@ impl ArcFace {
 }
 
 impl MarginHead for ArcFace {
+    fn row_scaled_logits(&self) -> bool {
+        true
+    }
+
     /// # Shapes
     /// `cos_bc [B, C]`, `labels_b [B]` (Int64) -> `[B, C]`.
     fn logits(&self, cos_bc: &Tensor, labels_b: &Tensor) -> Tensor {

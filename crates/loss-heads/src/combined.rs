@@ -179,6 +179,10 @@ impl CombinedMargin {
 }
 
 impl MarginHead for CombinedMargin {
+    fn row_scaled_logits(&self) -> bool {
+        true
+    }
+
     /// # Shapes
     /// `cos_bc [B, C]`, `labels_b [B]` (Int64) -> `[B, C]`.
     fn logits(&self, cos_bc: &Tensor, labels_b: &Tensor) -> Tensor {

@@ -67,6 +67,10 @@ impl CosFace {
 }
 
 impl MarginHead for CosFace {
+    fn row_scaled_logits(&self) -> bool {
+        true
+    }
+
     /// # Shapes
     /// `cos_bc [B, C]`, `labels_b [B]` (Int64) -> `[B, C]`.
     fn logits(&self, cos_bc: &Tensor, labels_b: &Tensor) -> Tensor {

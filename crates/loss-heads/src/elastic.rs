@@ -312,6 +312,10 @@ fn elastic_arc_target(c_b1: &Tensor, e_b1: &Tensor) -> Tensor {
 }
 
 impl MarginHead for ElasticFace {
+    fn row_scaled_logits(&self) -> bool {
+        true
+    }
+
     /// Draws `B` margins and applies them (see [`ElasticFace::logits_with_draw`]).
     ///
     /// # Shapes

@@ -17,7 +17,9 @@
 //!    (`ψ(θ_y)` with λ annealing), [`ElasticFace`] (a random margin per sample and step, with the
 //!    "+" assignments) and [`Softmax`] (identity over `Wx + b`). Heads never own the weight, so
 //!    one head works unchanged over a full or a sampled class set.
-//! 3. [`cross_entropy`] averages `−log softmax(z)_y` over the batch.
+//! 3. [`cross_entropy`] averages `−log softmax(z)_y` over the batch. [`margin_cross_entropy`]
+//!    (and [`margin_cross_entropy_with_norms`]) does steps 2 and 3 at once with the same value
+//!    and gradients and fewer `[B, C]` temporaries: use it in training loops (see [`margin_ce`]).
 //!
 //! ```text
 //! emb [B,D] --CosineClassifier--> cos [B,C] --MarginHead--> logits [B,C] --cross_entropy--> L
@@ -26,7 +28,7 @@
 //! A minimal training step (see `examples/train_small.rs` for a complete one):
 //!
 //! ```no_run
-//! use facerec_loss_heads::{cross_entropy, CosineClassifier, HeadConfig, MarginHead};
+//! use facerec_loss_heads::{margin_cross_entropy, CosineClassifier, HeadConfig, MarginHead};
 //! use tch::{nn, Device, Kind, Tensor};
 //!
 //! let vs = nn::VarStore::new(Device::Cpu);
@@ -35,7 +37,8 @@
 //! let emb = Tensor::randn([32, 512], (Kind::Float, Device::Cpu)); // your model's output
 //! let labels = Tensor::randint(1000, [32], (Kind::Int64, Device::Cpu));
 //! head.set_step(0); // once per iteration: annealing (SphereFace) and random margins (ElasticFace)
-//! let loss = cross_entropy(&head.logits(&classifier.cosines(&emb), &labels), &labels);
+//! // = cross_entropy(&head.logits(&cos, &labels), &labels), fused
+//! let loss = margin_cross_entropy(&*head, &classifier.cosines(&emb), &labels);
 //! loss.backward();
 //! ```
 //!
@@ -59,6 +62,7 @@ pub mod cosface;
 pub mod elastic;
 pub mod gce;
 pub mod gradcheck;
+pub mod margin_ce;
 pub mod normface;
 pub mod partial_fc;
 pub mod softmax;
@@ -75,6 +79,7 @@ pub use elastic::{
 pub use gce::{
     Gce, GceConfig, MarginForm, OutWeight, OutWeightRule, PairwiseConfig, Replacement, SelfPair,
 };
+pub use margin_ce::{margin_cross_entropy, margin_cross_entropy_with_norms};
 pub use normface::{NormFace, NormFaceConfig};
 pub use partial_fc::{PartialFc, PartialFcConfig, Sampled};
 pub use softmax::{LinearClassifier, Softmax, SoftmaxConfig};
@@ -128,6 +133,18 @@ pub trait MarginHead: std::fmt::Debug + Send {
         norms_b: &Tensor,
     ) -> Tensor {
         cross_entropy(&self.logits_with_norms(cos_bc, labels_b, norms_b), labels_b)
+    }
+
+    /// True if the logits have the row-scaled form [`margin_cross_entropy`] relies on:
+    /// `z_ij = r_i·cos_ij` for every `j ≠ y_i`, where the row scale `r_i` (`s`, 1, or a feature
+    /// norm) does not depend on the cosines, and the target logit `z_{i,y_i}` depends on the
+    /// cosines of row `i` only through `cos_{i,y_i}`; both for [`MarginHead::logits`] and
+    /// [`MarginHead::logits_with_norms`], and for any `C` (the fused loss evaluates the head on a
+    /// `[B, 2]` probe). Every margin head of this crate returns true ([`Gce`], whose loss is not a
+    /// cross-entropy of its logits, returns false). Default false: a head of your own
+    /// then gets the unfused `cross_entropy(head.logits(..))` from [`margin_cross_entropy`].
+    fn row_scaled_logits(&self) -> bool {
+        false
     }
 }
 

@@ -51,6 +51,10 @@ impl NormFace {
 }
 
 impl MarginHead for NormFace {
+    fn row_scaled_logits(&self) -> bool {
+        true
+    }
+
     /// `z = s·cos`.
     ///
     /// # Shapes

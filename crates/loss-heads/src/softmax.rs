@@ -24,6 +24,10 @@ pub struct SoftmaxConfig {}
 pub struct Softmax;
 
 impl MarginHead for Softmax {
+    fn row_scaled_logits(&self) -> bool {
+        true
+    }
+
     /// `z = scores`.
     ///
     /// # Shapes

@@ -160,6 +160,10 @@ impl SphereFace {
 }
 
 impl MarginHead for SphereFace {
+    fn row_scaled_logits(&self) -> bool {
+        true
+    }
+
     /// Scaled by `s`.
     ///
     /// # Shapes

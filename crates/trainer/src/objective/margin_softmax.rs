@@ -3,7 +3,7 @@
 //! CosFace, SphereFace, ElasticFace, ... as arcface_torch trains them.
 
 use super::{forward_embeddings, MicroLoss, Model, Objective};
-use facerec_loss_heads::{HeadConfig, MarginHead, PartialFc, PartialFcConfig};
+use facerec_loss_heads::{margin_cross_entropy_with_norms, HeadConfig, MarginHead, PartialFc, PartialFcConfig};
 use tch::Tensor;
 
 /// A margin head + cross-entropy.
@@ -36,7 +36,13 @@ impl MarginSoftmax {
             .map(|emb| {
                 let (emb, scores) = super::score(model, emb, sampled.as_ref());
                 let norms = emb.norm_scalaropt_dim(2, [1], false);
-                self.head.training_loss(&scores, &labels, &emb, &norms)
+                if self.head.row_scaled_logits() {
+                    // Every margin head: the fused cross-entropy (one [B, C] buffer).
+                    margin_cross_entropy_with_norms(self.head.as_ref(), &scores, &labels, &norms)
+                } else {
+                    // GCE and heads of users' own: their own training loss.
+                    self.head.training_loss(&scores, &labels, &emb, &norms)
+                }
             })
             .collect();
         (losses, mask)
