@@ -26,11 +26,18 @@ enum Command {
         /// Print the resolved config and exit.
         #[arg(long)]
         print_config: bool,
+        /// Print parameter counts, classifier and activation memory for the config, then exit.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Data preparation: `prep pack`, `prep check`, `prep lfw` (insightface RecordIO and .bin packs).
     Prep(facerec_trainer::commands::prep::Args),
     /// Evaluate a trained model: `--bin FILE.bin`, `--pairs pairs.txt --images DIR`, `--ijb DIR --target IJBC`.
     Eval(facerec_trainer::commands::eval::Args),
+    /// Export a run's backbone: `--format safetensors` (arcface_torch keys) or `torchscript`.
+    Export(facerec_trainer::commands::export::Args),
+    /// Draw loss, lr and verification accuracy over steps from a run's metrics.jsonl to PNG.
+    Plot(facerec_trainer::commands::plot::Args),
 }
 
 fn main() -> ExitCode {
@@ -45,16 +52,21 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Train { config, overrides, print_config } => {
+        Command::Train { config, overrides, print_config, dry_run } => {
             let cfg = Config::load(config.as_deref(), &overrides)?;
             if print_config {
                 print!("{}", cfg.to_toml());
                 return Ok(());
+            }
+            if dry_run {
+                return facerec_trainer::commands::dry_run::run(&cfg);
             }
             train(&cfg, &RunOptions::default())?;
             Ok(())
         }
         Command::Prep(args) => facerec_trainer::commands::prep::run(args),
         Command::Eval(args) => facerec_trainer::commands::eval::run(args),
+        Command::Export(args) => facerec_trainer::commands::export::run(args),
+        Command::Plot(args) => facerec_trainer::commands::plot::run(args),
     }
 }
