@@ -116,6 +116,11 @@ pub fn draw(c: &Curves, out: &Path) -> Result<Vec<PathBuf>> {
 
 /// Run `facerec plot`.
 pub fn run(args: Args) -> Result<()> {
+    ensure!(
+        args.run.exists(),
+        "{} does not exist (expected a run directory or its metrics.jsonl)",
+        args.run.display()
+    );
     let (metrics, default_out) = if args.run.is_dir() {
         (args.run.join("metrics.jsonl"), args.run.join("plots"))
     } else {
