@@ -13,7 +13,9 @@ output: the un-normalised embedding [B, D] (L2-normalise it before cosine compar
 Usage:
   export_model.py torchscript (--run-dir DIR | --config config.toml --weights W.safetensors) --out M.pt
   export_model.py onnx        (--run-dir DIR | --config config.toml --weights W.safetensors) --out M.onnx
-                              [--opset 17]
+                              [--opset 17] [--check]
+--check (onnx): run the written file with onnx's own numpy reference evaluator on a random batch of
+4 and fail unless its embeddings equal the PyTorch model's to 1e-5.
 --run-dir DIR stands for --config DIR/config.toml --weights DIR/model.safetensors. Only the
 `[model]` table of the config is read. The torchscript command needs torch only; the onnx command
 needs the `onnx` package beside torch (pip install onnx).
@@ -54,6 +56,7 @@ def main():
     ap.add_argument("--weights")
     ap.add_argument("--out", required=True)
     ap.add_argument("--opset", type=int, default=17)
+    ap.add_argument("--check", action="store_true")
     a = ap.parse_args()
     model, size = load_model(a)
     if a.cmd == "torchscript":
@@ -68,7 +71,21 @@ def main():
             dynamic_axes={"input": {0: "batch"}, "embedding": {0: "batch"}},
             opset_version=a.opset, dynamo=False,
         )
-    print(json.dumps({"out": a.out, "format": a.cmd, "input_size": size}))
+    info = {"out": a.out, "format": a.cmd, "input_size": size}
+    if a.cmd == "onnx" and a.check:
+        import onnx
+        from onnx.reference import ReferenceEvaluator
+
+        onnx.checker.check_model(onnx.load(a.out))
+        x = torch.rand(4, 3, size, size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+        with torch.no_grad():
+            want = model(x).numpy()
+        got = ReferenceEvaluator(a.out).run(None, {"input": x.numpy()})[0]
+        diff = float(abs(got - want).max())
+        info["check_max_abs_diff"] = diff
+        if not diff <= 1e-5:
+            raise SystemExit(f"{a.out}: ONNX reference output differs from PyTorch by {diff:e}")
+    print(json.dumps(info))
 
 
 if __name__ == "__main__":

@@ -322,15 +322,19 @@ pub fn line_png(series: &[Series], title: &str, x_label: &str, path: &Path) -> R
     for (k, s) in series.iter().enumerate() {
         let c = COLORS[k % COLORS.len()];
         let mut prev: Option<(f64, f64)> = None;
+        let sparse = s.points.len() <= 100;
         for &(x, y) in s.points {
             if !(x.is_finite() && y.is_finite()) {
                 prev = None;
                 continue;
             }
             let p = px(x, y);
-            match prev {
-                Some(q) => cv.line(q, p, c, 2),
-                None => cv.line(p, p, c, 3),
+            if let Some(q) = prev {
+                cv.line(q, p, c, 2);
+            }
+            // A marker on every point of a sparse series (evaluations), a dot after a gap.
+            if sparse || prev.is_none() {
+                cv.line(p, p, c, 5);
             }
             prev = Some(p);
         }
