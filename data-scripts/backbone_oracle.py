@@ -11,6 +11,10 @@ Usage:
   backbone_oracle.py forward ARCH_ARGS --params P.npz --input X.npz --out OUT.npz
       loads P.npz into the model with strict=True (float64), runs eval(x) then train(x) and writes
       OUT.npz with "eval_out", "train_out" and "state/<key>" for the state_dict after the train pass.
+  backbone_oracle.py embed   ARCH_ARGS --weights W.safetensors --input X.npz --out OUT.npz
+      reads an exported `.safetensors` (its own reader: torch and numpy only), checks that its keys,
+      shapes and dtypes are exactly the model's state_dict (num_batches_tracked: int64 scalars),
+      loads it with strict=True in float32 and writes the eval-mode embeddings of X as "embedding".
 
 ARCH_ARGS: --arch iresnet (--depth D | --layers a,b,c,d) [--widths ...] [--emb E] [--input-size S]
            --arch mbf [--blocks a,b,c,d] [--scale K] [--emb E] [--input-size S]
@@ -53,7 +57,10 @@ class Block(nn.Module):
 
     def forward(self, x):
         y = self.bn3(self.conv2(self.prelu(self.bn2(self.conv1(self.bn1(x))))))
-        return y + (x if self.downsample is None else self.downsample(x))
+        identity = x
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        return y + identity
 
 
 class IResNetOracle(nn.Module):
@@ -81,9 +88,9 @@ class IResNetOracle(nn.Module):
                 nn.init.normal_(m.weight, 0.0, 0.1)
 
     def forward(self, x):
+        # Explicit stage calls (not a getattr loop) so that torch.jit.script accepts the model.
         x = self.prelu(self.bn1(self.conv1(x)))
-        for i in range(4):
-            x = getattr(self, f"layer{i + 1}")(x)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         x = torch.flatten(self.bn2(x), 1)
         return self.features(self.fc(self.dropout(x)))
 
@@ -159,6 +166,74 @@ class MbfOracle(nn.Module):
         return self.features(self.conv_sep(x))
 
 
+# ---------------------------------------------------------------- safetensors (no extra package)
+# Format: u64 little-endian header length N, N bytes of JSON {name: {dtype, shape, data_offsets}}
+# (plus an optional "__metadata__"), then the raw little-endian tensor bytes.
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+def load_safetensors(path):
+    """name -> CPU tensor, for every tensor in the file."""
+    with open(path, "rb") as f:
+        data = f.read()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    body = bytearray(data[8 + n:])
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        dtype = SAFETENSORS_DTYPES[info["dtype"]]
+        shape = info["shape"]
+        if end > begin:
+            t = torch.frombuffer(body[begin:end], dtype=dtype)
+        else:
+            t = torch.empty(0, dtype=dtype)
+        out[name] = t.reshape(shape).clone()
+    return out
+
+
+def check_state_dict(model, sd, origin):
+    """The file must hold exactly the model's state_dict keys, shapes and dtypes."""
+    want = model.state_dict()
+    missing = sorted(set(want) - set(sd))
+    unexpected = sorted(set(sd) - set(want))
+    if missing or unexpected:
+        raise SystemExit(f"{origin}: missing keys {missing}, unexpected keys {unexpected}")
+    for k, v in want.items():
+        if tuple(sd[k].shape) != tuple(v.shape) or sd[k].dtype != v.dtype:
+            raise SystemExit(
+                f"{origin}: {k} is {sd[k].dtype} {tuple(sd[k].shape)}, the model has {v.dtype} {tuple(v.shape)}"
+            )
+
+
+def load_exported(model, path):
+    """Load an exported float32 `.safetensors` into `model` (strict), after check_state_dict."""
+    sd = load_safetensors(path)
+    check_state_dict(model, sd, path)
+    model.load_state_dict(sd, strict=True)
+    return model
+
+
+def build_from_model_table(t):
+    """The oracle model for a config's `[model]` table (as facerec writes it to config.toml)."""
+    emb = int(t.get("embedding_size", 512))
+    size = int(t.get("input_size", 112))
+    if t["type"] == "iresnet":
+        blocks = DEPTHS[int(t["depth"])] if "depth" in t else [int(v) for v in t["layers"]]
+        widths = [int(v) for v in t.get("widths", [64, 128, 256, 512])]
+        return IResNetOracle(blocks, widths, emb, size, float(t.get("dropout", 0.0)))
+    if t["type"] == "mobilefacenet":
+        blocks = [int(v) for v in t.get("blocks", [1, 4, 6, 2])]
+        return MbfOracle(blocks, int(t.get("scale", 2)), emb, size)
+    raise SystemExit(f"unknown model type {t['type']!r}")
+
+
 # ---------------------------------------------------------------- CLI
 def ints(s):
     return [int(v) for v in s.split(",")]
@@ -173,7 +248,7 @@ def build(a):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("cmd", choices=["keys", "forward"])
+    ap.add_argument("cmd", choices=["keys", "forward", "embed"])
     ap.add_argument("--arch", choices=["iresnet", "mbf"], required=True)
     ap.add_argument("--depth", type=int)
     ap.add_argument("--layers")
@@ -185,6 +260,7 @@ def main():
     ap.add_argument("--params")
     ap.add_argument("--input")
     ap.add_argument("--out")
+    ap.add_argument("--weights")
     a = ap.parse_args()
     torch.manual_seed(0)
     model = build(a)
@@ -195,6 +271,13 @@ def main():
             "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "total": sum(p.numel() for p in model.parameters()),
         }))
+        return
+    if a.cmd == "embed":
+        load_exported(model, a.weights).eval()
+        x = torch.from_numpy(np.load(a.input)["input"]).float()
+        with torch.no_grad():
+            emb = model(x)
+        np.savez(a.out, embedding=emb.numpy())
         return
     model = model.double()
     params = np.load(a.params)

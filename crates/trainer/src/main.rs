@@ -30,6 +30,9 @@ enum Command {
         /// (plus any --set; changing the model or the number of classes is refused).
         #[arg(long, value_name = "RUN_DIR", conflicts_with = "config")]
         resume: Option<PathBuf>,
+        /// Print parameter counts, classifier and activation memory for the config, then exit.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Data preparation: `prep pack`, `prep check`, `prep lfw` (insightface RecordIO and .bin packs).
     Prep(facerec_trainer::commands::prep::Args),
@@ -39,6 +42,10 @@ enum Command {
     Eval(facerec_trainer::commands::eval::Args),
     /// Cluster a folder of faces: `--model RUN_DIR --images DIR [--method kmeans|finch|graph] --out FILE.csv`.
     Cluster(facerec_trainer::commands::cluster::Args),
+    /// Export a run's backbone: `--format safetensors` (arcface_torch keys) or `torchscript`.
+    Export(facerec_trainer::commands::export::Args),
+    /// Draw loss, lr and verification accuracy over steps from a run's metrics.jsonl to PNG.
+    Plot(facerec_trainer::commands::plot::Args),
 }
 
 fn main() -> ExitCode {
@@ -53,7 +60,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Train { config, overrides, print_config, resume } => {
+        Command::Train { config, overrides, print_config, resume, dry_run } => {
             let config = match &resume {
                 Some(dir) => Some(dir.join("config.toml")),
                 None => config,
@@ -63,6 +70,9 @@ fn run(cli: Cli) -> Result<()> {
                 print!("{}", cfg.to_toml());
                 return Ok(());
             }
+            if dry_run {
+                return facerec_trainer::commands::dry_run::run(&cfg);
+            }
             train(&cfg, &RunOptions { resume, ..RunOptions::default() })?;
             Ok(())
         }
@@ -70,5 +80,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Eval(args) => facerec_trainer::commands::eval::run(args),
         Command::Compare(args) => facerec_trainer::commands::compare::run(args),
         Command::Cluster(args) => facerec_trainer::commands::cluster::run(args),
+        Command::Export(args) => facerec_trainer::commands::export::run(args),
+        Command::Plot(args) => facerec_trainer::commands::plot::run(args),
     }
 }

@@ -1,0 +1,455 @@
+//! `facerec train --dry-run` (`cargo xtask train --dry-run`): what a configured run would hold in
+//! memory, without training and without creating a run directory.
+//!
+//! Reported:
+//! - backbone parameters (trainable, frozen such as iResNet's `features.weight`) and BN buffers,
+//!   counted on the backbone built from the config;
+//! - classifier parameters `C x D` (plus `C` biases for the softmax head) and their fp32 memory:
+//!   weights + optimiser state (one momentum buffer for SGD with momentum) + gradients. The
+//!   gradient is a dense `[C, D]` tensor even with Partial FC, because the sampled rows are
+//!   gathered with `index_select`, whose backward writes into a gradient of the full matrix;
+//! - Partial FC: `C' = max(1, floor(r * C))` classes per step (or the batch's distinct labels when
+//!   there are more of them), the `[C', D]` normalised weight copy and one `[B, C']` logits tensor;
+//! - activations per batch, **measured**: the backbone runs one image (eval mode, no autograd)
+//!   layer by layer, and the element counts of every layer output (conv, BN, PReLU, residual add,
+//!   dropout when `p > 0`, fc, the final BN) are summed, then multiplied by the batch size and 4
+//!   bytes (fp32). Views (flatten) are not counted. Autograd keeps roughly these tensors for the
+//!   backward pass; cuDNN workspaces, the allocator's cache and the prefetched input batches are
+//!   not included. The amp figure counts the autocast trunk at 2 bytes per element.
+//!
+//! The layer walk mirrors the backbones' `forward`; a test checks that it returns exactly the
+//! backbone's output, so it cannot silently drift from the real network.
+
+use std::fmt;
+
+use anyhow::{Context, Result};
+use facerec_backbone::mobilefacenet::{ConvUnit, DepthWise, Stage};
+use facerec_backbone::{Backbone, BackboneConfig, IResNet, MobileFaceNet};
+use tch::nn::{self, Module, ModuleT};
+use tch::{Device, Kind, Tensor};
+
+use crate::config::{Config, OptimConfig};
+
+/// Bytes per fp32 value.
+const F32: i64 = 4;
+
+/// Element counts of the layer outputs for one image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ActivationCount {
+    /// All layer outputs.
+    pub total: i64,
+    /// The part computed in the autocast trunk (iResNet: stem, stages, `bn2`; MobileFaceNet: `layers`).
+    pub trunk: i64,
+}
+
+/// Sums the element counts of the tensors it keeps.
+struct Meter {
+    total: i64,
+}
+
+impl Meter {
+    fn keep(&mut self, t: Tensor) -> Tensor {
+        self.total += t.numel() as i64;
+        t
+    }
+
+    fn unit(&mut self, u: &ConvUnit, x: &Tensor) -> Tensor {
+        let x = self.keep(u.conv.forward(x));
+        let x = self.keep(u.bn.forward_t(&x, false));
+        match &u.prelu {
+            Some(a) => self.keep(a.forward(&x)),
+            None => x,
+        }
+    }
+
+    fn depthwise(&mut self, d: &DepthWise, x: &Tensor) -> Tensor {
+        let y = d.units.iter().fold(x.shallow_clone(), |y, u| self.unit(u, &y));
+        if d.residual {
+            self.keep(y + x)
+        } else {
+            y
+        }
+    }
+
+    fn iresnet(&mut self, m: &IResNet, xs: &Tensor) -> (Tensor, i64) {
+        let x = self.keep(m.conv1.forward(xs));
+        let x = self.keep(m.bn1.forward_t(&x, false));
+        let mut x = self.keep(m.prelu.forward(&x));
+        for b in m.stages.iter().flatten() {
+            let o = self.keep(b.bn1.forward_t(&x, false));
+            let o = self.keep(b.conv1.forward(&o));
+            let o = self.keep(b.bn2.forward_t(&o, false));
+            let o = self.keep(b.prelu.forward(&o));
+            let o = self.keep(b.conv2.forward(&o));
+            let o = self.keep(b.bn3.forward_t(&o, false));
+            let identity = match &b.downsample {
+                Some((conv, bn)) => {
+                    let d = self.keep(conv.forward(&x));
+                    self.keep(bn.forward_t(&d, false))
+                }
+                None => x.shallow_clone(),
+            };
+            x = self.keep(o + identity);
+        }
+        let x = self.keep(m.bn2.forward_t(&x, false)).flatten(1, -1);
+        let trunk = self.total;
+        if m.dropout > 0.0 {
+            // In training, dropout writes a new tensor of the same size (eval: identity).
+            self.total += x.numel() as i64;
+        }
+        let x = self.keep(m.fc.forward(&x));
+        (self.keep(m.features.forward_t(&x, false)), trunk)
+    }
+
+    fn mobilefacenet(&mut self, m: &MobileFaceNet, xs: &Tensor) -> (Tensor, i64) {
+        let mut x = xs.shallow_clone();
+        for s in &m.stages {
+            x = match s {
+                Stage::Unit(u) => self.unit(u, &x),
+                Stage::Down(d) => self.depthwise(d, &x),
+                Stage::Residual(ds) => ds.iter().fold(x, |x, d| self.depthwise(d, &x)),
+            };
+        }
+        let trunk = self.total;
+        let x = self.unit(&m.conv_sep, &x);
+        let x = self.unit(&m.gdc, &x).flatten(1, -1);
+        let x = self.keep(m.linear.forward(&x));
+        (self.keep(m.bn.forward_t(&x, false)), trunk)
+    }
+}
+
+/// Runs `backbone` on `x` (eval mode, no autograd) layer by layer and counts the outputs.
+/// Returns the output (equal to `backbone.forward_t(x, false)`) and the counts, per batch of `x`.
+///
+/// # Shapes
+/// `x`: `[B, 3, S, S]`; output `[B, D]`.
+pub fn walk_layers(backbone: &Backbone, x: &Tensor) -> (Tensor, ActivationCount) {
+    let _guard = tch::no_grad_guard();
+    let mut meter = Meter { total: 0 };
+    let (out, trunk) = match backbone {
+        Backbone::IResNet(m) => meter.iresnet(m, x),
+        Backbone::MobileFaceNet(m) => meter.mobilefacenet(m, x),
+    };
+    (out, ActivationCount { total: meter.total, trunk })
+}
+
+/// Parameter and buffer counts of a backbone's variables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ParamCount {
+    /// Trainable parameters.
+    pub trainable: i64,
+    /// Parameters that do not train (iResNet's `features.weight`, fixed at 1).
+    pub frozen: i64,
+    /// BN `running_mean`/`running_var` values and `num_batches_tracked` scalars.
+    pub buffers: i64,
+}
+
+/// Counts the variables of `vs` by their arcface_torch names.
+pub fn count_params(vs: &nn::VarStore) -> ParamCount {
+    let mut c = ParamCount { trainable: 0, frozen: 0, buffers: 0 };
+    for (name, t) in vs.variables() {
+        let n = t.numel() as i64;
+        let leaf = name.rsplit('.').next().unwrap_or("");
+        if matches!(leaf, "running_mean" | "running_var" | "num_batches_tracked") {
+            c.buffers += n;
+        } else if t.requires_grad() {
+            c.trainable += n;
+        } else {
+            c.frozen += n;
+        }
+    }
+    c
+}
+
+/// What the dry run needs besides the backbone config.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ClassifierSpec {
+    /// Number of classes `C`.
+    pub num_classes: i64,
+    /// Softmax head: a bias per class besides `W [C, D]`.
+    pub bias: bool,
+    /// Partial FC sample rate `r` in `(0, 1]`.
+    pub sample_rate: f64,
+    /// Optimiser state tensors per parameter (SGD with momentum: 1; plain SGD: 0; Adam: 2).
+    pub state_buffers: i64,
+}
+
+/// The dry-run report.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DryRun {
+    /// The backbone config.
+    pub model: BackboneConfig,
+    /// Backbone parameters and buffers.
+    pub backbone: ParamCount,
+    /// The classifier.
+    pub classifier: ClassifierSpec,
+    /// Embedding length `D`.
+    pub embedding_size: i64,
+    /// Classifier parameters: `C * D` (+ `C`).
+    pub classifier_params: i64,
+    /// Classes per step `C'` (Partial FC), before the at-least-the-positives rule.
+    pub sampled_classes: i64,
+    /// Batch size `B`.
+    pub batch_size: i64,
+    /// Layer outputs per image.
+    pub activations_per_image: ActivationCount,
+}
+
+impl DryRun {
+    /// fp32 bytes of the classifier weights (and of its gradient).
+    pub fn classifier_weight_bytes(&self) -> i64 {
+        self.classifier_params * F32
+    }
+    /// fp32 bytes of the classifier's optimiser state.
+    pub fn classifier_state_bytes(&self) -> i64 {
+        self.classifier.state_buffers * self.classifier_weight_bytes()
+    }
+    /// Weights + optimiser state + gradients of the classifier, fp32 bytes.
+    pub fn classifier_total_bytes(&self) -> i64 {
+        2 * self.classifier_weight_bytes() + self.classifier_state_bytes()
+    }
+    /// Layer outputs of one batch in fp32, bytes.
+    pub fn activation_bytes_fp32(&self) -> i64 {
+        self.activations_per_image.total * self.batch_size * F32
+    }
+    /// Layer outputs of one batch with the trunk in fp16 (amp), bytes.
+    pub fn activation_bytes_amp(&self) -> i64 {
+        let a = self.activations_per_image;
+        (a.trunk * 2 + (a.total - a.trunk) * F32) * self.batch_size
+    }
+}
+
+/// Builds the backbone on the CPU, counts its parameters and measures one image's activations.
+///
+/// # Panics
+/// If `model` does not pass [`BackboneConfig::validate`], or a count is negative.
+pub fn estimate(model: &BackboneConfig, classifier: ClassifierSpec, batch_size: i64) -> DryRun {
+    assert!(classifier.num_classes > 0 && batch_size > 0, "classes and batch size must be positive");
+    let vs = nn::VarStore::new(Device::Cpu);
+    let backbone = facerec_backbone::build(&vs.root(), model);
+    let s = model.input_size();
+    let x = Tensor::zeros([1, 3, s, s], (Kind::Float, Device::Cpu));
+    let (_, activations) = walk_layers(&backbone, &x);
+    let d = model.embedding_size();
+    let c = classifier.num_classes;
+    let sampled = ((classifier.sample_rate * c as f64).floor() as i64).clamp(1, c);
+    DryRun {
+        model: model.clone(),
+        backbone: count_params(&vs),
+        classifier,
+        embedding_size: d,
+        classifier_params: c * d + if classifier.bias { c } else { 0 },
+        sampled_classes: sampled,
+        batch_size,
+        activations_per_image: activations,
+    }
+}
+
+/// The dry run of a resolved config. The class count is `classifier.num_classes`, else the
+/// training source's (the source is opened, nothing is decoded).
+pub fn from_config(cfg: &Config) -> Result<DryRun> {
+    let num_classes = match cfg.classifier.num_classes {
+        Some(n) => n,
+        None => {
+            let size = cfg.model.input_size() as usize;
+            let workspace = crate::run::default_workspace();
+            crate::run::open_source(&cfg.data, size, &workspace, cfg.seed, "data", true)?
+                .context("the training source")?
+                .num_classes()
+        }
+    };
+    let state_buffers = match &cfg.optim {
+        OptimConfig::Sgd { momentum, .. } => i64::from(*momentum != 0.0),
+        OptimConfig::Adamw { .. } => 2,
+    };
+    let spec = ClassifierSpec {
+        num_classes: num_classes as i64,
+        bias: cfg.head.uses_linear_classifier(),
+        sample_rate: cfg.partial_fc.sample_rate,
+        state_buffers,
+    };
+    Ok(estimate(&cfg.model, spec, cfg.train.batch_size as i64))
+}
+
+/// Run the dry run and print the report.
+pub fn run(cfg: &Config) -> Result<()> {
+    print!("{}", from_config(cfg)?);
+    Ok(())
+}
+
+/// `12345678` -> `12,345,678`.
+fn thousands(n: i64) -> String {
+    let s = n.unsigned_abs().to_string();
+    let mut out = String::new();
+    for (i, ch) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    if n < 0 {
+        format!("-{out}")
+    } else {
+        out
+    }
+}
+
+/// Bytes as MiB, or GiB from 1 GiB on.
+fn mem(bytes: i64) -> String {
+    let mib = bytes as f64 / (1u64 << 20) as f64;
+    if mib >= 1024.0 {
+        format!("{:.2} GiB", mib / 1024.0)
+    } else {
+        format!("{mib:.2} MiB")
+    }
+}
+
+impl fmt::Display for DryRun {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (b, c) = (&self.backbone, &self.classifier);
+        writeln!(f, "dry run: nothing is trained and no run directory is created")?;
+        writeln!(f, "model: {}", toml::to_string(&self.model).unwrap_or_default().replace('\n', "; ").trim_end_matches("; "))?;
+        writeln!(
+            f,
+            "backbone parameters: {} trainable, {} frozen, {} in all; {} BN buffer values",
+            thousands(b.trainable),
+            thousands(b.frozen),
+            thousands(b.trainable + b.frozen),
+            thousands(b.buffers)
+        )?;
+        let head = if c.bias { "linear (softmax head), with bias" } else { "cosine, no bias" };
+        writeln!(
+            f,
+            "classifier parameters: {} ({} classes x {} embedding, {head})",
+            thousands(self.classifier_params),
+            thousands(c.num_classes),
+            self.embedding_size
+        )?;
+        let w = self.classifier_weight_bytes();
+        writeln!(
+            f,
+            "classifier memory, fp32: weights {} ({} B) + optimiser state {} ({} buffer(s) per weight) + gradients {} = {} ({} B)",
+            mem(w),
+            thousands(w),
+            mem(self.classifier_state_bytes()),
+            c.state_buffers,
+            mem(w),
+            mem(self.classifier_total_bytes()),
+            thousands(self.classifier_total_bytes())
+        )?;
+        let cs = self.sampled_classes;
+        writeln!(
+            f,
+            "partial FC: sample_rate {} -> {} classes per step (at least the batch's distinct labels); per step a [C', D] normalised weight copy {} and [B, C'] logits {} per tensor (B = {})",
+            c.sample_rate,
+            thousands(cs),
+            mem(cs * self.embedding_size * F32),
+            mem(self.batch_size * cs * F32),
+            self.batch_size
+        )?;
+        let a = self.activations_per_image;
+        writeln!(
+            f,
+            "activations: {} values per image (sum of every layer output, measured on one image); x batch {} = {} in fp32, about {} with the trunk in fp16 (amp)",
+            thousands(a.total),
+            self.batch_size,
+            mem(self.activation_bytes_fp32()),
+            mem(self.activation_bytes_amp())
+        )?;
+        let s = self.model.input_size();
+        writeln!(f, "input batch: {} in fp32 ([{}, 3, {s}, {s}])", mem(self.batch_size * 3 * s * s * F32), self.batch_size)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use facerec_backbone::{IResNetConfig, MobileFaceNetConfig};
+
+    #[test]
+    fn thousands_and_mem() {
+        assert_eq!(thousands(47_836_672), "47,836,672");
+        assert_eq!(thousands(512), "512");
+        assert_eq!(mem(191_346_688), "182.48 MiB");
+        assert_eq!(mem(3 << 30), "3.00 GiB");
+    }
+
+    /// The walk returns exactly the backbone's own eval output (so it visits the real layers).
+    #[test]
+    fn walk_matches_forward() {
+        tch::manual_seed(3);
+        let cfgs = [
+            BackboneConfig::Iresnet(IResNetConfig {
+                depth: None,
+                layers: Some([2, 1, 2, 1]),
+                widths: [4, 8, 8, 16],
+                embedding_size: 8,
+                dropout: 0.0,
+                input_size: 24,
+            }),
+            BackboneConfig::Mobilefacenet(MobileFaceNetConfig { blocks: [2, 1, 1, 1], scale: 1, input_size: 32, ..Default::default() }),
+        ];
+        for cfg in cfgs {
+            let vs = nn::VarStore::new(Device::Cpu);
+            let backbone = facerec_backbone::build(&vs.root(), &cfg);
+            let s = cfg.input_size();
+            let x = Tensor::randn([2, 3, s, s], (Kind::Float, Device::Cpu));
+            let (out, count) = walk_layers(&backbone, &x);
+            let want = tch::no_grad(|| backbone.forward_t(&x, false));
+            assert!(out.equal(&want), "{cfg:?}");
+            assert!(count.trunk > 0 && count.trunk < count.total);
+        }
+    }
+
+    /// A tiny iResNet counted by hand, layer by layer (see the comments).
+    #[test]
+    fn iresnet_activation_count_by_hand() {
+        let cfg = BackboneConfig::Iresnet(IResNetConfig {
+            depth: None,
+            layers: Some([1, 1, 1, 1]),
+            widths: [2, 4, 8, 16],
+            embedding_size: 8,
+            dropout: 0.0,
+            input_size: 16,
+        });
+        // stem: conv, bn, prelu at 2x16x16 = 3 * 512
+        let stem = 3 * 512;
+        // block (c_in, c_out, side in -> side out): bn1 on the input, conv1/bn2/prelu at c_out x
+        // side_in^2, conv2/bn3/downsample conv/downsample bn/add at c_out x side_out^2.
+        let block = |ci: i64, co: i64, si: i64, so: i64| ci * si * si + 3 * co * si * si + 5 * co * so * so;
+        let stages = block(2, 2, 16, 8) + block(2, 4, 8, 4) + block(4, 8, 4, 2) + block(8, 16, 2, 1);
+        assert_eq!(stages, 2688 + 1216 + 608 + 304);
+        // bn2 (16 x 1 x 1), then fc (8) and features (8).
+        let trunk = stem + stages + 16;
+        let total = trunk + 8 + 8;
+        assert_eq!(total, 6384);
+        let spec = ClassifierSpec { num_classes: 10, bias: false, sample_rate: 1.0, state_buffers: 1 };
+        let r = estimate(&cfg, spec, 32);
+        assert_eq!(r.activations_per_image, ActivationCount { total, trunk });
+        assert_eq!(r.activation_bytes_fp32(), 6384 * 32 * 4);
+        assert_eq!(r.activation_bytes_amp(), (6368 * 2 + 16 * 4) * 32);
+    }
+
+    #[test]
+    fn softmax_bias_and_sampling() {
+        let cfg = BackboneConfig::Iresnet(IResNetConfig {
+            depth: None,
+            layers: Some([1, 1, 1, 1]),
+            widths: [2, 4, 8, 16],
+            embedding_size: 8,
+            dropout: 0.0,
+            input_size: 16,
+        });
+        let spec = ClassifierSpec { num_classes: 1001, bias: true, sample_rate: 0.1, state_buffers: 2 };
+        let r = estimate(&cfg, spec, 4);
+        assert_eq!(r.classifier_params, 1001 * 8 + 1001);
+        assert_eq!(r.sampled_classes, 100);
+        assert_eq!(r.classifier_total_bytes(), 4 * 4 * (1001 * 9));
+        // The classifier the trainer builds has exactly these parameters.
+        let vs = nn::VarStore::new(Device::Cpu);
+        let head = facerec_loss_heads::HeadConfig::Softmax(Default::default());
+        let _c = facerec_loss_heads::Classifier::new(&vs.root(), &head, 1001, 8);
+        let n: i64 = vs.trainable_variables().iter().map(|t| t.numel() as i64).sum();
+        assert_eq!(n, r.classifier_params);
+    }
+}
