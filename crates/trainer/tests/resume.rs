@@ -102,11 +102,15 @@ fn logged_step(run_parent: &Path) -> usize {
 
 /// Train uninterrupted in one folder; train in another, SIGKILL it at an arbitrary step, resume;
 /// compare everything.
-fn kill_and_resume_matches_uninterrupted(train_extra: &str, extra: &str) {
+/// `sets` are `--set` overrides for both runs.
+fn kill_and_resume_matches_uninterrupted(train_extra: &str, extra: &str, sets: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config(dir.path(), train_extra, extra);
+    let set_args: Vec<String> = sets.iter().flat_map(|s| ["--set".to_string(), s.to_string()]).collect();
     let whole = dir.path().join("whole");
-    let (ok, err) = run(&["--config", cfg.to_str().unwrap(), "--set", &format!("output_dir={}", whole.display())]);
+    let mut args = vec!["--config".to_string(), cfg.display().to_string(), "--set".into(), format!("output_dir={}", whole.display())];
+    args.extend(set_args.iter().cloned());
+    let (ok, err) = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(ok, "uninterrupted run failed: {err}");
 
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as usize;
@@ -114,6 +118,7 @@ fn kill_and_resume_matches_uninterrupted(train_extra: &str, extra: &str) {
     let killed = dir.path().join("killed");
     let mut child = facerec()
         .args(["train", "--config", cfg.to_str().unwrap(), "--set", &format!("output_dir={}", killed.display())])
+        .args(&set_args)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -139,8 +144,10 @@ fn kill_and_resume_matches_uninterrupted(train_extra: &str, extra: &str) {
         assert_bitwise_equal(&whole_dir.join(f), &run_dir.join(f));
     }
     let last = format!("checkpoints/step-{STEPS:08}");
-    for f in ["model.safetensors", "classifier.safetensors", "optimizer.safetensors"] {
-        assert_bitwise_equal(&whole_dir.join(&last).join(f), &run_dir.join(&last).join(f));
+    for f in ["model.safetensors", "classifier.safetensors", "optimizer.safetensors", "objective.safetensors"] {
+        if whole_dir.join(&last).join(f).exists() {
+            assert_bitwise_equal(&whole_dir.join(&last).join(f), &run_dir.join(&last).join(f));
+        }
     }
     // keep = 2: older checkpoints were pruned.
     assert_eq!(std::fs::read_dir(run_dir.join("checkpoints")).unwrap().count(), 2);
@@ -148,7 +155,7 @@ fn kill_and_resume_matches_uninterrupted(train_extra: &str, extra: &str) {
 
 #[test]
 fn sgd_resume_after_sigkill_is_bitwise_exact() {
-    kill_and_resume_matches_uninterrupted("", "");
+    kill_and_resume_matches_uninterrupted("", "", &[]);
 }
 
 #[test]
@@ -157,6 +164,24 @@ fn adamw_with_accumulation_resume_after_sigkill_is_bitwise_exact() {
     kill_and_resume_matches_uninterrupted(
         "batch_size = 8\ngrad_accumulation = 2",
         "[optim]\ntype = \"adamw\"\nlr = 0.002\nclassifier_weight_decay = 0.0",
+        &[],
+    );
+}
+
+/// CoReFace from epoch 1: the adaptive margin is objective state and must continue exactly.
+#[test]
+fn coreface_resume_after_sigkill_is_bitwise_exact() {
+    kill_and_resume_matches_uninterrupted("", "", &["model.dropout=0.0", "coreface.start_epoch=1", "coreface.s=16.0"]);
+}
+
+/// Cluster-guided ArcFace refreshing every epoch: margins, centres and the refresh epoch are
+/// objective state; a resumed run neither repeats nor skips a refresh.
+#[test]
+fn cluster_guided_resume_after_sigkill_is_bitwise_exact() {
+    kill_and_resume_matches_uninterrupted(
+        "",
+        "",
+        &["head.type=arcface", "head.s=16.0", "cluster_guided.refresh_every_epochs=1", "cluster_guided.margin.s=16.0", "cluster_guided.align.mode=both"],
     );
 }
 
