@@ -8,14 +8,11 @@ use facerec_loss_heads::gradcheck::{check_gradients, GradCheck};
 use facerec_loss_heads::{
     cross_entropy, ArcFace, ArcFaceConfig, ArcFaceGradient, CosineClassifier, MarginHead,
 };
-use facerec_testkit::python;
+use facerec_testkit::floats;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 use serde_json::{json, Value};
-use std::io::Write;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use tch::{nn, Device, Kind, Tensor};
 
 const MODES: [ArcFaceGradient; 3] =
@@ -36,10 +33,6 @@ fn rows(t: &Tensor) -> Value {
     json!(to_vec(t).chunks(d as usize).map(|c| c.to_vec()).collect::<Vec<_>>())
 }
 
-fn floats(v: &Value) -> Vec<f64> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap_or(f64::NAN)).collect()
-}
-
 fn close(what: &str, a: &[f64], e: &[f64], tol: f64) {
     assert_eq!(a.len(), e.len(), "{what}: length");
     let scale = e.iter().fold(0.0f64, |m, x| m.max(x.abs())).max(1e-300);
@@ -50,20 +43,7 @@ fn close(what: &str, a: &[f64], e: &[f64], tol: f64) {
 }
 
 fn oracle(request: &Value) -> Option<Value> {
-    let py = python()?;
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../data-scripts/cluster_guided_oracle.py");
-    let mut child = Command::new(py)
-        .arg(&script)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start the oracle");
-    child.stdin.take().unwrap().write_all(request.to_string().as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{} failed", script.display());
-    Some(serde_json::from_slice(&out.stdout).expect("oracle JSON"))
+    facerec_testkit::oracle("cluster_guided_oracle.py", request)
 }
 
 /// f64 cosines covering the regimes: aligned, moderate, near 0, negative, past the threshold.

@@ -3,29 +3,12 @@
 //! definitions), on random labelings of many shapes, including degenerate ones.
 
 use facerec_clustering::evaluate;
-use facerec_testkit::python;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
-use std::io::Write;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
 
 fn oracle(request: &Value) -> Option<Value> {
-    let py = python()?;
-    let script =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../data-scripts/clustering_oracle.py");
-    let mut child = Command::new(py)
-        .arg(&script)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start the oracle");
-    child.stdin.take().unwrap().write_all(request.to_string().as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{} failed", script.display());
-    Some(serde_json::from_slice(&out.stdout).expect("oracle JSON"))
+    facerec_testkit::oracle("clustering_oracle.py", request)
 }
 
 #[test]

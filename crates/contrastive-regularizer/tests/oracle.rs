@@ -8,14 +8,11 @@ use facerec_contrastive_regularizer::{
     AdaptiveMarginConfig, CoReFace, CoReFaceConfig, ContrastiveRegularizer, FixedMarginConfig,
     MarginConfig, MomentumOn, Protocol,
 };
-use facerec_testkit::python;
+use facerec_testkit::floats;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 use serde_json::{json, Value};
-use std::io::Write;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use tch::{Device, Kind, Tensor};
 
 const B: usize = 8;
@@ -28,25 +25,7 @@ const LABELS: [[i64; B]; STEPS] = [
 ];
 
 fn oracle(request: &Value) -> Option<Value> {
-    let py = python()?;
-    let script =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../data-scripts/coreface_oracle.py");
-    let mut child = Command::new(py)
-        .arg(&script)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start the oracle");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(request.to_string().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{} failed", script.display());
-    Some(serde_json::from_slice(&out.stdout).expect("oracle JSON"))
+    facerec_testkit::oracle("coreface_oracle.py", request)
 }
 
 /// View 2 is view 1 plus noise, so positives are well aligned (as two dropout views are) and the
@@ -65,14 +44,6 @@ fn rows(v: &[f64]) -> Value {
     json!(v.chunks(D).collect::<Vec<_>>())
 }
 
-fn floats(v: &Value) -> Vec<f64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect()
-}
-
 fn to_vec(t: &Tensor) -> Vec<f64> {
     Vec::<f64>::try_from(t.detach().to_kind(Kind::Double).flatten(0, -1)).unwrap()
 }
@@ -80,16 +51,7 @@ fn to_vec(t: &Tensor) -> Vec<f64> {
 /// `|a − e| ≤ rtol·|e| + rtol·1e-2·max|e| + 1e-13` (an absolute floor scaled to the largest
 /// entry, and one for rounding noise when a saturated softmax makes every gradient ~1e-16).
 fn check(what: &str, actual: &[f64], expected: &[f64], rtol: f64) {
-    assert_eq!(actual.len(), expected.len(), "{what}: length");
-    let scale = expected.iter().fold(0f64, |a, x| a.max(x.abs()));
-    for (k, (a, e)) in actual.iter().zip(expected).enumerate() {
-        let tol = rtol * e.abs() + rtol * 1e-2 * scale + 1e-13;
-        assert!(
-            (a - e).abs() <= tol,
-            "{what}[{k}]: ours {a:.12e}, oracle {e:.12e} (|diff| {:.2e} > {tol:.2e})",
-            (a - e).abs()
-        );
-    }
+    facerec_testkit::assert_close(what, actual, expected, rtol, 1e-13);
 }
 
 fn margins() -> Vec<MarginConfig> {

@@ -11,15 +11,12 @@ use facerec_loss_heads::{
     HeadConfig, MarginForm, OutWeight, PairwiseConfig, PartialFc, PartialFcConfig, Replacement,
     SelfPair,
 };
-use facerec_testkit::python;
+use facerec_testkit::floats;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::StandardNormal;
 use serde_json::{json, Value};
 use std::f64::consts::PI;
-use std::io::Write;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use tch::{nn, Device, Kind, Tensor};
 
 const B: i64 = 6;
@@ -196,46 +193,12 @@ fn cases(s: f64) -> Vec<(String, GceConfig, Replacement)> {
 }
 
 fn oracle(request: &Value) -> Option<Value> {
-    let py = python()?;
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../data-scripts/gce_oracle.py");
-    let mut child = Command::new(py)
-        .arg(&script)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start the oracle");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(request.to_string().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{} failed", script.display());
-    Some(serde_json::from_slice(&out.stdout).expect("oracle JSON"))
-}
-
-fn floats(v: &Value) -> Vec<f64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect()
+    facerec_testkit::oracle("gce_oracle.py", request)
 }
 
 /// `|a − e| ≤ rtol·|e| + rtol·1e-2·max|e|` (an absolute floor scaled to the largest entry).
 fn check(what: &str, actual: &[f64], expected: &[f64], rtol: f64) {
-    assert_eq!(actual.len(), expected.len(), "{what}: length");
-    let scale = expected.iter().fold(0f64, |a, x| a.max(x.abs()));
-    for (k, (a, e)) in actual.iter().zip(expected).enumerate() {
-        let tol = rtol * e.abs() + rtol * 1e-2 * scale;
-        assert!(
-            (a - e).abs() <= tol,
-            "{what}[{k}]: ours {a:.12e}, oracle {e:.12e} (|diff| {:.2e} > {tol:.2e})",
-            (a - e).abs()
-        );
-    }
+    facerec_testkit::assert_close(what, actual, expected, rtol, 0.0);
 }
 
 /// Loss and gradients w.r.t. embeddings and weights against the oracle, s = 64 and s = 16,

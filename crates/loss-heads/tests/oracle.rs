@@ -14,11 +14,8 @@ use facerec_loss_heads::{
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
-use std::io::Write;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use tch::{nn, Device, Kind, Tensor};
-use facerec_testkit::python;
+use facerec_testkit::floats;
 
 const B: usize = 6;
 const C: usize = 7;
@@ -29,25 +26,7 @@ const TARGETS: [f64; B] = [0.93, 0.41, 0.05, -0.3, -0.93, 0.66];
 const LABELS: [i64; B] = [0, 3, 6, 2, 3, 5];
 
 fn oracle(request: &Value) -> Option<Value> {
-    let py = python()?;
-    let script =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../data-scripts/heads_oracle.py");
-    let mut child = Command::new(py)
-        .arg(&script)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start the oracle");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(request.to_string().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{} failed", script.display());
-    Some(serde_json::from_slice(&out.stdout).expect("oracle JSON"))
+    facerec_testkit::oracle("heads_oracle.py", request)
 }
 
 fn cos_values() -> Vec<f64> {
@@ -63,14 +42,6 @@ fn rows(v: &[f64], n: usize) -> Value {
     json!(v.chunks(n).collect::<Vec<_>>())
 }
 
-fn floats(v: &Value) -> Vec<f64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect()
-}
-
 fn to_vec(t: &Tensor) -> Vec<f64> {
     Vec::<f64>::try_from(t.detach().to_kind(Kind::Double).flatten(0, -1)).unwrap()
 }
@@ -78,16 +49,7 @@ fn to_vec(t: &Tensor) -> Vec<f64> {
 /// `|a − e| ≤ rtol·|e| + rtol·atol_scale·max|e|`: relative, with an absolute floor scaled to the
 /// largest entry (gradient entries of far-off classes are ~e^-60 and only meaningful absolutely).
 fn check(what: &str, actual: &[f64], expected: &[f64], rtol: f64) {
-    assert_eq!(actual.len(), expected.len(), "{what}: length");
-    let scale = expected.iter().fold(0f64, |a, x| a.max(x.abs()));
-    for (k, (a, e)) in actual.iter().zip(expected).enumerate() {
-        let tol = rtol * e.abs() + rtol * 1e-2 * scale;
-        assert!(
-            (a - e).abs() <= tol,
-            "{what}[{k}]: ours {a:.12e}, oracle {e:.12e} (|diff| {:.2e} > {tol:.2e})",
-            (a - e).abs()
-        );
-    }
+    facerec_testkit::assert_close(what, actual, expected, rtol, 0.0);
 }
 
 struct HeadCase {
