@@ -84,3 +84,29 @@ pub fn gce_cases() -> Vec<(&'static str, GceConfig)> {
         ),
     ]
 }
+
+/// Median of timings (mean of the two middle ones for an even count).
+///
+/// # Panics
+/// On an empty list.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+/// Smallest timing (best-of).
+pub fn min(v: &[f64]) -> f64 {
+    v.iter().copied().fold(f64::INFINITY, f64::min)
+}
+
+/// Wait for the device's queued work, so a timer stops after it (no-op on CPU).
+pub fn sync(device: tch::Device) {
+    if let tch::Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+}

@@ -21,6 +21,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use clap::Parser;
+use facerec_benches::{median, min, sync};
 use facerec_backbone::{build, Backbone, BackboneConfig, IResNetConfig};
 use facerec_contrastive_regularizer::{
     contrastive_logits, dropout_views, CoReFace, CoReFaceConfig, ContrastiveRegularizer, Protocol,
@@ -70,26 +71,6 @@ fn four(s: &str) -> Result<[i64; 4]> {
         .collect::<Result<_, _>>()?;
     anyhow::ensure!(v.len() == 4, "need 4 comma-separated values, got {s}");
     Ok([v[0], v[1], v[2], v[3]])
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
-fn min(v: &[f64]) -> f64 {
-    v.iter().copied().fold(f64::INFINITY, f64::min)
-}
-
-fn sync(device: Device) {
-    if let Device::Cuda(i) = device {
-        tch::Cuda::synchronize(i as i64);
-    }
 }
 
 struct Setup {

@@ -27,6 +27,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+use facerec_benches::{median, min, sync};
 use facerec_loss_heads::{
     cross_entropy, margin_cross_entropy, CosineClassifier, Gce, GceConfig, HeadConfig, MarginHead,
 };
@@ -171,26 +172,6 @@ impl Drop for Reference {
         // Closing stdin ends the serve loop.
         drop(self.stdin.take());
         let _ = self.child.wait();
-    }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
-}
-
-fn min(v: &[f64]) -> f64 {
-    v.iter().copied().fold(f64::INFINITY, f64::min)
-}
-
-fn sync(device: Device) {
-    if let Device::Cuda(i) = device {
-        tch::Cuda::synchronize(i as i64);
     }
 }
 
