@@ -562,11 +562,13 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
                     "kind": "train", "step": st.step, "epoch": epoch, "loss": final_loss, "lr": lr,
                     "samples_per_sec": window.samples as f64 / elapsed.max(1e-9),
                     "data_wait_fraction": window.wait / elapsed.max(1e-9),
-                    "grad_scale": st.scaler.scale(),
                     "skipped_steps": st.skipped,
                     "skipped_images": loader.skipped(),
                 });
                 let mut record = record;
+                if st.scaler.enabled() {
+                    record["grad_scale"] = serde_json::json!(st.scaler.scale());
+                }
                 for (k, v) in &extra {
                     record[*k] = serde_json::json!(v);
                 }
