@@ -432,8 +432,8 @@ pub struct TrainConfig {
     /// divided by this). The schedule counts optimiser steps. Default 1.
     #[serde(default = "default_accumulation")]
     pub grad_accumulation: usize,
-    /// Mixed precision: `"off"` (default) or `"fp16"` (CUDA autocast for backbone and classifier
-    /// matmul, dynamic loss scaling).
+    /// Mixed precision: `"off"` (default), `"fp16"` (CUDA autocast for backbone trunk and classifier
+    /// matmul, dynamic loss scaling) or `"bf16"` (the same autocast in bf16, no loss scaling).
     #[serde(default)]
     pub precision: crate::amp::Precision,
     /// The fp16 loss scaler.

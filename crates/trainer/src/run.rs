@@ -333,8 +333,8 @@ fn step_seed(seed: u64, step: usize) -> i64 {
 pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     let device = parse_device(&cfg.train.device)?;
     check_available(device)?;
-    if cfg.train.precision == Precision::Fp16 && !device.is_cuda() {
-        bail!("config key `train.precision`: fp16 autocast needs a CUDA device (train.device resolved to {device:?}); use \"off\" on CPU");
+    if cfg.train.precision.is_reduced() && !device.is_cuda() {
+        bail!("config key `train.precision`: fp16/bf16 autocast needs a CUDA device (train.device resolved to {device:?}); use \"off\" on CPU");
     }
     let size = cfg.model.input_size() as usize;
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);

@@ -47,3 +47,15 @@ fn fp16_training_logs_scale_and_resumes_on_cuda() {
     // Resume from the newest checkpoint with one more epoch.
     run(&["--resume", run_dir.to_str().unwrap(), "--set", "train.epochs=3"]);
 }
+
+#[test]
+fn bf16_training_runs_on_cuda() {
+    assert!(tch::Cuda::is_available(), "cuda-tests needs a CUDA device (is libtorch_cuda linked?)");
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_facerec"))
+        .args(["train", "--set", &format!("output_dir={}", dir.path().display())])
+        .args(["--set", "train.device=cuda", "--set", "train.precision=bf16", "--set", "train.epochs=1", "--set", "eval.targets=[]"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}

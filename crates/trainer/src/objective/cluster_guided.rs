@@ -61,7 +61,8 @@ impl ClusterGuidedObjective {
             let mut parts = Vec::new();
             for chunk in idx.chunks(REFRESH_BATCH) {
                 let x = data.images(chunk).context("embedding the training set for the cluster refresh")?;
-                parts.push(model.backbone.forward_amp(&x, false, model.amp()).to_kind(Kind::Float));
+                let emb = crate::amp::with_autocast_dtype(model.precision, || model.backbone.forward_amp(&x, false, model.amp()));
+                parts.push(emb.to_kind(Kind::Float));
             }
             Tensor::cat(&parts, 0)
         };

@@ -46,9 +46,9 @@ pub struct Model<'a> {
 }
 
 impl Model<'_> {
-    /// Whether fp16 autocast is on.
+    /// Whether autocast (fp16 or bf16) is on.
     pub fn amp(&self) -> bool {
-        self.precision == Precision::Fp16
+        self.precision.is_reduced()
     }
 }
 
@@ -111,12 +111,12 @@ pub trait TrainingSet {
 /// The backbone's embeddings of `x` in train mode (with fp16 the trunk runs under autocast and the
 /// embedding neck in fp32, as in arcface_torch).
 pub fn forward_embeddings(model: &Model, x: &Tensor) -> Tensor {
-    model.backbone.forward_amp(x, true, model.amp())
+    crate::amp::with_autocast_dtype(model.precision, || model.backbone.forward_amp(x, true, model.amp()))
 }
 
 /// The backbone's flattened trunk features of `x` in train mode, before dropout and neck.
 pub fn forward_trunk(model: &Model, x: &Tensor) -> Tensor {
-    model.backbone.forward_trunk_amp(x, true, model.amp())
+    crate::amp::with_autocast_dtype(model.precision, || model.backbone.forward_trunk_amp(x, true, model.amp()))
 }
 
 /// Classifier scores for embeddings `emb` (all classes, or a Partial FC sample):
