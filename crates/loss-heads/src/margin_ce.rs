@@ -41,6 +41,7 @@
 //! Heads that do not report the row-scaled form, and f16/bf16 cosines, fall back to
 //! [`cross_entropy`]`(head.logits(..))`.
 
+use std::sync::atomic::{AtomicI64, Ordering};
 use tch::{Kind, Tensor};
 
 use crate::{check_head_inputs, cross_entropy, MarginHead};
@@ -55,7 +56,23 @@ pub const EXP_FLOOR_F32: f64 = -87.0;
 /// As [`EXP_FLOOR_F32`] for f64 (`exp(−708) ≈ 3.3e-308`).
 pub const EXP_FLOOR_F64: f64 = -708.0;
 
-/// Mean margin cross-entropy `cross_entropy(head.logits(cos_bc, labels_b), labels_b)`, fused.
+/// Default of [`set_fused_min_elements`]: `[B, C]` sizes from 2^22 (4,194,304) entries on take the
+/// fused path. Below it the unfused expression is as fast or faster on CPU (measured with
+/// `cargo xtask bench-losses --unfused` at 128 x 10,000: 9.4–11.3 ms unfused vs 12.7–13.8 ms fused
+/// for NormFace, CosFace and Softmax), because fresh small tensors cost no page faults.
+pub const DEFAULT_FUSED_MIN_ELEMENTS: i64 = 1 << 22;
+
+static FUSED_MIN_ELEMENTS: AtomicI64 = AtomicI64::new(DEFAULT_FUSED_MIN_ELEMENTS);
+
+/// Set the `[B, C]` size from which [`margin_cross_entropy`] fuses (0 = always, e.g. in tests of
+/// the fused path itself). Process-wide.
+pub fn set_fused_min_elements(n: i64) {
+    FUSED_MIN_ELEMENTS.store(n, Ordering::Relaxed);
+}
+
+/// Mean margin cross-entropy `cross_entropy(head.logits(cos_bc, labels_b), labels_b)`, fused
+/// when the matrix has at least [`DEFAULT_FUSED_MIN_ELEMENTS`] entries (see
+/// [`set_fused_min_elements`]).
 ///
 /// Same value and same gradients (w.r.t. `cos_bc` and anything the head's target logit depends
 /// on) as the unfused expression, up to float rounding; fewer `[B, C]` temporaries (see the
@@ -123,7 +140,8 @@ fn fused(
 ) -> Tensor {
     let b = check_head_inputs(cos_bc, labels_b);
     let kind = cos_bc.kind();
-    if !row_scaled || !matches!(kind, Kind::Float | Kind::Double) || b == 0 {
+    let small = cos_bc.numel() < FUSED_MIN_ELEMENTS.load(Ordering::Relaxed).max(0) as usize;
+    if !row_scaled || !matches!(kind, Kind::Float | Kind::Double) || b == 0 || small {
         return cross_entropy(&logits(cos_bc, labels_b), labels_b);
     }
     let c = cos_bc.size()[1];

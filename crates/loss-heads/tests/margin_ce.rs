@@ -130,6 +130,7 @@ fn assert_same(
 
 #[test]
 fn every_head_matches_the_unfused_loss_on_cosine_leaves() {
+    facerec_loss_heads::margin_ce::set_fused_min_elements(0);
     let y = labels();
     for cfg in heads() {
         let mut head = cfg.build();
@@ -146,6 +147,7 @@ fn every_head_matches_the_unfused_loss_on_cosine_leaves() {
 
 #[test]
 fn every_head_matches_with_feature_norms_including_the_norm_gradient() {
+    facerec_loss_heads::margin_ce::set_fused_min_elements(0);
     let y = labels();
     let norms = (randn(9, &[B]).abs() * 3.0 + 2.0).set_requires_grad(true);
     for cfg in heads() {
@@ -190,6 +192,7 @@ fn full() -> Full {
 
 #[test]
 fn every_head_matches_through_the_classifier_and_over_a_partial_fc_subset() {
+    facerec_loss_heads::margin_ce::set_fused_min_elements(0);
     let fx = full();
     let y = labels();
     let mut pfc = PartialFc::new(&PartialFcConfig {
@@ -231,6 +234,7 @@ fn every_head_matches_through_the_classifier_and_over_a_partial_fc_subset() {
 
 #[test]
 fn softmax_matches_over_the_linear_classifier() {
+    facerec_loss_heads::margin_ce::set_fused_min_elements(0);
     let mut vs = nn::VarStore::new(Device::Cpu);
     vs.set_kind(Kind::Double);
     let clf = LinearClassifier::new(&vs.root(), C, D);
@@ -248,6 +252,7 @@ fn softmax_matches_over_the_linear_classifier() {
 
 #[test]
 fn f32_matches_the_unfused_loss() {
+    facerec_loss_heads::margin_ce::set_fused_min_elements(0);
     let y = labels();
     for cfg in heads() {
         let mut head = cfg.build();
@@ -266,6 +271,7 @@ fn f32_matches_the_unfused_loss() {
 
 #[test]
 fn value_without_autograd_matches() {
+    facerec_loss_heads::margin_ce::set_fused_min_elements(0);
     let y = labels();
     let cos = cosines();
     for cfg in heads() {
@@ -291,6 +297,7 @@ impl MarginHead for ColumnMixing {
 
 #[test]
 fn heads_without_the_row_scaled_form_fall_back() {
+    facerec_loss_heads::margin_ce::set_fused_min_elements(0);
     let y = labels();
     let mut head = ColumnMixing;
     let cos = cosines().set_requires_grad(true);
@@ -308,6 +315,7 @@ fn heads_without_the_row_scaled_form_fall_back() {
 /// comparisons with the unfused path above).
 #[test]
 fn fused_loss_passes_finite_difference_checks() {
+    facerec_loss_heads::margin_ce::set_fused_min_elements(0);
     let fx = full();
     let y = labels();
     let inputs = [("emb", &fx.emb), ("weight", fx.classifier.weight())];
