@@ -1,0 +1,72 @@
+//! The trunk/neck split against the whole forward. A file of its own, so its test binary runs
+//! nothing else in parallel: the training-mode check re-seeds torch's global generator and needs
+//! the same dropout mask twice, which a concurrent test drawing random numbers would break.
+
+use facerec_backbone::{build, BackboneConfig, IResNetConfig, MobileFaceNetConfig};
+use tch::nn::{self, ModuleT};
+use tch::{Device, Kind, Tensor};
+
+fn images(b: i64, s: i64) -> Tensor {
+    Tensor::rand([b, 3, s, s], (Kind::Float, Device::Cpu)) * 2.0 - 1.0
+}
+
+fn small() -> IResNetConfig {
+    IResNetConfig {
+        depth: None,
+        layers: Some([1, 1, 1, 1]),
+        widths: [16, 32, 64, 128],
+        embedding_size: 128,
+        dropout: 0.0,
+        input_size: 56,
+    }
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    f64::try_from((a - b).abs().max()).unwrap()
+}
+
+/// `forward_trunk_t` + `forward_neck_t` is the same network as `forward_t`: in evaluation mode
+/// (dropout off), in training mode without dropout, and in training mode with the configured
+/// dropout applied by the caller between the halves (same seed, same mask).
+#[test]
+fn trunk_then_neck_equals_forward() {
+    let cfgs = [
+        BackboneConfig::Iresnet(IResNetConfig {
+            dropout: 0.4,
+            ..small()
+        }),
+        BackboneConfig::Iresnet(small()),
+        BackboneConfig::Mobilefacenet(MobileFaceNetConfig {
+            embedding_size: 64,
+            blocks: [1, 1, 1, 1],
+            scale: 1,
+            input_size: 56,
+        }),
+    ];
+    for cfg in cfgs {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let model = build(&vs.root(), &cfg);
+        let x = images(4, 56);
+        let f = model.trunk_width();
+        let expected_f = match &cfg {
+            BackboneConfig::Iresnet(c) => c.widths[3] * c.final_side() * c.final_side(),
+            BackboneConfig::Mobilefacenet(_) => 512,
+        };
+        assert_eq!(f, expected_f, "{cfg:?}");
+        tch::no_grad(|| {
+            // Evaluation: dropout off.
+            let whole = model.forward_t(&x, false);
+            let trunk = model.forward_trunk_t(&x, false);
+            assert_eq!(trunk.size(), [4, f]);
+            let split = model.forward_neck_t(&trunk, false);
+            assert_eq!(max_diff(&whole, &split), 0.0, "eval {cfg:?}");
+            // Training: batch statistics; the caller applies the backbone's dropout.
+            tch::manual_seed(11);
+            let whole = model.forward_t(&x, true);
+            tch::manual_seed(11);
+            let trunk = model.forward_trunk_t(&x, true).dropout(model.dropout(), true);
+            let split = model.forward_neck_t(&trunk, true);
+            assert_eq!(max_diff(&whole, &split), 0.0, "train {cfg:?}");
+        });
+    }
+}
