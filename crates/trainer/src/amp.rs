@@ -135,7 +135,7 @@ impl GradScaler {
     }
 
     /// Divide every gradient of `params` by the scale, in place. Call before clipping.
-    pub fn unscale(&self, params: &[Tensor]) {
+    pub fn unscale<'a>(&self, params: impl IntoIterator<Item = &'a Tensor>) {
         if !self.enabled {
             return;
         }
@@ -210,29 +210,22 @@ fn set_cuda_autocast_kind(kind: tch::Kind) {
 pub fn autocast<T>(precision: Precision, f: impl FnOnce() -> T) -> T {
     match precision {
         Precision::Off => f(),
-        Precision::Fp16 => with_kind(tch::Kind::Half, f),
-        Precision::Bf16 => with_kind(tch::Kind::BFloat16, f),
+        _ => with_autocast_dtype(precision, || tch::autocast(true, f)),
     }
 }
 
-/// Run `f` with CUDA autocast's dtype set for `precision` (bf16 or fp16), without switching
-/// autocast on: for code that switches it on itself (`Backbone::forward_amp`).
+/// Run `f` with CUDA autocast's dtype set for `precision` (fp16 or bf16, restored afterwards),
+/// without switching autocast on: for code that switches it on itself (`Backbone::forward_amp`).
+/// With `Precision::Off` this is just `f()`.
 pub fn with_autocast_dtype<T>(precision: Precision, f: impl FnOnce() -> T) -> T {
     let kind = match precision {
-        Precision::Off | Precision::Fp16 => tch::Kind::Half,
+        Precision::Off => return f(),
+        Precision::Fp16 => tch::Kind::Half,
         Precision::Bf16 => tch::Kind::BFloat16,
     };
     let before = cuda_autocast_kind();
     set_cuda_autocast_kind(kind);
     let out = f();
-    set_cuda_autocast_kind(before);
-    out
-}
-
-fn with_kind<T>(kind: tch::Kind, f: impl FnOnce() -> T) -> T {
-    let before = cuda_autocast_kind();
-    set_cuda_autocast_kind(kind);
-    let out = tch::autocast(true, f);
     set_cuda_autocast_kind(before);
     out
 }

@@ -520,8 +520,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
             let t1 = Instant::now();
             // Only the sampled rows (and their optimiser state) may change in this step.
             st.opt.set_row_mask(CLASSIFIER_GROUP, row_mask);
-            let all_params: Vec<Tensor> = st.opt.params().map(|p| p.shallow_clone()).collect();
-            st.scaler.unscale(&all_params);
+            st.scaler.unscale(st.opt.params());
             let finite = loss_v.is_finite() && st.opt.grads_finite();
             let collapsed = st.scaler.update(finite);
             if finite {
@@ -558,14 +557,13 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
             if st.step % cfg.train.log_every.max(1) == 0 || st.step == total_steps {
                 final_loss = window.loss / window.steps.max(1) as f64;
                 let elapsed = window.busy + window.wait;
-                let record = serde_json::json!({
+                let mut record = serde_json::json!({
                     "kind": "train", "step": st.step, "epoch": epoch, "loss": final_loss, "lr": lr,
                     "samples_per_sec": window.samples as f64 / elapsed.max(1e-9),
                     "data_wait_fraction": window.wait / elapsed.max(1e-9),
                     "skipped_steps": st.skipped,
                     "skipped_images": loader.skipped(),
                 });
-                let mut record = record;
                 if st.scaler.enabled() {
                     record["grad_scale"] = serde_json::json!(st.scaler.scale());
                 }
