@@ -9,7 +9,7 @@
 //! refresh has happened). Margins, centres and the epoch of the last refresh are objective state,
 //! so a resumed run neither repeats nor skips a refresh.
 
-use super::{forward_embeddings, score, MicroLoss, Model, Objective, TrainingSet};
+use super::{forward_embeddings, sample_classes, score, MicroLoss, Model, Objective, TrainingSet};
 use anyhow::{bail, Context, Result};
 use facerec_clustering::cluster_guided::{
     align_loss, cluster_statistics, margins_from_hardness, reimprint, scc_loss, stratified_subset, ClusterCentres,
@@ -97,8 +97,7 @@ impl Objective for ClusterGuidedObjective {
 
     fn loss(&mut self, model: &Model, x: &Tensor, y: &Tensor) -> MicroLoss {
         let emb = forward_embeddings(model, x);
-        let sampled = self.partial_fc.as_mut().map(|pfc| pfc.sample(y, model.num_classes));
-        let row_mask = sampled.as_ref().map(|s| s.row_mask(model.num_classes, Kind::Float));
+        let (sampled, row_mask) = sample_classes(self.partial_fc.as_mut(), y, model.num_classes);
         let (emb, scores) = score(model, emb, sampled.as_ref());
         let (logits, labels) = match &sampled {
             Some(s) => (self.head.logits_for_classes(&scores, &s.labels, y), s.labels.shallow_clone()),

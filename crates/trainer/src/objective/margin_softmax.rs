@@ -28,8 +28,7 @@ impl MarginSoftmax {
     /// [`MarginSoftmax::loss_of`] for several views of the same images: one Partial FC sample
     /// serves every view.
     pub fn losses_of_views(&mut self, model: &Model, views: Vec<Tensor>, y: &Tensor) -> (Vec<Tensor>, Option<Tensor>) {
-        let sampled = self.partial_fc.as_mut().map(|pfc| pfc.sample(y, model.num_classes));
-        let mask = sampled.as_ref().map(|s| s.row_mask(model.num_classes, tch::Kind::Float));
+        let (sampled, mask) = super::sample_classes(self.partial_fc.as_mut(), y, model.num_classes);
         let labels = sampled.as_ref().map(|s| s.labels.shallow_clone()).unwrap_or_else(|| y.shallow_clone());
         let losses = views
             .into_iter()

@@ -17,7 +17,7 @@ pub mod margin_softmax;
 use crate::amp::Precision;
 use anyhow::Result;
 use facerec_backbone::Backbone;
-use facerec_loss_heads::{Classifier, Sampled};
+use facerec_loss_heads::{Classifier, PartialFc, Sampled};
 use std::collections::HashMap;
 use tch::Tensor;
 
@@ -117,6 +117,14 @@ pub fn forward_embeddings(model: &Model, x: &Tensor) -> Tensor {
 /// The backbone's flattened trunk features of `x` in train mode, before dropout and neck.
 pub fn forward_trunk(model: &Model, x: &Tensor) -> Tensor {
     crate::amp::with_autocast_dtype(model.precision, || model.backbone.forward_trunk_amp(x, true, model.amp()))
+}
+
+/// This micro-batch's Partial FC sample (when `pfc` is configured) and the classifier rows it may
+/// change: `(sample, row mask)`, both `None` without Partial FC.
+pub fn sample_classes(pfc: Option<&mut PartialFc>, y: &Tensor, num_classes: i64) -> (Option<Sampled>, Option<Tensor>) {
+    let sampled = pfc.map(|pfc| pfc.sample(y, num_classes));
+    let mask = sampled.as_ref().map(|s| s.row_mask(num_classes, tch::Kind::Float));
+    (sampled, mask)
 }
 
 /// Classifier scores for embeddings `emb` (all classes, or a Partial FC sample):
