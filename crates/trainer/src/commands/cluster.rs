@@ -22,7 +22,6 @@ use facerec_evaluation::embed_with_flip;
 use tch::nn::ModuleT;
 
 use super::eval::LoadedModel;
-use crate::device::{check_available, parse_device};
 
 /// Clustering algorithm of `facerec cluster`.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -109,13 +108,7 @@ fn open_images(dir: &Path, size: usize, classes: Option<&[String]>) -> Result<(I
 
 pub fn run(args: Args) -> Result<()> {
     ensure!(args.batch_size > 0, "--batch-size must be at least 1");
-    let device = parse_device(&args.device).context("--device")?;
-    check_available(device)?;
-    let threads = match args.threads {
-        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-        t => t,
-    };
-    tch::set_num_threads(threads as i32);
+    let (device, threads) = super::init_device(&args.device, args.threads)?;
     let m = LoadedModel::load(&args.model, args.config.as_deref(), device)?;
     let (set, labelled) =
         open_images(&args.images, m.input_size() as usize, args.classes.as_deref())?;

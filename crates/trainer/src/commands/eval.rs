@@ -21,7 +21,6 @@ use facerec_evaluation::{
 use indicatif::{ProgressBar, ProgressStyle};
 use tch::{nn, nn::ModuleT, Device, Tensor};
 
-use crate::device::{check_available, parse_device};
 
 /// `facerec eval` options.
 #[derive(clap::Args, Debug, Clone, serde::Serialize)]
@@ -84,35 +83,13 @@ pub struct LoadedModel {
 impl LoadedModel {
     /// Build the backbone from the `[model]` table of the config and load the weights.
     pub fn load(model: &Path, config: Option<&Path>, device: Device) -> Result<Self> {
-        let (checkpoint, default_cfg) = if model.is_dir() {
-            (model.join("model.safetensors"), model.join("config.toml"))
-        } else {
-            let dir = model.parent().unwrap_or(Path::new("."));
-            (model.to_path_buf(), dir.join("config.toml"))
-        };
-        let config_file = config.map(Path::to_path_buf).unwrap_or(default_cfg);
+        let (checkpoint, config_file) = super::model_files(model, config);
         ensure!(
             checkpoint.is_file(),
             "model checkpoint {} does not exist",
             checkpoint.display()
         );
-        let text = std::fs::read_to_string(&config_file).with_context(|| {
-            format!(
-                "reading the model config {} (set --config)",
-                config_file.display()
-            )
-        })?;
-        let table: toml::Table =
-            toml::from_str(&text).with_context(|| format!("parsing {}", config_file.display()))?;
-        let value = table
-            .get("model")
-            .cloned()
-            .with_context(|| format!("{} has no [model] table", config_file.display()))?;
-        let cfg: BackboneConfig = value
-            .try_into()
-            .with_context(|| format!("{}: the [model] table", config_file.display()))?;
-        cfg.validate()
-            .with_context(|| format!("{}: the [model] table", config_file.display()))?;
+        let cfg = super::read_model_config(&config_file)?;
         let mut vs = nn::VarStore::new(device);
         let backbone = facerec_backbone::build(&vs.root(), &cfg);
         vs.load(&checkpoint).with_context(|| {
@@ -230,17 +207,7 @@ pub fn run(args: Args) -> Result<()> {
             args.ijb.len()
         );
     }
-    let device = parse_device(&args.device).context("--device")?;
-    check_available(device)?;
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    let threads = if args.threads > 0 {
-        args.threads
-    } else {
-        cores
-    };
-    tch::set_num_threads(threads as i32);
+    let (device, threads) = super::init_device(&args.device, args.threads)?;
 
     let m = LoadedModel::load(&args.model, args.config.as_deref(), device)?;
     let size = m.input_size();

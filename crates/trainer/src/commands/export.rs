@@ -79,44 +79,15 @@ pub struct Exportable {
     pub vs: nn::VarStore,
 }
 
-/// The checkpoint and config paths for a run directory or a `.safetensors` file.
-fn resolve_paths(model: &Path, config: Option<&Path>) -> (PathBuf, PathBuf) {
-    let (weights, default_cfg) = if model.is_dir() {
-        (model.join("model.safetensors"), model.join("config.toml"))
-    } else {
-        let dir = model.parent().unwrap_or(Path::new("."));
-        (model.to_path_buf(), dir.join("config.toml"))
-    };
-    (weights, config.map(Path::to_path_buf).unwrap_or(default_cfg))
-}
-
-/// Read the `[model]` table of a config file.
-pub fn read_model_config(path: &Path) -> Result<BackboneConfig> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("reading the model config {} (set --config)", path.display()))?;
-    let table: toml::Table =
-        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-    let value = table
-        .get("model")
-        .cloned()
-        .with_context(|| format!("{} has no [model] table", path.display()))?;
-    let cfg: BackboneConfig = value
-        .try_into()
-        .with_context(|| format!("{}: the [model] table", path.display()))?;
-    cfg.validate()
-        .with_context(|| format!("{}: the [model] table", path.display()))?;
-    Ok(cfg)
-}
-
 impl Exportable {
     /// Build the backbone from the config's `[model]` table and load the checkpoint into it. The
     /// checkpoint must hold exactly the backbone's keys with its shapes (the error lists missing,
     /// unexpected and mis-shaped keys), floating-point tensors for parameters and statistics and
     /// Int64 `num_batches_tracked`. Parameters are cast to float32.
     pub fn load(model: &Path, config: Option<&Path>) -> Result<Self> {
-        let (weights, config_file) = resolve_paths(model, config);
+        let (weights, config_file) = super::model_files(model, config);
         ensure!(weights.is_file(), "model checkpoint {} does not exist", weights.display());
-        let cfg = read_model_config(&config_file)?;
+        let cfg = super::read_model_config(&config_file)?;
         let mut vs = nn::VarStore::new(Device::Cpu);
         let backbone = facerec_backbone::build(&vs.root(), &cfg);
         let file: BTreeMap<String, Tensor> = Tensor::read_safetensors(&weights)

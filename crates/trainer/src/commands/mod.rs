@@ -8,3 +8,49 @@ pub mod eval;
 pub mod export;
 pub mod plot;
 pub mod prep;
+
+use anyhow::{Context, Result};
+use facerec_backbone::BackboneConfig;
+use std::path::{Path, PathBuf};
+
+/// The checkpoint and config paths for a run directory or a `.safetensors` file.
+pub fn model_files(model: &Path, config: Option<&Path>) -> (PathBuf, PathBuf) {
+    let (weights, default_cfg) = if model.is_dir() {
+        (model.join("model.safetensors"), model.join("config.toml"))
+    } else {
+        let dir = model.parent().unwrap_or(Path::new("."));
+        (model.to_path_buf(), dir.join("config.toml"))
+    };
+    (weights, config.map(Path::to_path_buf).unwrap_or(default_cfg))
+}
+
+/// Read the `[model]` table of a config file.
+pub fn read_model_config(path: &Path) -> Result<BackboneConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the model config {} (set --config)", path.display()))?;
+    let table: toml::Table =
+        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let value = table
+        .get("model")
+        .cloned()
+        .with_context(|| format!("{} has no [model] table", path.display()))?;
+    let cfg: BackboneConfig = value
+        .try_into()
+        .with_context(|| format!("{}: the [model] table", path.display()))?;
+    cfg.validate()
+        .with_context(|| format!("{}: the [model] table", path.display()))?;
+    Ok(cfg)
+}
+
+/// `--device` parsed and checked, and libtorch's intra-op threads set from `--threads` (0 = all
+/// cores): `(device, threads)`.
+pub fn init_device(spec: &str, threads: usize) -> Result<(tch::Device, usize)> {
+    let device = crate::device::parse_device(spec).context("--device")?;
+    crate::device::check_available(device)?;
+    let threads = match threads {
+        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        t => t,
+    };
+    tch::set_num_threads(threads as i32);
+    Ok((device, threads))
+}
