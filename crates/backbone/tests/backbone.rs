@@ -7,24 +7,8 @@ use facerec_backbone::{
 use tch::nn::{self, ModuleT};
 use tch::{Device, Kind, Tensor};
 
-fn images(b: i64, s: i64) -> Tensor {
-    Tensor::rand([b, 3, s, s], (Kind::Float, Device::Cpu)) * 2.0 - 1.0
-}
-
-fn small() -> IResNetConfig {
-    IResNetConfig {
-        depth: None,
-        layers: Some([1, 1, 1, 1]),
-        widths: [16, 32, 64, 128],
-        embedding_size: 128,
-        dropout: 0.0,
-        input_size: 56,
-    }
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-    f64::try_from((a - b).abs().max()).unwrap()
-}
+mod common;
+use common::{images, max_diff, small};
 
 #[test]
 fn r18_at_112_gives_512_embeddings() {

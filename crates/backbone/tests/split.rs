@@ -4,26 +4,10 @@
 
 use facerec_backbone::{build, BackboneConfig, IResNetConfig, MobileFaceNetConfig};
 use tch::nn::{self, ModuleT};
-use tch::{Device, Kind, Tensor};
+use tch::Device;
 
-fn images(b: i64, s: i64) -> Tensor {
-    Tensor::rand([b, 3, s, s], (Kind::Float, Device::Cpu)) * 2.0 - 1.0
-}
-
-fn small() -> IResNetConfig {
-    IResNetConfig {
-        depth: None,
-        layers: Some([1, 1, 1, 1]),
-        widths: [16, 32, 64, 128],
-        embedding_size: 128,
-        dropout: 0.0,
-        input_size: 56,
-    }
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-    f64::try_from((a - b).abs().max()).unwrap()
-}
+mod common;
+use common::{images, max_diff, small};
 
 /// `forward_trunk_t` + `forward_neck_t` is the same network as `forward_t`: in evaluation mode
 /// (dropout off), in training mode without dropout, and in training mode with the configured
