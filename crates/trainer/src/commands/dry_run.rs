@@ -401,17 +401,22 @@ mod tests {
         }
     }
 
-    /// A tiny iResNet counted by hand, layer by layer (see the comments).
-    #[test]
-    fn iresnet_activation_count_by_hand() {
-        let cfg = BackboneConfig::Iresnet(IResNetConfig {
+    /// One block per stage, widths 2-4-8-16, embedding 8, 16 px.
+    fn tiny() -> BackboneConfig {
+        BackboneConfig::Iresnet(IResNetConfig {
             depth: None,
             layers: Some([1, 1, 1, 1]),
             widths: [2, 4, 8, 16],
             embedding_size: 8,
             dropout: 0.0,
             input_size: 16,
-        });
+        })
+    }
+
+    /// A tiny iResNet counted by hand, layer by layer (see the comments).
+    #[test]
+    fn iresnet_activation_count_by_hand() {
+        let cfg = tiny();
         // stem: conv, bn, prelu at 2x16x16 = 3 * 512
         let stem = 3 * 512;
         // block (c_in, c_out, side in -> side out): bn1 on the input, conv1/bn2/prelu at c_out x
@@ -432,14 +437,7 @@ mod tests {
 
     #[test]
     fn softmax_bias_and_sampling() {
-        let cfg = BackboneConfig::Iresnet(IResNetConfig {
-            depth: None,
-            layers: Some([1, 1, 1, 1]),
-            widths: [2, 4, 8, 16],
-            embedding_size: 8,
-            dropout: 0.0,
-            input_size: 16,
-        });
+        let cfg = tiny();
         let spec = ClassifierSpec { num_classes: 1001, bias: true, sample_rate: 0.1, state_buffers: 2 };
         let r = estimate(&cfg, spec, 4);
         assert_eq!(r.classifier_params, 1001 * 8 + 1001);
