@@ -103,7 +103,7 @@ fn main() -> Result<()> {
     let t = Instant::now();
     let images: usize = (1..=args.epochs).map(run_epoch).sum::<Result<usize>>()?;
     let ours = images as f64 / t.elapsed().as_secs_f64();
-    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    let cores = facerec_data::cores();
     println!(
         "facerec Loader (zune-jpeg, {} workers, batch {}, {n} images, {cores} cores): {ours:.0} images/s",
         args.workers, args.batch

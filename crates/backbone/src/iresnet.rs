@@ -13,7 +13,7 @@
 
 use crate::{conv_cfg, to_param_kind, BatchNorm, IResNetConfig, PRelu};
 use tch::nn::{self, Module, ModuleT};
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 /// Conv weights are N(0, 0.1) (arcface_torch `nn.init.normal_(m.weight, 0, 0.1)`).
 const CONV_INIT: nn::Init = nn::Init::Randn {
@@ -142,33 +142,33 @@ impl IResNet {
         }
     }
 
-    /// Forward pass; with `amp` the trunk (stem, stages, `bn2`) runs under CUDA fp16 autocast and
+    /// Forward pass; with `autocast` the trunk (stem, stages, `bn2`) runs under CUDA autocast in that dtype and
     /// `fc`/`features` in the parameter kind, as arcface_torch does.
     ///
-    /// Equals `forward_neck_t(forward_trunk_amp(xs, train, amp).dropout(dropout, train), train)`.
+    /// Equals `forward_neck_t(forward_trunk_amp(xs, train, autocast).dropout(dropout, train), train)`.
     ///
     /// # Shapes
     /// `xs`: `[B, 3, S, S]` with `S = input_size`; output `[B, embedding_size]`.
     ///
     /// # Panics
     /// If the input side differs from the configured `input_size` (the `fc` width would not match).
-    pub fn forward_amp(&self, xs: &Tensor, train: bool, amp: bool) -> Tensor {
+    pub fn forward_amp(&self, xs: &Tensor, train: bool, autocast: Option<Kind>) -> Tensor {
         let x = self
-            .forward_trunk_amp(xs, train, amp)
+            .forward_trunk_amp(xs, train, autocast)
             .dropout(self.dropout, train);
         self.forward_neck_t(&x, train)
     }
 
     /// The trunk: stem, stages and `bn2`, flattened in (C, H, W) order, *before* the dropout;
-    /// with `amp` under CUDA fp16 autocast, cast back to the parameter kind.
+    /// with `autocast` under CUDA autocast in that dtype, cast back to the parameter kind.
     ///
     /// # Shapes
     /// `xs`: `[B, 3, S, S]`; output `[B, widths[3] * side * side]` (`[B, 25088]` for the presets).
     ///
     /// # Panics
     /// On a wrong input shape.
-    pub fn forward_trunk_amp(&self, xs: &Tensor, train: bool, amp: bool) -> Tensor {
-        let trunk = tch::autocast(amp, || {
+    pub fn forward_trunk_amp(&self, xs: &Tensor, train: bool, autocast: Option<Kind>) -> Tensor {
+        let trunk = crate::autocast::with_cuda_autocast(autocast, || {
             let mut x = self
                 .prelu
                 .forward(&self.bn1.forward_t(&self.conv1.forward(xs), train));
@@ -197,6 +197,6 @@ impl ModuleT for IResNet {
     /// # Shapes
     /// `xs`: `[B, 3, S, S]`; output `[B, embedding_size]`.
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        self.forward_amp(xs, train, false)
+        self.forward_amp(xs, train, None)
     }
 }

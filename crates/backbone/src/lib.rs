@@ -9,6 +9,7 @@
 //! variables of a `VarStore` written with `Tensor::write_npz`/`VarStore::save` load into the
 //! reference model with `strict=True` (see `docs/backbones.md`).
 
+pub mod autocast;
 pub mod iresnet;
 pub mod mobilefacenet;
 
@@ -305,9 +306,9 @@ pub enum Backbone {
 }
 
 impl Backbone {
-    /// Forward pass with arcface_torch's mixed precision: with `amp` the convolutional trunk runs
-    /// under CUDA fp16 autocast and the head (`fc`/`features`, or `conv_sep`/GDC) in fp32.
-    /// Without CUDA, `amp` has no effect.
+    /// Forward pass with arcface_torch's mixed precision: with `autocast = Some(dtype)` (fp16 or
+    /// bf16) the convolutional trunk runs under CUDA autocast in that dtype and the head
+    /// (`fc`/`features`, or `conv_sep`/GDC) in fp32. Without CUDA, autocast has no effect.
     ///
     /// # Shapes
     /// `xs`: `[B, 3, S, S]` float; output `[B, embedding_size]` in the kind of the parameters.
@@ -315,19 +316,19 @@ impl Backbone {
     /// # Panics
     /// On a wrong input shape. (`B == 1` in training mode does not panic, unlike PyTorch, but the
     /// batch statistics of `features` are then degenerate.)
-    pub fn forward_amp(&self, xs: &Tensor, train: bool, amp: bool) -> Tensor {
+    pub fn forward_amp(&self, xs: &Tensor, train: bool, autocast: Option<Kind>) -> Tensor {
         match self {
-            Backbone::IResNet(m) => m.forward_amp(xs, train, amp),
-            Backbone::MobileFaceNet(m) => m.forward_amp(xs, train, amp),
+            Backbone::IResNet(m) => m.forward_amp(xs, train, autocast),
+            Backbone::MobileFaceNet(m) => m.forward_amp(xs, train, autocast),
         }
     }
 
     /// The trunk: everything before the embedding neck, flattened, with no dropout applied
-    /// (iResNet: stem, stages, `bn2`; MobileFaceNet: `layers`, `conv_sep`, GDC). With `amp` the
-    /// convolutional part runs under CUDA fp16 autocast; the output is in the parameter kind.
+    /// (iResNet: stem, stages, `bn2`; MobileFaceNet: `layers`, `conv_sep`, GDC). With `autocast` the
+    /// convolutional part runs under CUDA autocast in that dtype; the output is in the parameter kind.
     ///
-    /// `forward_amp(xs, train, amp)` equals `forward_neck_t(dropout(forward_trunk_amp(xs, train,
-    /// amp)), train)`, with the configured dropout (iResNet only). Embedding augmentation
+    /// `forward_amp(xs, train, a)` equals `forward_neck_t(dropout(forward_trunk_amp(xs, train, a)),
+    /// train)`, with the configured dropout (iResNet only). Embedding augmentation
     /// (CoReFace) draws its own dropout masks between the two halves.
     ///
     /// # Shapes
@@ -336,10 +337,10 @@ impl Backbone {
     ///
     /// # Panics
     /// On a wrong input shape.
-    pub fn forward_trunk_amp(&self, xs: &Tensor, train: bool, amp: bool) -> Tensor {
+    pub fn forward_trunk_amp(&self, xs: &Tensor, train: bool, autocast: Option<Kind>) -> Tensor {
         match self {
-            Backbone::IResNet(m) => m.forward_trunk_amp(xs, train, amp),
-            Backbone::MobileFaceNet(m) => m.forward_trunk_amp(xs, train, amp),
+            Backbone::IResNet(m) => m.forward_trunk_amp(xs, train, autocast),
+            Backbone::MobileFaceNet(m) => m.forward_trunk_amp(xs, train, autocast),
         }
     }
 
@@ -348,7 +349,7 @@ impl Backbone {
     /// # Shapes
     /// `xs`: `[B, 3, S, S]`; output `[B, F]`.
     pub fn forward_trunk_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        self.forward_trunk_amp(xs, train, false)
+        self.forward_trunk_amp(xs, train, None)
     }
 
     /// The neck: trunk features to the embedding (iResNet: `fc` then the `features`
@@ -390,7 +391,7 @@ impl ModuleT for Backbone {
     /// # Shapes
     /// `xs`: `[B, 3, S, S]`; output `[B, embedding_size]`.
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        self.forward_amp(xs, train, false)
+        self.forward_amp(xs, train, None)
     }
 }
 

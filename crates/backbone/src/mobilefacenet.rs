@@ -13,7 +13,7 @@
 
 use crate::{conv_cfg, to_param_kind, BatchNorm, MobileFaceNetConfig, PRelu};
 use tch::nn::{self, Module, ModuleT};
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 /// `nn.init.kaiming_normal_(w, mode="fan_out", nonlinearity="relu")`.
 const KAIMING_FAN_OUT: nn::Init = nn::Init::Kaiming {
@@ -231,7 +231,7 @@ impl MobileFaceNet {
         }
     }
 
-    /// Forward pass; with `amp` the `layers` run under CUDA fp16 autocast and `conv_sep` plus the
+    /// Forward pass; with `autocast` the `layers` run under CUDA autocast in that dtype and `conv_sep` plus the
     /// GDC head in the parameter kind, as arcface_torch does.
     ///
     /// # Shapes
@@ -239,11 +239,11 @@ impl MobileFaceNet {
     ///
     /// # Panics
     /// If the input side differs from the configured `input_size`.
-    pub fn forward_amp(&self, xs: &Tensor, train: bool, amp: bool) -> Tensor {
-        self.forward_neck_t(&self.forward_trunk_amp(xs, train, amp), train)
+    pub fn forward_amp(&self, xs: &Tensor, train: bool, autocast: Option<Kind>) -> Tensor {
+        self.forward_neck_t(&self.forward_trunk_amp(xs, train, autocast), train)
     }
 
-    /// The trunk: `layers` (under CUDA fp16 autocast with `amp`), `conv_sep` and the GDC
+    /// The trunk: `layers` (under CUDA autocast with `autocast`), `conv_sep` and the GDC
     /// (`features.layers.0`), flattened; the input of the final Linear.
     ///
     /// # Shapes
@@ -251,8 +251,8 @@ impl MobileFaceNet {
     ///
     /// # Panics
     /// On a wrong input shape.
-    pub fn forward_trunk_amp(&self, xs: &Tensor, train: bool, amp: bool) -> Tensor {
-        let trunk = tch::autocast(amp, || {
+    pub fn forward_trunk_amp(&self, xs: &Tensor, train: bool, autocast: Option<Kind>) -> Tensor {
+        let trunk = crate::autocast::with_cuda_autocast(autocast, || {
             self.stages
                 .iter()
                 .fold(xs.shallow_clone(), |x, s| s.forward_t(&x, train))
@@ -279,6 +279,6 @@ impl ModuleT for MobileFaceNet {
     /// # Shapes
     /// `xs`: `[B, 3, S, S]`; output `[B, embedding_size]`.
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
-        self.forward_amp(xs, train, false)
+        self.forward_amp(xs, train, None)
     }
 }

@@ -88,6 +88,12 @@ pub fn thread_split(cores: usize, model_on_gpu: bool) -> ThreadSplit {
     }
 }
 
+/// The processor cores this process may use (`std::thread::available_parallelism`, 1 when
+/// unknown): the one place facerec reads it.
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 impl Default for LoaderConfig {
     fn default() -> Self {
         Self {

@@ -498,9 +498,7 @@ pub(crate) fn log_bad(file: &str, bad: &[BadRecord], what: &str) {
 
 /// Cores available to this process (at least 1).
 pub(crate) fn default_threads() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
+    crate::loader::cores()
 }
 
 /// `f(0..n)` on `threads` scoped threads (contiguous chunks), results in index order.

@@ -29,6 +29,15 @@ impl Precision {
     pub fn is_reduced(self) -> bool {
         self != Precision::Off
     }
+
+    /// The CUDA autocast dtype: `None` when off, else `Half` or `BFloat16`.
+    pub fn autocast_kind(self) -> Option<tch::Kind> {
+        match self {
+            Precision::Off => None,
+            Precision::Fp16 => Some(tch::Kind::Half),
+            Precision::Bf16 => Some(tch::Kind::BFloat16),
+        }
+    }
 }
 
 /// Loss-scaler settings (`[train.scaler]`), PyTorch's defaults.
@@ -170,64 +179,9 @@ impl GradScaler {
     }
 }
 
-// libtorch's `at::autocast::{get,set}_autocast_dtype(c10::DeviceType, c10::ScalarType)`, which
-// tch 0.26 does not wrap. Both enums are `int8_t`-backed, so the C++ functions take two small
-// integers in registers exactly like these C declarations (x86-64 and aarch64 Itanium ABI).
-extern "C" {
-    #[link_name = "_ZN2at8autocast18set_autocast_dtypeEN3c1010DeviceTypeENS1_10ScalarTypeE"]
-    fn at_set_autocast_dtype(device_type: i8, dtype: i8);
-    #[link_name = "_ZN2at8autocast18get_autocast_dtypeEN3c1010DeviceTypeE"]
-    fn at_get_autocast_dtype(device_type: i8) -> i8;
-}
-
-/// `c10::DeviceType::CUDA`.
-const CUDA_DEVICE_TYPE: i8 = 1;
-
-/// The dtype CUDA autocast casts to (`Kind::Half` by default).
-pub fn cuda_autocast_kind() -> tch::Kind {
-    // SAFETY: a plain getter of a global in libtorch_cpu, linked by every facerec binary.
-    let code = unsafe { at_get_autocast_dtype(CUDA_DEVICE_TYPE) };
-    match code {
-        15 => tch::Kind::BFloat16,
-        5 => tch::Kind::Half,
-        6 => tch::Kind::Float,
-        _ => tch::Kind::Half,
-    }
-}
-
-fn set_cuda_autocast_kind(kind: tch::Kind) {
-    // c10::ScalarType codes.
-    let code: i8 = match kind {
-        tch::Kind::BFloat16 => 15,
-        tch::Kind::Float => 6,
-        _ => 5,
-    };
-    // SAFETY: a plain setter of a global in libtorch_cpu.
-    unsafe { at_set_autocast_dtype(CUDA_DEVICE_TYPE, code) }
-}
-
 /// Run `f` under CUDA autocast in the precision's dtype (fp16 or bf16), or plainly when off.
 pub fn autocast<T>(precision: Precision, f: impl FnOnce() -> T) -> T {
-    match precision {
-        Precision::Off => f(),
-        _ => with_autocast_dtype(precision, || tch::autocast(true, f)),
-    }
-}
-
-/// Run `f` with CUDA autocast's dtype set for `precision` (fp16 or bf16, restored afterwards),
-/// without switching autocast on: for code that switches it on itself (`Backbone::forward_amp`).
-/// With `Precision::Off` this is just `f()`.
-pub fn with_autocast_dtype<T>(precision: Precision, f: impl FnOnce() -> T) -> T {
-    let kind = match precision {
-        Precision::Off => return f(),
-        Precision::Fp16 => tch::Kind::Half,
-        Precision::Bf16 => tch::Kind::BFloat16,
-    };
-    let before = cuda_autocast_kind();
-    set_cuda_autocast_kind(kind);
-    let out = f();
-    set_cuda_autocast_kind(before);
-    out
+    facerec_backbone::autocast::with_cuda_autocast(precision.autocast_kind(), f)
 }
 
 #[cfg(test)]
@@ -261,17 +215,6 @@ mod tests {
         s.unscale(&[w.shallow_clone()]);
         let g: Vec<f32> = Vec::try_from(&w.grad()).unwrap();
         assert_eq!(g, vec![3.0, -4.0]);
-    }
-
-    /// The libtorch autocast-dtype setter is reachable and round-trips (no GPU needed: it only
-    /// sets the dtype CUDA autocast would use).
-    #[test]
-    fn autocast_dtype_switch_round_trips() {
-        assert_eq!(cuda_autocast_kind(), Kind::Half, "libtorch's default CUDA autocast dtype");
-        set_cuda_autocast_kind(Kind::BFloat16);
-        assert_eq!(cuda_autocast_kind(), Kind::BFloat16);
-        set_cuda_autocast_kind(Kind::Half);
-        assert_eq!(cuda_autocast_kind(), Kind::Half);
     }
 
     #[test]

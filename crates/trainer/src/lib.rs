@@ -2,8 +2,12 @@
 //! training run driven by a TOML config, and builds the `facerec` binary.
 //!
 //! Owns: configs ([`config`]), the optimisers with savable state ([`optim`]), mixed precision
-//! ([`amp`]), LR schedules ([`schedule`]), checkpoints and resume ([`checkpoint`]), logs ([`log`])
-//! and the run itself ([`run`]).
+//! ([`amp`]), LR schedules ([`schedule`]), checkpoints ([`checkpoint`]), logs ([`log`]), and the
+//! run, split by job: the training data ([`sources`]), the evaluation sets ([`eval_sets`]), the
+//! model in its precision ([`model`]), the checkpointed state ([`state`]), one optimiser step
+//! ([`step`]), the loop ([`run`]) and its report ([`summary`]). Training objectives (margin softmax,
+//! CoReFace, cluster-guided) are in [`objective`]; the `facerec` subcommands in [`commands`].
+//! See docs/architecture.md.
 //! Library crates never depend on this one.
 
 pub mod amp;
@@ -11,11 +15,19 @@ pub mod checkpoint;
 pub mod commands;
 pub mod config;
 pub mod device;
+pub mod eval_sets;
 pub mod log;
+pub mod model;
 pub mod objective;
 pub mod optim;
 pub mod run;
 pub mod schedule;
+pub mod sources;
+pub mod state;
+pub mod step;
+pub mod summary;
 
 pub use config::Config;
-pub use run::{train, RunOptions, RunSummary, TargetResult};
+pub use eval_sets::TargetResult;
+pub use run::{train, RunOptions};
+pub use summary::RunSummary;

@@ -253,7 +253,7 @@ pub fn from_config(cfg: &Config) -> Result<DryRun> {
         None => {
             let size = cfg.model.input_size() as usize;
             let workspace = crate::run::default_workspace();
-            crate::run::open_source(&cfg.data, size, &workspace, cfg.seed, "data", true)?
+            crate::sources::open_source(&cfg.data, size, &workspace, cfg.seed, "data", true)?
                 .context("the training source")?
                 .num_classes()
         }

@@ -48,7 +48,7 @@ pub fn init_device(spec: &str, threads: usize) -> Result<(tch::Device, usize)> {
     let device = crate::device::parse_device(spec).context("--device")?;
     crate::device::check_available(device)?;
     let threads = match threads {
-        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        0 => facerec_data::cores(),
         t => t,
     };
     tch::set_num_threads(threads as i32);

@@ -151,7 +151,7 @@ fn check(
         },
     )?;
     let workers = if workers == 0 {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
+        facerec_data::cores()
     } else {
         workers
     };

@@ -9,7 +9,7 @@
 //! refresh has happened). Margins, centres and the epoch of the last refresh are objective state,
 //! so a resumed run neither repeats nor skips a refresh.
 
-use super::{forward_embeddings, sample_classes, score, MicroLoss, Model, Objective, TrainingSet};
+use super::{sample_classes, MicroLoss, Model, Objective, TrainingSet};
 use anyhow::{bail, Context, Result};
 use facerec_clustering::cluster_guided::{
     align_loss, cluster_statistics, margins_from_hardness, reimprint, scc_loss, stratified_subset, ClusterCentres,
@@ -61,7 +61,7 @@ impl ClusterGuidedObjective {
             let mut parts = Vec::new();
             for chunk in idx.chunks(REFRESH_BATCH) {
                 let x = data.images(chunk).context("embedding the training set for the cluster refresh")?;
-                let emb = crate::amp::with_autocast_dtype(model.precision, || model.backbone.forward_amp(&x, false, model.amp()));
+                let emb = model.embed(&x, false);
                 parts.push(emb.to_kind(Kind::Float));
             }
             Tensor::cat(&parts, 0)
@@ -96,9 +96,9 @@ impl Objective for ClusterGuidedObjective {
     }
 
     fn loss(&mut self, model: &Model, x: &Tensor, y: &Tensor) -> MicroLoss {
-        let emb = forward_embeddings(model, x);
+        let emb = model.embed(x, true);
         let (sampled, row_mask) = sample_classes(self.partial_fc.as_mut(), y, model.num_classes);
-        let (emb, scores) = score(model, emb, sampled.as_ref());
+        let (emb, scores) = model.scores(emb, sampled.as_ref());
         let (logits, labels) = match &sampled {
             Some(s) => (self.head.logits_for_classes(&scores, &s.labels, y), s.labels.shallow_clone()),
             None => (self.head.logits(&scores, y), y.shallow_clone()),

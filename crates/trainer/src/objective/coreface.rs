@@ -8,7 +8,7 @@
 //! The adaptive margin is objective state, so checkpoints carry it. `model.dropout` must be 0
 //! (the objective applies the dropout itself; the config check says so).
 
-use super::{forward_trunk, margin_softmax::MarginSoftmax, MicroLoss, Model, Objective};
+use super::{margin_softmax::MarginSoftmax, MicroLoss, Model, Objective};
 use anyhow::{Context, Result};
 use facerec_contrastive_regularizer::{dropout_views, CoReFace, CoReFaceConfig, ContrastiveRegularizer};
 use std::collections::HashMap;
@@ -43,13 +43,13 @@ impl Objective for CoReFaceObjective {
     }
 
     fn loss(&mut self, model: &Model, x: &Tensor, y: &Tensor) -> MicroLoss {
-        let h = forward_trunk(model, x).to_kind(Kind::Float);
+        let h = model.trunk(x).to_kind(Kind::Float);
         if !self.cfg.is_contrastive(self.epoch) {
-            let emb = model.backbone.forward_neck_t(&h.dropout(self.cfg.warmup_dropout, true), true);
+            let emb = model.neck(&h.dropout(self.cfg.warmup_dropout, true));
             let (loss, row_mask) = self.base.loss_of(model, emb, y);
             return MicroLoss { loss, row_mask, metrics: Vec::new() };
         }
-        let (e1, e2) = dropout_views(&h, self.cfg.dropout, |f| model.backbone.forward_neck_t(f, true));
+        let (e1, e2) = dropout_views(&h, self.cfg.dropout, |f| model.neck(f));
         let (losses, row_mask) = self.base.losses_of_views(model, vec![e1.shallow_clone(), e2.shallow_clone()], y);
         let out = self.reg.forward(&e1, &e2, y);
         let loss = self.cfg.total_loss(&losses[0], &losses[1], &out.loss);

@@ -2,7 +2,7 @@
 //! cross-entropy of its logits, optionally over a Partial FC class sample. This is ArcFace,
 //! CosFace, SphereFace, ElasticFace, ... as arcface_torch trains them.
 
-use super::{forward_embeddings, MicroLoss, Model, Objective};
+use super::{MicroLoss, Model, Objective};
 use facerec_loss_heads::{margin_cross_entropy_with_norms, HeadConfig, MarginHead, PartialFc, PartialFcConfig};
 use tch::Tensor;
 
@@ -33,7 +33,7 @@ impl MarginSoftmax {
         let losses = views
             .into_iter()
             .map(|emb| {
-                let (emb, scores) = super::score(model, emb, sampled.as_ref());
+                let (emb, scores) = model.scores(emb, sampled.as_ref());
                 let norms = emb.norm_scalaropt_dim(2, [1], false);
                 if self.head.row_scaled_logits() {
                     // Every margin head: the fused cross-entropy (one [B, C] buffer).
@@ -57,7 +57,7 @@ impl Objective for MarginSoftmax {
     }
 
     fn loss(&mut self, model: &Model, x: &Tensor, y: &Tensor) -> MicroLoss {
-        let (loss, row_mask) = self.loss_of(model, forward_embeddings(model, x), y);
+        let (loss, row_mask) = self.loss_of(model, model.embed(x, true), y);
         MicroLoss { loss, row_mask, metrics: Vec::new() }
     }
 }

@@ -1,4 +1,4 @@
-//! Training objectives: what one micro-batch's loss is. The loop in `run.rs` owns data, optimiser,
+//! Training objectives: what one micro-batch's loss is. The loop (`run.rs`, `step.rs`) owns data, optimiser,
 //! scaler, checkpoints and logs; an [`Objective`] owns the margin head, Partial FC and any method
 //! state (CoReFace's adaptive margin, cluster tables), and turns images and labels into a loss
 //! through the shared backbone and classifier.
@@ -14,10 +14,9 @@ pub mod cluster_guided;
 pub mod coreface;
 pub mod margin_softmax;
 
-use crate::amp::Precision;
+pub use crate::model::Model;
 use anyhow::Result;
-use facerec_backbone::Backbone;
-use facerec_loss_heads::{Classifier, PartialFc, Sampled};
+use facerec_loss_heads::{PartialFc, Sampled};
 use std::collections::HashMap;
 use tch::Tensor;
 
@@ -30,25 +29,6 @@ pub fn build(cfg: &crate::Config, num_classes: i64, device: tch::Device) -> Box<
     match &cfg.coreface {
         Some(cf) => Box::new(coreface::CoReFaceObjective::new(base, cf)),
         None => Box::new(base),
-    }
-}
-
-/// The trained modules, as an objective sees them.
-pub struct Model<'a> {
-    /// The backbone (train mode during the loss).
-    pub backbone: &'a Backbone,
-    /// The classifier that owns the class weights.
-    pub classifier: &'a Classifier,
-    /// Autocast for the backbone and the classifier matmul.
-    pub precision: Precision,
-    /// Classifier rows.
-    pub num_classes: i64,
-}
-
-impl Model<'_> {
-    /// Whether autocast (fp16 or bf16) is on.
-    pub fn amp(&self) -> bool {
-        self.precision.is_reduced()
     }
 }
 
@@ -108,31 +88,10 @@ pub trait TrainingSet {
     fn images(&self, idx: &[usize]) -> Result<Tensor>;
 }
 
-/// The backbone's embeddings of `x` in train mode (with fp16 the trunk runs under autocast and the
-/// embedding neck in fp32, as in arcface_torch).
-pub fn forward_embeddings(model: &Model, x: &Tensor) -> Tensor {
-    crate::amp::with_autocast_dtype(model.precision, || model.backbone.forward_amp(x, true, model.amp()))
-}
-
-/// The backbone's flattened trunk features of `x` in train mode, before dropout and neck.
-pub fn forward_trunk(model: &Model, x: &Tensor) -> Tensor {
-    crate::amp::with_autocast_dtype(model.precision, || model.backbone.forward_trunk_amp(x, true, model.amp()))
-}
-
 /// This micro-batch's Partial FC sample (when `pfc` is configured) and the classifier rows it may
 /// change: `(sample, row mask)`, both `None` without Partial FC.
 pub fn sample_classes(pfc: Option<&mut PartialFc>, y: &Tensor, num_classes: i64) -> (Option<Sampled>, Option<Tensor>) {
     let sampled = pfc.map(|pfc| pfc.sample(y, num_classes));
     let mask = sampled.as_ref().map(|s| s.row_mask(num_classes, tch::Kind::Float));
     (sampled, mask)
-}
-
-/// Classifier scores for embeddings `emb` (all classes, or a Partial FC sample):
-/// `(emb_bd fp32, scores_bc fp32)`.
-pub fn score(model: &Model, emb: Tensor, sampled: Option<&Sampled>) -> (Tensor, Tensor) {
-    let scores = crate::amp::autocast(model.precision, || match sampled {
-        None => model.classifier.scores(&emb),
-        Some(s) => model.classifier.scores_sampled(&emb, s),
-    });
-    (emb.to_kind(tch::Kind::Float), scores.to_kind(tch::Kind::Float))
 }

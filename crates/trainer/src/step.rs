@@ -1,0 +1,130 @@
+//! One optimiser step, in the order the loop runs it: draw the step's random stream, forward and
+//! backward every micro-batch of the step ([`forward_backward`]), then unscale, check for
+//! non-finite values, clip the backbone's gradient and update ([`apply`]). The loop (`run.rs`)
+//! owns what happens around a step: logging, checkpoints, evaluation, the NaN-guard stop.
+
+use crate::config::Config;
+use crate::objective::Objective;
+use crate::optim::clip_grad_norm;
+use crate::state::{State, CLASSIFIER_GROUP};
+use anyhow::{Context, Result};
+use facerec_data::EpochIter;
+use std::time::Instant;
+use tch::{Device, Tensor};
+
+/// What one optimiser step did.
+pub struct StepOutcome {
+    /// Learning rate of the step.
+    pub lr: f64,
+    /// The step's loss (the mean over its micro-batches).
+    pub loss: f64,
+    /// Whether loss and gradients were finite (the update was applied).
+    pub finite: bool,
+    /// Whether the fp16 loss scale reached its floor at this step.
+    pub collapsed: bool,
+    /// The objective's extra scalars of the last micro-batch.
+    pub metrics: Vec<(&'static str, f64)>,
+}
+
+/// Counters of one logging window.
+#[derive(Default)]
+pub struct Window {
+    /// Summed loss of the finite steps.
+    pub loss: f64,
+    /// Finite steps.
+    pub steps: usize,
+    /// Images consumed.
+    pub samples: usize,
+    /// Seconds computing.
+    pub busy: f64,
+    /// Seconds waiting for data.
+    pub wait: f64,
+}
+
+/// Seed of the torch generator for step `step` (dropout): a function of (seed, step) only, so a
+/// resumed run draws what the uninterrupted one drew.
+pub fn step_seed(seed: u64, step: usize) -> i64 {
+    (seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ step as u64) as i64 & i64::MAX
+}
+
+/// The settings one step needs, fixed for the run.
+pub struct StepPlan<'a> {
+    /// The resolved config.
+    pub cfg: &'a Config,
+    /// Classifier rows.
+    pub num_classes: usize,
+    /// Where the model lives.
+    pub device: Device,
+}
+
+impl StepPlan<'_> {
+    /// Take optimiser step `st.step` at learning rate `lr`, reading its micro-batches from
+    /// `batches`; advances the step and batch counters (not the epoch).
+    pub fn run(&self, st: &mut State, objective: &mut dyn Objective, batches: &mut EpochIter, lr: f64, window: &mut Window) -> Result<StepOutcome> {
+        tch::manual_seed(step_seed(self.cfg.seed, st.step));
+        objective.begin_step(st.step, st.epoch);
+        st.opt.zero_grad();
+        let (loss, row_mask, metrics) = self.forward_backward(st, objective, batches, window)?;
+        let t1 = Instant::now();
+        let (finite, collapsed) = self.apply(st, row_mask, loss, lr);
+        if finite {
+            window.loss += loss;
+            window.steps += 1;
+        }
+        st.step += 1;
+        window.busy += t1.elapsed().as_secs_f64();
+        Ok(StepOutcome { lr, loss, finite, collapsed, metrics })
+    }
+
+    /// Forward and backward of the step's `train.grad_accumulation` micro-batches, each loss
+    /// divided by their count (gradients sum to the mean). Returns the summed loss, the union of
+    /// the classifier rows the micro-batches may change, and the last micro-batch's metrics.
+    fn forward_backward(&self, st: &mut State, objective: &mut dyn Objective, batches: &mut EpochIter, window: &mut Window) -> Result<(f64, Option<Tensor>, Vec<(&'static str, f64)>)> {
+        let accumulation = self.cfg.train.grad_accumulation;
+        let mut loss_v = 0.0;
+        let mut row_mask: Option<Tensor> = None;
+        let mut metrics = Vec::new();
+        for _ in 0..accumulation {
+            let wait_start = Instant::now();
+            let batch = batches.next().context("the loader ended early")?.with_context(|| format!("loading a batch in epoch {}", st.epoch))?;
+            let t0 = Instant::now();
+            window.wait += (t0 - wait_start).as_secs_f64();
+            let (x, y) = batch.to_tensors(self.device);
+            let micro = objective.loss(&st.model(self.cfg.train.precision, self.num_classes), &x, &y);
+            let loss = micro.loss / accumulation as f64;
+            st.scaler.scale_loss(&loss).backward();
+            loss_v += f64::try_from(&loss).unwrap_or(f64::NAN);
+            row_mask = match (row_mask.take(), micro.row_mask) {
+                (Some(a), Some(b)) => Some(a.maximum(&b)),
+                (a, b) => a.or(b),
+            };
+            metrics = micro.metrics;
+            window.samples += batch.len();
+            window.busy += t0.elapsed().as_secs_f64();
+            st.batch_in_epoch += 1;
+        }
+        Ok((loss_v, row_mask, metrics))
+    }
+
+    /// Unscale the gradients, check them, and update: clip the backbone's gradient norm
+    /// (`train.grad_clip`) and take the optimiser step, touching only the classifier rows in
+    /// `row_mask` (Partial FC). A non-finite loss or gradient skips the update and is counted.
+    /// Returns `(finite, scale collapsed)`.
+    fn apply(&self, st: &mut State, row_mask: Option<Tensor>, loss: f64, lr: f64) -> (bool, bool) {
+        st.opt.set_row_mask(CLASSIFIER_GROUP, row_mask);
+        st.scaler.unscale(st.opt.params());
+        let finite = loss.is_finite() && st.opt.grads_finite();
+        let collapsed = st.scaler.update(finite);
+        if finite {
+            st.consecutive_bad = 0;
+            if self.cfg.train.grad_clip > 0.0 {
+                clip_grad_norm(&st.backbone_params, self.cfg.train.grad_clip);
+            }
+            st.opt.step(lr);
+        } else {
+            st.skipped += 1;
+            st.consecutive_bad += 1;
+        }
+        (finite, collapsed)
+    }
+}
