@@ -63,6 +63,8 @@ pub fn exchange(pg: &ProcessGroup) -> Result<Vec<Peer>> {
             pid,
         });
     }
+    // Nobody leaves before every rank has read the store: rank 0's exit would take it down.
+    pg.barrier()?;
     Ok(peers)
 }
 

@@ -265,9 +265,25 @@ fn single_process_world() {
     run_collectives(&pg).expect("collectives on a world of one");
 }
 
+/// Gloo's code must come from libtorch_cpu.so: a second copy (Debian's libgloo) would clash.
+fn no_system_gloo_loaded() {
+    let _pg = ProcessGroup::single().expect("world of one");
+    let maps = std::fs::read_to_string("/proc/self/maps").expect("/proc/self/maps");
+    assert!(
+        maps.contains("libtorch_cpu.so"),
+        "libtorch_cpu.so is not mapped"
+    );
+    let gloo: Vec<&str> = maps.lines().filter(|l| l.contains("libgloo")).collect();
+    assert!(
+        gloo.is_empty(),
+        "a separate Gloo library is loaded: {gloo:?}"
+    );
+}
+
 fn main() {
     common::main(
         &[
+            ("no_system_gloo_loaded", no_system_gloo_loaded),
             ("single_process_world", single_process_world),
             ("collectives_2_ranks", collectives_2_ranks),
             ("collectives_3_ranks", collectives_3_ranks),
