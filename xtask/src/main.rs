@@ -10,6 +10,14 @@
 //! 3. a virtual environment in the per-user cache (`$FACEREC_TORCH_ENV`, else
 //!    `$XDG_CACHE_HOME/facerec/torch-2.13.0`, else `~/.cache/facerec/torch-2.13.0`), created and
 //!    filled with `pip install torch==2.13.0 numpy` the first time, reused by every checkout after.
+//!
+//! Every command that builds also makes sure the Gloo headers are there (`facerec-distributed`
+//! compiles against them; the PyTorch wheel lacks them): found under `GLOO_INCLUDE_DIR`,
+//! `/usr/include` or `/usr/local/include`, else installed with `apt-get install -y libgloo-dev`
+//! when running as root, else a clear error saying what to install.
+//!
+//! `train --nproc N` (and `--nnodes`, `--node-rank`, `--master-addr`, `--master-port`) builds the
+//! `facerec` binary once and starts N ranks of `facerec train` through `facerec-launch`.
 
 use anyhow::{bail, Context, Result};
 use std::ffi::OsString;
@@ -26,6 +34,9 @@ cargo xtask <command> [args]
 
 commands:
   train [facerec train args]   set up libtorch, then train (no args: the embedded default run)
+        --nproc N              ... as N local processes (data parallel; RANK, WORLD_SIZE, ... set)
+        --nnodes M --node-rank K --master-addr HOST --master-port P
+                               ... as node K of M machines (run the same command on each)
   test [cargo test args]       set up libtorch, then run the whole test suite (release profile)
   run [facerec args]           set up libtorch, then run the `facerec` binary with any subcommand
   bench [criterion args]       set up libtorch, then run the criterion benchmarks
@@ -37,6 +48,7 @@ commands:
 environment:
   LIBTORCH           use this libtorch directory
   FACEREC_TORCH_ENV  where to create the cached Python environment holding torch
+  GLOO_INCLUDE_DIR   a folder holding the Gloo headers (gloo/), instead of libgloo-dev
 ";
 
 /// How the build will find libtorch.
@@ -116,6 +128,13 @@ fn run() -> Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         "train" => {
+            let (launch, rest) = facerec_launch::split_launch_args(&args)?;
+            match launch {
+                // `--dry-run` estimates per-rank numbers in one process: the trainer reads --nproc.
+                Some(_) if args.iter().any(|a| a == "--dry-run") => {}
+                Some(cfg) => return train_distributed(&cargo, &root, &cfg, &rest),
+                None => {}
+            }
             cmd.args(["run", "--release", "--package", "facerec-trainer", "--bin", "facerec", "--"]);
             cmd.arg("train").args(&args);
         }
@@ -155,12 +174,71 @@ fn run() -> Result<ExitCode> {
     })
 }
 
+/// `cargo xtask train --nproc N ...`: build `facerec` once, then run N supervised ranks of
+/// `facerec train ...` (see crates/launch and docs/distributed.md).
+fn train_distributed(cargo: &str, root: &Path, cfg: &facerec_launch::LaunchConfig, args: &[String]) -> Result<ExitCode> {
+    let torch = find_or_provision()?;
+    eprintln!("xtask: using {}", torch.describe());
+    let mut build = Command::new(cargo);
+    build.current_dir(root).envs(torch.env());
+    build.args(["build", "--release", "--package", "facerec-trainer", "--bin", "facerec"]);
+    run_checked(&mut build, "cargo build --release --bin facerec")?;
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
+    let target = if target.is_absolute() { target } else { root.join(target) };
+    let exe = target.join("release").join("facerec");
+    let mut argv: Vec<OsString> = vec!["train".into()];
+    argv.extend(args.iter().map(OsString::from));
+    facerec_launch::launch(cfg, &exe, &argv, &torch.env()).context("distributed training")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Make sure the Gloo headers that facerec-distributed compiles against are installed.
+fn ensure_gloo_headers() -> Result<()> {
+    let mut dirs: Vec<PathBuf> = vec![];
+    if let Some(dir) = std::env::var_os("GLOO_INCLUDE_DIR") {
+        dirs.push(dir.into());
+    }
+    dirs.push("/usr/include".into());
+    dirs.push("/usr/local/include".into());
+    if dirs.iter().any(|d| d.join("gloo/config.h").exists()) {
+        return Ok(());
+    }
+    const MANUAL: &str = "install them with `sudo apt-get update && sudo apt-get install -y libgloo-dev` \
+         (Debian/Ubuntu), or set GLOO_INCLUDE_DIR to a folder holding the `gloo/` headers of \
+         https://github.com/facebookincubator/gloo (only the headers are used; Gloo's code is inside libtorch)";
+    let is_root = Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false);
+    let has_apt = Command::new("apt-get").arg("--version").stdout(std::process::Stdio::null()).status().is_ok();
+    if !is_root || !has_apt {
+        bail!(
+            "facerec-distributed needs the Gloo C++ headers (the PyTorch wheel lacks them), and they are \
+             not in {dirs:?}; {}: {MANUAL}",
+            if is_root { "apt-get is not available" } else { "not running as root, so xtask will not install them" }
+        );
+    }
+    eprintln!("xtask: the Gloo headers (for facerec-distributed) are missing; installing Debian's libgloo-dev");
+    for (what, args) in [("apt-get update", vec!["update"]), ("apt-get install -y libgloo-dev", vec!["install", "-y", "--no-install-recommends", "libgloo-dev"])] {
+        let mut cmd = Command::new("apt-get");
+        // apt's output goes to stderr: `cargo xtask env` prints shell code on stdout.
+        cmd.args(&args).env("DEBIAN_FRONTEND", "noninteractive").stdout(std::io::stderr());
+        run_checked(&mut cmd, what).with_context(|| format!("installing the Gloo headers failed; {MANUAL}"))?;
+    }
+    if !Path::new("/usr/include/gloo/config.h").exists() {
+        bail!("libgloo-dev was installed but /usr/include/gloo/config.h is still missing; {MANUAL}");
+    }
+    Ok(())
+}
+
 fn workspace_root() -> PathBuf {
     let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     manifest.parent().map(Path::to_path_buf).unwrap_or(manifest)
 }
 
 fn find_or_provision() -> Result<Torch> {
+    ensure_gloo_headers()?;
+    find_or_provision_torch()
+}
+
+fn find_or_provision_torch() -> Result<Torch> {
     if let Some(dir) = std::env::var_os("LIBTORCH") {
         let dir = PathBuf::from(dir);
         if !dir.join("lib").is_dir() {
