@@ -27,7 +27,7 @@ pub mod synthetic;
 pub mod verification_pack;
 
 pub use image_folder::{natural_cmp, ImageFolder};
-pub use loader::{cores, decode_parallel, load_all, thread_split, Batch, EpochIter, Loader, LoaderConfig, ThreadSplit};
+pub use loader::{cores, decode_parallel, load_all, thread_split, Batch, EpochIter, Loader, LoaderConfig, Shard, ThreadSplit};
 pub use rec::{BadRecord, BadRecordPolicy, RecLayout, RecOptions, RecordIo, SizePolicy};
 pub use rec_writer::{pack_image_folder, PackOptions, PackSummary};
 pub use sampler::Sampler;

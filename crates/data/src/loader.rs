@@ -294,7 +294,20 @@ impl Loader {
     /// thread count. A failed load yields one `Err` naming the image, then the iterator ends. Dropping the
     /// iterator stops the workers.
     pub fn epoch(&self, epoch: usize, start_step: usize) -> EpochIter<'_> {
+        self.epoch_shard(epoch, start_step, Shard::WHOLE)
+    }
+
+    /// [`Loader::epoch`] for one rank of a data-parallel job: the batches `start_step + shard.rank`,
+    /// `+ shard.world`, `+ 2·shard.world`, ... of the single-process sequence (batch size
+    /// unchanged), so the ranks together read exactly the batches one process would, each batch
+    /// once, and every batch is bitwise the one a single process builds.
+    ///
+    /// # Panics
+    /// If `shard.world == 0` or `shard.rank >= shard.world`.
+    pub fn epoch_shard(&self, epoch: usize, start_step: usize, shard: Shard) -> EpochIter<'_> {
+        assert!(shard.rank < shard.world, "shard rank {} of world {}", shard.rank, shard.world);
         let end = self.batches_per_epoch();
+        let (first, stride) = (start_step + shard.rank, shard.world);
         let order = self.epoch_order(epoch);
         let augments = order.iter().map(|&i| self.augmentation(epoch, i)).collect();
         let job = Arc::new(Job {
@@ -306,20 +319,21 @@ impl Loader {
         });
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
-                next_claim: start_step,
-                next_deliver: start_step,
+                next_claim: first,
+                next_deliver: first,
                 done: BTreeMap::new(),
                 stop: false,
             }),
             cv: Condvar::new(),
         });
         let window = self.cfg.prefetch.max(1);
-        let workers = (0..self.cfg.workers.min(end.saturating_sub(start_step)))
+        let mine = end.saturating_sub(first).div_ceil(stride);
+        let workers = (0..self.cfg.workers.min(mine))
             .map(|w| {
                 let (job, shared) = (job.clone(), shared.clone());
                 std::thread::Builder::new()
                     .name(format!("facerec-data-{w}"))
-                    .spawn(move || worker(&job, &shared, end, window))
+                    .spawn(move || worker(&job, &shared, end, window, stride))
                     .expect("spawning a data loader thread")
             })
             .collect();
@@ -328,7 +342,8 @@ impl Loader {
             job,
             shared,
             workers,
-            next: start_step,
+            next: first,
+            stride,
             end,
             failed: false,
         }
@@ -344,6 +359,20 @@ impl Loader {
 const SHUFFLE_TAG: u64 = 0x5348_5546; // "SHUF"
 const FLIP_TAG: u64 = 0x464C_4950; // "FLIP"
 const SHIFT_TAG: u64 = 0x5348_4654; // "SHFT"
+
+/// Which batches of an epoch one rank of a data-parallel job reads (see [`Loader::epoch_shard`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    /// This rank, `0..world`.
+    pub rank: usize,
+    /// Number of ranks.
+    pub world: usize,
+}
+
+impl Shard {
+    /// The whole epoch (one process).
+    pub const WHOLE: Shard = Shard { rank: 0, world: 1 };
+}
 
 /// How one image is augmented: mirrored first, then translated by `(dx, dy)` pixels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -446,20 +475,20 @@ struct Shared {
     cv: Condvar,
 }
 
-/// Claim batch numbers in order, at most `window` ahead of the consumer, until the epoch ends or the
-/// iterator is dropped.
-fn worker(job: &Job, shared: &Shared, end: usize, window: usize) {
+/// Claim batch numbers in order (every `stride`-th), at most `window` batches ahead of the
+/// consumer, until the epoch ends or the iterator is dropped.
+fn worker(job: &Job, shared: &Shared, end: usize, window: usize, stride: usize) {
     loop {
         let b = {
             let mut st = shared.state.lock().unwrap();
-            while !st.stop && st.next_claim < end && st.next_claim >= st.next_deliver + window {
+            while !st.stop && st.next_claim < end && st.next_claim >= st.next_deliver + window * stride {
                 st = shared.cv.wait(st).unwrap();
             }
             if st.stop || st.next_claim >= end {
                 return;
             }
-            st.next_claim += 1;
-            st.next_claim - 1
+            st.next_claim += stride;
+            st.next_claim - stride
         };
         // A panicking source must not leave the consumer waiting for this batch forever.
         let batch = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.build(b)))
@@ -481,6 +510,7 @@ pub struct EpochIter<'a> {
     shared: Arc<Shared>,
     workers: Vec<JoinHandle<()>>,
     next: usize,
+    stride: usize,
     end: usize,
     failed: bool,
 }
@@ -499,7 +529,7 @@ impl Iterator for EpochIter<'_> {
             let mut st = self.shared.state.lock().unwrap();
             loop {
                 if let Some(batch) = st.done.remove(&self.next) {
-                    st.next_deliver = self.next + 1;
+                    st.next_deliver = self.next + self.stride;
                     self.shared.cv.notify_all();
                     break batch;
                 }
@@ -509,13 +539,13 @@ impl Iterator for EpochIter<'_> {
         self.loader
             .wait_ns
             .fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
-        self.next += 1;
+        self.next += self.stride;
         self.failed = batch.is_err();
         Some(batch)
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
-        let n = if self.failed { 0 } else { self.end - self.next };
+        let n = if self.failed { 0 } else { self.end.saturating_sub(self.next).div_ceil(self.stride) };
         (0, Some(n))
     }
 }

@@ -60,6 +60,15 @@ pub struct Meta {
     pub best: Vec<f64>,
     /// The resolved config of the run.
     pub config: String,
+    /// Processes of the data-parallel run that wrote it (1 for checkpoints from before data
+    /// parallelism). A run may resume on another number of processes when the global batch
+    /// (processes x `train.batch_size` x `train.grad_accumulation`) stays the same.
+    #[serde(default = "one")]
+    pub world_size: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// The data position stored in a checkpoint.

@@ -5,7 +5,7 @@
 //! ([`amp`]), LR schedules ([`schedule`]), checkpoints ([`checkpoint`]), logs ([`log`]), and the
 //! run, split by job: the training data ([`sources`]), the evaluation sets ([`eval_sets`]), the
 //! model in its precision ([`model`]), the checkpointed state ([`state`]), one optimiser step
-//! ([`step`]), the loop ([`run`]) and its report ([`summary`]). Training objectives (margin softmax,
+//! ([`step`]), the loop ([`run`]) and its report ([`summary`]); the data-parallel processes in [`world`]. Training objectives (margin softmax,
 //! CoReFace, cluster-guided) are in [`objective`]; the `facerec` subcommands in [`commands`].
 //! See docs/architecture.md.
 //! Library crates never depend on this one.
@@ -26,6 +26,7 @@ pub mod sources;
 pub mod state;
 pub mod step;
 pub mod summary;
+pub mod world;
 
 pub use config::Config;
 pub use eval_sets::TargetResult;

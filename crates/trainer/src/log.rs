@@ -67,6 +67,10 @@ impl Progress {
         });
         Progress { bar, started: Instant::now() }
     }
+    /// No bar (ranks other than 0 of a data-parallel run).
+    pub fn hidden() -> Self {
+        Progress { bar: None, started: Instant::now() }
+    }
     /// Set the position.
     pub fn set(&mut self, pos: u64) {
         if let Some(b) = &self.bar {
@@ -98,10 +102,10 @@ impl Progress {
     }
 }
 
-/// Writes `training.log` and `metrics.jsonl` in the run directory and echoes to the console.
+/// Writes `training.log` and `metrics.jsonl` in the run directory and echoes to the console; or,
+/// on the ranks of a data-parallel run other than 0, nothing at all ([`Logger::null`]).
 pub struct Logger {
-    log: File,
-    metrics: File,
+    files: Option<(File, File)>,
 }
 
 impl Logger {
@@ -117,17 +121,33 @@ impl Logger {
                 .open(&path)
                 .with_context(|| format!("opening {}", path.display()))
         };
-        Ok(Logger { log: open("training.log")?, metrics: open("metrics.jsonl")? })
+        Ok(Logger { files: Some((open("training.log")?, open("metrics.jsonl")?)) })
+    }
+
+    /// A logger that writes and prints nothing (ranks other than 0 of a data-parallel run).
+    pub fn null() -> Self {
+        Logger { files: None }
     }
 
     /// A free-form line (console and log).
     pub fn line(&mut self, text: &str) {
-        println!("{text}");
-        let _ = writeln!(self.log, "{text}");
+        if let Some((log, _)) = &mut self.files {
+            println!("{text}");
+            let _ = writeln!(log, "{text}");
+        }
+    }
+
+    /// A line for `training.log` only, after it was shown by the progress bar.
+    fn log_only(&mut self, text: &str) {
+        if let Some((log, _)) = &mut self.files {
+            let _ = writeln!(log, "{text}");
+        }
     }
 
     fn record(&mut self, value: &serde_json::Value) {
-        let _ = writeln!(self.metrics, "{value}");
+        if let Some((_, metrics)) = &mut self.files {
+            let _ = writeln!(metrics, "{value}");
+        }
     }
 
     /// A training log line from a `kind = "train"` record.
@@ -139,9 +159,12 @@ impl Logger {
             "epoch {} global step {}/{} loss {:.4} lr {:.6} samples/sec {:.1} data-wait {:.1}%{scale} ETA {}",
             r["epoch"], r["step"], total, f("loss"), f("lr"), f("samples_per_sec"), 100.0 * f("data_wait_fraction"), fmt_duration(eta_s)
         );
+        if self.files.is_none() {
+            return;
+        }
         progress.set_message(format!("loss {:.3} lr {:.4} {:.0} samples/s", f("loss"), f("lr"), f("samples_per_sec")));
         progress.println(&text, true);
-        let _ = writeln!(self.log, "{text}");
+        self.log_only(&text);
         self.record(r);
     }
 
@@ -151,8 +174,11 @@ impl Logger {
             "[{}] step {step}: accuracy {:.4} ± {:.4} (best {:.4}), XNorm {:.2}, VAL@FAR=1e-3 {:.4}; raw pixels {:.4}",
             t.name, t.model.accuracy_mean, t.model.accuracy_std, best, t.xnorm, t.model.val_mean, t.raw_pixels.accuracy_mean
         );
+        if self.files.is_none() {
+            return;
+        }
         progress.println(&text, false);
-        let _ = writeln!(self.log, "{text}");
+        self.log_only(&text);
         self.record(&serde_json::json!({
             "kind": "eval", "step": step, "target": t.name, "accuracy": t.model.accuracy_mean,
             "accuracy_std": t.model.accuracy_std, "best": best, "xnorm": t.xnorm, "val_at_far_1e-3": t.model.val_mean,

@@ -17,6 +17,7 @@ use crate::sources::{check_labels, open_source, training_loader, SourceSet};
 use crate::state::{optimizer_name, ResumePoint, RunFacts, State};
 use crate::step::{StepOutcome, StepPlan, Window};
 use crate::summary::RunSummary;
+use crate::world::World;
 use anyhow::{bail, Context, Result};
 use facerec_data::{thread_split, Loader};
 use std::path::{Path, PathBuf};
@@ -61,9 +62,12 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     trainer.finish()
 }
 
-/// Libtorch threads and data workers: `train.threads` / `train.workers`, or the automatic split.
-fn threads_and_workers(cfg: &Config, device: Device) -> (usize, usize) {
-    let split = thread_split(facerec_data::cores(), device.is_cuda());
+/// Libtorch threads and data workers: `train.threads` / `train.workers`, or the automatic split of
+/// this process's share of the cores (the processes of a data-parallel run on one machine share
+/// them equally).
+fn threads_and_workers(cfg: &Config, device: Device, world: &World) -> (usize, usize) {
+    let cores = (facerec_data::cores() / world.local_size()).max(1);
+    let split = thread_split(cores, device.is_cuda());
     let threads = if cfg.train.threads > 0 { cfg.train.threads } else { split.torch_threads };
     let workers = if cfg.train.workers > 0 { cfg.train.workers } else { split.decode_workers };
     (threads, workers)
@@ -74,6 +78,7 @@ struct Trainer<'a> {
     cfg: &'a Config,
     facts: RunFacts<'a>,
     device: Device,
+    world: World,
     loader: Rc<Loader>,
     training_set: SourceSet,
     st: State,
@@ -97,13 +102,12 @@ impl<'a> Trainer<'a> {
     /// Open everything that can fail on bad input, then the run directory, then the evaluation
     /// sets: a bad config or dataset never leaves a run directory behind.
     fn prepare(cfg: &'a Config, opts: &RunOptions) -> Result<Self> {
-        let device = parse_device(&cfg.train.device)?;
-        check_available(device)?;
+        let (device, world) = join_world(cfg)?;
         if cfg.train.precision.is_reduced() && !device.is_cuda() {
             bail!("config key `train.precision`: fp16/bf16 autocast needs a CUDA device (train.device resolved to {device:?}); use \"off\" on CPU");
         }
         let size = cfg.model.input_size() as usize;
-        let (threads, workers) = threads_and_workers(cfg, device);
+        let (threads, workers) = threads_and_workers(cfg, device, &world);
         tch::set_num_threads(threads as i32);
         tch::manual_seed(cfg.seed as i64);
 
@@ -113,11 +117,16 @@ impl<'a> Trainer<'a> {
         let loader = Rc::new(training_loader(cfg, source.clone(), workers));
         let batches_per_epoch = loader.batches_per_epoch();
         let accumulation = cfg.train.grad_accumulation;
-        let steps_per_epoch = batches_per_epoch / accumulation;
+        let steps_per_epoch = batches_per_epoch / (accumulation * world.size());
         if steps_per_epoch == 0 {
-            bail!("config key `train.batch_size`: {} x train.grad_accumulation {accumulation} is larger than the training set ({} images)", cfg.train.batch_size, source.len());
+            bail!(
+                "config key `train.batch_size`: {} x train.grad_accumulation {accumulation} x {} processes is larger than the training set ({} images)",
+                cfg.train.batch_size,
+                world.size(),
+                source.len()
+            );
         }
-        let facts = RunFacts { cfg, num_classes, images: source.len(), batches_per_epoch };
+        let facts = RunFacts { cfg, num_classes, images: source.len(), batches_per_epoch, world_size: world.size() };
         let resume = match &opts.resume {
             Some(run_dir) => Some(find_resume_point(&facts, &loader, run_dir)?),
             None => None,
@@ -132,19 +141,21 @@ impl<'a> Trainer<'a> {
             }
             None => st.initialise(cfg)?,
         };
+        world.broadcast_from_main(&[&st.backbone_vs, &st.head_vs])?;
 
-        let run_dir = match &resume {
-            Some(r) => r.run_dir.clone(),
-            None => crate::log::new_run_dir(&cfg.output_dir, &cfg.run_name).context("config key `output_dir`")?,
-        };
-        let mut logger = Logger::open(&run_dir, resume.is_some())?;
-        if resume.is_none() {
-            crate::log::write_atomic(&run_dir.join("config.toml"), cfg.to_toml().as_bytes())?;
-        }
+        let (run_dir, mut logger) = open_run_dir(cfg, resume.as_ref(), &world)?;
         if opts.echo_config {
             logger.line(&format!("resolved config:\n{}", cfg.to_toml()));
         }
         logger.line(&format!("run directory {}; device {device:?}; {threads} libtorch threads, {workers} data workers", run_dir.display()));
+        if world.size() > 1 {
+            logger.line(&format!(
+                "data parallel: {} processes; global batch {} ({} per process x accumulation {accumulation})",
+                world.size(),
+                world.size() * cfg.train.batch_size * accumulation,
+                cfg.train.batch_size
+            ));
+        }
         if let Some(r) = &resume {
             logger.line(&format!("resumed from {} at global step {} (epoch {}, batch {})", r.dir.display(), r.meta.step, r.meta.epoch, r.meta.batch_in_epoch));
         }
@@ -152,7 +163,7 @@ impl<'a> Trainer<'a> {
             logger.line(line);
         }
         logger.line(&format!("training data: {} images of {} identities; classifier over {num_classes} classes", source.len(), source.num_classes()));
-        let (eval_sets, skipped_targets) = eval_sets::load(cfg, size, &opts.workspace, &mut logger)?;
+        let (eval_sets, skipped_targets) = if world.is_main() { eval_sets::load(cfg, size, &opts.workspace, &mut logger)? } else { (Vec::new(), Vec::new()) };
         st.best.resize(eval_sets.len(), 0.0);
 
         let total_steps = steps_per_epoch * cfg.train.epochs;
@@ -162,7 +173,7 @@ impl<'a> Trainer<'a> {
             "backbone: {n_params} trainable parameters; {steps_per_epoch} steps per epoch ({batches_per_epoch} batches, accumulation {accumulation}), {total_steps} steps in all; optimizer {}",
             optimizer_name(cfg)
         ));
-        let mut progress = Progress::new(total_steps as u64);
+        let mut progress = if world.is_main() { Progress::new(total_steps as u64) } else { Progress::hidden() };
         progress.set(st.step as u64);
         let start_step = st.step;
         let training_set = SourceSet { source, size, threads: facerec_data::cores(), device };
@@ -170,6 +181,7 @@ impl<'a> Trainer<'a> {
             cfg,
             facts,
             device,
+            world,
             loader,
             training_set,
             st,
@@ -199,13 +211,14 @@ impl<'a> Trainer<'a> {
         if let Some(note) = self.objective.begin_epoch(epoch, &model, &self.training_set)? {
             self.logger.line(&format!("epoch {epoch}: {note} ({:.1} s)", r0.elapsed().as_secs_f64()));
         }
-        let plan = StepPlan { cfg: self.cfg, num_classes: self.facts.num_classes, device: self.device };
         let loader = Rc::clone(&self.loader);
-        let mut batches = loader.epoch(epoch, self.st.batch_in_epoch);
-        // Micro-batches of this epoch that make whole optimiser steps (leftovers are dropped).
-        let usable = self.steps_per_epoch * self.cfg.train.grad_accumulation;
+        let mut batches = loader.epoch_shard(epoch, self.st.batch_in_epoch, self.world.shard());
+        // Micro-batches of this epoch (of every rank) that make whole optimiser steps (leftovers
+        // are dropped).
+        let usable = self.steps_per_epoch * self.cfg.train.grad_accumulation * self.world.size();
         loop {
             let lr = self.schedule.lr(self.st.step);
+            let plan = StepPlan { cfg: self.cfg, num_classes: self.facts.num_classes, device: self.device, world: &self.world };
             let outcome = plan.run(&mut self.st, self.objective.as_mut(), &mut batches, lr, &mut self.window)?;
             if self.st.batch_in_epoch >= usable {
                 self.st.epoch += 1;
@@ -268,9 +281,11 @@ impl<'a> Trainer<'a> {
         let st = &self.st;
         self.final_loss = w.loss / w.steps.max(1) as f64;
         let elapsed = w.busy + w.wait;
+        let world = self.world.size();
         let mut record = serde_json::json!({
             "kind": "train", "step": st.step, "epoch": epoch, "loss": self.final_loss, "lr": outcome.lr,
-            "samples_per_sec": w.samples as f64 / elapsed.max(1e-9),
+            "global_batch": world * self.cfg.train.batch_size * self.cfg.train.grad_accumulation,
+            "samples_per_sec": (w.samples * world) as f64 / elapsed.max(1e-9),
             "data_wait_fraction": w.wait / elapsed.max(1e-9),
             "skipped_steps": st.skipped,
             "skipped_images": self.loader.skipped(),
@@ -286,10 +301,19 @@ impl<'a> Trainer<'a> {
     }
 
     /// Write a checkpoint of the current state (atomically; the newest `checkpoint.keep` kept).
+    /// Data parallel: every rank holds the same weights and optimiser state, so rank 0 writes the
+    /// one checkpoint once every rank has reached this point, and the others wait for it.
     fn save_checkpoint(&self) -> Result<PathBuf> {
+        self.world.barrier()?;
         let order_fp = checkpoint::fingerprint(&self.loader.epoch_order(self.st.epoch));
         let parent = self.run_dir.join("checkpoints");
-        checkpoint::save(&parent, &self.facts.meta(&self.st, order_fp), &self.st.backbone_vs, &self.st.head_vs, &self.st.opt, &self.objective.state(), self.cfg.checkpoint.keep)
+        let saved = if self.world.is_main() {
+            checkpoint::save(&parent, &self.facts.meta(&self.st, order_fp), &self.st.backbone_vs, &self.st.head_vs, &self.st.opt, &self.objective.state(), self.cfg.checkpoint.keep)?
+        } else {
+            checkpoint::step_dir(&parent, self.st.step)
+        };
+        self.world.barrier()?;
+        Ok(saved)
     }
 
     /// Verify on every evaluation set, log it and keep the best accuracies.
@@ -312,6 +336,9 @@ impl<'a> Trainer<'a> {
         let train_seconds = self.started.elapsed().as_secs_f64() - self.eval_seconds;
         let targets = self.evaluate();
         self.save_checkpoint()?;
+        if !self.world.is_main() {
+            return Ok(RunSummary { run_dir: self.run_dir.clone(), steps: self.st.step, skipped_steps: self.st.skipped, train_seconds, final_loss: self.final_loss, targets, skipped_targets: Vec::new() });
+        }
         checkpoint::save_varstore(&self.st.backbone_vs, &self.run_dir.join("model.safetensors"))?;
         checkpoint::save_varstore(&self.st.head_vs, &self.run_dir.join("classifier.safetensors"))?;
         let summary = RunSummary {
@@ -327,6 +354,39 @@ impl<'a> Trainer<'a> {
         self.logger.summary(&summary);
         Ok(summary)
     }
+}
+
+/// The device (`cuda:LOCAL_RANK` for each rank of a data-parallel CUDA run) and the process group
+/// the environment describes.
+fn join_world(cfg: &Config) -> Result<(Device, World)> {
+    let device = parse_device(&cfg.train.device)?;
+    let world = World::from_env(device)?;
+    let device = match device {
+        Device::Cuda(_) if world.size() > 1 => Device::Cuda(world.local_rank()),
+        d => d,
+    };
+    check_available(device)?;
+    Ok((device, world))
+}
+
+/// The run directory and its logger. Rank 0 creates it (or reopens a resumed run's) and writes
+/// `config.toml`; the other ranks of a data-parallel run only need its path (checkpoints) and log
+/// nothing.
+fn open_run_dir(cfg: &Config, resume: Option<&ResumePoint>, world: &World) -> Result<(PathBuf, Logger)> {
+    if !world.is_main() {
+        let dir = world.share_from_main("facerec/run_dir", "")?;
+        return Ok((PathBuf::from(dir), Logger::null()));
+    }
+    let run_dir = match resume {
+        Some(r) => r.run_dir.clone(),
+        None => crate::log::new_run_dir(&cfg.output_dir, &cfg.run_name).context("config key `output_dir`")?,
+    };
+    world.share_from_main("facerec/run_dir", &run_dir.to_string_lossy())?;
+    let logger = Logger::open(&run_dir, resume.is_some())?;
+    if resume.is_none() {
+        crate::log::write_atomic(&run_dir.join("config.toml"), cfg.to_toml().as_bytes())?;
+    }
+    Ok((run_dir, logger))
 }
 
 /// The newest checkpoint of `run_dir`, checked against this run's facts.

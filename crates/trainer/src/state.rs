@@ -109,6 +109,8 @@ pub struct RunFacts<'a> {
     pub images: usize,
     /// Micro-batches per epoch.
     pub batches_per_epoch: usize,
+    /// Processes of the data-parallel run.
+    pub world_size: usize,
 }
 
 impl RunFacts<'_> {
@@ -129,6 +131,7 @@ impl RunFacts<'_> {
             consecutive_bad: s.consecutive_bad,
             best: s.best.clone(),
             config: self.cfg.to_toml(),
+            world_size: self.world_size,
         }
     }
 
@@ -150,6 +153,18 @@ impl RunFacts<'_> {
         }
         if meta.seed != self.cfg.seed {
             bail!("config key `seed`: the checkpoint {at} used seed {}, this config {}; the data order would not continue", meta.seed, self.cfg.seed);
+        }
+        let then = meta.world_size * accumulation_of(&meta.config);
+        let now = self.world_size * self.cfg.train.grad_accumulation;
+        if then != now {
+            bail!(
+                "config key `train.grad_accumulation`: the checkpoint {at} was written by {} processes x accumulation {} ({then} micro-batches of {} images per step); with {} processes this run needs train.grad_accumulation = {} to continue the same steps (--set train.grad_accumulation=N), and {then} must be divisible by the number of processes",
+                meta.world_size,
+                accumulation_of(&meta.config),
+                self.cfg.train.batch_size,
+                self.world_size,
+                then as f64 / self.world_size as f64
+            );
         }
         if meta.data.images != self.images || meta.data.batches_per_epoch != self.batches_per_epoch || meta.data.order_fingerprint != fingerprint_of(meta.epoch) {
             bail!(
@@ -173,6 +188,12 @@ pub struct ResumePoint {
     pub dir: PathBuf,
     /// Its metadata, already checked against the run's facts.
     pub meta: Meta,
+}
+
+/// `train.grad_accumulation` of a checkpoint's resolved config (1 when absent).
+fn accumulation_of(config_toml: &str) -> usize {
+    let value: Option<toml::Value> = toml::from_str(config_toml).ok();
+    value.as_ref().and_then(|v| v.get("train")?.get("grad_accumulation")?.as_integer()).map_or(1, |n| n.max(1) as usize)
 }
 
 fn model_toml(cfg: &Config) -> String {

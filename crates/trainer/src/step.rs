@@ -1,12 +1,14 @@
 //! One optimiser step, in the order the loop runs it: draw the step's random stream, forward and
-//! backward every micro-batch of the step ([`forward_backward`]), then unscale, check for
-//! non-finite values, clip the backbone's gradient and update ([`apply`]). The loop (`run.rs`)
+//! backward every micro-batch of the step ([`StepPlan::forward_backward`]), then unscale, check for
+//! non-finite values, clip the backbone's gradient and update ([`StepPlan::apply`]). In a data-parallel run
+//! the gradients are averaged over the ranks in between ([`StepPlan::synchronise`]). The loop (`run.rs`)
 //! owns what happens around a step: logging, checkpoints, evaluation, the NaN-guard stop.
 
 use crate::config::Config;
 use crate::objective::Objective;
 use crate::optim::clip_grad_norm;
 use crate::state::{State, CLASSIFIER_GROUP};
+use crate::world::World;
 use anyhow::{Context, Result};
 use facerec_data::EpochIter;
 use std::time::Instant;
@@ -55,6 +57,8 @@ pub struct StepPlan<'a> {
     pub num_classes: usize,
     /// Where the model lives.
     pub device: Device,
+    /// The data-parallel processes (a world of one: no collectives).
+    pub world: &'a World,
 }
 
 impl StepPlan<'_> {
@@ -66,6 +70,7 @@ impl StepPlan<'_> {
         st.opt.zero_grad();
         let (loss, row_mask, metrics) = self.forward_backward(st, objective, batches, window)?;
         let t1 = Instant::now();
+        let (loss, row_mask) = self.synchronise(st, loss, row_mask)?;
         let (finite, collapsed) = self.apply(st, row_mask, loss, lr);
         if finite {
             window.loss += loss;
@@ -101,9 +106,22 @@ impl StepPlan<'_> {
             metrics = micro.metrics;
             window.samples += batch.len();
             window.busy += t0.elapsed().as_secs_f64();
-            st.batch_in_epoch += 1;
+            // The epoch position counts the micro-batches of every rank.
+            st.batch_in_epoch += self.world.size();
         }
         Ok((loss_v, row_mask, metrics))
+    }
+
+    /// Data parallel: average the gradients and the loss over the ranks and unite their Partial FC
+    /// rows, so that every rank clips the global gradient and takes the same step (nothing is
+    /// communicated in a world of one).
+    fn synchronise(&self, st: &State, loss: f64, row_mask: Option<Tensor>) -> Result<(f64, Option<Tensor>)> {
+        if self.world.size() == 1 {
+            return Ok((loss, row_mask));
+        }
+        let params: Vec<Tensor> = st.opt.params().map(Tensor::shallow_clone).collect();
+        self.world.average_gradients(&params)?;
+        Ok((self.world.mean(loss)?, self.world.union_rows(row_mask)?))
     }
 
     /// Unscale the gradients, check them, and update: clip the backbone's gradient norm
