@@ -504,6 +504,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
                 window.wait += (t0 - wait_start).as_secs_f64();
                 let (x, y) = batch.to_tensors(device);
                 let model = st.model(cfg.train.precision, num_classes as i64);
+                objective.set_batch_images(&batch.indices);
                 let micro = objective.loss(&model, &x, &y);
                 let loss = micro.loss / accumulation as f64;
                 st.scaler.scale_loss(&loss).backward();
@@ -536,6 +537,7 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
                 st.consecutive_bad += 1;
                 logger.line(&format!("step {}: non-finite loss or gradient (loss {loss_v}); step skipped; grad scale now {}", st.step, st.scaler.scale()));
             }
+            objective.end_step();
             st.step += 1;
             if st.batch_in_epoch >= usable {
                 st.epoch += 1;
