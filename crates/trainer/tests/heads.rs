@@ -1,5 +1,7 @@
 //! Every head type, and Partial FC sampling, through the real training loop: a short run on
-//! synthetic identities must take every step with a finite loss that goes down.
+//! synthetic identities must take every step with a finite loss that goes down. Also GCE's
+//! prototype replacement on (padded) P x K batches and CoReFace's once-per-step margin under
+//! gradient accumulation.
 
 use facerec_trainer::{train, Config, RunOptions};
 
