@@ -654,7 +654,7 @@ impl ContrastiveRegularizer for CoReFace {
             let margin = self.next_margin(&gap).detach();
             tch::no_grad(|| {
                 let new = margin.to_device(self.margin.device()).to_kind(self.margin.kind());
-                let _ = self.margin.copy_(&new);
+                self.margin.copy_(&new);
             });
         }
         self.pending.clear();
