@@ -14,17 +14,28 @@ Protocols (anchor rows):
   two_n     : anchors every embedding of both views, candidates every embedding except itself.
 Roles: same image, other view -> positive (logit s*(cos - m)); other image, same label -> masked
 (logit 0, a constant); other image, other label -> negative (logit s*cos).
-Margin: gap = mean over rows of (positive cos - max over masked-and-negative entries), on detached
-values (masked entries count as 0); adaptive "batch": m = mu*gap + (1-mu)*m_prev; "state":
-m = mu*m_prev + (1-mu)*gap; fixed: m. m_prev starts at 0 and carries across the steps of a case.
-The loss of a step uses the updated m.
+Margin: gap = mean over rows of (positive cos - hardest negative), on detached values (masked
+entries count as 0). The hardest negative of a row, "negatives" rule: the max over its masked and
+negative entries; "positive_as_zero" rule (the released code): the max over the row's entries with
+the positive's own entry written as 0 in that list. Adaptive "batch": m = mu*gap + (1-mu)*m_prev;
+"state": m = mu*m_prev + (1-mu)*gap; fixed: m. m_prev starts at 0 and carries across the steps of
+a case. The loss of a step uses the updated m.
+
+Gradient accumulation: a step may hold several micro-batches. The step's gap is the mean over
+every anchor row of its micro-batches (each row's gap within its own micro-batch); micro-batch k's
+loss uses the margin updated from the rows of micro-batches 1..k, and m_prev for the next step is
+the margin after the step's last micro-batch. The positive and hardest-negative means are taken
+over the same rows.
 
 Usage: coreface_oracle.py < request.json > answer.json
 request = {"cases": [{"protocol", "s", "margin": {"type": "adaptive", "momentum", "momentum_on"} |
                                                  {"type": "fixed", "m"},
-                      "steps": [{"v1": [[...]], "v2": [[...]], "labels": [...]}]}]}
-answer  = {"cases": [{"steps": [{"loss", "margin", "batch_gap", "grad_v1", "grad_v2"}]}]}
-          (gradients flattened row-major)
+                      "hardest_negative": "negatives" | "positive_as_zero" (default "negatives"),
+                      "steps": [BATCH | {"micro": [BATCH, ...]}]}]}
+          BATCH = {"v1": [[...]], "v2": [[...]], "labels": [...]}
+answer  = {"cases": [{"steps": [OUT | {"micro": [OUT, ...]}]}]}  (the request's step form)
+          OUT = {"loss", "margin", "batch_gap", "positive_cos", "hardest_negative_cos",
+                 "grad_v1", "grad_v2"}  (gradients flattened row-major)
 """
 import json
 import sys
@@ -50,7 +61,8 @@ def unit(x):
     return x / torch.sqrt((x * x).sum())
 
 
-def step(protocol, s, margin_cfg, m_prev, v1, v2, labels):
+def micro_batch(protocol, s, margin_cfg, rule, m_prev, step_rows, v1, v2, labels):
+    """One micro-batch; `step_rows` collects (gap, positive, hardest) of the step's rows so far."""
     b = len(labels)
     emb = {}
     for i in range(b):
@@ -61,7 +73,6 @@ def step(protocol, s, margin_cfg, m_prev, v1, v2, labels):
         return torch.clamp(torch.dot(emb[a], emb[c]), -1.0, 1.0)
 
     rows = []  # per row: list of (cos value tensor or constant, is_positive)
-    gaps = []
     for a, cands in rows_of(protocol, b):
         entries = []
         for c in cands:
@@ -72,11 +83,20 @@ def step(protocol, s, margin_cfg, m_prev, v1, v2, labels):
             else:
                 entries.append((cos(a, c), False))
         pos = [e.detach().item() for e, p in entries if p]
-        neg = [e.detach().item() for e, p in entries if not p]
         assert len(pos) == 1
-        gaps.append(pos[0] - max(neg))
+        if rule == "negatives":
+            candidates = [e.detach().item() for e, p in entries if not p]
+        elif rule == "positive_as_zero":
+            candidates = [0.0 if p else e.detach().item() for e, p in entries]
+        else:
+            raise ValueError(rule)
+        hardest = max(candidates)
+        step_rows.append((pos[0] - hardest, pos[0], hardest))
         rows.append(entries)
-    gap = sum(gaps) / len(gaps)
+    n = len(step_rows)
+    gap = sum(r[0] for r in step_rows) / n
+    pos_mean = sum(r[1] for r in step_rows) / n
+    neg_mean = sum(r[2] for r in step_rows) / n
     if margin_cfg["type"] == "fixed":
         m = margin_cfg["m"]
     else:
@@ -94,28 +114,38 @@ def step(protocol, s, margin_cfg, m_prev, v1, v2, labels):
         z = torch.stack(logits)
         total = total + torch.logsumexp(z, 0) - z[target]
     loss = total / len(rows)
-    return loss, m, gap
+    return loss, m, gap, pos_mean, neg_mean
 
 
 def main():
     req = json.load(sys.stdin)
     out = []
     for case in req["cases"]:
+        rule = case.get("hardest_negative", "negatives")
         m_prev = 0.0
         steps = []
         for st in case["steps"]:
-            v1 = torch.tensor(st["v1"], dtype=torch.float64, requires_grad=True)
-            v2 = torch.tensor(st["v2"], dtype=torch.float64, requires_grad=True)
-            loss, m, gap = step(case["protocol"], case["s"], case["margin"], m_prev,
-                                v1, v2, st["labels"])
-            g1, g2 = torch.autograd.grad(loss, [v1, v2])
-            steps.append({
-                "loss": loss.item(),
-                "margin": m,
-                "batch_gap": gap,
-                "grad_v1": g1.flatten().tolist(),
-                "grad_v2": g2.flatten().tolist(),
-            })
+            batches = st["micro"] if "micro" in st else [st]
+            step_rows = []
+            outs = []
+            m = m_prev
+            for mb in batches:
+                v1 = torch.tensor(mb["v1"], dtype=torch.float64, requires_grad=True)
+                v2 = torch.tensor(mb["v2"], dtype=torch.float64, requires_grad=True)
+                loss, m, gap, pos_mean, neg_mean = micro_batch(
+                    case["protocol"], case["s"], case["margin"], rule, m_prev, step_rows,
+                    v1, v2, mb["labels"])
+                g1, g2 = torch.autograd.grad(loss, [v1, v2])
+                outs.append({
+                    "loss": loss.item(),
+                    "margin": m,
+                    "batch_gap": gap,
+                    "positive_cos": pos_mean,
+                    "hardest_negative_cos": neg_mean,
+                    "grad_v1": g1.flatten().tolist(),
+                    "grad_v2": g2.flatten().tolist(),
+                })
+            steps.append({"micro": outs} if "micro" in st else outs[0])
             m_prev = m
         out.append({"steps": steps})
     json.dump({"cases": out}, sys.stdout)

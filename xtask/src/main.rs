@@ -41,7 +41,9 @@ commands:
   run [facerec args]           set up libtorch, then run the `facerec` binary with any subcommand
   bench [criterion args]       set up libtorch, then run the criterion benchmarks
   bench-<name> [args]          set up libtorch, then run benches/src/bin/bench-<name>.rs (ours vs a reference)
-  <other> [args]               any other `facerec` subcommand (e.g. `cargo xtask eval ...`)
+  <other> [args]               any other `facerec` subcommand, e.g. `cargo xtask eval --model RUN_DIR --bin lfw.bin`,
+                               `export --model RUN_DIR --format safetensors --out F`, `plot --run RUN_DIR`
+                               (inputs are named options: --model for a model, --run for a run's metrics)
   setup                        only find or provision libtorch, and print where it is
   env                          print the shell exports that plain `cargo` commands need
 

@@ -19,6 +19,12 @@
 //! - The pair-coupling protocol is a setting ([`Protocol`]); the released code's adopted protocol
 //!   (one direction, N x N) is the default. With two directions the margin is updated once per step
 //!   from the gaps of all `2B` anchor rows (the released code has no such path enabled).
+//! - The hardest negative of a row is the maximum over its negatives only
+//!   ([`HardestNegative::Negatives`], SPEC 3(b)'s `max_{j≠i}`); the released code's rule, the
+//!   positive's entry kept in the maximum as 0 (so the hardest negative is never below 0), is
+//!   the setting [`HardestNegative::PositiveAsZero`].
+//! - The margin state moves once per optimiser step; with gradient accumulation the step's gap
+//!   is the mean over the rows of all its micro-batches (see [`CoReFace`]).
 //! - A fixed margin ([`MarginConfig::Fixed`]) is available for ablations; `m = 0` with distinct
 //!   labels reduces the loss to InfoNCE between the views.
 //! - The loss is computed in f32 for f16/bf16 views (f64 for f64), like the heads' cross-entropy.
@@ -68,6 +74,23 @@ pub enum MomentumOn {
     /// A textbook exponential moving average: `m ← momentum·m_prev + (1 − momentum)·gap_batch`
     /// (what "EMA with 0.99" usually means; what the paper may describe).
     State,
+}
+
+/// Over which entries a row's hardest negative is taken, for the gap behind the adaptive margin
+/// (and the logged `batch_gap` / `hardest_negative_cos`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum HardestNegative {
+    /// Default (SPEC 3(b) step 3, ours): the maximum over the row's negatives only, every
+    /// non-positive, non-excluded entry of the masked matrix (same-identity entries count as their
+    /// masked value 0). With no repeated identity the hardest negative can be below 0 and the gap
+    /// above 1.
+    #[default]
+    Negatives,
+    /// The released code: the maximum over the whole row with the positive's entry kept in it as
+    /// 0, so the hardest negative is never below 0: `max(0, Negatives)`. Excluded entries (2N:
+    /// the anchor itself) stay out, which changes nothing since the floor is 0 anyway.
+    PositiveAsZero,
 }
 
 /// `[coreface.margin] type = "adaptive"`: the margin follows the batch gap.
@@ -126,7 +149,7 @@ impl Default for MarginConfig {
 /// ```toml
 /// [coreface]
 /// start_epoch = 7          # contrastive phase from this 0-based epoch index on
-/// # init_from = "runs/arcface/checkpoint-epoch8.safetensors"   (trainer-side, optional)
+/// # init_from = "runs/arcface"   (trainer-side, optional: backbone + classifier of that run)
 /// warmup_dropout = 0.4     # single-view dropout before start_epoch
 /// dropout = 0.6            # the two views' dropout from start_epoch on
 /// w_cls1 = 0.5
@@ -134,6 +157,7 @@ impl Default for MarginConfig {
 /// w_con = 0.05
 /// protocol = "one_way"     # "one_way" | "both_ways" | "two_n"
 /// s = 64.0
+/// hardest_negative = "negatives"   # "negatives" (ours) | "positive_as_zero" (released code)
 /// [coreface.margin]
 /// type = "adaptive"        # "adaptive" | "fixed"
 /// momentum = 0.99
@@ -149,9 +173,11 @@ pub struct CoReFaceConfig {
     /// released code: `shrink_epoch[0] − 1`, the epoch of the first learning-rate drop).
     #[serde(default = "default_start_epoch")]
     pub start_epoch: usize,
-    /// Trainer-side, not read by this crate: a checkpoint (e.g. of an ArcFace + dropout 0.4 run)
-    /// whose weights initialise the contrastive phase, as the published run did (it resumed from
-    /// an ArcFace checkpoint at epoch 8). Default: unset (train from scratch through the warm-up).
+    /// Trainer-side, not read by this crate: a run directory, checkpoint directory or backbone
+    /// `.safetensors` (e.g. of an ArcFace + dropout 0.4 run) whose backbone *and* classifier
+    /// initialise this run, as the published run started its contrastive phase from an ArcFace
+    /// checkpoint at epoch 8. The trainer reads it as `[init] from = ..., classifier = true`
+    /// (docs/coreface.md). Default: unset (train from scratch through the warm-up).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_from: Option<String>,
     /// Dropout probability on the trunk features before `start_epoch` (one view). Default 0.4.
@@ -176,6 +202,10 @@ pub struct CoReFaceConfig {
     /// Logit scale `s` (temperature `1/s`) of the contrastive softmax. Default 64.
     #[serde(default = "default_s")]
     pub s: f64,
+    /// The hardest-negative rule of the gap: `"negatives"` (default, ours) or
+    /// `"positive_as_zero"` (the released code; see [`HardestNegative`]).
+    #[serde(default)]
+    pub hardest_negative: HardestNegative,
     /// The margin. Default adaptive, momentum 0.99 on the batch.
     #[serde(default)]
     pub margin: MarginConfig,
@@ -212,6 +242,7 @@ impl Default for CoReFaceConfig {
             w_con: default_w_con(),
             protocol: Protocol::default(),
             s: default_s(),
+            hardest_negative: HardestNegative::default(),
             margin: MarginConfig::default(),
         }
     }
@@ -347,15 +378,25 @@ pub struct ContrastiveLogits {
 }
 
 impl ContrastiveLogits {
-    /// `(positive cosine − hardest negative of S̃)` per row, detached `[R]`; negatives are all
-    /// non-positive, non-excluded entries, masked ones included (they count as 0).
+    /// `(gap, positive cosine, hardest negative)` per row, detached, each `[R]`, with the default
+    /// rule [`HardestNegative::Negatives`]: the hardest negative is the maximum over all
+    /// non-positive, non-excluded entries of `S̃`, masked ones included (they count as 0).
     pub fn gaps(&self) -> (Tensor, Tensor, Tensor) {
+        self.gaps_with(HardestNegative::Negatives)
+    }
+
+    /// [`ContrastiveLogits::gaps`] with the hardest negative taken by `rule`.
+    pub fn gaps_with(&self, rule: HardestNegative) -> (Tensor, Tensor, Tensor) {
         let cos = self.cos_rk.detach();
         let pos_r = cos
             .gather(1, &self.targets_r.unsqueeze(1), false)
             .squeeze_dim(1);
         let not_neg = self.positive_rk.logical_or(&self.excluded_rk);
         let (neg_r, _) = cos.masked_fill(&not_neg, -3.0).max_dim(1, false);
+        let neg_r = match rule {
+            HardestNegative::Negatives => neg_r,
+            HardestNegative::PositiveAsZero => neg_r.clamp_min(0.0),
+        };
         (&pos_r - &neg_r, pos_r, neg_r)
     }
 
@@ -463,12 +504,25 @@ pub fn contrastive_logits(
 ///
 /// The margin state is a scalar tensor (`margin`, initially 0); built with [`CoReFace::new`] it is
 /// a non-trainable variable of the `VarStore`, so `VarStore::save`/`load` carry it.
+///
+/// The state moves once per optimiser step. [`ContrastiveRegularizer::forward`] is one step of
+/// one batch. With gradient accumulation, call
+/// [`ContrastiveRegularizer::forward_micro_batch`] for every micro-batch and
+/// [`ContrastiveRegularizer::end_step`] after the optimiser step: the step's gap is the mean over
+/// every anchor row of its micro-batches (each row's gap taken within its own micro-batch; with
+/// equal micro-batches, the mean of their gaps). Micro-batch `k` uses the margin updated from the
+/// gap of micro-batches `1..=k` (the margin the step would have if it ended there), so the last
+/// one uses the step's margin, which `end_step` stores. One micro-batch per step is exactly
+/// `forward`.
 #[derive(Debug)]
 pub struct CoReFace {
     protocol: Protocol,
     s: f64,
     margin_cfg: MarginConfig,
+    hardest: HardestNegative,
     margin: Tensor,
+    /// This step's micro-batches so far: (mean gap, mean positive, mean hardest negative, rows).
+    pending: Vec<(Tensor, Tensor, Tensor, i64)>,
 }
 
 impl CoReFace {
@@ -498,7 +552,27 @@ impl CoReFace {
             protocol: cfg.protocol,
             s: cfg.s,
             margin_cfg: cfg.margin.clone(),
+            hardest: cfg.hardest_negative,
             margin,
+            pending: Vec::new(),
+        }
+    }
+
+    /// This step's `(gap, positive cosine, hardest negative)` so far: row-weighted means over the
+    /// pending micro-batches (the one micro-batch's own means when there is one). `None` before
+    /// the first micro-batch of a step.
+    fn step_means(&self) -> Option<(Tensor, Tensor, Tensor)> {
+        match self.pending.as_slice() {
+            [] => None,
+            [(g, p, n, _)] => Some((g.shallow_clone(), p.shallow_clone(), n.shallow_clone())),
+            many => {
+                let rows: i64 = many.iter().map(|e| e.3).sum();
+                let mean = |pick: fn(&(Tensor, Tensor, Tensor, i64)) -> &Tensor| {
+                    let parts: Vec<Tensor> = many.iter().map(|e| pick(e) * (e.3 as f64)).collect();
+                    Tensor::stack(&parts, 0).sum(parts[0].kind()) / rows as f64
+                };
+                Some((mean(|e| &e.0), mean(|e| &e.1), mean(|e| &e.2)))
+            }
         }
     }
 
@@ -540,36 +614,50 @@ impl CoReFace {
 }
 
 impl ContrastiveRegularizer for CoReFace {
-    /// Builds the protocol's masked cosines, updates the margin from this batch's gap (computed
-    /// on the detached masked matrix), stores it, and returns the loss with the *updated* margin.
+    /// Builds the protocol's masked cosines, adds this micro-batch's gaps (computed on the
+    /// detached masked matrix, hardest negatives by `hardest_negative`) to the step's, and returns
+    /// the loss with the margin updated from the step's gap so far; the state is not written
+    /// (see [`CoReFace`]).
     ///
     /// # Shapes
     /// `view1_bd [B, D]`, `view2_bd [B, D]`, `labels_b [B]` (Int64).
     ///
     /// # Panics
     /// As [`contrastive_logits`].
-    fn forward(
+    fn forward_micro_batch(
         &mut self,
         view1_bd: &Tensor,
         view2_bd: &Tensor,
         labels_b: &Tensor,
     ) -> RegularizerOutput {
         let lg = contrastive_logits(view1_bd, view2_bd, labels_b, self.protocol);
-        let (gap_r, pos_r, neg_r) = lg.gaps();
+        let (gap_r, pos_r, neg_r) = lg.gaps_with(self.hardest);
         let kind = lg.cos_rk.kind();
-        let batch_gap = gap_r.mean(kind);
+        let rows = gap_r.size()[0];
+        self.pending.push((gap_r.mean(kind), pos_r.mean(kind), neg_r.mean(kind), rows));
+        let (batch_gap, positive_cos, hardest_negative_cos) =
+            self.step_means().expect("a micro-batch was just added");
         let margin = self.next_margin(&batch_gap).detach();
-        tch::no_grad(|| {
-            let new = margin.to_device(self.margin.device()).to_kind(self.margin.kind());
-            let _ = self.margin.copy_(&new);
-        });
         RegularizerOutput {
             loss: lg.loss(self.s, &margin),
             margin,
             batch_gap,
-            positive_cos: pos_r.mean(kind),
-            hardest_negative_cos: neg_r.mean(kind),
+            positive_cos,
+            hardest_negative_cos,
         }
+    }
+
+    /// Stores the margin of the step's gap (the one its last micro-batch used) and starts a new
+    /// step. Without a micro-batch since the last call (e.g. in the warm-up phase) nothing changes.
+    fn end_step(&mut self) {
+        if let Some((gap, _, _)) = self.step_means() {
+            let margin = self.next_margin(&gap).detach();
+            tch::no_grad(|| {
+                let new = margin.to_device(self.margin.device()).to_kind(self.margin.kind());
+                self.margin.copy_(&new);
+            });
+        }
+        self.pending.clear();
     }
 }
 
@@ -684,6 +772,11 @@ mod tests {
         .unwrap();
         assert_eq!(c.protocol, Protocol::TwoN);
         assert_eq!(c.init_from.as_deref(), Some("a.safetensors"));
+        assert_eq!(c.hardest_negative, HardestNegative::Negatives);
+        let released: CoReFaceConfig = toml::from_str("hardest_negative = \"positive_as_zero\"").unwrap();
+        assert_eq!(released.hardest_negative, HardestNegative::PositiveAsZero);
+        let text = toml::to_string(&released).unwrap();
+        assert_eq!(toml::from_str::<CoReFaceConfig>(&text).unwrap(), released);
         assert_eq!(
             c.margin,
             MarginConfig::Adaptive(AdaptiveMarginConfig {
@@ -704,6 +797,7 @@ mod tests {
         assert!(err("dropuot = 0.5").contains("dropuot"));
         assert!(err("[margin]\ntype = \"fixed\"\nmomentum = 0.5").contains("momentum"));
         assert!(err("protocol = \"n\"").contains("one_way"));
+        assert!(err("hardest_negative = \"zero\"").contains("positive_as_zero"));
         assert!(err("dropout = 1.0").contains("coreface.dropout"));
         assert!(err("w_con = -1.0").contains("coreface.w_con"));
         assert!(err("s = 0.0").contains("coreface.s"));

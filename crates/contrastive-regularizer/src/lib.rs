@@ -37,8 +37,8 @@ pub mod coreface;
 
 pub use coreface::{
     contrastive_logits, dropout_views, normalize, same_identity_mask, AdaptiveMarginConfig,
-    CoReFace, CoReFaceConfig, ContrastiveLogits, FixedMarginConfig, LayoutRow, MarginConfig,
-    MomentumOn, Protocol, Role, ViewRef,
+    CoReFace, CoReFaceConfig, ContrastiveLogits, FixedMarginConfig, HardestNegative, LayoutRow,
+    MarginConfig, MomentumOn, Protocol, Role, ViewRef,
 };
 
 use tch::Tensor;
@@ -46,10 +46,14 @@ use tch::Tensor;
 /// An image-to-image contrastive term between two views of a batch.
 ///
 /// Implementations may keep state (CoReFace: the moving-average margin) as tensors registered in a
-/// `VarStore`, so checkpoints carry it; `forward` updates that state once per call, so call it
-/// once per training step.
+/// `VarStore`, so checkpoints carry it. The state moves once per optimiser step: call
+/// [`ContrastiveRegularizer::forward`] once per step, or, with gradient accumulation,
+/// [`ContrastiveRegularizer::forward_micro_batch`] for every micro-batch and
+/// [`ContrastiveRegularizer::end_step`] once after the optimiser step.
 pub trait ContrastiveRegularizer: std::fmt::Debug + Send {
-    /// The loss (a differentiable scalar) and detached diagnostics; updates the state.
+    /// The loss (a differentiable scalar) and detached diagnostics of one micro-batch; the
+    /// statistics that move the state are gathered, the state itself is left for
+    /// [`ContrastiveRegularizer::end_step`].
     ///
     /// # Shapes
     /// `view1_bd [B, D]`, `view2_bd [B, D]` (float, *not* normalised: the regularizer normalises),
@@ -57,8 +61,29 @@ pub trait ContrastiveRegularizer: std::fmt::Debug + Send {
     ///
     /// # Panics
     /// If the shapes disagree, `labels_b` is not Int64, or `B < 2`.
-    fn forward(&mut self, view1_bd: &Tensor, view2_bd: &Tensor, labels_b: &Tensor)
-        -> RegularizerOutput;
+    fn forward_micro_batch(
+        &mut self,
+        view1_bd: &Tensor,
+        view2_bd: &Tensor,
+        labels_b: &Tensor,
+    ) -> RegularizerOutput;
+
+    /// Updates the state from the micro-batches since the last call (none: no change).
+    fn end_step(&mut self);
+
+    /// One step of one batch: [`ContrastiveRegularizer::forward_micro_batch`] then
+    /// [`ContrastiveRegularizer::end_step`].
+    ///
+    /// # Shapes
+    /// As [`ContrastiveRegularizer::forward_micro_batch`].
+    ///
+    /// # Panics
+    /// As [`ContrastiveRegularizer::forward_micro_batch`].
+    fn forward(&mut self, view1_bd: &Tensor, view2_bd: &Tensor, labels_b: &Tensor) -> RegularizerOutput {
+        let out = self.forward_micro_batch(view1_bd, view2_bd, labels_b);
+        self.end_step();
+        out
+    }
 }
 
 /// What [`ContrastiveRegularizer::forward`] returns. Every field is a scalar tensor on the input
@@ -68,12 +93,14 @@ pub trait ContrastiveRegularizer: std::fmt::Debug + Send {
 pub struct RegularizerOutput {
     /// The contrastive loss, mean over anchor rows (f32, or f64 for f64 views).
     pub loss: Tensor,
-    /// The margin used in this step (after the moving-average update), detached.
+    /// The margin used in this micro-batch's loss (after the moving-average update from
+    /// `batch_gap`), detached. For the last micro-batch of a step: the step's margin.
     pub margin: Tensor,
-    /// This batch's gap: mean over rows of (positive cosine − hardest masked negative cosine).
+    /// The step's gap so far: mean over the anchor rows of this step's micro-batches of
+    /// (positive cosine − hardest negative cosine). With one micro-batch per step, this batch's.
     pub batch_gap: Tensor,
-    /// Mean positive cosine (same image, other view), detached.
+    /// Mean positive cosine (same image, other view) over the same rows, detached.
     pub positive_cos: Tensor,
-    /// Mean over rows of the hardest masked negative cosine, detached.
+    /// Mean hardest negative cosine over the same rows, detached.
     pub hardest_negative_cos: Tensor,
 }

@@ -326,6 +326,11 @@ pub struct Replacement {
     pub classes: Vec<i64>,
     /// The batch row whose feature replaces each class's prototype.
     pub samples: Vec<i64>,
+    /// `(row, r)`: another row holding the same image as `samples[r]` (a P x K batch repeats the
+    /// images of an identity with fewer than K). It is treated as `samples[r]` itself is, by
+    /// [`SelfPair`]: an image is never paired with a copy of itself. Empty when every row is a
+    /// distinct image.
+    pub copies: Vec<(i64, usize)>,
 }
 
 impl Replacement {
@@ -358,6 +363,8 @@ pub struct Gce {
     cos_mn: f64,
     sin_mn: f64,
     rng: ChaCha8Rng,
+    /// Dataset indices of the rows of the next batches ([`MarginHead::set_batch_images`]).
+    images: Option<Vec<usize>>,
 }
 
 impl Gce {
@@ -375,6 +382,7 @@ impl Gce {
             cos_mn: cfg.m_n.cos(),
             sin_mn: cfg.m_n.sin(),
             rng: ChaCha8Rng::seed_from_u64(cfg.pairwise.seed),
+            images: None,
         }
     }
 
@@ -390,11 +398,8 @@ impl Gce {
         self.rng.set_stream(step);
     }
 
-    /// Draws this step's replacements. Classes are visited in ascending order; for every class
-    /// with at least `min_count` samples, one uniform `u` and one uniform sample index are drawn,
-    /// and the class is replaced by that sample's feature when `u < rate`.
-    ///
-    /// Reads the labels on the CPU (one device sync when they live on a GPU).
+    /// Draws this step's replacements, every row a distinct image:
+    /// [`Gce::draw_replacement_for_images`] without image indices.
     ///
     /// # Shapes
     /// `labels_b [B]` (Int64, the column positions of the cosine matrix) -> [`Replacement`].
@@ -402,6 +407,25 @@ impl Gce {
     /// # Panics
     /// If `labels_b` is not a 1-D Int64 tensor.
     pub fn draw_replacement(&mut self, labels_b: &Tensor) -> Replacement {
+        self.draw_replacement_for_images(labels_b, None)
+    }
+
+    /// Draws this step's replacements. Classes are visited in ascending order; for every class
+    /// with at least `min_count` *distinct images* in the batch, one uniform `u` and one uniform
+    /// index into those images (in order of first appearance) are drawn, and the class is
+    /// replaced by that image's feature when `u < rate`. The other rows holding the picked image
+    /// become [`Replacement::copies`]. `images` gives each row's dataset index; `None` means every
+    /// row is a distinct image (then the draws equal those of a batch with distinct indices).
+    ///
+    /// Reads the labels on the CPU (one device sync when they live on a GPU).
+    ///
+    /// # Shapes
+    /// `labels_b [B]` (Int64, the column positions of the cosine matrix), `images` `B` indices
+    /// -> [`Replacement`].
+    ///
+    /// # Panics
+    /// If `labels_b` is not a 1-D Int64 tensor, or `images` does not have `B` entries.
+    pub fn draw_replacement_for_images(&mut self, labels_b: &Tensor, images: Option<&[usize]>) -> Replacement {
         assert_eq!(labels_b.kind(), Kind::Int64, "labels must be Int64");
         assert_eq!(labels_b.dim(), 1, "labels must be [B]");
         let pw = &self.cfg.pairwise;
@@ -409,29 +433,44 @@ impl Gce {
             return Replacement::default();
         }
         let labels = Vec::<i64>::try_from(labels_b.to_device(Device::Cpu)).expect("labels");
-        let mut members: BTreeMap<i64, Vec<i64>> = BTreeMap::new();
+        if let Some(images) = images {
+            assert_eq!(images.len(), labels.len(), "one image index per row: {} indices for B = {}", images.len(), labels.len());
+        }
+        let image = |row: usize| images.map_or(row, |im| im[row]);
+        let mut members: BTreeMap<i64, Vec<usize>> = BTreeMap::new();
         for (row, &y) in labels.iter().enumerate() {
-            members.entry(y).or_default().push(row as i64);
+            members.entry(y).or_default().push(row);
         }
         let mut out = Replacement::default();
         for (class, rows) in members {
-            if rows.len() < pw.min_count {
+            // The first row of each distinct image of the class.
+            let mut distinct: Vec<usize> = Vec::with_capacity(rows.len());
+            for &row in &rows {
+                if distinct.iter().all(|&d| image(d) != image(row)) {
+                    distinct.push(row);
+                }
+            }
+            if distinct.len() < pw.min_count {
                 continue;
             }
             let u: f64 = self.rng.gen();
-            let pick = rows[self.rng.gen_range(0..rows.len())];
+            let pick = distinct[self.rng.gen_range(0..distinct.len())];
             if u < pw.rate {
+                let r = out.classes.len();
                 out.classes.push(class);
-                out.samples.push(pick);
+                out.samples.push(pick as i64);
+                let copies = rows.iter().filter(|&&row| row != pick && image(row) == image(pick));
+                out.copies.extend(copies.map(|&row| (row as i64, r)));
             }
         }
         out
     }
 
     /// Applies `replacement` to the cosine matrix: `S[:, c_r] = clamp(x̂ x̂_{j_r}ᵀ, −1, 1)`
-    /// (with `x̂_{j_r}` detached if configured), except the self-pair entry `S[j_r, c_r]`, which
-    /// keeps the original prototype similarity. Returns the new matrix and the per-sample
-    /// validity weights (all 1, except 0 for the replacing samples under [`SelfPair::Drop`]).
+    /// (with `x̂_{j_r}` detached if configured), except the self-pair entries `S[j_r, c_r]` and
+    /// `S[k, c_r]` for every copy `k` of image `j_r` ([`Replacement::copies`]), which keep the
+    /// original prototype similarity. Returns the new matrix and the per-sample validity weights
+    /// (all 1, except 0 for the replacing samples and their copies under [`SelfPair::Drop`]).
     ///
     /// # Shapes
     /// `cos_bc [B, C]`, `emb_bd [B, D]` (raw or normalised embeddings; they are normalised
@@ -459,9 +498,17 @@ impl Gce {
         if replacement.is_empty() {
             return (cos_bc.shallow_clone(), valid_b);
         }
-        let r = replacement.classes.len() as i64;
+        let r = replacement.classes.len();
+        assert!(replacement.copies.iter().all(|&(_, k)| k < r), "a copy refers to no replacement");
         let classes_r = Tensor::from_slice(&replacement.classes).to_device(device);
         let samples_r = Tensor::from_slice(&replacement.samples).to_device(device);
+        // Self pairs: (row, replacement) for every replacing sample and every copy of it.
+        let (self_rows, self_cols): (Vec<i64>, Vec<i64>) = (0..r)
+            .map(|k| (replacement.samples[k], k as i64))
+            .chain(replacement.copies.iter().map(|&(row, k)| (row, k as i64)))
+            .unzip();
+        let self_rows = Tensor::from_slice(&self_rows).to_device(device);
+        let self_cols = Tensor::from_slice(&self_cols).to_device(device);
         let x_bd = normalize_rows(emb_bd);
         let feats_rd = x_bd.index_select(0, &samples_r);
         let feats_rd = if self.cfg.pairwise.detach {
@@ -472,12 +519,11 @@ impl Gce {
         let pair_br = x_bd.matmul(&feats_rd.tr()).clamp(-1.0, 1.0).to_kind(kind);
         let pair_br = match self.cfg.pairwise.self_pair {
             SelfPair::KeepPrototype => {
-                let own_r = cos_bc.index(&[Some(&samples_r), Some(&classes_r)]);
-                let cols_r = Tensor::arange(r, (Kind::Int64, device));
-                pair_br.index_put(&[Some(&samples_r), Some(&cols_r)], &own_r, false)
+                let own = cos_bc.index(&[Some(&self_rows), Some(&classes_r.index_select(0, &self_cols))]);
+                pair_br.index_put(&[Some(&self_rows), Some(&self_cols)], &own, false)
             }
             SelfPair::Drop => {
-                let _ = valid_b.index_fill_(0, &samples_r, 0.0);
+                let _ = valid_b.index_fill_(0, &self_rows, 0.0);
                 pair_br
             }
         };
@@ -485,7 +531,8 @@ impl Gce {
     }
 
     /// Draws this step's replacements and returns the GCE loss: the one call a trainer needs.
-    /// With `rate = 0` no draw is made and `emb_bd` is unused.
+    /// With `rate = 0` no draw is made and `emb_bd` is unused. The rows' images are those given
+    /// to the last [`MarginHead::set_batch_images`] (never called: every row a distinct image).
     ///
     /// # Shapes
     /// `cos_bc [B, C]` (clamped cosines, e.g. [`crate::CosineClassifier::cosines`] or
@@ -494,7 +541,9 @@ impl Gce {
     /// # Panics
     /// As [`Gce::loss`] and [`Gce::replace_prototypes`].
     pub fn step_loss(&mut self, cos_bc: &Tensor, labels_b: &Tensor, emb_bd: &Tensor) -> Tensor {
-        let rep = self.draw_replacement(labels_b);
+        let images = self.images.take();
+        let rep = self.draw_replacement_for_images(labels_b, images.as_deref());
+        self.images = images;
         if rep.is_empty() {
             return self.loss(cos_bc, labels_b);
         }
@@ -769,6 +818,12 @@ impl MarginHead for Gce {
 
     fn set_step(&mut self, step: u64) {
         Gce::set_step(self, step);
+    }
+
+    /// Kept for every following [`Gce::step_loss`] (until the next call), so that a copy of the
+    /// replacing image is treated as its self pair ([`Replacement::copies`]).
+    fn set_batch_images(&mut self, images: &[usize]) {
+        self.images = Some(images.to_vec());
     }
 
     /// # Shapes

@@ -108,6 +108,13 @@ pub trait MarginHead: std::fmt::Debug + Send {
     /// draws the same margins as an uninterrupted one. Call it once per iteration.
     fn set_step(&mut self, _step: u64) {}
 
+    /// Tells the head which training images the rows of the next batches are (their dataset
+    /// indices, one per row; the loader's `Batch::indices`), before the training loss. A P x K
+    /// batch repeats an image when its identity has fewer than K images. A no-op for heads that
+    /// never compare rows with each other; [`Gce`]'s pairwise framework uses it so that an image
+    /// is never paired with a copy of itself.
+    fn set_batch_images(&mut self, _images: &[usize]) {}
+
     /// Logits for heads that use the *un*-normalised feature norm `‖x_i‖` as the per-row scale
     /// (SphereFace's original A-Softmax). Every other head ignores `norms_b` and returns
     /// [`MarginHead::logits`].

@@ -83,6 +83,7 @@ fn replacement() -> Replacement {
     Replacement {
         classes: vec![0, 1],
         samples: vec![4, 1],
+        copies: Vec::new(),
     }
 }
 

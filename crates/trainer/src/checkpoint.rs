@@ -438,6 +438,7 @@ mod tests {
             consecutive_bad: 0,
             best: vec![],
             config: String::new(),
+            world_size: 1,
         };
         std::fs::create_dir_all(dir.path().join(".step-00000009.partial")).unwrap();
         for step in [1, 2, 3, 4] {

@@ -503,12 +503,35 @@ pub struct EvalTarget {
 impl Config {
     /// Parse and validate a TOML document (after `extends` and overrides were applied).
     pub fn from_value(value: toml::Value) -> Result<Self> {
-        let cfg: Config = serde_path_to_error::deserialize(value).map_err(|e| {
+        let mut cfg: Config = serde_path_to_error::deserialize(value).map_err(|e| {
             let path = e.path().to_string();
             anyhow::anyhow!("config key `{path}`: {}", e.into_inner())
         })?;
+        cfg.resolve_coreface_init()?;
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// `coreface.init_from = P` is read as `[init] from = P, classifier = true` (backbone and
+    /// classifier of an ArcFace run, as the published CoReFace run started from one); both keys
+    /// stay in the resolved config. Setting `init.from` to another path is an error.
+    fn resolve_coreface_init(&mut self) -> Result<()> {
+        let Some(from) = self.coreface.as_ref().and_then(|c| c.init_from.as_ref()) else {
+            return Ok(());
+        };
+        let from = PathBuf::from(from);
+        match &self.init.from {
+            Some(other) if *other != from => bail!(
+                "config key `coreface.init_from`: {} and init.from = {} are both set; keep one (coreface.init_from is init.from with init.classifier = true)",
+                from.display(),
+                other.display()
+            ),
+            _ => {
+                self.init.from = Some(from);
+                self.init.classifier = true;
+            }
+        }
+        Ok(())
     }
 
     /// Load the embedded default, or `path`, then apply `--set key=value` overrides.
@@ -561,8 +584,26 @@ impl Config {
             if matches!(&self.model, BackboneConfig::Iresnet(c) if c.dropout != 0.0) {
                 bail!("config key `model.dropout`: must be 0 with [coreface], which applies `coreface.warmup_dropout` and `coreface.dropout` to the trunk features itself");
             }
-            if cf.init_from.is_some() {
-                bail!("config key `coreface.init_from`: use `init.from` (and `init.classifier = true`) to start CoReFace from an ArcFace run");
+            if let Some(from) = &cf.init_from {
+                if self.init.from.as_deref() != Some(Path::new(from)) || !self.init.classifier {
+                    bail!("config key `coreface.init_from`: means init.from = {from:?} with init.classifier = true, but [init] says otherwise (Config::load resolves it; set both or neither)");
+                }
+            }
+        }
+        if let HeadConfig::Gce(g) = &self.head {
+            // GCE's prototype replacement needs a class present min_count times in a batch.
+            let pw = &g.pairwise;
+            if pw.rate > 0.0 && pw.min_count >= 2 && t.images_per_identity < pw.min_count {
+                let batches = match t.images_per_identity {
+                    0 => "uniform batches (train.images_per_identity = 0) almost never hold".to_string(),
+                    k => format!("batches of {k} images per identity never hold"),
+                };
+                bail!(
+                    "config key `train.images_per_identity`: head.pairwise.rate = {} replaces the prototype of a class only when a batch holds head.pairwise.min_count = {} distinct images of it, which {batches}; set train.images_per_identity >= {} (P x K batches) or head.pairwise.rate = 0",
+                    pw.rate,
+                    pw.min_count,
+                    pw.min_count
+                );
             }
         }
         if t.grad_accumulation == 0 {
@@ -754,6 +795,40 @@ mod tests {
     fn missing_file_is_named() {
         let err = format!("{:#}", Config::load(Some(Path::new("/no/such.toml")), &[]).unwrap_err());
         assert!(err.contains("/no/such.toml"), "{err}");
+    }
+
+    /// GCE's prototype replacement is refused where batches cannot hold a class twice.
+    #[test]
+    fn gce_pairwise_needs_identity_balanced_batches() {
+        let load = |sets: &[&str]| Config::load(None, &sets.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        let err = format!("{:#}", load(&["head.type=gce"]).unwrap_err());
+        assert!(err.contains("train.images_per_identity") && err.contains("head.pairwise.rate") && err.contains("uniform"), "{err}");
+        let err = format!("{:#}", load(&["head.type=gce", "train.images_per_identity=1"]).unwrap_err());
+        assert!(err.contains("train.images_per_identity") && err.contains("never"), "{err}");
+        let err = format!("{:#}", load(&["head.type=gce", "train.images_per_identity=2", "head.pairwise.min_count=4"]).unwrap_err());
+        assert!(err.contains("head.pairwise.min_count = 4"), "{err}");
+        load(&["head.type=gce", "train.images_per_identity=2"]).unwrap();
+        load(&["head.type=gce", "head.pairwise.rate=0.0"]).unwrap();
+        load(&["head.type=gce", "head.pairwise.min_count=1"]).unwrap();
+    }
+
+    /// `coreface.init_from` is `init.from` with `init.classifier = true`.
+    #[test]
+    fn coreface_init_from_is_init_from_with_the_classifier() {
+        let load = |sets: &[&str]| Config::load(None, &sets.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        let cfg = load(&["model.dropout=0.0", "coreface.init_from=runs/arcface"]).unwrap();
+        assert_eq!(cfg.init.from.as_deref(), Some(Path::new("runs/arcface")));
+        assert!(cfg.init.classifier);
+        let again = Config::from_value(toml::Value::Table(toml::from_str(&cfg.to_toml()).unwrap())).unwrap();
+        assert_eq!(cfg, again);
+        load(&["model.dropout=0.0", "coreface.init_from=runs/arcface", "init.from=runs/arcface"]).unwrap();
+        let err = format!("{:#}", load(&["model.dropout=0.0", "coreface.init_from=runs/a", "init.from=runs/b"]).unwrap_err());
+        assert!(err.contains("coreface.init_from") && err.contains("init.from"), "{err}");
+        // Built by hand without the resolution: refused, not ignored.
+        let mut cfg = load(&["model.dropout=0.0", "coreface.start_epoch=0"]).unwrap();
+        cfg.coreface.as_mut().unwrap().init_from = Some("runs/a".into());
+        let err = format!("{:#}", cfg.validate().unwrap_err());
+        assert!(err.contains("coreface.init_from"), "{err}");
     }
 
     /// Every shipped config (CPU configs and published recipes) parses and validates.

@@ -1,4 +1,8 @@
 //! The `facerec` command line. `cargo xtask train` runs `facerec train` with libtorch set up.
+//!
+//! One convention for every subcommand: inputs are named options, never positional. What holds a
+//! model (a run directory or a `.safetensors`) is `--model` (`eval`, `cluster`, `export`); what
+//! holds only a run's metrics is `--run` (`plot`); `train --resume RUN_DIR` continues a run.
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -38,13 +42,13 @@ enum Command {
     Prep(facerec_trainer::commands::prep::Args),
     /// Train several configs over several seeds at the same budget and print one accuracy table.
     Compare(facerec_trainer::commands::compare::Args),
-    /// Evaluate a trained model: `--bin FILE.bin`, `--pairs pairs.txt --images DIR`, `--ijb DIR --target IJBC`.
+    /// Evaluate a trained model: `--model RUN_DIR` with `--bin FILE.bin`, `--pairs pairs.txt --images DIR`, or `--ijb DIR --target IJBC`.
     Eval(facerec_trainer::commands::eval::Args),
     /// Cluster a folder of faces: `--model RUN_DIR --images DIR [--method kmeans|finch|graph] --out FILE.csv`.
     Cluster(facerec_trainer::commands::cluster::Args),
-    /// Export a run's backbone: `--format safetensors` (arcface_torch keys) or `torchscript`.
+    /// Export a run's backbone: `--model RUN_DIR --format safetensors|torchscript --out FILE`.
     Export(facerec_trainer::commands::export::Args),
-    /// Draw loss, lr and verification accuracy over steps from a run's metrics.jsonl to PNG.
+    /// Draw loss, lr and verification accuracy over steps from a run's metrics.jsonl to PNG: `--run RUN_DIR [--out DIR]`.
     Plot(facerec_trainer::commands::plot::Args),
 }
 

@@ -72,6 +72,7 @@ impl StepPlan<'_> {
         let t1 = Instant::now();
         let (loss, row_mask) = self.synchronise(st, loss, row_mask)?;
         let (finite, collapsed) = self.apply(st, row_mask, loss, lr);
+        objective.end_step();
         if finite {
             window.loss += loss;
             window.steps += 1;
@@ -95,6 +96,7 @@ impl StepPlan<'_> {
             let t0 = Instant::now();
             window.wait += (t0 - wait_start).as_secs_f64();
             let (x, y) = batch.to_tensors(self.device);
+            objective.set_batch_images(&batch.indices);
             let micro = objective.loss(&st.model(self.cfg.train.precision, self.num_classes), &x, &y);
             let loss = micro.loss / accumulation as f64;
             st.scaler.scale_loss(&loss).backward();

@@ -118,7 +118,7 @@ fn check_safetensors(py: &Path, cfg: &BackboneConfig) {
     let dir = tempfile::tempdir().unwrap();
     make_run(dir.path(), cfg, 11);
     let out = dir.path().join("exported.safetensors");
-    let o = facerec(&["export", p(dir.path()), "--format", "safetensors", "--out", p(&out)]);
+    let o = facerec(&["export", "--model", p(dir.path()), "--format", "safetensors", "--out", p(&out)]);
     assert!(o.status.success(), "export failed: {}", String::from_utf8_lossy(&o.stderr));
 
     // The file: arcface_torch buffers with PyTorch's kinds, statistics off their init.
@@ -178,7 +178,7 @@ fn check_torchscript(py: &Path, cfg: &BackboneConfig) -> PathBuf {
     make_run(&dir, cfg, 12);
     let out = dir.join("model.pt");
     let o = Command::new(env!("CARGO_BIN_EXE_facerec"))
-        .args(["export", p(&dir), "--format", "torchscript", "--out", p(&out), "--python", p(py)])
+        .args(["export", "--model", p(&dir), "--format", "torchscript", "--out", p(&out), "--python", p(py)])
         .output()
         .unwrap();
     assert!(o.status.success(), "export failed: {}", String::from_utf8_lossy(&o.stderr));
@@ -212,7 +212,7 @@ fn torchscript_export_matches_our_backbone() {
     // ...and a failed check writes nothing (a negative tolerance makes any module fail).
     let refused = dir.join("refused.pt");
     let o = facerec(&[
-        "export", p(&dir), "--format", "torchscript", "--out", p(&refused), "--python", p(&py),
+        "export", "--model", p(&dir), "--format", "torchscript", "--out", p(&refused), "--python", p(&py),
         "--tolerance=-1",
     ]);
     assert!(!o.status.success());
@@ -238,7 +238,7 @@ fn export_refuses_a_checkpoint_of_another_model() {
     let cfg = dir.path().join("wider.toml");
     std::fs::write(&cfg, format!("[model]\n{}", toml::to_string(&wider).unwrap())).unwrap();
     let out = dir.path().join("x.safetensors");
-    let o = facerec(&["export", p(dir.path()), "--config", p(&cfg), "--format", "safetensors", "--out", p(&out)]);
+    let o = facerec(&["export", "--model", p(dir.path()), "--config", p(&cfg), "--format", "safetensors", "--out", p(&out)]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("model.safetensors") && err.contains("wider.toml"), "{err}");
@@ -247,6 +247,14 @@ fn export_refuses_a_checkpoint_of_another_model() {
     assert!(!out.exists());
 
     // A missing run directory is named.
-    let o = facerec(&["export", "/no/such/run", "--format", "safetensors", "--out", p(&out)]);
+    let o = facerec(&["export", "--model", "/no/such/run", "--format", "safetensors", "--out", p(&out)]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("/no/such/run"));
+
+    // The input is a named option, as for eval and cluster: the old positional form is refused
+    // with the usage naming --model, and writes nothing.
+    let o = facerec(&["export", p(dir.path()), "--format", "safetensors", "--out", p(&out)]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("--model"), "{err}");
+    assert!(!out.exists());
 }

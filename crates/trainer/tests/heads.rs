@@ -1,10 +1,16 @@
 //! Every head type, and Partial FC sampling, through the real training loop: a short run on
-//! synthetic identities must take every step with a finite loss that goes down.
+//! synthetic identities must take every step with a finite loss that goes down. Also GCE's
+//! prototype replacement on (padded) P x K batches and CoReFace's once-per-step margin under
+//! gradient accumulation.
 
 use facerec_trainer::{train, Config, RunOptions};
 
 fn short_run(extra: &[&str]) -> facerec_trainer::RunSummary {
-    let dir = tempfile::tempdir().unwrap();
+    short_run_in(tempfile::tempdir().unwrap().path(), extra)
+}
+
+/// [`short_run`] with the run directory under `dir` (kept after the call).
+fn short_run_in(dir: &std::path::Path, extra: &[&str]) -> facerec_trainer::RunSummary {
     let mut overrides: Vec<String> = [
         "data.identities=24",
         "data.images_per_identity=4",
@@ -19,8 +25,8 @@ fn short_run(extra: &[&str]) -> facerec_trainer::RunSummary {
     .to_vec();
     overrides.extend(extra.iter().map(|s| s.to_string()));
     let mut cfg = Config::load(None, &overrides).unwrap();
-    cfg.output_dir = dir.path().to_path_buf();
-    let summary = train(&cfg, &RunOptions { workspace: dir.path().into(), echo_config: false, resume: None }).unwrap();
+    cfg.output_dir = dir.to_path_buf();
+    let summary = train(&cfg, &RunOptions { workspace: dir.into(), echo_config: false, resume: None }).unwrap();
     let metrics = std::fs::read_to_string(summary.run_dir.join("metrics.jsonl")).unwrap();
     let losses: Vec<f64> = metrics
         .lines()
@@ -54,4 +60,56 @@ fn every_head_trains() {
 fn partial_fc_sampling_trains() {
     short_run(&["partial_fc.sample_rate=0.3", "head.s=16.0"]);
     short_run(&["partial_fc.sample_rate=0.5", "head.type=softmax"]);
+}
+
+/// GCE's prototype replacement on P x K batches, also where identities have fewer images than K
+/// (K = 8 over 4 images each: the sampler pads every chunk with copies, which the head must not
+/// pair with themselves; the loop hands it the images' indices).
+#[test]
+fn gce_pairwise_trains_on_identity_balanced_batches() {
+    short_run(&["head.type=gce", "head.s=16.0", "train.images_per_identity=4"]);
+    short_run(&["head.type=gce", "head.s=16.0", "head.pairwise.rate=0.5", "train.images_per_identity=8"]);
+}
+
+fn train_records(summary: &facerec_trainer::RunSummary) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(summary.run_dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v["kind"] == "train")
+        .collect()
+}
+
+/// CoReFace with two micro-batches per optimiser step: the adaptive margin moves once per step.
+/// Every step is logged (its last micro-batch's values): `margin_t = 0.99·gap_t + 0.01·margin_{t−1}`
+/// with `gap_t` the step's gap over both micro-batches (`= positive_cos − hardest_negative_cos`),
+/// and the checkpointed margin is the last step's. (Updating per micro-batch, as before, breaks
+/// the recurrence by about 1e-3.)
+#[test]
+fn coreface_margin_moves_once_per_optimiser_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let summary = short_run_in(dir.path(), &[
+        "model.dropout=0.0",
+        "head.s=16.0",
+        "coreface.start_epoch=0",
+        "coreface.s=16.0",
+        "train.batch_size=8",
+        "train.grad_accumulation=2",
+        "train.log_every=1",
+    ]);
+    let records = train_records(&summary);
+    assert_eq!(records.len(), summary.steps);
+    let f = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap_or_else(|| panic!("{k} missing in {r}"));
+    let mut prev = 0.0;
+    for r in &records {
+        let (m, gap) = (f(r, "coreface_margin"), f(r, "coreface_batch_gap"));
+        let (pos, neg) = (f(r, "coreface_positive_cos"), f(r, "coreface_hardest_negative_cos"));
+        assert!((gap - (pos - neg)).abs() < 1e-5, "{r}");
+        assert!((m - (0.99 * gap + 0.01 * prev)).abs() < 1e-5, "step {}: margin {m}, gap {gap}, previous {prev}", r["step"]);
+        prev = m;
+    }
+    let ckpt = facerec_trainer::checkpoint::latest(&summary.run_dir).unwrap();
+    let state = facerec_trainer::checkpoint::read_objective(&ckpt).unwrap();
+    let stored = f64::try_from(&state["coreface.margin"]).unwrap();
+    assert_eq!(stored as f32, prev as f32, "the checkpoint holds the last step's margin");
 }

@@ -25,7 +25,7 @@ const METRICS: &str = r#"{"kind":"train","step":50,"epoch":0,"loss":21.7,"lr":0.
 fn plot_writes_pngs_from_metrics() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("metrics.jsonl"), METRICS).unwrap();
-    let o = facerec(&["plot", p(dir.path())]);
+    let o = facerec(&["plot", "--run", p(dir.path())]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     for name in ["loss.png", "lr.png", "accuracy.png"] {
         let path = dir.path().join("plots").join(name);
@@ -38,7 +38,7 @@ fn plot_writes_pngs_from_metrics() {
 
     // --out elsewhere.
     let out = dir.path().join("elsewhere");
-    let o = facerec(&["plot", p(dir.path()), "--out", p(&out)]);
+    let o = facerec(&["plot", "--run", p(dir.path()), "--out", p(&out)]);
     assert!(o.status.success());
     assert!(out.join("loss.png").is_file());
 }
@@ -50,14 +50,14 @@ fn plot_names_the_file_and_line_of_a_malformed_record() {
     let mut text: String = METRICS.lines().take(3).map(|l| format!("{l}\n")).collect();
     text.push_str("{\"kind\":\"train\",\"step\":150,\"loss\":12.9,\n");
     std::fs::write(&metrics, text).unwrap();
-    let o = facerec(&["plot", p(dir.path())]);
+    let o = facerec(&["plot", "--run", p(dir.path())]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains(&format!("{} line 4", metrics.display())), "{err}");
     assert!(!dir.path().join("plots/loss.png").exists());
 
     let missing = dir.path().join("missing");
-    let o = facerec(&["plot", p(&missing)]);
+    let o = facerec(&["plot", "--run", p(&missing)]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && err.contains(&format!("{} does not exist", missing.display())), "{err}");
 }

@@ -185,6 +185,32 @@ fn cluster_guided_resume_after_sigkill_is_bitwise_exact() {
     );
 }
 
+/// `coreface.init_from` starts CoReFace from another run's backbone and classifier (as the
+/// published run started from an ArcFace checkpoint). At a learning rate too small to move any
+/// weight, the classifier and every trainable backbone tensor end bitwise equal to the source's.
+#[test]
+fn coreface_init_from_loads_backbone_and_classifier() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(dir.path(), "", "");
+    let source = short_run(&dir.path().join("src"), &cfg, &[]);
+    let from = format!("coreface.init_from={}", source.display());
+    let sets = [from.as_str(), "model.dropout=0.0", "coreface.start_epoch=0", "coreface.s=16.0", "optim.lr=1e-30"];
+    let tuned = short_run(&dir.path().join("cf"), &cfg, &sets);
+    let log = std::fs::read_to_string(tuned.join("training.log")).unwrap();
+    assert!(log.contains("backbone initialised from") && log.contains("classifier initialised"), "{log}");
+    assert_bitwise_equal(&source.join("classifier.safetensors"), &tuned.join("classifier.safetensors"));
+    let (a, b) = (tensors(&source.join("model.safetensors")), tensors(&tuned.join("model.safetensors")));
+    let weights: Vec<&String> = a.keys().filter(|k| !k.contains("running_") && !k.contains("num_batches")).collect();
+    assert!(weights.len() > 10);
+    for k in weights {
+        assert!(a[k].equal(&b[k]), "`{k}` was not initialised from the source run");
+    }
+    // Without the key the classifier starts fresh (the check above can fail).
+    let fresh = short_run(&dir.path().join("fresh"), &cfg, &sets[1..]);
+    let (a, c) = (tensors(&source.join("classifier.safetensors")), tensors(&fresh.join("classifier.safetensors")));
+    assert!(a.iter().any(|(k, x)| !x.equal(&c[k])));
+}
+
 /// Hash every file under `dir` (name -> bytes) to prove nothing was changed.
 fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     let mut out = Vec::new();

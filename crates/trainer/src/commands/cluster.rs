@@ -39,7 +39,7 @@ pub enum Method {
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
     /// A run directory (config.toml + model.safetensors) or a model `.safetensors` file.
-    #[arg(long)]
+    #[arg(long, value_name = "RUN_DIR|MODEL.safetensors")]
     pub model: PathBuf,
     /// The config holding the `[model]` table (default: beside the model).
     #[arg(long)]

@@ -26,7 +26,7 @@ use tch::{nn, nn::ModuleT, Device, Tensor};
 #[derive(clap::Args, Debug, Clone, serde::Serialize)]
 pub struct Args {
     /// A run directory (config.toml + model.safetensors) or a model `.safetensors` file.
-    #[arg(long)]
+    #[arg(long, value_name = "RUN_DIR|MODEL.safetensors")]
     pub model: PathBuf,
     /// The config holding the `[model]` table. Default: `config.toml` in the run directory, or beside
     /// the `.safetensors` file.

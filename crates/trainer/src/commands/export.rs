@@ -1,4 +1,4 @@
-//! `facerec export RUN_DIR --format safetensors|torchscript --out FILE`: the trained backbone in a
+//! `facerec export --model RUN_DIR --format safetensors|torchscript --out FILE`: the trained backbone in a
 //! form other tools load (see `docs/export.md`).
 //!
 //! - `safetensors`: the backbone `state_dict` with arcface_torch key names (`conv1.weight`,
@@ -49,6 +49,7 @@ pub enum Format {
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
     /// A run directory (`config.toml` + `model.safetensors`) or a model `.safetensors` file.
+    #[arg(long, value_name = "RUN_DIR|MODEL.safetensors")]
     pub model: PathBuf,
     /// The config holding the `[model]` table. Default: `config.toml` in the run directory, or
     /// beside the `.safetensors` file.

@@ -1,4 +1,4 @@
-//! `facerec plot RUN_DIR [--out DIR]` (`cargo xtask plot RUN_DIR`): draws the training curves of a
+//! `facerec plot --run RUN_DIR [--out DIR]` (`cargo xtask plot --run RUN_DIR`): draws the training curves of a
 //! run from its `metrics.jsonl` to PNG with [`facerec_evaluation::plot::line_png`]:
 //!
 //! - `loss.png`: training loss (the mean over each logging window) over the global step;
@@ -23,6 +23,7 @@ use facerec_evaluation::plot::{line_png, Series};
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
     /// A run directory holding `metrics.jsonl`, or a metrics `.jsonl` file.
+    #[arg(long, value_name = "RUN_DIR|METRICS.jsonl")]
     pub run: PathBuf,
     /// Output folder for the PNGs. Default: `<run dir>/plots`.
     #[arg(long)]

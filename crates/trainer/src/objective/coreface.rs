@@ -5,8 +5,9 @@
 //! through the shared fc + BatchNorm1d neck; both views classified by the configured head over the
 //! same Partial FC sample; `w_cls1·L¹ + w_cls2·L² + w_con·L_con` with the contrastive regularizer
 //! of `facerec-contrastive-regularizer`. Evaluation uses the ordinary forward with dropout off.
-//! The adaptive margin is objective state, so checkpoints carry it. `model.dropout` must be 0
-//! (the objective applies the dropout itself; the config check says so).
+//! The adaptive margin is objective state, so checkpoints carry it; it moves once per optimiser
+//! step (every micro-batch adds its gaps, [`Objective::end_step`] stores the step's margin).
+//! `model.dropout` must be 0 (the objective applies the dropout itself; the config check says so).
 
 use super::{margin_softmax::MarginSoftmax, MicroLoss, Model, Objective};
 use anyhow::{Context, Result};
@@ -42,6 +43,10 @@ impl Objective for CoReFaceObjective {
         self.epoch = epoch;
     }
 
+    fn set_batch_images(&mut self, images: &[usize]) {
+        self.base.set_batch_images(images);
+    }
+
     fn loss(&mut self, model: &Model, x: &Tensor, y: &Tensor) -> MicroLoss {
         let h = model.trunk(x).to_kind(Kind::Float);
         if !self.cfg.is_contrastive(self.epoch) {
@@ -51,7 +56,7 @@ impl Objective for CoReFaceObjective {
         }
         let (e1, e2) = dropout_views(&h, self.cfg.dropout, |f| model.neck(f));
         let (losses, row_mask) = self.base.losses_of_views(model, vec![e1.shallow_clone(), e2.shallow_clone()], y);
-        let out = self.reg.forward(&e1, &e2, y);
+        let out = self.reg.forward_micro_batch(&e1, &e2, y);
         let loss = self.cfg.total_loss(&losses[0], &losses[1], &out.loss);
         let metrics = vec![
             ("loss_cls1", scalar(&losses[0])),
@@ -59,8 +64,14 @@ impl Objective for CoReFaceObjective {
             ("loss_con", scalar(&out.loss)),
             ("coreface_margin", scalar(&out.margin)),
             ("coreface_batch_gap", scalar(&out.batch_gap)),
+            ("coreface_positive_cos", scalar(&out.positive_cos)),
+            ("coreface_hardest_negative_cos", scalar(&out.hardest_negative_cos)),
         ];
         MicroLoss { loss, row_mask, metrics }
+    }
+
+    fn end_step(&mut self) {
+        self.reg.end_step();
     }
 
     fn state(&self) -> Vec<(String, Tensor)> {

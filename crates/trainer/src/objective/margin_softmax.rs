@@ -56,6 +56,10 @@ impl Objective for MarginSoftmax {
         }
     }
 
+    fn set_batch_images(&mut self, images: &[usize]) {
+        self.head.set_batch_images(images);
+    }
+
     fn loss(&mut self, model: &Model, x: &Tensor, y: &Tensor) -> MicroLoss {
         let (loss, row_mask) = self.loss_of(model, model.embed(x, true), y);
         MicroLoss { loss, row_mask, metrics: Vec::new() }

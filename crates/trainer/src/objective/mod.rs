@@ -48,6 +48,17 @@ pub trait Objective {
     /// any [`Objective::loss`] of that step (heads and samplers move to the stream of the step).
     fn begin_step(&mut self, step: usize, epoch: usize);
 
+    /// Called once after each optimiser step (also a skipped one), after every
+    /// [`Objective::loss`] of that step: state that moves once per step (CoReFace's adaptive
+    /// margin) is updated here from the step's micro-batches.
+    fn end_step(&mut self) {}
+
+    /// Called before each [`Objective::loss`] with the dataset indices of the micro-batch's
+    /// images (the loader's `Batch::indices`; a P x K batch repeats an image when its identity
+    /// has fewer than K). Objectives that pair images with each other (GCE's pairwise framework)
+    /// use them to never pair an image with a copy of itself.
+    fn set_batch_images(&mut self, _images: &[usize]) {}
+
     /// The loss of one micro-batch.
     ///
     /// # Shapes
