@@ -191,7 +191,7 @@ impl ProcessGroup {
         };
         if pg.world_size > 1 {
             pg.peers = peers::exchange(&pg)
-                .map_err(|e| anyhow!("joining the {where_}: exchanging peer identities: {e:#}"))?;
+                .map_err(|e| anyhow!("joining the {where_}: exchanging peer identities (a rank that never publishes one failed to join, or the ranks disagree on the world size): {e:#}"))?;
         }
         Ok(pg)
     }

@@ -182,6 +182,29 @@ fn run_collectives(pg: &ProcessGroup) -> Result<()> {
         check_equal(&format!("all_reduce_bucketed a {k}"), &list[0], &want_a)?;
         check_equal(&format!("all_reduce_bucketed b {k}"), &list[1], &want_b)?;
         check_equal(&format!("all_reduce_bucketed c {k}"), &list[2], &want_c)?;
+        // Again with the same layout (the bucket buffers are reused): max of fresh data.
+        let mut list = vec![
+            rank_data(r, 12, 0, &[3, 4], kind).transpose(0, 1),
+            rank_data(r, 5, 12, &[5], kind),
+        ];
+        pg.all_reduce_bucketed(&mut list, ReduceOp::Max, 40)?;
+        let want_a = tensor(
+            (0..12).map(|i| max_over_ranks(w, i)).collect(),
+            &[3, 4],
+            kind,
+        )
+        .transpose(0, 1);
+        check_equal(
+            &format!("all_reduce_bucketed reused a {k}"),
+            &list[0],
+            &want_a,
+        )?;
+        let want_b = tensor((12..17).map(|i| max_over_ranks(w, i)).collect(), &[5], kind);
+        check_equal(
+            &format!("all_reduce_bucketed reused b {k}"),
+            &list[1],
+            &want_b,
+        )?;
     }
 
     // Integers: sum works, avg is refused before any communication (the group stays usable).

@@ -231,14 +231,36 @@ pub fn main(cases: &[(&str, Case)], workers: &[(&str, Worker)]) {
             }
         }
     }
-    let filters: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
-    let list = std::env::args().any(|a| a == "--list");
+    // libtest's conventions: positional filters (substring), `--exact`, `--skip NAME`; the values
+    // of the other flags that take one are not filters.
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let (mut filters, mut skips, mut exact, mut list) = (vec![], vec![], false, false);
+    let mut i = 0;
+    while i < argv.len() {
+        match argv[i].as_str() {
+            "--skip" => {
+                i += 1;
+                skips.extend(argv.get(i).cloned());
+            }
+            "--test-threads" | "--color" | "--format" | "--logfile" | "-Z" => i += 1,
+            "--exact" => exact = true,
+            "--list" => list = true,
+            a if a.starts_with('-') => {}
+            a => filters.push(a.to_string()),
+        }
+        i += 1;
+    }
+    let matches = |name: &str, f: &String| {
+        if exact {
+            name == f
+        } else {
+            name.contains(f.as_str())
+        }
+    };
     let selected: Vec<&(&str, Case)> = cases
         .iter()
-        .filter(|(n, _)| filters.iter().all(|f| n.contains(f.as_str())))
+        .filter(|(n, _)| filters.is_empty() || filters.iter().any(|f| matches(n, f)))
+        .filter(|(n, _)| !skips.iter().any(|f| matches(n, f)))
         .collect();
     if list {
         for (name, _) in &selected {
