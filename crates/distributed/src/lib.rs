@@ -30,6 +30,7 @@ pub mod rendezvous;
 pub use rendezvous::Rendezvous;
 
 use anyhow::{anyhow, bail, Result};
+use std::cell::RefCell;
 use std::ffi::{c_int, CString};
 use std::ptr::NonNull;
 use std::time::Duration;
@@ -110,6 +111,8 @@ pub struct ProcessGroup {
     backend: Backend,
     timeout: Duration,
     peers: Vec<peers::Peer>,
+    /// Flat buffers of `all_reduce_bucketed`, reused while the layout stays the same.
+    buckets: RefCell<Vec<Tensor>>,
 }
 
 // SAFETY: the C++ group may be used from any thread; `&mut`-free methods take `&self` but the type
@@ -184,10 +187,11 @@ impl ProcessGroup {
             backend,
             timeout: rv.timeout,
             peers: vec![],
+            buckets: RefCell::new(vec![]),
         };
         if pg.world_size > 1 {
             pg.peers = peers::exchange(&pg)
-                .map_err(|e| anyhow!("joining the {where_}: exchanging peer identities: {e:#}"))?;
+                .map_err(|e| anyhow!("joining the {where_}: exchanging peer identities (a rank that never publishes one failed to join, or the ranks disagree on the world size): {e:#}"))?;
         }
         Ok(pg)
     }
@@ -244,7 +248,8 @@ impl ProcessGroup {
     /// All-reduce a list of tensors (typically gradients) by packing them into flat buckets of
     /// at most `bucket_bytes` (a tensor larger than that is a bucket of its own), one collective
     /// per bucket, then copying the results back. Tensors may have any layout; consecutive
-    /// tensors of the same kind and device share a bucket.
+    /// tensors of the same kind and device share a bucket. The bucket buffers are kept for the
+    /// next call with the same layout (no allocation per step).
     pub fn all_reduce_bucketed(
         &self,
         tensors: &mut [Tensor],
@@ -252,33 +257,51 @@ impl ProcessGroup {
         bucket_bytes: usize,
     ) -> Result<()> {
         let _guard = tch::no_grad_guard();
+        let mut buffers = self.buckets.borrow_mut();
         let mut start = 0;
+        let mut index = 0;
         while start < tensors.len() {
             let (kind, device) = (tensors[start].kind(), tensors[start].device());
             let elt = kind.elt_size_in_bytes();
             let mut end = start;
-            let mut bytes = 0usize;
+            let mut numel = 0usize;
             while end < tensors.len()
                 && tensors[end].kind() == kind
                 && tensors[end].device() == device
-                && (end == start || bytes + tensors[end].numel() * elt <= bucket_bytes)
+                && (end == start || (numel + tensors[end].numel()) * elt <= bucket_bytes)
             {
-                bytes += tensors[end].numel() * elt;
+                numel += tensors[end].numel();
                 end += 1;
             }
+            let fits = buffers.get(index).is_some_and(|b: &Tensor| {
+                b.numel() == numel && b.kind() == kind && b.device() == device
+            });
+            if !fits {
+                buffers.truncate(index);
+                buffers.push(Tensor::empty([numel as i64], (kind, device)));
+            }
+            let flat = &mut buffers[index];
             let bucket = &mut tensors[start..end];
-            let flats: Vec<Tensor> = bucket.iter().map(|t| t.reshape([-1])).collect();
-            let mut flat = Tensor::cat(&flats, 0);
-            self.all_reduce(&mut flat, op).map_err(|e| {
-                e.context(format!("bucket of tensors {start}..{end} ({bytes} bytes)"))
+            let mut offset = 0i64;
+            for t in bucket.iter() {
+                let n = t.numel() as i64;
+                flat.narrow(0, offset, n).view(t.size().as_slice()).copy_(t);
+                offset += n;
+            }
+            self.all_reduce(flat, op).map_err(|e| {
+                e.context(format!(
+                    "bucket of tensors {start}..{end} ({} bytes)",
+                    numel * elt
+                ))
             })?;
             let mut offset = 0i64;
             for t in bucket.iter_mut() {
                 let n = t.numel() as i64;
-                t.copy_(&flat.narrow(0, offset, n).view_as(t));
+                t.copy_(&flat.narrow(0, offset, n).view(t.size().as_slice()));
                 offset += n;
             }
             start = end;
+            index += 1;
         }
         Ok(())
     }

@@ -182,6 +182,29 @@ fn run_collectives(pg: &ProcessGroup) -> Result<()> {
         check_equal(&format!("all_reduce_bucketed a {k}"), &list[0], &want_a)?;
         check_equal(&format!("all_reduce_bucketed b {k}"), &list[1], &want_b)?;
         check_equal(&format!("all_reduce_bucketed c {k}"), &list[2], &want_c)?;
+        // Again with the same layout (the bucket buffers are reused): max of fresh data.
+        let mut list = vec![
+            rank_data(r, 12, 0, &[3, 4], kind).transpose(0, 1),
+            rank_data(r, 5, 12, &[5], kind),
+        ];
+        pg.all_reduce_bucketed(&mut list, ReduceOp::Max, 40)?;
+        let want_a = tensor(
+            (0..12).map(|i| max_over_ranks(w, i)).collect(),
+            &[3, 4],
+            kind,
+        )
+        .transpose(0, 1);
+        check_equal(
+            &format!("all_reduce_bucketed reused a {k}"),
+            &list[0],
+            &want_a,
+        )?;
+        let want_b = tensor((12..17).map(|i| max_over_ranks(w, i)).collect(), &[5], kind);
+        check_equal(
+            &format!("all_reduce_bucketed reused b {k}"),
+            &list[1],
+            &want_b,
+        )?;
     }
 
     // Integers: sum works, avg is refused before any communication (the group stays usable).
@@ -214,6 +237,111 @@ fn run_collectives(pg: &ProcessGroup) -> Result<()> {
     Ok(())
 }
 
+/// One data-parallel run: parameters broadcast from rank 0 (every rank starts from its own
+/// initialisation), each rank takes its `B / W` rows of every global batch of `B`, the gradients
+/// are averaged with `all_reduce_bucketed`, clipped on the global norm and applied by SGD with
+/// momentum. It must equal one process taking the whole batch (each rank recomputes that
+/// reference locally), with and without clipping. f64 least squares, 24 rows, global batch 12,
+/// 6 steps.
+fn data_parallel_step_matches_one_process(pg: &ProcessGroup) -> Result<()> {
+    let (r, w) = (pg.rank(), pg.world_size());
+    let opts = (Kind::Double, tch::Device::Cpu);
+    let x = (Tensor::arange(24 * 5, opts).reshape([24, 5]) * 0.37).sin();
+    let y = (Tensor::arange(24 * 3, opts).reshape([24, 3]) * 0.11).cos();
+    let init = |seed: usize| {
+        let s = seed as f64 + 1.0;
+        (
+            (Tensor::arange(15, opts).reshape([5, 3]) * 0.3 * s).cos() * 0.5,
+            Tensor::full([3], 0.1 * s, opts),
+        )
+    };
+    let (global_batch, steps, lr, momentum) = (12i64, 6, 0.1, 0.9);
+    let local = global_batch / w as i64;
+    // run(params, rows of step s) with the gradient combined by `combine`.
+    let train = |mut params: Vec<Tensor>,
+                 max_norm: f64,
+                 rows: &dyn Fn(i64) -> (i64, i64),
+                 combine: &dyn Fn(&mut [Tensor]) -> Result<()>|
+     -> Result<(Vec<Tensor>, usize)> {
+        let mut clipped = 0;
+        let mut velocity: Vec<Tensor> = params.iter().map(|p| p.zeros_like()).collect();
+        for p in params.iter_mut() {
+            *p = p.set_requires_grad(true);
+        }
+        for step in 0..steps {
+            let (start, len) = rows(step);
+            let (xb, yb) = (x.narrow(0, start, len), y.narrow(0, start, len));
+            let loss = (xb.matmul(&params[0]) + &params[1] - yb)
+                .square()
+                .mean(Kind::Double);
+            for p in params.iter_mut() {
+                p.zero_grad();
+            }
+            loss.backward();
+            let mut grads: Vec<Tensor> = params.iter().map(|p| p.grad().copy()).collect();
+            combine(&mut grads)?;
+            let _guard = tch::no_grad_guard();
+            let norm = f64::try_from(
+                grads
+                    .iter()
+                    .map(|g| g.square().sum(Kind::Double))
+                    .fold(Tensor::zeros([], opts), |a, b| a + b)
+                    .sqrt(),
+            )?;
+            let scale = if norm > max_norm {
+                clipped += 1;
+                max_norm / norm
+            } else {
+                1.0
+            };
+            for ((p, v), g) in params.iter_mut().zip(velocity.iter_mut()).zip(&grads) {
+                *v = &*v * momentum + g * scale;
+                let _ = p.f_sub_(&(&*v * lr))?;
+            }
+        }
+        Ok((params.into_iter().map(|p| p.detach()).collect(), clipped))
+    };
+    // Without clipping (a sum instead of the average would show) and with it (the clip must see
+    // the global gradient).
+    for max_norm in [f64::INFINITY, 0.5] {
+        // Data parallel: start from this rank's own init, take rank 0's by broadcast.
+        let (mut w0, mut b0) = init(r);
+        pg.broadcast(&mut w0, 0)?;
+        pg.broadcast(&mut b0, 0)?;
+        let start_of = |step: i64| (step * global_batch) % 24;
+        let (parallel, clipped) = train(
+            vec![w0, b0],
+            max_norm,
+            &|s| (start_of(s) + r as i64 * local, local),
+            &|g| pg.all_reduce_bucketed(g, ReduceOp::Avg, 64),
+        )?;
+        let (w_ref, b_ref) = init(0);
+        let (reference, _) = train(
+            vec![w_ref, b_ref],
+            max_norm,
+            &|s| (start_of(s), global_batch),
+            &|_| Ok(()),
+        )?;
+        for (name, (a, b)) in ["weight", "bias"]
+            .iter()
+            .zip(parallel.iter().zip(&reference))
+        {
+            check_close(
+                &format!("data-parallel {name} vs one process, clip {max_norm}"),
+                a,
+                b,
+                1e-12,
+            )?;
+        }
+        ensure!(!parallel[0].equal(&init(0).0), "the weights did not move");
+        ensure!(
+            (clipped > 0) == max_norm.is_finite(),
+            "clip {max_norm}: {clipped} of {steps} steps clipped"
+        );
+    }
+    Ok(())
+}
+
 /// Barrier: every rank creates its file, rank 0 only after a pause; after the barrier every
 /// rank must see all W files (a barrier that did not wait would let ranks 1.. miss rank 0's).
 fn run_barrier(pg: &ProcessGroup) -> Result<()> {
@@ -240,6 +368,7 @@ fn worker() -> Result<()> {
         "rank/world size not kept"
     );
     run_collectives(&pg)?;
+    data_parallel_step_matches_one_process(&pg)?;
     run_barrier(&pg)
 }
 
@@ -263,6 +392,7 @@ fn single_process_world() {
     let pg = ProcessGroup::single().expect("world of one");
     assert_eq!((pg.rank(), pg.world_size()), (0, 1));
     run_collectives(&pg).expect("collectives on a world of one");
+    data_parallel_step_matches_one_process(&pg).expect("data parallel on a world of one");
 }
 
 /// Gloo's code must come from libtorch_cpu.so: a second copy (Debian's libgloo) would clash.

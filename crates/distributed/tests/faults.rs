@@ -1,5 +1,5 @@
-//! Failures end in errors, never in hangs or aborts: a killed rank, a stuck rank, a store nobody
-//! hosts, ranks given different ports, bad arguments.
+//! Failures end in errors, never in hangs or aborts: a killed rank, a stuck rank, ranks given
+//! different ports (so one finds no store), ranks that disagree on the world size, bad arguments.
 //!
 //! Every multi-process case runs its ranks as child processes of this binary (see
 //! `tests/common`), on 127.0.0.1 with ports chosen free at run time, and kills them on exit.
@@ -150,33 +150,8 @@ fn stuck_peer_times_out() {
     );
 }
 
-/// Rank 1 alone, with nobody hosting the store: a clear error after the timeout, naming the
-/// address.
-fn unreachable_store() {
-    let port = common::free_port();
-    let mut ranks = common::Ranks::spawn("join", 2, port, |_| {
-        vec![("FACEREC_DIST_TIMEOUT".into(), "2".into())]
-    });
-    ranks.kill(0);
-    ranks.mark();
-    let exits = ranks.wait(&[1], STARTUP + Duration::from_secs(10));
-    let e = &exits[0];
-    assert_eq!(
-        e.status.code(),
-        Some(common::WORKER_FAILED),
-        "{}\n{}",
-        e.status,
-        e.stderr
-    );
-    assert!(
-        e.stderr.contains(&format!("127.0.0.1:{port}")) && e.stderr.contains("rank 1 of 2"),
-        "{}",
-        e.stderr
-    );
-    println!("  {:.2} s: {}", e.after.as_secs_f64(), e.stderr.trim());
-}
-
-/// Rank 0 hosts the store on one port, rank 1 looks on another: both fail within the timeout.
+/// Rank 0 hosts the store on one port, rank 1 looks on another where nobody listens (the
+/// unreachable-store case): both fail within the timeout, rank 1 naming the address it tried.
 fn wrong_port() {
     let (good, bad) = (common::free_port(), common::free_port());
     let mut ranks = common::Ranks::spawn("join", 2, good, |rank| {
@@ -210,6 +185,40 @@ fn wrong_port() {
     }
     assert!(
         exits[1].stderr.contains(&format!("127.0.0.1:{bad}")),
+        "{}",
+        exits[1].stderr
+    );
+}
+
+/// Rank 1 believes the world has 3 ranks, rank 0 that it has 2: no group forms, both fail within
+/// the timeout instead of waiting for a rank that never comes.
+fn mismatched_world_size() {
+    let mut ranks = common::Ranks::spawn("join", 2, common::free_port(), |rank| {
+        let mut env = vec![("FACEREC_DIST_TIMEOUT".into(), "2".into())];
+        if rank == 1 {
+            env.push(("WORLD_SIZE".into(), "3".into()));
+        }
+        env
+    });
+    let exits = ranks.wait(&[0, 1], STARTUP + Duration::from_secs(10));
+    for e in &exits {
+        assert_eq!(
+            e.status.code(),
+            Some(common::WORKER_FAILED),
+            "rank {}: {}\n{}",
+            e.rank,
+            e.status,
+            e.stderr
+        );
+        println!(
+            "  rank {} after {:.2} s: {}",
+            e.rank,
+            e.after.as_secs_f64(),
+            e.stderr.lines().last().unwrap_or("")
+        );
+    }
+    assert!(
+        exits[1].stderr.contains("rank 1 of 3"),
         "{}",
         exits[1].stderr
     );
@@ -264,8 +273,8 @@ fn main() {
             ("bad_arguments", bad_arguments),
             ("one_rank_killed_is_named", one_rank_killed_is_named),
             ("stuck_peer_times_out", stuck_peer_times_out),
-            ("unreachable_store", unreachable_store),
             ("wrong_port", wrong_port),
+            ("mismatched_world_size", mismatched_world_size),
         ],
         &[
             ("until_peer_dies", worker_until_peer_dies),

@@ -215,8 +215,8 @@ pub fn shared_dir() -> PathBuf {
     PathBuf::from(std::env::var("FACEREC_DIST_TEST_DIR").expect("FACEREC_DIST_TEST_DIR"))
 }
 
-/// Entry point of a `harness = false` test binary: run a worker when asked to, else the cases
-/// whose name contains every non-flag argument, each timed, and exit non-zero if one failed.
+/// Entry point of a `harness = false` test binary: run a worker when asked to, else the selected
+/// cases (libtest-style filters), three at a time, each timed, and exit non-zero if one failed.
 pub fn main(cases: &[(&str, Case)], workers: &[(&str, Worker)]) {
     if let Ok(name) = std::env::var(WORKER_VAR) {
         let Some((_, worker)) = workers.iter().find(|(n, _)| *n == name) else {
@@ -231,14 +231,36 @@ pub fn main(cases: &[(&str, Case)], workers: &[(&str, Worker)]) {
             }
         }
     }
-    let filters: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
-    let list = std::env::args().any(|a| a == "--list");
+    // libtest's conventions: positional filters (substring), `--exact`, `--skip NAME`; the values
+    // of the other flags that take one are not filters.
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let (mut filters, mut skips, mut exact, mut list) = (vec![], vec![], false, false);
+    let mut i = 0;
+    while i < argv.len() {
+        match argv[i].as_str() {
+            "--skip" => {
+                i += 1;
+                skips.extend(argv.get(i).cloned());
+            }
+            "--test-threads" | "--color" | "--format" | "--logfile" | "-Z" => i += 1,
+            "--exact" => exact = true,
+            "--list" => list = true,
+            a if a.starts_with('-') => {}
+            a => filters.push(a.to_string()),
+        }
+        i += 1;
+    }
+    let matches = |name: &str, f: &String| {
+        if exact {
+            name == f
+        } else {
+            name.contains(f.as_str())
+        }
+    };
     let selected: Vec<&(&str, Case)> = cases
         .iter()
-        .filter(|(n, _)| filters.iter().all(|f| n.contains(f.as_str())))
+        .filter(|(n, _)| filters.is_empty() || filters.iter().any(|f| matches(n, f)))
+        .filter(|(n, _)| !skips.iter().any(|f| matches(n, f)))
         .collect();
     if list {
         for (name, _) in &selected {
@@ -246,22 +268,39 @@ pub fn main(cases: &[(&str, Case)], workers: &[(&str, Worker)]) {
         }
         return;
     }
-    println!("\nrunning {} tests", selected.len());
+    // Cases mostly wait (for timeouts, for children), so a few run at once;
+    // FACEREC_DIST_TEST_JOBS=1 runs them one after the other.
+    let jobs: usize = std::env::var("FACEREC_DIST_TEST_JOBS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3)
+        .max(1);
+    println!("\nrunning {} tests ({jobs} at a time)", selected.len());
     let total = Instant::now();
-    let mut failed = vec![];
     let n = selected.len();
-    for (name, case) in selected {
-        let start = Instant::now();
-        let result = std::panic::catch_unwind(case);
-        let secs = start.elapsed().as_secs_f64();
-        match result {
-            Ok(()) => println!("test {name} ... ok ({secs:.2} s)"),
-            Err(_) => {
-                println!("test {name} ... FAILED ({secs:.2} s)");
-                failed.push(*name);
-            }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let failed = std::sync::Mutex::new(vec![]);
+    std::thread::scope(|scope| {
+        for _ in 0..jobs.min(n) {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let Some((name, case)) = selected.get(i) else {
+                    break;
+                };
+                let start = Instant::now();
+                let result = std::panic::catch_unwind(case);
+                let secs = start.elapsed().as_secs_f64();
+                match result {
+                    Ok(()) => println!("test {name} ... ok ({secs:.2} s)"),
+                    Err(_) => {
+                        println!("test {name} ... FAILED ({secs:.2} s)");
+                        failed.lock().unwrap().push(name.to_string());
+                    }
+                }
+            });
         }
-    }
+    });
+    let failed = failed.into_inner().unwrap();
     let secs = total.elapsed().as_secs_f64();
     if failed.is_empty() {
         println!("\ntest result: ok. {n} passed; finished in {secs:.2} s\n");
