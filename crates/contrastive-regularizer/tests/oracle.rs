@@ -24,7 +24,7 @@ const LABELS: [[i64; B]; STEPS] = [
     [2, 2, 2, 2, 3, 3, 4, 4],
 ];
 
-fn oracle(request: &Value) -> Option<Value> {
+fn oracle(request: &Value) -> Value {
     facerec_testkit::oracle("coreface_oracle.py", request)
 }
 
@@ -157,9 +157,7 @@ fn every_protocol_and_margin_setting_matches_the_oracle() {
         });
     }
     let request = json!({"cases": cases.iter().map(Case::request).collect::<Vec<_>>()});
-    let Some(answer) = oracle(&request) else {
-        return;
-    };
+    let answer = oracle(&request);
     for (case, ans) in cases.iter().zip(answer["cases"].as_array().unwrap()) {
         let rtol = if case.kind == Kind::Double { 1e-5 } else { 1e-4 };
         case.compare(ans, rtol);

@@ -2,7 +2,7 @@
 //! sides of θ + m = π for each gradient mode, untouched non-target logits, easy margin,
 //! a hand-computed cross-entropy, and the cosine classifier.
 
-use facerec_loss_heads::gradcheck::{analytic_gradients, compare};
+use facerec_testkit::gradcheck::{analytic_gradients, compare};
 use facerec_loss_heads::{
     cross_entropy, ArcFaceConfig, ArcFaceGradient, CosFaceConfig, CosineClassifier, HeadConfig,
     NormFaceConfig,
