@@ -16,7 +16,8 @@
 //!    (`cos θ_y − m`), [`ArcFace`] (`cos(θ_y + m)`, three gradient treatments, see
 //!    [`ArcFaceGradient`]), [`CombinedMargin`] (`cos(m1·θ_y + m2) − m3`), [`SphereFace`]
 //!    (`ψ(θ_y)` with λ annealing), [`ElasticFace`] (a random margin per sample and step, with the
-//!    "+" assignments) and [`Softmax`] (identity over `Wx + b`). Heads never own the weight, so
+//!    "+" assignments), [`ClusterGuidedArcFace`] (a margin per identity, set from how hard the
+//!    identity is to cluster) and [`Softmax`] (identity over `Wx + b`). Heads never own the weight, so
 //!    one head works unchanged over a full or a sampled class set.
 //! 3. [`cross_entropy`] averages `−log softmax(z)_y` over the batch. [`margin_cross_entropy`]
 //!    (and [`margin_cross_entropy_with_norms`]) does steps 2 and 3 at once with the same value

@@ -24,6 +24,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde_json::Value;
 
@@ -134,11 +135,14 @@ fn run_live(py: &PathBuf, script: &str, request: &Value) -> Value {
     serde_json::from_slice(&out.stdout).expect("oracle JSON")
 }
 
-/// Writes through a temporary file and a rename, so parallel tests never read half a fixture.
+/// Writes through a temporary file (unique per process and call) and a rename, so parallel tests
+/// never read half a fixture.
 fn write_fixture(path: &PathBuf, answer: &Value) {
     let dir = path.parent().expect("fixture directory");
     std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
-    let tmp = path.with_extension(format!("json.tmp{}", std::process::id()));
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let unique = NEXT.fetch_add(1, Ordering::Relaxed);
+    let tmp = path.with_extension(format!("json.tmp{}-{unique}", std::process::id()));
     let mut text = serde_json::to_string(answer).expect("serialising the answer");
     text.push('\n');
     std::fs::write(&tmp, text).unwrap_or_else(|e| panic!("writing {}: {e}", tmp.display()));
