@@ -55,14 +55,14 @@ pub trait MarginHead: std::fmt::Debug + Send {
         cross_entropy(&self.logits_with_norms(cos_bc, labels_b, norms_b), labels_b)
     }
 
-    /// True if the logits have the row-scaled form [`margin_cross_entropy`] relies on:
+    /// True if the logits have the row-scaled form [`crate::margin_cross_entropy`] relies on:
     /// `z_ij = r_i·cos_ij` for every `j ≠ y_i`, where the row scale `r_i` (`s`, 1, or a feature
     /// norm) does not depend on the cosines, and the target logit `z_{i,y_i}` depends on the
     /// cosines of row `i` only through `cos_{i,y_i}`; both for [`MarginHead::logits`] and
     /// [`MarginHead::logits_with_norms`], and for any `C` (the fused loss evaluates the head on a
     /// `[B, 2]` probe). Every margin head of this crate returns true ([`crate::Gce`], whose loss is not a
     /// cross-entropy of its logits, returns false). Default false: a head of your own
-    /// then gets the unfused `cross_entropy(head.logits(..))` from [`margin_cross_entropy`].
+    /// then gets the unfused `cross_entropy(head.logits(..))` from [`crate::margin_cross_entropy`].
     fn row_scaled_logits(&self) -> bool {
         false
     }

@@ -1,8 +1,8 @@
 //! Test support shared by the facerec crates; a dev-dependency only.
 //!
-//! - [`oracle`]: runs our independent oracles (`data-scripts/*.py`) or, without the interpreter,
-//!   reads their frozen answers (`data-scripts/fixtures/`), so every parity assertion runs
-//!   everywhere.
+//! - [`oracle()`] (module [`mod@oracle`]): runs our independent oracles (`data-scripts/*.py`)
+//!   or, without the interpreter, reads their frozen answers (`data-scripts/fixtures/`), so every
+//!   parity assertion runs everywhere.
 //! - [`gradcheck`]: the finite-difference gradient checker in f64 that every head and
 //!   regularizer is tested with.
 //! - [`randn`], [`randn_vec`]: standard-normal draws from a seeded ChaCha stream (independent of
