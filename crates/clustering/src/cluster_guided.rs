@@ -9,20 +9,20 @@
 //! re-imprinting, or both).
 //!
 //! Only the abstract is public, so everything here is OUR READING (SPEC section 4, "Proposed faithful
-//! reading"), with every choice in [`ClusterGuidedConfig`]; `docs/cluster-guided.md` explains each
-//! choice. Pieces, in the order the trainer calls them:
+//! reading"); `docs/cluster-guided.md` explains each choice. This crate owns the clustering side:
+//! hardness, centres, `L_scc`, `L_align` and re-imprinting. The margin head (1) and its
+//! margin-from-hardness rule live with the other heads (`facerec_loss_heads::cluster_guided`);
+//! the trainer composes both into the `[cluster_guided]` objective. Pieces, in the order the
+//! trainer calls them:
 //!
 //! 1. [`stratified_subset`] picks the refresh set; the trainer embeds it in eval mode.
 //! 2. [`cluster_statistics`]: per-identity dominant cluster, centre `μ_c` and hardness `h_c`.
-//! 3. [`margins_from_hardness`] -> [`ClusterGuidedArcFace::set_margins`];
-//!    [`ClusterCentres::set`]; [`reimprint`] (aligning option b).
-//! 4. Per step: [`ClusterGuidedArcFace`] (a [`MarginHead`]), [`scc_loss`], [`align_loss`]
-//!    (aligning option a), optionally [`ClusterCentres::ema_update`].
+//! 3. (loss-heads: margins from the hardness, into the head's table); [`ClusterCentres::set`];
+//!    [`reimprint`] (aligning option b).
+//! 4. Per step: (loss-heads: the head), [`scc_loss`], [`align_loss`] (aligning option a),
+//!    optionally [`ClusterCentres::ema_update`].
 
 use anyhow::{ensure, Result};
-use facerec_loss_heads::arcface::{COS_EPS, SIN2_EPS};
-use facerec_loss_heads::classifier::normalize_rows;
-use facerec_loss_heads::{ArcFaceGradient, MarginHead};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -34,79 +34,6 @@ use crate::neighbours::{normalize, top_k_neighbours, UnionFind, DEFAULT_CHUNK_EL
 // ---------------------------------------------------------------------------------------------
 // Configuration
 // ---------------------------------------------------------------------------------------------
-
-/// The `[cluster_guided]` table of a training config. Every field has a documented default.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct ClusterGuidedConfig {
-    /// Refresh (embed, cluster, update margins and centres) at the end of every this many epochs
-    /// (the first after epoch `R − 1`). Before the first refresh the head is plain ArcFace with
-    /// `m0` and the centre losses are 0. Default 1.
-    #[serde(default = "one")]
-    pub refresh_every_epochs: usize,
-    /// Images per identity embedded at a refresh (class-stratified subset); 0 = all. Default 0.
-    #[serde(default)]
-    pub samples_per_class: usize,
-    /// Seed of the stratified subset (mixed with the epoch). Default 0.
-    #[serde(default)]
-    pub subset_seed: u64,
-    /// How each identity's embeddings are clustered. Default `threshold`, τ = 0.5.
-    #[serde(default)]
-    pub clustering: ClassClustering,
-    /// Hardness formula. Default `knn_purity`, k = 5.
-    #[serde(default)]
-    pub hardness: Hardness,
-    /// The cluster-guided margin.
-    #[serde(default)]
-    pub margin: ClusterMarginConfig,
-    /// The supervised contrastive clustering loss.
-    #[serde(default)]
-    pub scc: SccConfig,
-    /// Cluster aligning.
-    #[serde(default)]
-    pub align: AlignConfig,
-}
-
-fn one() -> usize {
-    1
-}
-
-impl Default for ClusterGuidedConfig {
-    fn default() -> Self {
-        Self {
-            refresh_every_epochs: 1,
-            samples_per_class: 0,
-            subset_seed: 0,
-            clustering: ClassClustering::default(),
-            hardness: Hardness::default(),
-            margin: ClusterMarginConfig::default(),
-            scc: SccConfig::default(),
-            align: AlignConfig::default(),
-        }
-    }
-}
-
-impl ClusterGuidedConfig {
-    /// Checks every value; errors name the key (`cluster_guided.margin.m_min: ...`).
-    pub fn validate(&self) -> Result<()> {
-        ensure!(
-            self.refresh_every_epochs >= 1,
-            "cluster_guided.refresh_every_epochs: must be >= 1"
-        );
-        if let ClassClustering::Threshold { tau } = self.clustering {
-            ensure!(
-                (-1.0..=1.0).contains(&tau),
-                "cluster_guided.clustering.tau: must be in [-1, 1], got {tau}"
-            );
-        }
-        if let Hardness::KnnPurity { k } = self.hardness {
-            ensure!(k >= 1, "cluster_guided.hardness.k: must be >= 1");
-        }
-        self.margin.validate()?;
-        self.scc.validate()?;
-        self.align.validate()
-    }
-}
 
 /// How an identity's embeddings are clustered at a refresh (`[cluster_guided.clustering]`).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq)]
@@ -131,6 +58,16 @@ fn default_tau() -> f64 {
 impl Default for ClassClustering {
     fn default() -> Self {
         ClassClustering::Threshold { tau: default_tau() }
+    }
+}
+
+impl ClassClustering {
+    /// `tau` in `[-1, 1]`; the error names the field.
+    pub fn validate(&self) -> Result<()> {
+        if let ClassClustering::Threshold { tau } = *self {
+            ensure!((-1.0..=1.0).contains(&tau), "tau must be in [-1, 1], got {tau}");
+        }
+        Ok(())
     }
 }
 
@@ -161,89 +98,12 @@ impl Default for Hardness {
     }
 }
 
-/// Sign of the margin's dependence on hardness.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum MarginSign {
-    /// Harder identities get a larger margin (compress scattered identities). Default.
-    #[default]
-    HarderLarger,
-    /// Harder identities get a smaller margin (forgive hard or noisy identities).
-    HarderSmaller,
-}
-
-/// `[cluster_guided.margin]`: `m_c = clip(m0 ± slope·(h_c − h̄), m_min, m_max)`, `h̄` the mean
-/// hardness of the identities seen at the refresh; unseen identities get `m0`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct ClusterMarginConfig {
-    /// Logit scale `s`. Default 64.
-    #[serde(default = "default_s")]
-    pub s: f64,
-    /// Base margin `m0` (radians). Default 0.5 (ArcFace's).
-    #[serde(default = "default_m0")]
-    pub m0: f64,
-    /// Slope `λ` (>= 0; the direction is `sign`). 0 gives exactly ArcFace with `m = m0`. Default 0.2.
-    #[serde(default = "default_slope")]
-    pub slope: f64,
-    /// Smallest margin. Default 0.3.
-    #[serde(default = "default_m_min")]
-    pub m_min: f64,
-    /// Largest margin. Default 0.7.
-    #[serde(default = "default_m_max")]
-    pub m_max: f64,
-    /// `"harder_larger"` (default) or `"harder_smaller"`.
-    #[serde(default)]
-    pub sign: MarginSign,
-    /// ArcFace gradient treatment: `"exact"` (default), `"easy_margin"`, `"detached"`.
-    #[serde(default)]
-    pub gradient: ArcFaceGradient,
-}
-
-fn default_s() -> f64 {
-    64.0
-}
-fn default_m0() -> f64 {
-    0.5
-}
-fn default_slope() -> f64 {
-    0.2
-}
-fn default_m_min() -> f64 {
-    0.3
-}
-fn default_m_max() -> f64 {
-    0.7
-}
-
-impl Default for ClusterMarginConfig {
-    fn default() -> Self {
-        Self {
-            s: default_s(),
-            m0: default_m0(),
-            slope: default_slope(),
-            m_min: default_m_min(),
-            m_max: default_m_max(),
-            sign: MarginSign::default(),
-            gradient: ArcFaceGradient::default(),
-        }
-    }
-}
-
-impl ClusterMarginConfig {
-    /// `s > 0`, `slope >= 0`, `0 <= m_min <= m0 <= m_max < π`.
+impl Hardness {
+    /// `k >= 1` for `knn_purity`; the error names the field.
     pub fn validate(&self) -> Result<()> {
-        let k = "cluster_guided.margin";
-        ensure!(self.s.is_finite() && self.s > 0.0, "{k}.s: must be finite and > 0");
-        ensure!(self.slope.is_finite() && self.slope >= 0.0, "{k}.slope: must be >= 0");
-        ensure!(
-            0.0 <= self.m_min && self.m_min <= self.m0 && self.m0 <= self.m_max
-                && self.m_max < std::f64::consts::PI,
-            "{k}: need 0 <= m_min <= m0 <= m_max < pi, got m_min {} m0 {} m_max {}",
-            self.m_min,
-            self.m0,
-            self.m_max
-        );
+        if let Hardness::KnnPurity { k } = *self {
+            ensure!(k >= 1, "k must be >= 1");
+        }
         Ok(())
     }
 }
@@ -287,12 +147,12 @@ impl Default for SccConfig {
 }
 
 impl SccConfig {
-    /// `weight >= 0`, `scale > 0`, `ema` in `[0, 1)`.
+    /// `weight >= 0`, `scale > 0`, `ema` in `[0, 1)`; errors name the field.
     pub fn validate(&self) -> Result<()> {
-        ensure!(self.weight >= 0.0, "cluster_guided.scc.weight: must be >= 0");
-        ensure!(self.scale > 0.0, "cluster_guided.scc.scale: must be > 0");
+        ensure!(self.weight >= 0.0, "weight must be >= 0");
+        ensure!(self.scale > 0.0, "scale must be > 0");
         if let Some(a) = self.ema {
-            ensure!((0.0..1.0).contains(&a), "cluster_guided.scc.ema: must be in [0, 1)");
+            ensure!((0.0..1.0).contains(&a), "ema must be in [0, 1)");
         }
         Ok(())
     }
@@ -361,13 +221,10 @@ impl Default for AlignConfig {
 }
 
 impl AlignConfig {
-    /// `weight >= 0`, `beta` in `[0, 1]`.
+    /// `weight >= 0`, `beta` in `[0, 1]`; errors name the field.
     pub fn validate(&self) -> Result<()> {
-        ensure!(self.weight >= 0.0, "cluster_guided.align.weight: must be >= 0");
-        ensure!(
-            (0.0..=1.0).contains(&self.beta),
-            "cluster_guided.align.beta: must be in [0, 1]"
-        );
+        ensure!(self.weight >= 0.0, "weight must be >= 0");
+        ensure!((0.0..=1.0).contains(&self.beta), "beta must be in [0, 1]");
         Ok(())
     }
 
@@ -383,7 +240,7 @@ impl AlignConfig {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Refresh: subset, statistics, margins
+// Refresh: subset, statistics
 // ---------------------------------------------------------------------------------------------
 
 /// Up to `per_class` indices of every class (a seeded shuffle within each class; all when
@@ -441,14 +298,15 @@ impl ClusterStats {
 /// `emb_nd [N, D]` (any float kind; normalised here), `labels_n` N labels in `0..num_classes`.
 ///
 /// # Panics
-/// If the lengths disagree, a label is out of range, or `cfg` is invalid.
+/// If the lengths disagree, a label is out of range, or `clustering` or `hardness` is invalid.
 pub fn cluster_statistics(
     emb_nd: &Tensor,
     labels_n: &[i64],
     num_classes: usize,
-    cfg: &ClusterGuidedConfig,
+    clustering: ClassClustering,
+    hardness: Hardness,
 ) -> ClusterStats {
-    if let Err(e) = cfg.validate() {
+    if let Err(e) = clustering.validate().and_then(|()| hardness.validate()) {
         panic!("cluster_statistics: {e:#}");
     }
     let _guard = tch::no_grad_guard();
@@ -471,7 +329,7 @@ pub fn cluster_statistics(
         }
         let rows = x.index_select(0, &Tensor::from_slice(idx).to_device(dev));
         let nc = idx.len();
-        let dominant: Tensor = match cfg.clustering {
+        let dominant: Tensor = match clustering {
             ClassClustering::Threshold { tau } if nc >= 2 => {
                 let sims: Vec<f64> = Vec::try_from(
                     rows.matmul(&rows.tr()).to_kind(Kind::Double).to_device(Device::Cpu).view([-1]),
@@ -504,7 +362,7 @@ pub fn cluster_statistics(
         dominant_sizes[c] = dominant.size()[0] as usize;
         mean_cos[c] = rows.matmul(&mu.view([d, 1])).mean(Kind::Double).double_value(&[]);
     }
-    let hardness: Vec<f64> = match cfg.hardness {
+    let hardness: Vec<f64> = match hardness {
         Hardness::DominantFraction => (0..num_classes)
             .map(|c| match class_sizes[c] {
                 0 => f64::NAN,
@@ -541,157 +399,6 @@ pub fn cluster_statistics(
         class_sizes,
         dominant_sizes,
         hardness,
-    }
-}
-
-/// `m_c = clip(m0 ± slope·(h_c − h̄), m_min, m_max)` (SPEC 4(c)); `h̄` is the mean over the seen
-/// identities; unseen ones (NaN hardness) get `m0`.
-pub fn margins_from_hardness(hardness: &[f64], cfg: &ClusterMarginConfig) -> Vec<f64> {
-    let seen: Vec<f64> = hardness.iter().copied().filter(|h| !h.is_nan()).collect();
-    let mean = if seen.is_empty() { 0.0 } else { seen.iter().sum::<f64>() / seen.len() as f64 };
-    let sign = match cfg.sign {
-        MarginSign::HarderLarger => 1.0,
-        MarginSign::HarderSmaller => -1.0,
-    };
-    hardness
-        .iter()
-        .map(|&h| {
-            if h.is_nan() || cfg.slope == 0.0 {
-                cfg.m0
-            } else {
-                (cfg.m0 + sign * cfg.slope * (h - mean)).clamp(cfg.m_min, cfg.m_max)
-            }
-        })
-        .collect()
-}
-
-// ---------------------------------------------------------------------------------------------
-// The cluster-guided ArcFace head
-// ---------------------------------------------------------------------------------------------
-
-/// ArcFace with a per-identity margin: `z_y = s·cos(θ_y + m_y)`, `z_j = s·cos θ_j` (SPEC 4(c)).
-///
-/// The margin table `margins [C]` is a non-trainable f32 variable registered under the path given
-/// to [`ClusterGuidedArcFace::new`], so a `VarStore` checkpoint carries it; it starts at `m0`
-/// everywhere (plain ArcFace until the first refresh). The target transform is ArcFace's, with
-/// the same clamps and the same three [`ArcFaceGradient`] treatments (the `exact` fallback
-/// `c − m_y·sin m_y` below `cos(π − m_y)`), so with a constant table it equals
-/// [`facerec_loss_heads::ArcFace`] up to rounding.
-///
-/// With Partial FC the head sees cosines against a sampled class subset and remapped labels; use
-/// [`ClusterGuidedArcFace::logits_for_classes`] with the original labels.
-#[derive(Debug)]
-pub struct ClusterGuidedArcFace {
-    s: f64,
-    gradient: ArcFaceGradient,
-    margins_c: Tensor,
-}
-
-impl ClusterGuidedArcFace {
-    /// Registers `margins [num_classes]` (filled with `cfg.m0`) under `p`.
-    ///
-    /// # Panics
-    /// If `cfg` is invalid or `num_classes < 1`.
-    pub fn new(p: &nn::Path, num_classes: i64, cfg: &ClusterMarginConfig) -> Self {
-        if let Err(e) = cfg.validate() {
-            panic!("ClusterGuidedArcFace::new: {e:#}");
-        }
-        assert!(num_classes >= 1, "ClusterGuidedArcFace needs C >= 1");
-        let t = Tensor::full([num_classes], cfg.m0, (Kind::Float, p.device()));
-        let margins_c = p.add("margins", t, false);
-        Self { s: cfg.s, gradient: cfg.gradient, margins_c }
-    }
-
-    /// A head over a given margin table `[C]` (not registered anywhere; tests, tools).
-    pub fn with_margins(margins_c: Tensor, s: f64, gradient: ArcFaceGradient) -> Self {
-        Self { s, gradient, margins_c }
-    }
-
-    /// The margin table `[C]`.
-    pub fn margins(&self) -> &Tensor {
-        &self.margins_c
-    }
-
-    /// Overwrites the margin table (under `no_grad`).
-    ///
-    /// # Panics
-    /// If `margins.len() != C`.
-    pub fn set_margins(&mut self, margins: &[f64]) {
-        let c = self.margins_c.size()[0];
-        assert_eq!(margins.len() as i64, c, "one margin per class");
-        let src = Tensor::from_slice(margins)
-            .to_kind(self.margins_c.kind())
-            .to_device(self.margins_c.device());
-        tch::no_grad(|| self.margins_c.copy_(&src));
-    }
-
-    /// Logits with the margins of classes `classes_b` (global ids) on the target entries given by
-    /// `labels_b` (column ids of `cos_bc`; equal to `classes_b` without Partial FC).
-    ///
-    /// # Shapes
-    /// `cos_bc [B, C']`, `labels_b [B]`, `classes_b [B]` (Int64) -> `[B, C']`.
-    ///
-    /// # Panics
-    /// As [`MarginHead::logits`], or if a class is outside the table.
-    pub fn logits_for_classes(&self, cos_bc: &Tensor, labels_b: &Tensor, classes_b: &Tensor) -> Tensor {
-        let kind = if cos_bc.kind() == Kind::Double { Kind::Double } else { Kind::Float };
-        let m_b1 = self
-            .margins_c
-            .detach()
-            .index_select(0, classes_b)
-            .to_kind(kind)
-            .view([-1, 1]);
-        self.logits_with_margins(cos_bc, labels_b, &m_b1)
-    }
-
-    /// Logits for explicit per-sample margins (constants).
-    ///
-    /// # Shapes
-    /// `cos_bc [B, C']`, `labels_b [B]` (Int64), `m_b1 [B, 1]` -> `[B, C']`.
-    pub fn logits_with_margins(&self, cos_bc: &Tensor, labels_b: &Tensor, m_b1: &Tensor) -> Tensor {
-        let gradient = self.gradient;
-        facerec_loss_heads::scaled_targets(
-            cos_bc,
-            labels_b,
-            facerec_loss_heads::Scale::Fixed(self.s),
-            |c| arc_target(c, m_b1, gradient),
-        )
-    }
-}
-
-/// `cos(θ + m)` per row with ArcFace's clamps and gradient treatments.
-///
-/// # Shapes
-/// `c_b1 [B, 1]`, `m_b1 [B, 1]` (constant) -> `[B, 1]`.
-fn arc_target(c_b1: &Tensor, m_b1: &Tensor, gradient: ArcFaceGradient) -> Tensor {
-    let c_safe = c_b1.clamp(-1.0 + COS_EPS, 1.0 - COS_EPS);
-    let sin = (c_safe.square().neg() + 1.0).clamp_min(SIN2_EPS).sqrt();
-    let (cos_m, sin_m) = (m_b1.cos(), m_b1.sin());
-    let phi = c_b1 * &cos_m - sin * &sin_m;
-    match gradient {
-        ArcFaceGradient::Exact => {
-            let fallback = c_b1 - m_b1 * &sin_m;
-            phi.where_self(&c_b1.gt_tensor(&cos_m.neg()), &fallback)
-        }
-        ArcFaceGradient::EasyMargin => phi.where_self(&c_b1.gt(0.0), c_b1),
-        ArcFaceGradient::Detached => c_b1 + (phi - c_b1).detach(),
-    }
-}
-
-impl MarginHead for ClusterGuidedArcFace {
-    /// # Shapes
-    /// `cos_bc [B, C]` (all classes), `labels_b [B]` (Int64) -> `[B, C]`.
-    ///
-    /// # Panics
-    /// If `C` differs from the margin table's length (a Partial FC subset: use
-    /// [`ClusterGuidedArcFace::logits_for_classes`]).
-    fn logits(&self, cos_bc: &Tensor, labels_b: &Tensor) -> Tensor {
-        assert_eq!(
-            cos_bc.size().get(1).copied(),
-            Some(self.margins_c.size()[0]),
-            "cluster-guided ArcFace over a class subset: call logits_for_classes"
-        );
-        self.logits_for_classes(cos_bc, labels_b, labels_b)
     }
 }
 
@@ -764,6 +471,12 @@ impl ClusterCentres {
         let rows = new.where_self(&valid_k1, &old);
         let _ = self.centres_cd.index_copy_(0, &cls, &rows);
     }
+}
+
+/// Row-wise L2 normalisation `x / max(‖x‖₂, 1e-12)` in the input's kind (PyTorch's
+/// `F.normalize`); [`normalize`] also casts to f32.
+fn normalize_rows(x: &Tensor) -> Tensor {
+    x / x.norm_scalaropt_dim(2, [1], true).clamp_min(1e-12)
 }
 
 /// Supervised contrastive clustering loss (SPEC 4(d)):

@@ -30,8 +30,10 @@
 //!
 //! # Cluster-guided training
 //!
-//! [`cluster_guided`]: per-identity hardness and centres, the cluster-guided ArcFace head, the
-//! supervised contrastive clustering loss and cluster aligning (loss and re-imprinting).
+//! [`cluster_guided`]: per-identity hardness and centres, the supervised contrastive clustering
+//! loss and cluster aligning (loss and re-imprinting). The cluster-guided ArcFace head and its
+//! margin-from-hardness rule live in `facerec-loss-heads` (this crate does not depend on it);
+//! the trainer composes the two.
 
 pub mod cluster_guided;
 pub mod finch;
@@ -41,10 +43,8 @@ pub mod metrics;
 pub mod neighbours;
 
 pub use cluster_guided::{
-    align_loss, cluster_statistics, margins_from_hardness, reimprint, scc_loss, stratified_subset,
-    AlignConfig, AlignMode, ClassClustering, ClusterCentres, ClusterGuidedArcFace,
-    ClusterGuidedConfig, ClusterMarginConfig, ClusterStats, Hardness, MarginSign, ReimprintNorm,
-    SccConfig,
+    align_loss, cluster_statistics, reimprint, scc_loss, stratified_subset, AlignConfig, AlignMode,
+    ClassClustering, ClusterCentres, ClusterStats, Hardness, ReimprintNorm, SccConfig,
 };
 pub use finch::{finch, refine_to_k, FinchConfig, FinchSelect};
 pub use graph::{knn_graph_clusters, GraphConfig};

@@ -3,7 +3,7 @@
 #![cfg(feature = "cuda-tests")]
 
 use facerec_clustering::{
-    cluster_statistics, cosine_kmeans, evaluate, finch, knn_graph_clusters, ClusterGuidedConfig,
+    cluster_statistics, cosine_kmeans, evaluate, finch, knn_graph_clusters, ClassClustering, Hardness,
     FinchConfig, GraphConfig, KMeansConfig,
 };
 use tch::{Device, Kind, Tensor};
@@ -23,8 +23,8 @@ fn cuda_matches_cpu() {
     let gc = GraphConfig::default();
     assert_eq!(knn_graph_clusters(&x, &gc), knn_graph_clusters(&g, &gc));
     assert_eq!(finch(&x, &FinchConfig::default()), finch(&g, &FinchConfig::default()));
-    let cg = ClusterGuidedConfig::default();
-    let (s1, s2) = (cluster_statistics(&x, &labels, 6, &cg), cluster_statistics(&g, &labels, 6, &cg));
+    let (cl, hd) = (ClassClustering::default(), Hardness::default());
+    let (s1, s2) = (cluster_statistics(&x, &labels, 6, cl, hd), cluster_statistics(&g, &labels, 6, cl, hd));
     assert_eq!(s1.hardness, s2.hardness);
     assert!(s1.centres_cd.allclose(&s2.centres_cd.to_device(Device::Cpu), 1e-5, 1e-5, false));
 }

@@ -7,7 +7,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
 
-fn oracle(request: &Value) -> Option<Value> {
+fn oracle(request: &Value) -> Value {
     facerec_testkit::oracle("clustering_oracle.py", request)
 }
 
@@ -34,7 +34,7 @@ fn metrics_match_the_numpy_oracle() {
         cases.push((pred, truth));
     }
     let req = json!({"cases": cases.iter().map(|(p, t)| json!({"pred": p, "truth": t})).collect::<Vec<_>>()});
-    let Some(ans) = oracle(&req) else { return };
+    let ans = oracle(&req);
     for (i, ((p, t), o)) in cases.iter().zip(ans["cases"].as_array().unwrap()).enumerate() {
         let m = evaluate(p, t).unwrap();
         for (name, v) in [

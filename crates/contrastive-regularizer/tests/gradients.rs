@@ -1,4 +1,4 @@
-//! Finite-difference gradient checks in f64 (`facerec_loss_heads::gradcheck`) of the contrastive
+//! Finite-difference gradient checks in f64 (`facerec_testkit::gradcheck`) of the contrastive
 //! loss w.r.t. both views, for every protocol, with margins 0 and 0.3 and scales 8 and 64, on a
 //! batch with repeated identities. The margin is a constant of the loss (computed from detached
 //! values), so the check runs [`ContrastiveLogits::loss`] with a given margin; a second check goes
@@ -9,10 +9,10 @@ use facerec_contrastive_regularizer::{
     contrastive_logits, CoReFace, CoReFaceConfig, ContrastiveRegularizer, FixedMarginConfig,
     MarginConfig, Protocol,
 };
-use facerec_loss_heads::gradcheck::{check_gradients, GradCheck};
+use facerec_testkit::gradcheck::{check_gradients, GradCheck};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use rand_distr::StandardNormal;
+use facerec_testkit::randn;
 use tch::{Device, Kind, Tensor};
 
 const B: i64 = 6;
@@ -20,17 +20,10 @@ const D: i64 = 5;
 const LABELS: [i64; 6] = [0, 1, 0, 2, 1, 0];
 const PROTOCOLS: [Protocol; 3] = [Protocol::OneWay, Protocol::BothWays, Protocol::TwoN];
 
-fn randn(seed: u64, shape: [i64; 2]) -> Tensor {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let v: Vec<f64> = (0..shape[0] * shape[1])
-        .map(|_| rng.sample(StandardNormal))
-        .collect();
-    Tensor::from_slice(&v).view(shape)
-}
 
 fn views() -> (Tensor, Tensor) {
-    let v1 = randn(1, [B, D]);
-    let v2 = &v1 + randn(2, [B, D]) * 0.5;
+    let v1 = randn(1, &[B, D]);
+    let v2 = &v1 + randn(2, &[B, D]) * 0.5;
     (v1.set_requires_grad(true), v2.set_requires_grad(true))
 }
 
@@ -76,8 +69,8 @@ fn regularizer_forward_gradient_matches_finite_differences() {
 #[test]
 fn gradient_through_two_dropout_views_and_a_batch_norm_neck() {
     let f_dim = 7;
-    let h = randn(3, [B, f_dim]).set_requires_grad(true);
-    let w = (randn(4, [D, f_dim]) * 0.4).set_requires_grad(true);
+    let h = randn(3, &[B, f_dim]).set_requires_grad(true);
+    let w = (randn(4, &[D, f_dim]) * 0.4).set_requires_grad(true);
     let p = 0.4;
     let mask = |seed: u64| {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);

@@ -13,22 +13,13 @@ use facerec_contrastive_regularizer::{
     contrastive_logits, normalize, LayoutRow, Protocol, Role, ViewRef,
 };
 use facerec_loss_heads::cross_entropy;
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
-use rand_distr::StandardNormal;
+use facerec_testkit::randn;
 use tch::{Kind, Tensor};
 
 const PROTOCOLS: [Protocol; 3] = [Protocol::OneWay, Protocol::BothWays, Protocol::TwoN];
 /// Identity 7 three times, identity 2 twice, three singletons.
 const LABELS: [i64; 8] = [7, 2, 7, 5, 2, 7, 9, 4];
 
-fn randn(seed: u64, shape: [i64; 2]) -> Tensor {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let v: Vec<f64> = (0..shape[0] * shape[1])
-        .map(|_| rng.sample(StandardNormal))
-        .collect();
-    Tensor::from_slice(&v).view(shape)
-}
 
 fn count(row: &LayoutRow, role: Role) -> usize {
     row.entries.iter().filter(|(_, r)| *r == role).count()
@@ -110,7 +101,7 @@ fn which_pairs_repeat() {
 #[test]
 fn tensors_follow_the_layout() {
     let b = LABELS.len() as i64;
-    let (v1, v2) = (randn(1, [b, 4]), randn(2, [b, 4]));
+    let (v1, v2) = (randn(1, &[b, 4]), randn(2, &[b, 4]));
     let (e1, e2) = (normalize(&v1), normalize(&v2));
     let emb = |r: ViewRef| if r.view == 1 { e1.get(r.image as i64) } else { e2.get(r.image as i64) };
     let labels = Tensor::from_slice(&LABELS);
@@ -147,8 +138,8 @@ fn tensors_follow_the_layout() {
 fn one_identity_batch_has_the_closed_form_and_masked_entries_get_no_gradient() {
     let b = 5;
     let labels = Tensor::from_slice(&[3i64; 5]);
-    let v1 = randn(3, [b, 4]).set_requires_grad(true);
-    let v2 = randn(4, [b, 4]).set_requires_grad(true);
+    let v1 = randn(3, &[b, 4]).set_requires_grad(true);
+    let v2 = randn(4, &[b, 4]).set_requires_grad(true);
     let (s, m) = (8.0, 0.2);
     for protocol in PROTOCOLS {
         let loss = contrastive_logits(&v1, &v2, &labels, protocol).loss(s, &Tensor::from(m));
@@ -183,7 +174,7 @@ fn one_identity_batch_has_the_closed_form_and_masked_entries_get_no_gradient() {
 fn distinct_labels_mask_nothing_and_reduce_to_infonce_and_nt_xent() {
     let b = 6;
     let labels = Tensor::arange(b, (Kind::Int64, tch::Device::Cpu));
-    let (v1, v2) = (randn(5, [b, 4]), randn(6, [b, 4]));
+    let (v1, v2) = (randn(5, &[b, 4]), randn(6, &[b, 4]));
     let (e1, e2) = (normalize(&v1), normalize(&v2));
     let s = 10.0;
     let zero = Tensor::from(0.0);
@@ -209,6 +200,6 @@ fn distinct_labels_mask_nothing_and_reduce_to_infonce_and_nt_xent() {
 #[test]
 #[should_panic(expected = "B >= 2")]
 fn a_single_image_batch_panics() {
-    let v = randn(7, [1, 4]);
+    let v = randn(7, &[1, 4]);
     let _ = contrastive_logits(&v, &v, &Tensor::from_slice(&[0i64]), Protocol::OneWay);
 }

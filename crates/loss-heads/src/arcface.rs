@@ -6,47 +6,20 @@
 //!
 //! `cos(θ+m)` stops being monotone in θ once `θ + m > π`, and its exact derivative
 //! `sin(θ+m)/sin θ` diverges at θ → 0; [`ArcFaceGradient`] picks one of the three known treatments
-//! (SPEC 1(b)). Deliberate differences from the reference code: the margin is computed on the
-//! gathered `[B, 1]` target cosines only (never `acos` over `[B, C]`), and `cos(θ+m)` is evaluated
-//! as `cos θ·cos m − sin θ·sin m` (shared with [`crate::CombinedMargin`]) with `sin θ = sqrt(max(1 − c², eps))` on the clamped cosine
-//! `c = clamp(cos θ, −1 + 1e-7, 1 − 1e-7)`, which equals `cos(acos(cos θ) + m)` (up to the
-//! clamps, i.e. within about `4.5e-4·sin m` at `|cos θ| = 1`) without calling `acos`.
+//! (SPEC 1(b)). The target transform, its clamps and the threshold fallback live in
+//! [`crate::angular`] ([`AngularMargin::fixed`]). Deliberate differences from the reference code:
+//! the margin is computed on the gathered `[B, 1]` target cosines only (never `acos` over
+//! `[B, C]`), and `cos(θ+m)` is evaluated as `cos θ·cos m − sin θ·sin m` on the clamped cosine,
+//! which equals `cos(acos(cos θ) + m)` up to the clamps without calling `acos`.
 
 use anyhow::{ensure, Result};
 use serde::{Deserialize, Serialize};
 use std::f64::consts::PI;
 use tch::Tensor;
 
-use crate::combined::AngularMargin;
+use crate::angular::{AngularMargin, ArcFaceGradient};
+use crate::head::{scaled_targets, validate_scale, MarginHead, Scale};
 use crate::normface::default_scale;
-use crate::MarginHead;
-
-/// Cosines are clamped to `[−1 + COS_EPS, 1 − COS_EPS]` before the margin is applied.
-pub const COS_EPS: f64 = 1e-7;
-/// `sin θ = sqrt(max(1 − cos²θ, SIN2_EPS))`.
-pub const SIN2_EPS: f64 = 1e-7;
-
-/// How the ArcFace target logit is differentiated (and, above `θ + m = π`, evaluated).
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum ArcFaceGradient {
-    /// Default. Plain autograd through `φ = cos(θ+m)` with eps clamps, and the threshold fallback
-    /// (old arcface_torch / many PyTorch ports): with `th = cos(π − m)` and `mm = m·sin(π − m)`,
-    /// `φ = cos(θ+m)` if `cos θ > th`, else `cos θ − mm` (CosFace-like, slope 1; note the fallback
-    /// is discontinuous at `th`). Chosen because the ElasticFace and CoReFace ArcFace baselines
-    /// were trained with exact autograd (SPEC 1(h)); the fallback keeps the target logit
-    /// decreasing in θ past `π − m`.
-    #[default]
-    Exact,
-    /// Exact autograd through `cos(θ+m)`, but only where `cos θ > 0`; samples with `cos θ ≤ 0`
-    /// get no margin (`φ = cos θ`).
-    EasyMargin,
-    /// Current arcface_torch (since Dec 2022): `z = s·(cos + onehot·(cos(θ+m) − cos).detach())`.
-    /// The forward value is `s·cos(θ+m)` (wrapping around past π, no threshold); the gradient
-    /// w.r.t. the cosines is that of NormFace evaluated at the margin logits,
-    /// `∂L/∂cos = s·(softmax(z) − onehot)/B`.
-    Detached,
-}
 
 /// `[head] type = "arcface"`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -78,14 +51,11 @@ impl Default for ArcFaceConfig {
 }
 
 impl ArcFaceConfig {
-    /// `head.s` finite and > 0; `head.m` in `[0, π)`.
+    /// `s` finite and > 0; `m` in `[0, π)`. Errors name the field (`m must be in [0, π), ...`).
     pub fn validate(&self) -> Result<()> {
-        crate::validate_scale(self.s)?;
+        validate_scale(self.s)?;
         let m = self.m;
-        ensure!(
-            (0.0..PI).contains(&m),
-            "head.m: must be in [0, pi), got {m}"
-        );
+        ensure!((0.0..PI).contains(&m), "m must be in [0, π), got {m}");
         Ok(())
     }
 }
@@ -108,7 +78,7 @@ impl ArcFace {
         Self {
             s: cfg.s,
             m: cfg.m,
-            angular: AngularMargin::new(1.0, cfg.m, 0.0, cfg.gradient),
+            angular: AngularMargin::fixed(cfg.m, cfg.gradient),
         }
     }
 
@@ -126,9 +96,7 @@ impl MarginHead for ArcFace {
     /// # Shapes
     /// `cos_bc [B, C]`, `labels_b [B]` (Int64) -> `[B, C]`.
     fn logits(&self, cos_bc: &Tensor, labels_b: &Tensor) -> Tensor {
-        crate::scaled_targets(cos_bc, labels_b, crate::Scale::Fixed(self.s), |c| {
-            self.angular.target(c)
-        })
+        scaled_targets(cos_bc, labels_b, Scale::Fixed(self.s), |c| self.angular.target(c))
     }
 }
 
@@ -150,7 +118,7 @@ mod tests {
             let labels = Tensor::from_slice(&[0i64, 0]);
             let z = head.logits(&cos, &labels);
             let g =
-                Tensor::run_backward(&[crate::cross_entropy(&z, &labels)], &[&cos], false, false);
+                Tensor::run_backward(&[crate::head::cross_entropy(&z, &labels)], &[&cos], false, false);
             let finite = g[0].isfinite().all().int64_value(&[]) == 1;
             assert!(
                 finite && z.isfinite().all().int64_value(&[]) == 1,

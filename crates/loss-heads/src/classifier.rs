@@ -5,13 +5,12 @@
 //! N(0, 0.01) and stored as the variable `weight` (arcface_torch's `state_dict` key). With
 //! Partial FC ([`crate::PartialFc`]) the cosines are computed against the sampled rows only
 //! ([`CosineClassifier::cosines_sampled`]); margin heads only ever see the cosines.
-//! [`Classifier`] chooses between this and the softmax head's [`LinearClassifier`].
+//! [`Classifier`] holds this or the softmax head's [`LinearClassifier`], by [`ClassifierKind`].
 
 use tch::{nn, Kind, Tensor};
 
 use crate::partial_fc::Sampled;
 use crate::softmax::LinearClassifier;
-use crate::HeadConfig;
 
 /// Smallest norm divided by in [`normalize_rows`] (PyTorch's `F.normalize` default eps).
 const NORM_EPS: f64 = 1e-12;
@@ -99,7 +98,17 @@ impl CosineClassifier {
     }
 }
 
-/// The classifier a [`HeadConfig`] needs: cosines for the margin heads, `Wx + b` for softmax.
+/// Which classifier to register: cosines for the margin heads, `Wx + b` for softmax
+/// ([`crate::HeadConfig::classifier_kind`] names the one a head needs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClassifierKind {
+    /// [`CosineClassifier`]: variable `weight`, clamped cosines (every head but `softmax`).
+    Cosine,
+    /// [`LinearClassifier`]: variables `weight` and `bias`, `Wx + b` (`softmax`).
+    Linear,
+}
+
+/// The classifier a head consumes: cosines for the margin heads, `Wx + b` for softmax.
 #[derive(Debug)]
 pub enum Classifier {
     /// [`CosineClassifier`] (every head but `softmax`).
@@ -109,16 +118,19 @@ pub enum Classifier {
 }
 
 impl Classifier {
-    /// Registers the classifier `head` needs under `p` (variables `weight`, plus `bias` for
-    /// softmax).
+    /// Registers a classifier of `kind` under `p` (variable `weight`, plus `bias` for
+    /// [`ClassifierKind::Linear`]).
     ///
     /// # Panics
     /// If `num_classes` or `embedding_size` is not positive.
-    pub fn new(p: &nn::Path, head: &HeadConfig, num_classes: i64, embedding_size: i64) -> Self {
-        if head.uses_linear_classifier() {
-            Classifier::Linear(LinearClassifier::new(p, num_classes, embedding_size))
-        } else {
-            Classifier::Cosine(CosineClassifier::new(p, num_classes, embedding_size))
+    pub fn new(p: &nn::Path, kind: ClassifierKind, num_classes: i64, embedding_size: i64) -> Self {
+        match kind {
+            ClassifierKind::Linear => {
+                Classifier::Linear(LinearClassifier::new(p, num_classes, embedding_size))
+            }
+            ClassifierKind::Cosine => {
+                Classifier::Cosine(CosineClassifier::new(p, num_classes, embedding_size))
+            }
         }
     }
 

@@ -10,7 +10,8 @@
 //! Deliberate differences from the reference code (SPEC 1(b), 1(h)):
 //! - Current arcface_torch `CombinedMarginLoss` silently drops `m2` when `m3 > 0` and rejects
 //!   `m1 ≠ 1`; we compute the full MXNet expression for every `(m1, m2, m3)`.
-//! - The three ArcFace gradient treatments ([`ArcFaceGradient`]) apply here too. The threshold
+//! - The three ArcFace gradient treatments ([`ArcFaceGradient`]) apply here too; the transform is
+//!   [`AngularMargin::combined`] in [`crate::angular`]. The threshold
 //!   fallback of the `exact` mode is generalised from ArcFace: with `θ* = (π − m2)/m1` (the angle
 //!   at which `m1·θ + m2` reaches π), targets with `θ > θ*` use `cos θ − (π − θ*)·sin θ* − m3`,
 //!   the first-order expansion of `cos(m1θ + m2) ≈ cos θ − ((m1 − 1)θ + m2)·sin θ` with the
@@ -25,71 +26,9 @@ use serde::{Deserialize, Serialize};
 use std::f64::consts::PI;
 use tch::Tensor;
 
-use crate::arcface::{ArcFaceGradient, COS_EPS, SIN2_EPS};
+use crate::angular::{AngularMargin, ArcFaceGradient};
+use crate::head::{scaled_targets, validate_scale, MarginHead, Scale};
 use crate::normface::default_scale;
-use crate::MarginHead;
-
-/// The angular target transform shared by [`CombinedMargin`] and [`crate::ArcFace`]:
-/// `φ(c) = cos(m1·acos(c) + m2) − m3` with the gradient treatment of [`ArcFaceGradient`].
-#[derive(Debug, Clone)]
-pub(crate) struct AngularMargin {
-    m1: f64,
-    m2: f64,
-    m3: f64,
-    gradient: ArcFaceGradient,
-    cos_m2: f64,
-    sin_m2: f64,
-    /// `(cos θ*, (π − θ*)·sin θ*)` when the angle can wrap past π.
-    threshold: Option<(f64, f64)>,
-}
-
-impl AngularMargin {
-    pub(crate) fn new(m1: f64, m2: f64, m3: f64, gradient: ArcFaceGradient) -> Self {
-        let theta_star = (PI - m2) / m1;
-        let threshold =
-            (theta_star < PI).then(|| (theta_star.cos(), (PI - theta_star) * theta_star.sin()));
-        Self {
-            m1,
-            m2,
-            m3,
-            gradient,
-            cos_m2: m2.cos(),
-            sin_m2: m2.sin(),
-            threshold,
-        }
-    }
-
-    /// `cos(m1·θ + m2)` from `c = cos θ`, differentiable, with the eps clamps.
-    ///
-    /// # Shapes
-    /// `c [*]` -> `[*]`.
-    fn cos_angle(&self, c: &Tensor) -> Tensor {
-        let c_safe = c.clamp(-1.0 + COS_EPS, 1.0 - COS_EPS);
-        if self.m1 == 1.0 {
-            // Only the sin term sees the clamps, so m2 = 0 gives exactly c.
-            let sin = (c_safe.square().neg() + 1.0).clamp_min(SIN2_EPS).sqrt();
-            c * self.cos_m2 - sin * self.sin_m2
-        } else {
-            (c_safe.acos() * self.m1 + self.m2).cos()
-        }
-    }
-
-    /// The target transform for this gradient mode.
-    ///
-    /// # Shapes
-    /// `c_b1 [B, 1]` -> `[B, 1]`.
-    pub(crate) fn target(&self, c_b1: &Tensor) -> Tensor {
-        let phi = self.cos_angle(c_b1) - self.m3;
-        match self.gradient {
-            ArcFaceGradient::Exact => match self.threshold {
-                Some((th, mm)) => phi.where_self(&c_b1.gt(th), &(c_b1 - (mm + self.m3))),
-                None => phi,
-            },
-            ArcFaceGradient::EasyMargin => phi.where_self(&c_b1.gt(0.0), c_b1),
-            ArcFaceGradient::Detached => c_b1 + (phi - c_b1).detach(),
-        }
-    }
-}
 
 /// `[head] type = "combined"`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -136,23 +75,14 @@ impl Default for CombinedConfig {
 }
 
 impl CombinedConfig {
-    /// `head.s` finite and > 0; `head.m1` in `(0, 10]`; `head.m2` in `[0, π)`; `head.m3` in
-    /// `[0, 2)`.
+    /// `s` finite and > 0; `m1` in `(0, 10]`; `m2` in `[0, π)`; `m3` in `[0, 2)`. Errors name
+    /// the field.
     pub fn validate(&self) -> Result<()> {
-        crate::validate_scale(self.s)?;
+        validate_scale(self.s)?;
         let (m1, m2, m3) = (self.m1, self.m2, self.m3);
-        ensure!(
-            m1 > 0.0 && m1 <= 10.0,
-            "head.m1: must be in (0, 10], got {m1}"
-        );
-        ensure!(
-            (0.0..PI).contains(&m2),
-            "head.m2: must be in [0, pi), got {m2}"
-        );
-        ensure!(
-            (0.0..2.0).contains(&m3),
-            "head.m3: must be in [0, 2), got {m3}"
-        );
+        ensure!(m1 > 0.0 && m1 <= 10.0, "m1 must be in (0, 10], got {m1}");
+        ensure!((0.0..PI).contains(&m2), "m2 must be in [0, π), got {m2}");
+        ensure!((0.0..2.0).contains(&m3), "m3 must be in [0, 2), got {m3}");
         Ok(())
     }
 }
@@ -173,7 +103,7 @@ impl CombinedMargin {
     pub fn new(cfg: &CombinedConfig) -> Self {
         Self {
             s: cfg.s,
-            angular: AngularMargin::new(cfg.m1, cfg.m2, cfg.m3, cfg.gradient),
+            angular: AngularMargin::combined(cfg.m1, cfg.m2, cfg.m3, cfg.gradient),
         }
     }
 }
@@ -186,8 +116,6 @@ impl MarginHead for CombinedMargin {
     /// # Shapes
     /// `cos_bc [B, C]`, `labels_b [B]` (Int64) -> `[B, C]`.
     fn logits(&self, cos_bc: &Tensor, labels_b: &Tensor) -> Tensor {
-        crate::scaled_targets(cos_bc, labels_b, crate::Scale::Fixed(self.s), |c| {
-            self.angular.target(c)
-        })
+        scaled_targets(cos_bc, labels_b, Scale::Fixed(self.s), |c| self.angular.target(c))
     }
 }

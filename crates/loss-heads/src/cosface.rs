@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
 use crate::normface::default_scale;
-use crate::MarginHead;
+use crate::head::MarginHead;
 
 /// `[head] type = "cosface"`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -39,14 +39,14 @@ impl Default for CosFaceConfig {
 }
 
 impl CosFaceConfig {
-    /// `head.s` finite and > 0; `head.m` in `[0, 2)` (cosines span 2, so a margin of 2 or more
+    /// `s` finite and > 0; `m` in `[0, 2)` (cosines span 2, so a margin of 2 or more
     /// puts every target below every other class).
     pub fn validate(&self) -> Result<()> {
-        crate::validate_scale(self.s)?;
+        crate::head::validate_scale(self.s)?;
         let m = self.m;
         ensure!(
             (0.0..2.0).contains(&m),
-            "head.m: must be in [0, 2), got {m}"
+            "m must be in [0, 2), got {m}"
         );
         Ok(())
     }
@@ -74,7 +74,7 @@ impl MarginHead for CosFace {
     /// # Shapes
     /// `cos_bc [B, C]`, `labels_b [B]` (Int64) -> `[B, C]`.
     fn logits(&self, cos_bc: &Tensor, labels_b: &Tensor) -> Tensor {
-        crate::scaled_targets(cos_bc, labels_b, crate::Scale::Fixed(self.s), |c| {
+        crate::head::scaled_targets(cos_bc, labels_b, crate::head::Scale::Fixed(self.s), |c| {
             c - self.m
         })
     }

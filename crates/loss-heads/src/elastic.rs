@@ -24,8 +24,9 @@
 //! Deliberate differences from the reference code:
 //! - The margin is applied to the `B` gathered target cosines only (the reference takes `acos` and
 //!   `cos` of the whole `[B, C]` matrix).
-//! - ElasticArc uses ArcFace's `exact` treatment per sample (SPEC 2(f)): eps clamps, and the
-//!   threshold fallback `cos θ − E_i·sin E_i` where `θ + E_i > π` (the reference has no guard).
+//! - ElasticArc uses ArcFace's `exact` treatment per sample (SPEC 2(f)), through the shared
+//!   [`AngularMargin::per_row`] of [`crate::angular`]: eps clamps, and the threshold fallback
+//!   `cos θ − E_i·sin E_i` where `θ + E_i > π` (the reference has no guard).
 //!   With σ = 0 it is exactly [`crate::ArcFace`] in `exact` mode; ElasticCos with σ = 0 is
 //!   exactly [`crate::CosFace`].
 //! - Reproducibility: the draw comes from a ChaCha8 generator owned by the head and seeded by
@@ -42,9 +43,10 @@ use std::f64::consts::PI;
 use std::sync::Mutex;
 use tch::{Kind, Tensor};
 
-use crate::arcface::{COS_EPS, SIN2_EPS};
+use crate::angular::{AngularMargin, ArcFaceGradient};
+use crate::head::{check_head_inputs, scaled_target_offsets, scaled_targets, validate_scale};
+use crate::head::{MarginHead, Scale};
 use crate::normface::default_scale;
-use crate::MarginHead;
 
 /// How the "+" variants hand the sorted margins to the samples.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -84,22 +86,19 @@ pub struct ElasticParams {
 }
 
 impl ElasticParams {
-    /// `head.s` finite and > 0; `head.m` in `[0, π)` (Arc) or `[0, 2)` (Cos); `head.sigma`
-    /// finite, ≥ 0 and at most `m/3` (so a negative or doubled margin stays a 3σ event).
+    /// `s` finite and > 0; `m` in `[0, π)` (Arc) or `[0, 2)` (Cos); `sigma` finite, ≥ 0 and at
+    /// most `m/3` (so a negative or doubled margin stays a 3σ event). Errors name the field.
     pub fn validate(&self) -> Result<()> {
-        crate::validate_scale(self.s)?;
+        validate_scale(self.s)?;
         let (m, sigma) = (self.m, self.sigma);
         let (upper, text) = match self.kind {
-            ElasticKind::Arc => (PI, "[0, pi)"),
+            ElasticKind::Arc => (PI, "[0, π)"),
             ElasticKind::Cos => (2.0, "[0, 2)"),
         };
-        ensure!(
-            (0.0..upper).contains(&m),
-            "head.m: must be in {text}, got {m}"
-        );
+        ensure!((0.0..upper).contains(&m), "m must be in {text}, got {m}");
         ensure!(
             sigma.is_finite() && sigma >= 0.0 && sigma <= m / 3.0,
-            "head.sigma: must be finite and in [0, m/3] = [0, {}], got {sigma}",
+            "sigma must be finite and in [0, m/3] = [0, {}], got {sigma}",
             m / 3.0
         );
         Ok(())
@@ -274,7 +273,7 @@ impl ElasticFace {
     /// # Panics
     /// As [`MarginHead::logits`], or if `draw.len() != B`.
     pub fn logits_with_draw(&self, cos_bc: &Tensor, labels_b: &Tensor, draw: &[f64]) -> Tensor {
-        let b = crate::check_head_inputs(cos_bc, labels_b);
+        let b = check_head_inputs(cos_bc, labels_b);
         assert_eq!(draw.len() as i64, b, "one margin per sample");
         let kind = match cos_bc.kind() {
             Kind::Double => Kind::Double,
@@ -283,32 +282,19 @@ impl ElasticFace {
         let draw_b = Tensor::from_slice(draw)
             .to_kind(kind)
             .to_device(cos_bc.device());
-        let s = crate::Scale::Fixed(self.params.s);
+        let s = Scale::Fixed(self.params.s);
         let margins = |c_b1: &Tensor| self.assign(&draw_b, &c_b1.view([b])).view([b, 1]);
         match self.params.kind {
             // A constant offset per target: no gradient path through the gathered targets.
             ElasticKind::Cos => {
-                crate::scaled_target_offsets(cos_bc, labels_b, s, |c_b1| margins(c_b1).neg())
+                scaled_target_offsets(cos_bc, labels_b, s, |c_b1| margins(c_b1).neg())
             }
-            ElasticKind::Arc => crate::scaled_targets(cos_bc, labels_b, s, |c_b1| {
-                elastic_arc_target(c_b1, &margins(c_b1))
+            // ArcFace's `exact` treatment per sample: the fallback `c − E·sin E` below `−cos E`.
+            ElasticKind::Arc => scaled_targets(cos_bc, labels_b, s, |c_b1| {
+                AngularMargin::per_row(&margins(c_b1), ArcFaceGradient::Exact).target(c_b1)
             }),
         }
     }
-}
-
-/// `cos(θ + E)` per sample with ArcFace's `exact` treatment: eps clamps, and the fallback
-/// `c − E·sin E` where `c ≤ cos(π − E)`.
-///
-/// # Shapes
-/// `c_b1 [B, 1]`, `e_b1 [B, 1]` (constant) -> `[B, 1]`.
-fn elastic_arc_target(c_b1: &Tensor, e_b1: &Tensor) -> Tensor {
-    let c_safe = c_b1.clamp(-1.0 + COS_EPS, 1.0 - COS_EPS);
-    let sin = (c_safe.square().neg() + 1.0).clamp_min(SIN2_EPS).sqrt();
-    let phi = c_b1 * e_b1.cos() - sin * e_b1.sin();
-    let th = e_b1.cos().neg();
-    let fallback = c_b1 - e_b1 * e_b1.sin();
-    phi.where_self(&c_b1.gt_tensor(&th), &fallback)
 }
 
 impl MarginHead for ElasticFace {
@@ -321,7 +307,7 @@ impl MarginHead for ElasticFace {
     /// # Shapes
     /// `cos_bc [B, C]`, `labels_b [B]` (Int64) -> `[B, C]`.
     fn logits(&self, cos_bc: &Tensor, labels_b: &Tensor) -> Tensor {
-        let b = crate::check_head_inputs(cos_bc, labels_b);
+        let b = check_head_inputs(cos_bc, labels_b);
         self.logits_with_draw(cos_bc, labels_b, &self.draw(b as usize))
     }
 

@@ -44,10 +44,9 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
 
-use crate::arcface::{ArcFaceGradient, COS_EPS};
+use crate::angular::{AngularMargin, ArcFaceGradient, COS_EPS};
 use crate::classifier::normalize_rows;
-use crate::combined::AngularMargin;
-use crate::MarginHead;
+use crate::head::MarginHead;
 
 /// How a margin enters a similarity.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -265,30 +264,30 @@ fn check_margin(key: &str, m: f64, form: MarginForm) -> Result<()> {
     };
     ensure!(
         m.is_finite() && (0.0..hi).contains(&m),
-        "head.{key}: must be in [0, {hi}) for the {form:?} form, got {m}"
+        "{key} must be in [0, {hi}) for the {form:?} form, got {m}"
     );
     Ok(())
 }
 
 impl GceConfig {
-    /// Checks every value; the error names the key, e.g. `head.m_n: must be in [0, 2) ...`.
+    /// Checks every value; the error starts with the field, e.g. `m_n must be in [0, 2) ...`.
     pub fn validate(&self) -> Result<()> {
         ensure!(
             self.s.is_finite() && self.s > 0.0,
-            "head.s: must be finite and > 0, got {}",
+            "s must be finite and > 0, got {}",
             self.s
         );
         check_margin("m_t", self.m_t, self.target_form)?;
         check_margin("m_n", self.m_n, self.nontarget_form)?;
         ensure!(
             self.nontarget_form == MarginForm::Additive || self.m_n == 0.0 || self.m_n >= 1e-3,
-            "head.m_n: an angular non-target margin must be 0 or >= 1e-3, got {}",
+            "m_n must be 0 or >= 1e-3 for the angular non-target form, got {}",
             self.m_n
         );
         if let OutWeight::Value(w) = self.out_weight {
             ensure!(
                 w.is_finite() && w >= 0.0,
-                "head.out_weight: must be \"inverse_batch\" or a finite number >= 0, got {w}"
+                "out_weight must be \"inverse_batch\" or a finite number >= 0, got {w}"
             );
         }
         for (key, w) in [
@@ -297,21 +296,21 @@ impl GceConfig {
         ] {
             ensure!(
                 w.is_finite() && w >= 0.0,
-                "head.{key}: must be finite and >= 0, got {w}"
+                "{key} must be finite and >= 0, got {w}"
             );
         }
         ensure!(
             self.term1_weight + self.term2_weight > 0.0,
-            "head.term1_weight, head.term2_weight: at least one must be > 0"
+            "term1_weight or term2_weight must be > 0 (both are 0)"
         );
         let r = self.pairwise.rate;
         ensure!(
             (0.0..=1.0).contains(&r),
-            "head.pairwise.rate: must be in [0, 1], got {r}"
+            "pairwise.rate must be in [0, 1], got {r}"
         );
         ensure!(
             self.pairwise.min_count >= 1,
-            "head.pairwise.min_count: must be >= 1"
+            "pairwise.min_count must be >= 1"
         );
         Ok(())
     }
@@ -378,7 +377,7 @@ impl Gce {
         }
         Self {
             cfg: cfg.clone(),
-            angular: AngularMargin::new(1.0, cfg.m_t, 0.0, cfg.gradient),
+            angular: AngularMargin::fixed(cfg.m_t, cfg.gradient),
             cos_mn: cfg.m_n.cos(),
             sin_mn: cfg.m_n.sin(),
             rng: ChaCha8Rng::seed_from_u64(cfg.pairwise.seed),
@@ -597,7 +596,7 @@ impl Gce {
         labels_b: &Tensor,
         valid_b: Option<&Tensor>,
     ) -> (Tensor, Tensor) {
-        let b = crate::check_head_inputs(cos_bc, labels_b);
+        let b = crate::head::check_head_inputs(cos_bc, labels_b);
         let cos_bc = match cos_bc.kind() {
             Kind::Double | Kind::Float => cos_bc.shallow_clone(),
             _ => cos_bc.to_kind(Kind::Float),
@@ -808,7 +807,7 @@ impl MarginHead for Gce {
     /// # Shapes
     /// `cos_bc [B, C]`, `labels_b [B]` (Int64) -> `[B, C]`.
     fn logits(&self, cos_bc: &Tensor, labels_b: &Tensor) -> Tensor {
-        let b = crate::check_head_inputs(cos_bc, labels_b);
+        let b = crate::head::check_head_inputs(cos_bc, labels_b);
         let idx_b1 = labels_b.view([b, 1]);
         let target_b1 = self.target_margin(&cos_bc.gather(1, &idx_b1, false)) * self.cfg.s;
         let mut z = self.masked_nontarget_logits(cos_bc, &idx_b1);

@@ -44,7 +44,7 @@
 use std::sync::atomic::{AtomicI64, Ordering};
 use tch::{Kind, Tensor};
 
-use crate::{check_head_inputs, cross_entropy, MarginHead};
+use crate::head::{check_head_inputs, cross_entropy, MarginHead};
 
 /// `z − max` is floored here before `exp` in f32: `exp(−87) ≈ 1.6e-38` is just above the smallest
 /// normal float. Below it `exp` returns subnormals, which x86 CPUs compute about ten times slower

@@ -9,7 +9,7 @@ use anyhow::Result;
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
-use crate::MarginHead;
+use crate::head::MarginHead;
 
 /// `[head] type = "normface"`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -33,7 +33,7 @@ impl Default for NormFaceConfig {
 impl NormFaceConfig {
     /// `head.s` must be finite and > 0.
     pub fn validate(&self) -> Result<()> {
-        crate::validate_scale(self.s)
+        crate::head::validate_scale(self.s)
     }
 }
 
@@ -60,7 +60,7 @@ impl MarginHead for NormFace {
     /// # Shapes
     /// `cos_bc [B, C]`, `labels_b [B]` (Int64, unused but checked) -> `[B, C]`.
     fn logits(&self, cos_bc: &Tensor, labels_b: &Tensor) -> Tensor {
-        crate::check_head_inputs(cos_bc, labels_b);
+        crate::head::check_head_inputs(cos_bc, labels_b);
         cos_bc * self.s
     }
 }

@@ -53,12 +53,12 @@ impl Default for PartialFcConfig {
 }
 
 impl PartialFcConfig {
-    /// `partial_fc.sample_rate` must be in `(0, 1]`.
+    /// `sample_rate` must be in `(0, 1]`; the error names the field.
     pub fn validate(&self) -> Result<()> {
         let r = self.sample_rate;
         ensure!(
             r > 0.0 && r <= 1.0,
-            "partial_fc.sample_rate: must be in (0, 1], got {r}"
+            "sample_rate must be in (0, 1], got {r}"
         );
         Ok(())
     }

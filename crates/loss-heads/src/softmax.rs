@@ -4,15 +4,15 @@
 //!
 //! Idea: no normalisation, no margin, a learned bias. Unlike every other head it does not work
 //! on cosines: [`LinearClassifier`] owns `W [C, D]` and `b [C]` and produces the scores, and the
-//! [`Softmax`] head passes them through unchanged. [`crate::Classifier::new`] picks the linear
-//! classifier for `[head] type = "softmax"`. Initialisation follows PyTorch's `nn.Linear`
+//! [`Softmax`] head passes them through unchanged. `[head] type = "softmax"` asks for
+//! [`crate::ClassifierKind::Linear`] ([`crate::HeadConfig::classifier_kind`]). Initialisation follows PyTorch's `nn.Linear`
 //! (`U(−1/√D, 1/√D)` for both weight and bias), since arcface_torch has no softmax head.
 
 use serde::{Deserialize, Serialize};
 use tch::{nn, Tensor};
 
 use crate::partial_fc::Sampled;
-use crate::MarginHead;
+use crate::head::MarginHead;
 
 /// `[head] type = "softmax"`: no keys.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -34,7 +34,7 @@ impl MarginHead for Softmax {
     /// `scores_bc [B, C]` (from [`LinearClassifier::scores`]), `labels_b [B]` (Int64, checked)
     /// -> `[B, C]`.
     fn logits(&self, scores_bc: &Tensor, labels_b: &Tensor) -> Tensor {
-        crate::check_head_inputs(scores_bc, labels_b);
+        crate::head::check_head_inputs(scores_bc, labels_b);
         scores_bc.shallow_clone()
     }
 }

@@ -12,19 +12,34 @@
 //! - `cos(mθ)` is the Chebyshev polynomial `T_m(cos θ)`, as in the released code, so its gradient
 //!   needs no `acos`; `k = ⌊m·acos(cos θ)/π⌋` is piecewise constant and computed (detached) on the
 //!   `B` gathered target cosines only.
-//! - [`MarginHead::logits`] has no feature norms and scales by the fixed `s` (the normalised-feature
-//!   variant used by later re-implementations); [`MarginHead::logits_with_norms`] is the paper's
-//!   form with `‖x_i‖` per row. The iteration comes from [`MarginHead::set_step`] (λ = base before
-//!   the first call).
+//! - The row scale is a config choice, [`SphereFaceScale`]: `feature_norm` (default, the paper's
+//!   A-Softmax: [`MarginHead::logits_with_norms`] scales row `i` by `‖x_i‖`) or `fixed` (every
+//!   row by `s`, the normalised-feature variant of later re-implementations).
+//!   [`MarginHead::logits`] has no feature norms and always scales by `s`. The trainer always
+//!   passes the norms, so there `s` acts only with `scale = "fixed"` (and setting it otherwise
+//!   is a config error naming `head.s`). The iteration comes from [`MarginHead::set_step`]
+//!   (λ = base before the first call).
 
 use anyhow::{ensure, Result};
 use serde::{Deserialize, Serialize};
 use std::f64::consts::PI;
 use tch::Tensor;
 
-use crate::arcface::COS_EPS;
+use crate::angular::COS_EPS;
 use crate::normface::default_scale;
-use crate::MarginHead;
+use crate::head::MarginHead;
+
+/// What multiplies SphereFace's logits (`[head] scale`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SphereFaceScale {
+    /// Default. Row `i` by its feature norm `‖x_i‖` when the caller passes the norms
+    /// ([`MarginHead::logits_with_norms`], as the trainer does): the paper's A-Softmax.
+    #[default]
+    FeatureNorm,
+    /// Every row by the fixed `s`, also when norms are passed.
+    Fixed,
+}
 
 /// `[head] type = "sphereface"`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -33,7 +48,11 @@ pub struct SphereFaceConfig {
     /// Angle multiplier `m`, an integer in `1..=8`. Default 4.
     #[serde(default = "default_m")]
     pub m: u32,
-    /// Logit scale used in place of `‖x‖` by [`MarginHead::logits`]. Default 64.
+    /// Row scale: `"feature_norm"` (default, `‖x_i‖`) or `"fixed"` (`s`).
+    #[serde(default)]
+    pub scale: SphereFaceScale,
+    /// Fixed logit scale: used by [`MarginHead::logits`] (no norms given) and, with
+    /// `scale = "fixed"`, by [`MarginHead::logits_with_norms`]. Default 64.
     #[serde(default = "default_scale")]
     pub s: f64,
     /// λ schedule `base`. Default 1000.
@@ -70,6 +89,7 @@ impl Default for SphereFaceConfig {
     fn default() -> Self {
         Self {
             m: default_m(),
+            scale: SphereFaceScale::default(),
             s: default_scale(),
             lambda_base: default_base(),
             lambda_gamma: default_gamma(),
@@ -80,11 +100,11 @@ impl Default for SphereFaceConfig {
 }
 
 impl SphereFaceConfig {
-    /// `head.m` in `1..=8`; `head.s` finite and > 0; `head.lambda_*` finite and ≥ 0.
+    /// `m` in `1..=8`; `s` finite and > 0; `lambda_*` finite and ≥ 0. Errors name the field.
     pub fn validate(&self) -> Result<()> {
-        crate::validate_scale(self.s)?;
+        crate::head::validate_scale(self.s)?;
         let m = self.m;
-        ensure!((1..=8).contains(&m), "head.m: must be in 1..=8, got {m}");
+        ensure!((1..=8).contains(&m), "m must be in 1..=8, got {m}");
         for (key, v) in [
             ("lambda_base", self.lambda_base),
             ("lambda_gamma", self.lambda_gamma),
@@ -93,7 +113,7 @@ impl SphereFaceConfig {
         ] {
             ensure!(
                 v.is_finite() && v >= 0.0,
-                "head.{key}: must be finite and >= 0, got {v}"
+                "{key} must be finite and >= 0, got {v}"
             );
         }
         Ok(())
@@ -108,7 +128,8 @@ impl SphereFaceConfig {
 }
 
 /// SphereFace head: `z_y = r·(λ·cos θ_y + ψ(θ_y))/(1 + λ)`, `z_j = r·cos θ_j`, with `r = s`
-/// ([`MarginHead::logits`]) or `r = ‖x_i‖` ([`MarginHead::logits_with_norms`]).
+/// ([`MarginHead::logits`], or [`SphereFaceScale::Fixed`]) or `r = ‖x_i‖`
+/// ([`MarginHead::logits_with_norms`] with [`SphereFaceScale::FeatureNorm`]).
 ///
 /// # Shapes
 /// `cos_bc [B, C]`, `labels_b [B]` (Int64), `norms_b [B]` -> `[B, C]`.
@@ -169,7 +190,7 @@ impl MarginHead for SphereFace {
     /// # Shapes
     /// `cos_bc [B, C]`, `labels_b [B]` (Int64) -> `[B, C]`.
     fn logits(&self, cos_bc: &Tensor, labels_b: &Tensor) -> Tensor {
-        crate::scaled_targets(cos_bc, labels_b, crate::Scale::Fixed(self.cfg.s), |c| {
+        crate::head::scaled_targets(cos_bc, labels_b, crate::head::Scale::Fixed(self.cfg.s), |c| {
             self.target(c)
         })
     }
@@ -178,14 +199,18 @@ impl MarginHead for SphereFace {
         self.lambda = self.cfg.lambda_at(step);
     }
 
-    /// Scaled by the feature norm of each row (the paper's A-Softmax).
+    /// Scaled by the feature norm of each row (the paper's A-Softmax), or by `s` with
+    /// [`SphereFaceScale::Fixed`] (then `norms_b` is ignored).
     ///
     /// # Shapes
     /// `cos_bc [B, C]`, `labels_b [B]` (Int64), `norms_b [B]` -> `[B, C]`.
     fn logits_with_norms(&self, cos_bc: &Tensor, labels_b: &Tensor, norms_b: &Tensor) -> Tensor {
-        let b = crate::check_head_inputs(cos_bc, labels_b);
+        if self.cfg.scale == SphereFaceScale::Fixed {
+            return self.logits(cos_bc, labels_b);
+        }
+        let b = crate::head::check_head_inputs(cos_bc, labels_b);
         let r_b1 = norms_b.view([b, 1]);
-        crate::scaled_targets(cos_bc, labels_b, crate::Scale::PerRow(&r_b1), |c| {
+        crate::head::scaled_targets(cos_bc, labels_b, crate::head::Scale::PerRow(&r_b1), |c| {
             self.target(c)
         })
     }

@@ -5,7 +5,7 @@
 //! through the linear classifier, and heads over a Partial FC subset; plus the checker's own
 //! self-tests.
 
-use facerec_loss_heads::gradcheck::{
+use facerec_testkit::gradcheck::{
     analytic_gradients, check_gradients, compare, numerical_gradient, GradCheck,
 };
 use facerec_loss_heads::{
@@ -13,9 +13,7 @@ use facerec_loss_heads::{
     ElasticFace, ElasticKind, ElasticParams, HeadConfig, LinearClassifier, MarginHead,
     NormFaceConfig, PartialFc, PartialFcConfig, PlusAssignment, SoftmaxConfig, SphereFaceConfig,
 };
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
-use rand_distr::StandardNormal;
+use facerec_testkit::randn;
 use tch::{nn, Device, Kind, Tensor};
 
 const B: i64 = 4;
@@ -34,24 +32,15 @@ struct Fixture {
     labels: Tensor,
 }
 
-/// Standard-normal f64 tensor from a fixed ChaCha stream (independent of libtorch's global RNG,
-/// which parallel tests share).
-fn randn(seed: u64, shape: [i64; 2]) -> Tensor {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let v: Vec<f64> = (0..shape[0] * shape[1])
-        .map(|_| rng.sample(StandardNormal))
-        .collect();
-    Tensor::from_slice(&v).view(shape)
-}
 
 fn fixture() -> Fixture {
     let mut vs = nn::VarStore::new(Device::Cpu);
     vs.set_kind(Kind::Double);
     let classifier = CosineClassifier::new(&vs.root(), C, D);
-    let emb = randn(1, [B, D]);
+    let emb = randn(1, &[B, D]);
     let scale = Tensor::from_slice(&[1.5, -3.0, 0.0, 0.7, 0.0, 0.0]).view([C, 1]);
     let emb_c = Tensor::cat(&[&emb, &Tensor::zeros([C - B, D], OPTS)], 0);
-    let w = emb_c * scale + randn(2, [C, D]);
+    let w = emb_c * scale + randn(2, &[C, D]);
     let mut weight = classifier.weight().shallow_clone();
     tch::no_grad(|| weight.copy_(&w));
     let emb = emb.set_requires_grad(true);
@@ -371,7 +360,7 @@ fn softmax_linear_classifier_gradients() {
     let mut vs = nn::VarStore::new(Device::Cpu);
     vs.set_kind(Kind::Double);
     let clf = LinearClassifier::new(&vs.root(), C, D);
-    let emb = randn(5, [B, D]).set_requires_grad(true);
+    let emb = randn(5, &[B, D]).set_requires_grad(true);
     let labels = Tensor::from_slice(&[0i64, 1, 2, 3]);
     let head = HeadConfig::Softmax(SoftmaxConfig {}).build();
     let loss = || cross_entropy(&head.logits(&clf.scores(&emb), &labels), &labels);

@@ -6,16 +6,15 @@
 //! fallback for heads without the row-scaled form; and finite-difference gradient checks of the
 //! fused loss itself.
 
-use facerec_loss_heads::gradcheck::{analytic_gradients, check_gradients, compare, GradCheck};
+use facerec_testkit::gradcheck::{analytic_gradients, check_gradients, compare, GradCheck};
 use facerec_loss_heads::{
-    cross_entropy, margin_cross_entropy, margin_cross_entropy_with_norms, CosineClassifier,
+    cross_entropy, margin_cross_entropy, margin_cross_entropy_with_norms, ClassifierKind,
+    CosineClassifier,
     HeadConfig, LinearClassifier, MarginHead, PartialFc, PartialFcConfig,
 };
 use std::cell::RefCell;
 
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
-use rand_distr::StandardNormal;
+use facerec_testkit::randn;
 use tch::{nn, Device, Kind, Tensor};
 
 const B: i64 = 6;
@@ -83,12 +82,6 @@ fn heads() -> Vec<HeadConfig> {
         .collect()
 }
 
-fn randn(seed: u64, shape: &[i64]) -> Tensor {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let n: i64 = shape.iter().product();
-    let v: Vec<f64> = (0..n).map(|_| rng.sample(StandardNormal)).collect();
-    Tensor::from_slice(&v).view(shape)
-}
 
 fn labels() -> Tensor {
     Tensor::from_slice(&[0i64, 3, 3, 8, 5, 1])
@@ -203,7 +196,7 @@ fn every_head_matches_through_the_classifier_and_over_a_partial_fc_subset() {
     assert!(sampled.len() < C, "a proper subset");
     let inputs = [&fx.emb, fx.classifier.weight()];
     let norms = || fx.emb.norm_scalaropt_dim(2, [1], false);
-    for cfg in heads().into_iter().filter(|c| !c.uses_linear_classifier()) {
+    for cfg in heads().into_iter().filter(|c| c.classifier_kind() == ClassifierKind::Cosine) {
         let mut head = cfg.build();
         assert_same(
             &format!("{cfg:?} full"),
@@ -321,7 +314,7 @@ fn fused_loss_passes_finite_difference_checks() {
     let inputs = [("emb", &fx.emb), ("weight", fx.classifier.weight())];
     for cfg in heads() {
         let detached = format!("{cfg:?}").contains("Detached");
-        if detached || cfg.uses_linear_classifier() {
+        if detached || cfg.classifier_kind() == ClassifierKind::Linear {
             continue;
         }
         // ElasticFace draws its margins per call: every evaluation re-seeds to the same step.

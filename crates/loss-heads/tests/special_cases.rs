@@ -2,7 +2,7 @@
 //! sides of θ + m = π for each gradient mode, untouched non-target logits, easy margin,
 //! a hand-computed cross-entropy, and the cosine classifier.
 
-use facerec_loss_heads::gradcheck::{analytic_gradients, compare};
+use facerec_testkit::gradcheck::{analytic_gradients, compare};
 use facerec_loss_heads::{
     cross_entropy, ArcFaceConfig, ArcFaceGradient, CosFaceConfig, CosineClassifier, HeadConfig,
     NormFaceConfig,
@@ -257,6 +257,7 @@ fn heads_keep_the_cosine_kind_and_shape() {
 use facerec_loss_heads::{
     CombinedConfig, ElasticArcConfig, ElasticCosConfig, ElasticFace, ElasticKind, ElasticParams,
     MarginHead, PartialFc, PartialFcConfig, PlusAssignment, SphereFace, SphereFaceConfig,
+    SphereFaceScale,
 };
 
 fn assert_same(what: &str, a: &HeadConfig, b: &HeadConfig) {
@@ -537,6 +538,31 @@ fn assert_same_logits(a: &HeadConfig, b: &HeadConfig, atol: f64) {
         0.0,
     )
     .unwrap();
+}
+
+/// `scale = "fixed"`: the feature norms are ignored and every row is scaled by `s` (bit for bit
+/// the logits without norms); `feature_norm` scales row `i` by `‖x_i‖` instead.
+#[test]
+fn sphereface_fixed_scale_ignores_the_feature_norms() {
+    let cos = Tensor::from_slice(&[0.3, -0.2, 0.9, 0.1, 0.5, -0.7]).view([2, 3]);
+    let labels = Tensor::from_slice(&[2i64, 0]);
+    let norms = Tensor::from_slice(&[3.0, 0.5]);
+    let fixed = SphereFace::new(&SphereFaceConfig {
+        scale: SphereFaceScale::Fixed,
+        s: 30.0,
+        ..Default::default()
+    });
+    let z = fixed.logits_with_norms(&cos, &labels, &norms);
+    assert!(z.equal(&fixed.logits(&cos, &labels)));
+    let by_norm = SphereFace::new(&SphereFaceConfig {
+        s: 30.0,
+        ..Default::default()
+    });
+    let zn = by_norm.logits_with_norms(&cos, &labels, &norms);
+    // Row i of the feature-norm logits is (‖x_i‖ / s) times row i of the fixed-scale ones.
+    let ratio = (&zn / &z).to_kind(Kind::Double);
+    let expect = Tensor::from_slice(&[0.1, 0.1, 0.1, 0.5 / 30.0, 0.5 / 30.0, 0.5 / 30.0]).view([2, 3]);
+    assert!(ratio.allclose(&expect, 1e-12, 1e-12, false), "{ratio:?}");
 }
 
 #[test]

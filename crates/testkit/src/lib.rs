@@ -1,12 +1,42 @@
 //! Test support shared by the facerec crates; a dev-dependency only.
 //!
-//! Owns the policy for tests that need something from outside the crate (the Python interpreter
-//! with torch and numpy that runs our independent oracles): under CI (`CI=true`) a missing resource
-//! fails the test loudly; elsewhere the test prints a clear skip note and returns.
+//! - [`oracle()`] (module [`mod@oracle`]): runs our independent oracles (`data-scripts/*.py`)
+//!   or, without the interpreter, reads their frozen answers (`data-scripts/fixtures/`), so every
+//!   parity assertion runs everywhere.
+//! - [`gradcheck`]: the finite-difference gradient checker in f64 that every head and
+//!   regularizer is tested with.
+//! - [`randn`], [`randn_vec`]: standard-normal draws from a seeded ChaCha stream (independent of
+//!   libtorch's global generator, which parallel tests share).
+//! - [`require`] / [`python`]: the policy for tests that need something from outside the crate:
+//!   under CI (`CI=true`) a missing resource fails the test loudly; elsewhere the test prints a
+//!   clear skip note and returns.
 
-use std::io::Write;
+pub mod gradcheck;
+pub mod oracle;
+
+pub use oracle::oracle;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rand_distr::StandardNormal;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use tch::Tensor;
+
+/// `n` standard-normal f64 draws from `ChaCha8Rng::seed_from_u64(seed)`, in stream order.
+pub fn randn_vec(seed: u64, n: usize) -> Vec<f64> {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    (0..n).map(|_| rng.sample(StandardNormal)).collect()
+}
+
+/// An f64 tensor of shape `shape` filled row-major with [`randn_vec`]`(seed, numel)`.
+///
+/// # Panics
+/// If a dimension is negative.
+pub fn randn(seed: u64, shape: &[i64]) -> Tensor {
+    let n: i64 = shape.iter().product();
+    let n = usize::try_from(n).expect("a non-negative shape");
+    Tensor::from_slice(&randn_vec(seed, n)).view(shape)
+}
 
 /// Apply the CI policy to a resource lookup: `Some` passes through; `None` panics on CI and prints
 /// a `SKIPPED:` note elsewhere.
@@ -33,27 +63,6 @@ pub fn python() -> Option<PathBuf> {
         .map(PathBuf::from)
         .filter(|p| p.exists());
     require(found, "the oracle interpreter ($FACEREC_PYTHON)")
-}
-
-/// Run the oracle `data-scripts/<script>` with [`python`], `request` as JSON on its stdin, and
-/// return its JSON answer. `None` when the interpreter is missing outside CI (see [`require`]).
-///
-/// # Panics
-/// When the script fails or answers something that is not JSON.
-pub fn oracle(script: &str, request: &serde_json::Value) -> Option<serde_json::Value> {
-    let py = python()?;
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../data-scripts").join(script);
-    let mut child = Command::new(py)
-        .arg(&path)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap_or_else(|e| panic!("starting {}: {e}", path.display()));
-    child.stdin.take().expect("stdin").write_all(request.to_string().as_bytes()).expect("writing the request");
-    let out = child.wait_with_output().expect("waiting for the oracle");
-    assert!(out.status.success(), "{} failed", path.display());
-    Some(serde_json::from_slice(&out.stdout).expect("oracle JSON"))
 }
 
 /// A JSON array of numbers as `Vec<f64>`; `null` (how the oracles write NaN) reads as NaN.

@@ -60,7 +60,7 @@ pub struct Config {
     pub coreface: Option<facerec_contrastive_regularizer::CoReFaceConfig>,
     /// Cluster-guided ArcFace (docs/cluster-guided.md); absent = plain margin softmax.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cluster_guided: Option<facerec_clustering::cluster_guided::ClusterGuidedConfig>,
+    pub cluster_guided: Option<crate::objective::cluster_guided::ClusterGuidedConfig>,
 }
 
 fn default_seed() -> u64 {
@@ -500,6 +500,42 @@ pub struct EvalTarget {
     pub required: bool,
 }
 
+/// Names the config key of a library's validation error. Library errors start with the field of
+/// their own table (`m must be in [0, π), got 3.5`); under `table` that reads
+/// ``config key `head.m`: must be in [0, π), got 3.5``. Other messages get the table as context.
+pub(crate) fn at_key(table: &str, result: Result<()>) -> Result<()> {
+    result.map_err(|e| {
+        let msg = format!("{e:#}");
+        let is_field = |f: &str| {
+            !f.is_empty()
+                && f.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.')
+        };
+        match msg.split_once(' ') {
+            Some((field, rest)) if is_field(field) && rest.starts_with("must ") => {
+                anyhow::anyhow!("config key `{table}.{field}`: {rest}")
+            }
+            _ => anyhow::anyhow!("config key `{table}`: {msg}"),
+        }
+    })
+}
+
+/// `[head] type = "sphereface"`: the trainer always hands the head the feature norms, so `s` acts
+/// only with `scale = "fixed"`; a non-default `s` with `scale = "feature_norm"` would do nothing.
+fn check_sphereface_scale(head: &HeadConfig) -> Result<()> {
+    use facerec_loss_heads::{SphereFaceConfig, SphereFaceScale};
+    if let HeadConfig::Sphereface(c) = head {
+        if c.scale == SphereFaceScale::FeatureNorm && c.s != SphereFaceConfig::default().s {
+            bail!(
+                "config key `head.s`: {} has no effect with head.scale = \"feature_norm\" (each row is scaled by its feature norm, the paper's A-Softmax); set head.scale = \"fixed\" to train with s = {}",
+                c.s,
+                c.s
+            );
+        }
+    }
+    Ok(())
+}
+
 impl Config {
     /// Parse and validate a TOML document (after `extends` and overrides were applied).
     pub fn from_value(value: toml::Value) -> Result<Self> {
@@ -549,8 +585,9 @@ impl Config {
     /// Check the values serde cannot check. Errors name the key.
     pub fn validate(&self) -> Result<()> {
         self.model.validate()?;
-        self.head.validate()?;
-        self.partial_fc.validate()?;
+        at_key("head", self.head.validate())?;
+        check_sphereface_scale(&self.head)?;
+        at_key("partial_fc", self.partial_fc.validate())?;
         let t = &self.train;
         if t.epochs == 0 {
             bail!("config key `train.epochs`: must be at least 1");
@@ -575,9 +612,7 @@ impl Config {
             if self.coreface.is_some() {
                 bail!("config key `cluster_guided`: cannot be combined with [coreface] (choose one method)");
             }
-            if !matches!(self.head, facerec_loss_heads::HeadConfig::Arcface(_)) {
-                bail!("config key `head.type`: [cluster_guided] trains its own cluster-guided ArcFace (s, m0 and gradient in `cluster_guided.margin`); set head.type = \"arcface\"");
-            }
+            cg.check_head(&self.head)?;
         }
         if let Some(cf) = &self.coreface {
             cf.validate()?;

@@ -53,7 +53,7 @@ impl State {
         let backbone_vs = nn::VarStore::new(device);
         let backbone = facerec_backbone::build(&backbone_vs.root(), &cfg.model);
         let head_vs = nn::VarStore::new(device);
-        let classifier = Classifier::new(&head_vs.root(), &cfg.head, num_classes as i64, cfg.model.embedding_size());
+        let classifier = Classifier::new(&head_vs.root(), cfg.head.classifier_kind(), num_classes as i64, cfg.model.embedding_size());
         let (wd_backbone, wd_classifier) = cfg.optim.weight_decays();
         let backbone_params = backbone_vs.trainable_variables();
         let opt = Optimizer::new(

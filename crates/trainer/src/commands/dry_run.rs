@@ -264,7 +264,7 @@ pub fn from_config(cfg: &Config) -> Result<DryRun> {
     };
     let spec = ClassifierSpec {
         num_classes: num_classes as i64,
-        bias: cfg.head.uses_linear_classifier(),
+        bias: cfg.head.classifier_kind() == facerec_loss_heads::ClassifierKind::Linear,
         sample_rate: cfg.partial_fc.sample_rate,
         state_buffers,
     };
@@ -446,7 +446,7 @@ mod tests {
         // The classifier the trainer builds has exactly these parameters.
         let vs = nn::VarStore::new(Device::Cpu);
         let head = facerec_loss_heads::HeadConfig::Softmax(Default::default());
-        let _c = facerec_loss_heads::Classifier::new(&vs.root(), &head, 1001, 8);
+        let _c = facerec_loss_heads::Classifier::new(&vs.root(), head.classifier_kind(), 1001, 8);
         let n: i64 = vs.trainable_variables().iter().map(|t| t.numel() as i64).sum();
         assert_eq!(n, r.classifier_params);
     }

@@ -8,14 +8,22 @@
 //! `CE(cluster-guided ArcFace) + λ_scc·L_scc + λ_align·L_align` (the centre terms only once a
 //! refresh has happened). Margins, centres and the epoch of the last refresh are objective state,
 //! so a resumed run neither repeats nor skips a refresh.
+//!
+//! The objective is composed from two crates: the head and its margin-from-hardness rule from
+//! `facerec-loss-heads` (`cluster_guided`), the hardness, centres, `L_scc`, `L_align` and
+//! re-imprinting from `facerec-clustering`. The `[cluster_guided]` table that configures both is
+//! [`ClusterGuidedConfig`] ([`config`]).
+
+pub mod config;
+
+pub use config::ClusterGuidedConfig;
 
 use super::{sample_classes, MicroLoss, Model, Objective, TrainingSet};
 use anyhow::{bail, Context, Result};
 use facerec_clustering::cluster_guided::{
-    align_loss, cluster_statistics, margins_from_hardness, reimprint, scc_loss, stratified_subset, ClusterCentres,
-    ClusterGuidedArcFace, ClusterGuidedConfig,
+    align_loss, cluster_statistics, reimprint, scc_loss, stratified_subset, ClusterCentres,
 };
-use facerec_loss_heads::{cross_entropy, MarginHead, PartialFc, PartialFcConfig};
+use facerec_loss_heads::{cross_entropy, margins_from_hardness, ClusterGuidedArcFace, MarginHead, PartialFc, PartialFcConfig};
 use std::collections::HashMap;
 use tch::{Device, Kind, Tensor};
 
@@ -67,7 +75,7 @@ impl ClusterGuidedObjective {
             Tensor::cat(&parts, 0)
         };
         let sub_labels: Vec<i64> = idx.iter().map(|&i| labels[i]).collect();
-        let stats = cluster_statistics(&emb, &sub_labels, model.num_classes as usize, &self.cfg);
+        let stats = cluster_statistics(&emb, &sub_labels, model.num_classes as usize, self.cfg.clustering, self.cfg.hardness);
         let margins = margins_from_hardness(&stats.hardness, &self.cfg.margin);
         self.head.set_margins(&margins);
         self.centres.set(&stats);

@@ -1,4 +1,5 @@
-//! Finite-difference gradient checks in f64, shared by every head's and regularizer's tests.
+//! Finite-difference gradient checks in f64, shared by every head's and regularizer's tests
+//! (moved here from `facerec-loss-heads`, so no library crate ships test support).
 //!
 //! [`check_gradients`] compares autograd's gradient of a scalar function with central
 //! differences `(f(x + eps·e_k) − f(x − eps·e_k)) / 2eps`, element by element, and fails when

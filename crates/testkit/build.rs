@@ -1,0 +1,3 @@
+fn main() {
+    facerec_torch_link::emit();
+}
