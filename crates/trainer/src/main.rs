@@ -37,6 +37,11 @@ enum Command {
         /// Print parameter counts, classifier and activation memory for the config, then exit.
         #[arg(long)]
         dry_run: bool,
+        /// With --dry-run: report per-process memory and the bytes each process communicates per
+        /// step for N data-parallel processes. (To train on N processes: `cargo xtask train
+        /// --nproc N`, torchrun or srun; see docs/distributed.md.)
+        #[arg(long, value_name = "N", requires = "dry_run")]
+        nproc: Option<usize>,
     },
     /// Data preparation: `prep pack`, `prep check`, `prep lfw` (insightface RecordIO and .bin packs).
     Prep(facerec_trainer::commands::prep::Args),
@@ -64,7 +69,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Train { config, overrides, print_config, resume, dry_run } => {
+        Command::Train { config, overrides, print_config, resume, dry_run, nproc } => {
             let config = match &resume {
                 Some(dir) => Some(dir.join("config.toml")),
                 None => config,
@@ -75,7 +80,7 @@ fn run(cli: Cli) -> Result<()> {
                 return Ok(());
             }
             if dry_run {
-                return facerec_trainer::commands::dry_run::run(&cfg);
+                return facerec_trainer::commands::dry_run::run(&cfg, nproc.unwrap_or(1));
             }
             train(&cfg, &RunOptions { resume, ..RunOptions::default() })?;
             Ok(())

@@ -193,6 +193,9 @@ pub struct DryRun {
     pub batch_size: i64,
     /// Layer outputs per image.
     pub activations_per_image: ActivationCount,
+    /// Processes of a data-parallel run (`--nproc`; 1 = one process). Every number above is per
+    /// process: each holds the whole model and trains on its own batch of `batch_size`.
+    pub processes: i64,
 }
 
 impl DryRun {
@@ -211,6 +214,18 @@ impl DryRun {
     /// Layer outputs of one batch in fp32, bytes.
     pub fn activation_bytes_fp32(&self) -> i64 {
         self.activations_per_image.total * self.batch_size * F32
+    }
+    /// Values averaged over the processes at every step: the trainable backbone parameters' and
+    /// the classifier's gradients, plus the loss, plus (with Partial FC) the `[C, 1]` row mask.
+    pub fn reduced_values_per_step(&self) -> i64 {
+        let mask = if self.classifier.sample_rate < 1.0 { self.classifier.num_classes } else { 0 };
+        self.backbone.trainable + self.classifier_params + 1 + mask
+    }
+    /// Bytes each process sends (and receives) per step for the gradient all-reduce, as a ring
+    /// all-reduce moves them: `2 (N − 1) / N` times the fp32 gradient size (0 for one process).
+    pub fn allreduce_bytes_per_rank(&self) -> i64 {
+        let n = self.processes.max(1);
+        2 * (n - 1) * self.reduced_values_per_step() * F32 / n
     }
     /// Layer outputs of one batch with the trunk in fp16 (amp), bytes.
     pub fn activation_bytes_amp(&self) -> i64 {
@@ -242,6 +257,7 @@ pub fn estimate(model: &BackboneConfig, classifier: ClassifierSpec, batch_size: 
         sampled_classes: sampled,
         batch_size,
         activations_per_image: activations,
+        processes: 1,
     }
 }
 
@@ -271,9 +287,11 @@ pub fn from_config(cfg: &Config) -> Result<DryRun> {
     Ok(estimate(&cfg.model, spec, cfg.train.batch_size as i64))
 }
 
-/// Run the dry run and print the report.
-pub fn run(cfg: &Config) -> Result<()> {
-    print!("{}", from_config(cfg)?);
+/// Run the dry run for `processes` data-parallel processes (1: one process) and print the report.
+pub fn run(cfg: &Config, processes: usize) -> Result<()> {
+    let mut report = from_config(cfg)?;
+    report.processes = processes.max(1) as i64;
+    print!("{report}");
     Ok(())
 }
 
@@ -357,7 +375,20 @@ impl fmt::Display for DryRun {
             mem(self.activation_bytes_amp())
         )?;
         let s = self.model.input_size();
-        writeln!(f, "input batch: {} in fp32 ([{}, 3, {s}, {s}])", mem(self.batch_size * 3 * s * s * F32), self.batch_size)
+        writeln!(f, "input batch: {} in fp32 ([{}, 3, {s}, {s}])", mem(self.batch_size * 3 * s * s * F32), self.batch_size)?;
+        if self.processes > 1 {
+            let n = self.processes;
+            writeln!(
+                f,
+                "data parallel: {n} processes, every figure above per process (the whole model on each, batch {} each, global batch {} per micro-batch); per step each process averages {} gradient values ({}) and sends about {} (ring all-reduce: 2(N-1)/N of it)",
+                self.batch_size,
+                n * self.batch_size,
+                thousands(self.reduced_values_per_step()),
+                mem(self.reduced_values_per_step() * F32),
+                mem(self.allreduce_bytes_per_rank())
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -449,5 +480,37 @@ mod tests {
         let _c = facerec_loss_heads::Classifier::new(&vs.root(), head.classifier_kind(), 1001, 8);
         let n: i64 = vs.trainable_variables().iter().map(|t| t.numel() as i64).sum();
         assert_eq!(n, r.classifier_params);
+    }
+}
+
+#[cfg(test)]
+mod data_parallel_tests {
+    use super::*;
+    use facerec_backbone::IResNetConfig;
+
+    /// Bytes per step of the gradient all-reduce, by hand: a ring all-reduce of V fp32 values over
+    /// N processes sends 2 (N − 1) / N · 4V bytes from each; V = trainable backbone parameters +
+    /// C·D classifier values + the loss (+ the C-row mask with Partial FC).
+    #[test]
+    fn allreduce_bytes_by_hand() {
+        let cfg = BackboneConfig::Iresnet(IResNetConfig {
+            depth: None,
+            layers: Some([1, 1, 1, 1]),
+            widths: [2, 4, 8, 16],
+            embedding_size: 8,
+            dropout: 0.0,
+            input_size: 16,
+        });
+        let spec = ClassifierSpec { num_classes: 10, bias: false, sample_rate: 1.0, state_buffers: 1 };
+        let mut r = estimate(&cfg, spec, 32);
+        assert_eq!(r.allreduce_bytes_per_rank(), 0, "one process communicates nothing");
+        let v = r.backbone.trainable + 10 * 8 + 1;
+        r.processes = 2;
+        assert_eq!(r.allreduce_bytes_per_rank(), 2 * v * 4 / 2);
+        r.processes = 4;
+        assert_eq!(r.allreduce_bytes_per_rank(), 2 * 3 * v * 4 / 4);
+        r.classifier.sample_rate = 0.5;
+        assert_eq!(r.reduced_values_per_step(), v + 10, "the Partial FC row mask is united too");
+        assert!(r.to_string().contains("data parallel: 4 processes"));
     }
 }
