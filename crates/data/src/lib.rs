@@ -17,6 +17,7 @@
 
 pub mod image_folder;
 pub mod loader;
+pub mod options;
 pub mod rec;
 pub mod rec_writer;
 pub mod recordio;
@@ -28,6 +29,7 @@ pub mod verification_pack;
 
 pub use image_folder::{natural_cmp, ImageFolder};
 pub use loader::{cores, decode_parallel, load_all, thread_split, Batch, EpochIter, Loader, LoaderConfig, Shard, ThreadSplit};
+pub use options::LoaderOptions;
 pub use rec::{BadRecord, BadRecordPolicy, RecLayout, RecOptions, RecordIo, SizePolicy};
 pub use rec_writer::{pack_image_folder, PackOptions, PackSummary};
 pub use sampler::Sampler;

@@ -46,6 +46,10 @@ pub struct Config {
     pub schedule: ScheduleConfig,
     /// Loop settings.
     pub train: TrainConfig,
+    /// The training loader: augmentation, P x K batches, decoding threads (`facerec_data`'s own
+    /// options type, deserialised as it is).
+    #[serde(default)]
+    pub loader: facerec_data::LoaderOptions,
     /// Verification targets.
     #[serde(default)]
     pub eval: EvalConfig,
@@ -401,27 +405,10 @@ pub struct TrainConfig {
     /// A log line every this many steps. Default 20.
     #[serde(default = "default_log_every")]
     pub log_every: usize,
-    /// Data decoding threads; 0 = automatic (`facerec_data::thread_split`: 1 on CPU, cores - 1
-    /// when the model runs on CUDA). Default 0.
-    #[serde(default)]
-    pub workers: usize,
-    /// Batches decoded ahead. Default 4.
-    #[serde(default = "default_prefetch")]
-    pub prefetch: usize,
     /// libtorch intra-op threads; 0 = automatic (all cores on CPU, 1 when the model runs on CUDA).
     /// Default 0.
     #[serde(default)]
     pub threads: usize,
-    /// Random horizontal flip. Default true.
-    #[serde(default = "yes")]
-    pub flip: bool,
-    /// Identity-balanced P x K batches with K = this many images per identity (P = batch_size / K);
-    /// 0 = uniform shuffling. Default 0.
-    #[serde(default)]
-    pub images_per_identity: usize,
-    /// Random translation by up to this many pixels (edges repeated). Default 0 (off).
-    #[serde(default)]
-    pub max_shift: usize,
     /// Stop after this many consecutive non-finite losses. Default 20.
     #[serde(default = "default_max_nan")]
     pub max_nonfinite_steps: usize,
@@ -448,9 +435,6 @@ fn default_clip() -> f64 {
 }
 fn default_log_every() -> usize {
     20
-}
-fn default_prefetch() -> usize {
-    4
 }
 fn yes() -> bool {
     true
@@ -539,6 +523,13 @@ fn check_sphereface_scale(head: &HeadConfig) -> Result<()> {
 impl Config {
     /// Parse and validate a TOML document (after `extends` and overrides were applied).
     pub fn from_value(value: toml::Value) -> Result<Self> {
+        if let Some(train) = value.get("train").and_then(toml::Value::as_table) {
+            for key in ["flip", "max_shift", "images_per_identity", "workers", "prefetch"] {
+                if train.contains_key(key) {
+                    bail!("config key `train.{key}`: the loader's options moved to their own table; write `[loader] {key} = ...` (or `--set loader.{key}=...`)");
+                }
+            }
+        }
         let mut cfg: Config = serde_path_to_error::deserialize(value).map_err(|e| {
             let path = e.path().to_string();
             anyhow::anyhow!("config key `{path}`: {}", e.into_inner())
@@ -595,11 +586,11 @@ impl Config {
         if t.batch_size == 0 {
             bail!("config key `train.batch_size`: must be at least 1");
         }
-        if t.images_per_identity > 0 && t.batch_size % t.images_per_identity != 0 {
+        if self.loader.images_per_identity > 0 && t.batch_size % self.loader.images_per_identity != 0 {
             bail!(
-                "config key `train.images_per_identity`: batch_size {} is not a multiple of {}",
+                "config key `loader.images_per_identity`: train.batch_size {} is not a multiple of {}",
                 t.batch_size,
-                t.images_per_identity
+                self.loader.images_per_identity
             );
         }
         if t.grad_clip < 0.0 || !t.grad_clip.is_finite() {
@@ -628,13 +619,13 @@ impl Config {
         if let HeadConfig::Gce(g) = &self.head {
             // GCE's prototype replacement needs a class present min_count times in a batch.
             let pw = &g.pairwise;
-            if pw.rate > 0.0 && pw.min_count >= 2 && t.images_per_identity < pw.min_count {
-                let batches = match t.images_per_identity {
-                    0 => "uniform batches (train.images_per_identity = 0) almost never hold".to_string(),
+            if pw.rate > 0.0 && pw.min_count >= 2 && self.loader.images_per_identity < pw.min_count {
+                let batches = match self.loader.images_per_identity {
+                    0 => "uniform batches (loader.images_per_identity = 0) almost never hold".to_string(),
                     k => format!("batches of {k} images per identity never hold"),
                 };
                 bail!(
-                    "config key `train.images_per_identity`: head.pairwise.rate = {} replaces the prototype of a class only when a batch holds head.pairwise.min_count = {} distinct images of it, which {batches}; set train.images_per_identity >= {} (P x K batches) or head.pairwise.rate = 0",
+                    "config key `loader.images_per_identity`: head.pairwise.rate = {} replaces the prototype of a class only when a batch holds head.pairwise.min_count = {} distinct images of it, which {batches}; set loader.images_per_identity >= {} (P x K batches) or head.pairwise.rate = 0",
                     pw.rate,
                     pw.min_count,
                     pw.min_count
@@ -802,9 +793,9 @@ mod tests {
 
     #[test]
     fn overrides_parse_types() {
-        let cfg = Config::load(None, &["optim.lr=0.05".into(), "train.flip=false".into(), "run_name=abc".into()]).unwrap();
+        let cfg = Config::load(None, &["optim.lr=0.05".into(), "loader.flip=false".into(), "run_name=abc".into()]).unwrap();
         assert_eq!(cfg.optim.lr(), 0.05);
-        assert!(!cfg.train.flip);
+        assert!(!cfg.loader.flip);
         assert_eq!(cfg.run_name, "abc");
     }
 
@@ -837,12 +828,12 @@ mod tests {
     fn gce_pairwise_needs_identity_balanced_batches() {
         let load = |sets: &[&str]| Config::load(None, &sets.iter().map(|s| s.to_string()).collect::<Vec<_>>());
         let err = format!("{:#}", load(&["head.type=gce"]).unwrap_err());
-        assert!(err.contains("train.images_per_identity") && err.contains("head.pairwise.rate") && err.contains("uniform"), "{err}");
-        let err = format!("{:#}", load(&["head.type=gce", "train.images_per_identity=1"]).unwrap_err());
-        assert!(err.contains("train.images_per_identity") && err.contains("never"), "{err}");
-        let err = format!("{:#}", load(&["head.type=gce", "train.images_per_identity=2", "head.pairwise.min_count=4"]).unwrap_err());
+        assert!(err.contains("loader.images_per_identity") && err.contains("head.pairwise.rate") && err.contains("uniform"), "{err}");
+        let err = format!("{:#}", load(&["head.type=gce", "loader.images_per_identity=1"]).unwrap_err());
+        assert!(err.contains("loader.images_per_identity") && err.contains("never"), "{err}");
+        let err = format!("{:#}", load(&["head.type=gce", "loader.images_per_identity=2", "head.pairwise.min_count=4"]).unwrap_err());
         assert!(err.contains("head.pairwise.min_count = 4"), "{err}");
-        load(&["head.type=gce", "train.images_per_identity=2"]).unwrap();
+        load(&["head.type=gce", "loader.images_per_identity=2"]).unwrap();
         load(&["head.type=gce", "head.pairwise.rate=0.0"]).unwrap();
         load(&["head.type=gce", "head.pairwise.min_count=1"]).unwrap();
     }

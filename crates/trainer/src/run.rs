@@ -62,14 +62,14 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     trainer.finish()
 }
 
-/// Libtorch threads and data workers: `train.threads` / `train.workers`, or the automatic split of
+/// Libtorch threads and data workers: `train.threads` / `loader.workers`, or the automatic split of
 /// this process's share of the cores (the processes of a data-parallel run on one machine share
 /// them equally).
 fn threads_and_workers(cfg: &Config, device: Device, world: &World) -> (usize, usize) {
     let cores = (facerec_data::cores() / world.local_size()).max(1);
     let split = thread_split(cores, device.is_cuda());
     let threads = if cfg.train.threads > 0 { cfg.train.threads } else { split.torch_threads };
-    let workers = if cfg.train.workers > 0 { cfg.train.workers } else { split.decode_workers };
+    let workers = if cfg.loader.workers > 0 { cfg.loader.workers } else { split.decode_workers };
     (threads, workers)
 }
 

@@ -4,7 +4,7 @@
 
 use crate::config::{Config, SourceConfig};
 use anyhow::{bail, Context, Result};
-use facerec_data::{shared_data, ImageFolder, Loader, LoaderConfig, RecOptions, RecordIo, Sampler, Source, SyntheticConfig, SyntheticFaces};
+use facerec_data::{shared_data, ImageFolder, Loader, RecOptions, RecordIo, Source, SyntheticConfig, SyntheticFaces};
 use facerec_evaluation::images::{decode_all, normalize};
 use std::path::Path;
 use std::sync::Arc;
@@ -58,27 +58,10 @@ pub fn check_labels(source: &dyn Source, num_classes: usize) -> Result<()> {
     Ok(())
 }
 
-/// The loader of the training batches: `[train]`'s batch size and augmentation, `workers` decoding
-/// threads, the run's seed.
+/// The loader of the training batches: `[loader]`'s options, `train.batch_size`, `workers`
+/// decoding threads (resolved), the run's seed.
 pub fn training_loader(cfg: &Config, source: Arc<dyn Source>, workers: usize) -> Loader {
-    let t = &cfg.train;
-    Loader::new(
-        source,
-        LoaderConfig {
-            batch_size: t.batch_size,
-            shuffle: true,
-            drop_last: true,
-            flip: t.flip,
-            max_shift: t.max_shift,
-            workers,
-            prefetch: t.prefetch,
-            seed: cfg.seed,
-            sampler: match t.images_per_identity {
-                0 => Sampler::Uniform,
-                k => Sampler::IdentityBalanced { k },
-            },
-        },
-    )
+    Loader::new(source, cfg.loader.config(cfg.train.batch_size, cfg.seed, workers))
 }
 
 /// The training source as objectives see it (decoded without augmentation).

@@ -43,8 +43,9 @@ epochs = 2
 batch_size = 8
 grad_clip = 1.0
 log_every = 1
-max_shift = 2
 threads = 1
+[loader]
+max_shift = 2
 workers = 1
 [checkpoint]
 every_steps = 1

@@ -67,8 +67,8 @@ fn partial_fc_sampling_trains() {
 /// pair with themselves; the loop hands it the images' indices).
 #[test]
 fn gce_pairwise_trains_on_identity_balanced_batches() {
-    short_run(&["head.type=gce", "head.s=16.0", "train.images_per_identity=4"]);
-    short_run(&["head.type=gce", "head.s=16.0", "head.pairwise.rate=0.5", "train.images_per_identity=8"]);
+    short_run(&["head.type=gce", "head.s=16.0", "loader.images_per_identity=4"]);
+    short_run(&["head.type=gce", "head.s=16.0", "head.pairwise.rate=0.5", "loader.images_per_identity=8"]);
 }
 
 fn train_records(summary: &facerec_trainer::RunSummary) -> Vec<serde_json::Value> {

@@ -38,10 +38,11 @@ sample_rate = 0.5
 [train]
 epochs = 3
 log_every = 1
-max_shift = 2
 threads = 2
-workers = 2
 {train_extra}
+[loader]
+max_shift = 2
+workers = 2
 [checkpoint]
 every_steps = 2
 keep = 2
