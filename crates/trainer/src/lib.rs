@@ -3,7 +3,7 @@
 //!
 //! Owns: configs ([`config`]), the optimisers with savable state ([`optim`]), mixed precision
 //! ([`amp`]), LR schedules ([`schedule`]), checkpoints and resume ([`checkpoint`]), logs ([`log`])
-//! and the run itself ([`run`]).
+//! the classifier memory check ([`memory`]) and the run itself ([`run`]).
 //! Library crates never depend on this one.
 
 pub mod amp;
@@ -12,6 +12,7 @@ pub mod commands;
 pub mod config;
 pub mod device;
 pub mod log;
+pub mod memory;
 pub mod objective;
 pub mod optim;
 pub mod run;

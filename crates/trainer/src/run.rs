@@ -12,9 +12,9 @@ use crate::optim::{clip_grad_norm, Optimizer, ParamGroup};
 use crate::schedule::Schedule;
 use anyhow::{bail, Context, Result};
 use facerec_backbone::Backbone;
-use facerec_data::{shared_data, thread_split, ImageFolder, Sampler, Loader, LoaderConfig, RecOptions, RecordIo, Source, SyntheticConfig, SyntheticFaces};
+use facerec_data::{shared_data, thread_split, Fit, ImageFolder, Sampler, Loader, LoaderConfig, RecOptions, RecordIo, Source, SyntheticConfig, SyntheticFaces};
 use facerec_evaluation::images::{decode_all, normalize};
-use facerec_evaluation::{balanced_pairs, verify_images, BinPack, LfwPairs, Pair, VerificationReport};
+use facerec_evaluation::{balanced_pairs, verify_images, BinPack, LfwPairs, PairSet, VerificationReport};
 use facerec_loss_heads::Classifier;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -94,13 +94,13 @@ struct EvalSet {
     name: String,
     images: Tensor,
     identities: usize,
-    pairs: Vec<Pair>,
+    pairs: PairSet,
     raw_pixels: VerificationReport,
 }
 
-/// Open a source for images of side `size`. `Ok(None)` when shared data is absent and `required`
-/// is false.
-pub fn open_source(cfg: &SourceConfig, size: usize, workspace: &Path, seed: u64, key: &str, required: bool) -> Result<Option<Arc<dyn Source>>> {
+/// Open a source for images of side `size`, fitted by `fit` (the config's `input.fit`). `Ok(None)`
+/// when shared data is absent and `required` is false.
+pub fn open_source(cfg: &SourceConfig, size: usize, fit: Fit, workspace: &Path, seed: u64, key: &str, required: bool) -> Result<Option<Arc<dyn Source>>> {
     Ok(Some(match cfg {
         SourceConfig::Synthetic { identities, images_per_identity, first_identity } => Arc::new(
             SyntheticFaces::new(SyntheticConfig {
@@ -114,11 +114,12 @@ pub fn open_source(cfg: &SourceConfig, size: usize, workspace: &Path, seed: u64,
         ),
         SourceConfig::ImageFolder { root, classes } => Arc::new(
             ImageFolder::open(root, size, classes.as_deref())
-                .with_context(|| format!("config key `{key}.root`"))?,
+                .with_context(|| format!("config key `{key}.root`"))?
+                .with_fit(fit),
         ),
-        SourceConfig::Rec { path, policy, size_policy } => Arc::new(
-            RecordIo::open(path, size, RecOptions { policy: *policy, size: *size_policy })
-                .with_context(|| format!("config key `{key}.path`"))?,
+        SourceConfig::Rec { path, policy, size_policy, max_skipped_fraction } => Arc::new(
+            RecordIo::open(path, size, RecOptions { policy: *policy, size: *size_policy, fit, max_skipped_fraction: *max_skipped_fraction })
+                .with_context(|| format!("config key `{key}` (path, policy, max_skipped_fraction)"))?,
         ),
         SourceConfig::Bin { .. } | SourceConfig::LfwPairs { .. } => {
             bail!("config key `{key}`: a pair list cannot be opened as a labelled source")
@@ -135,7 +136,8 @@ pub fn open_source(cfg: &SourceConfig, size: usize, workspace: &Path, seed: u64,
                 .with_context(|| format!("config key `{key}`"))?;
             Arc::new(
                 ImageFolder::open(&root, size, classes.as_deref())
-                    .with_context(|| format!("config key `{key}.classes`"))?,
+                    .with_context(|| format!("config key `{key}.classes`"))?
+                    .with_fit(fit),
             )
         }
     }))
@@ -160,30 +162,30 @@ fn raw_pixel_model(x_u8: &Tensor) -> Tensor {
     normalize(x_u8).flatten(1, -1)
 }
 
-/// Images `[N, 3, S, S]` Uint8 and the pairs to verify, for one target. `Ok(None)` when its shared
-/// data is missing and it is not required.
-fn load_eval_target(t: &EvalTarget, key: &str, size: usize, seed: u64, pair_seed: u64, workspace: &Path) -> Result<Option<(Tensor, Vec<Pair>, usize)>> {
+/// Images `[N, 3, S, S]` Uint8 (fitted by `fit`, as the training data) and the pairs to verify with
+/// their folds, for one target. `Ok(None)` when its shared data is missing and it is not required.
+fn load_eval_target(t: &EvalTarget, key: &str, size: usize, fit: Fit, seed: u64, pair_seed: u64, workspace: &Path) -> Result<Option<(Tensor, PairSet, usize)>> {
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let none = &|| {};
     Ok(Some(match &t.source {
         SourceConfig::Bin { path } => {
             let pack = BinPack::read(path).with_context(|| format!("config key `{key}.path`"))?;
-            let images = pack.decode(size as u32, threads, none).with_context(|| format!("decoding {}", path.display()))?;
-            (images, pack.pairs(), 0)
+            let images = pack.decode(size as u32, fit, threads, none).with_context(|| format!("decoding {}", path.display()))?;
+            (images, pack.pair_set(), 0)
         }
         SourceConfig::LfwPairs { pairs, images } => {
             let set = LfwPairs::read(pairs)
                 .and_then(|p| p.resolve(images))
                 .with_context(|| format!("config key `{key}`"))?;
-            (set.decode(size as u32, threads, none)?, set.pairs, 0)
+            (set.decode(size as u32, fit, threads, none)?, set.pairs, 0)
         }
         other => {
-            let Some(source) = open_source(other, size, workspace, seed, key, t.required)? else {
+            let Some(source) = open_source(other, size, fit, workspace, seed, key, t.required)? else {
                 return Ok(None);
             };
             let images = decode_all(source.len(), size, threads, &|i| source.load(i), none)?;
             let labels: Vec<usize> = (0..source.len()).map(|i| source.label(i)).collect();
-            (images, balanced_pairs(&labels, pair_seed), source.num_classes())
+            (images, PairSet::contiguous(balanced_pairs(&labels, pair_seed)), source.num_classes())
         }
     }))
 }
@@ -193,7 +195,7 @@ fn load_eval_sets(cfg: &Config, size: usize, opts: &RunOptions, logger: &mut Log
     let mut skipped = Vec::new();
     for (i, t) in cfg.eval.targets.iter().enumerate() {
         let key = format!("eval.targets[{i}].source");
-        let loaded = load_eval_target(t, &key, size, cfg.seed ^ 0x5eed, cfg.eval.pair_seed, &opts.workspace)
+        let loaded = load_eval_target(t, &key, size, cfg.input.fit, cfg.seed ^ 0x5eed, cfg.eval.pair_seed, &opts.workspace)
             .with_context(|| format!("loading eval target `{}`", t.name))?;
         let Some((images, pairs, identities)) = loaded else {
             logger.line(&format!("eval target `{}` skipped: its data was not found", t.name));
@@ -203,7 +205,8 @@ fn load_eval_sets(cfg: &Config, size: usize, opts: &RunOptions, logger: &mut Log
         if pairs.len() < 20 {
             bail!("eval target `{}` yields only {} pairs; it needs identities with 2+ images", t.name, pairs.len());
         }
-        let (raw_pixels, _) = verify_images(&raw_pixel_model, &images, &pairs, cfg.eval.batch_size as i64);
+        let (raw_pixels, _) = verify_images(&raw_pixel_model, &images, &pairs, cfg.eval.batch_size)
+            .with_context(|| format!("eval target `{}`", t.name))?;
         logger.line(&format!(
             "eval target `{}`: {} identities, {} images, {} pairs; raw-pixel accuracy {:.4} ± {:.4}",
             t.name,
@@ -222,7 +225,8 @@ fn evaluate(backbone: &Backbone, device: Device, sets: &[EvalSet], batch: usize)
     let model = |x_u8: &Tensor| backbone.forward_t(&normalize(&x_u8.to_device(device)), false).to_device(Device::Cpu);
     sets.iter()
         .map(|s| {
-            let (report, xnorm) = verify_images(&model, &s.images, &s.pairs, batch as i64);
+            // Checked when the set was loaded (the raw-pixel verification ran on the same pairs).
+            let (report, xnorm) = verify_images(&model, &s.images, &s.pairs, batch).expect("pairs and batch size checked when the set was loaded");
             TargetResult {
                 name: s.name.clone(),
                 identities: s.identities,
@@ -345,9 +349,10 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     tch::manual_seed(cfg.seed as i64);
 
     // Open everything that can fail on bad input before creating or touching the run directory.
-    let source = open_source(&cfg.data, size, &opts.workspace, cfg.seed, "data", true)?.expect("required source");
+    let source = open_source(&cfg.data, size, cfg.input.fit, &opts.workspace, cfg.seed, "data", true)?.expect("required source");
     let num_classes = cfg.classifier.num_classes.unwrap_or(source.num_classes());
     check_labels(source.as_ref(), num_classes)?;
+    crate::memory::check_classifier_fits(cfg, num_classes, device, &crate::memory::class_count_origin(cfg))?;
     let loader = Loader::new(
         source.clone(),
         LoaderConfig {
