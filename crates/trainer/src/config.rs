@@ -488,7 +488,7 @@ fn default_device() -> String {
 }
 
 /// Verification during and after training.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct EvalConfig {
     /// Evaluate every this many steps as well as at the end; 0 = only at the end. Default 0.
@@ -505,6 +505,13 @@ pub struct EvalConfig {
     #[serde(default)]
     pub targets: Vec<EvalTarget>,
 }
+impl Default for EvalConfig {
+    /// The serde defaults (an absent `[eval]` table): batch size 128, not a derived 0.
+    fn default() -> Self {
+        EvalConfig { every_steps: 0, pair_seed: default_pair_seed(), batch_size: default_eval_batch(), targets: Vec::new() }
+    }
+}
+
 fn default_pair_seed() -> u64 {
     7
 }
@@ -803,6 +810,12 @@ mod tests {
         assert!(err.contains("data.max_skipped_fraction"), "{err}");
         let cfg = Config::load(None, &rec[..2]).unwrap();
         assert!(matches!(cfg.data, SourceConfig::Rec { max_skipped_fraction, .. } if max_skipped_fraction == 0.01));
+        // A config without an [eval] table gets the documented defaults (the derived Default gave
+        // batch_size 0).
+        let mut value = toml::Value::Table(toml::from_str(DEFAULT_CONFIG).unwrap());
+        value.as_table_mut().unwrap().remove("eval");
+        let cfg = Config::from_value(value).unwrap();
+        assert_eq!((cfg.eval.batch_size, cfg.eval.pair_seed), (128, 7));
         // The fit rule: stretch by default, center_crop on request, anything else named.
         assert_eq!(Config::load(None, &[]).unwrap().input.fit, facerec_data::Fit::Stretch);
         let cfg = Config::load(None, &["input.fit=center_crop".into()]).unwrap();
