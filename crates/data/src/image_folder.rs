@@ -2,16 +2,18 @@
 //! layout insightface's `docs/prepare_custom_dataset.md` starts from before packing RecordIO.
 //!
 //! Files with the extensions png, pgm, ppm, pnm, jpg and jpeg are images (case-insensitive); other files
-//! and hidden entries are ignored. Gray images are replicated to 3 channels and every image is resized to
-//! `image_size x image_size` with a triangle (bilinear) filter, stretching (no crop, no padding). Classes
-//! and files are in natural order (`s1, s2, ..., s10`), so labels do not depend on directory order.
+//! and hidden entries are ignored. A symbolic link that leads nowhere (dangling, or a loop) among the class
+//! folders or inside one is an error naming every such link. Images go through the one image path
+//! ([`crate::input`]): gray replicated to 3 channels, fitted to `image_size x image_size` by the
+//! [`Fit`] rule ([`ImageFolder::with_fit`]; default stretch). Classes and files are in natural order
+//! (`s1, s2, ..., s10`), so labels do not depend on directory order.
 
 use std::cmp::Ordering;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
-use image::imageops::FilterType;
 
+use crate::input::{self, Fit};
 use crate::source::Source;
 
 const EXTENSIONS: [&str; 6] = ["png", "pgm", "ppm", "pnm", "jpg", "jpeg"];
@@ -21,6 +23,7 @@ const EXTENSIONS: [&str; 6] = ["png", "pgm", "ppm", "pnm", "jpg", "jpeg"];
 pub struct ImageFolder {
     root: PathBuf,
     image_size: usize,
+    fit: Fit,
     class_names: Vec<String>,
     files: Vec<(PathBuf, usize)>,
 }
@@ -30,7 +33,8 @@ impl ImageFolder {
     ///
     /// `classes`: `None` = every sub-folder, labels in natural order of the folder names; `Some(list)` =
     /// only these folder names, labels in the given order. Fails naming the folder when `root` or a
-    /// listed class is missing, a class folder has no images, or a class is listed twice.
+    /// listed class is missing, a class folder has no images, or a class is listed twice, and naming
+    /// every broken symbolic link (dangling or looping) among the class folders or inside one. Images are fitted with [`Fit::Stretch`] unless [`ImageFolder::with_fit`] says otherwise.
     pub fn open(root: &Path, image_size: usize, classes: Option<&[String]>) -> Result<Self> {
         ensure!(
             image_size > 0,
@@ -42,6 +46,7 @@ impl ImageFolder {
             "image folder {} does not exist or is not a directory",
             root.display()
         );
+        let mut broken = Vec::new();
         let class_names: Vec<String> = match classes {
             Some(list) => {
                 for (i, name) in list.iter().enumerate() {
@@ -58,6 +63,8 @@ impl ImageFolder {
                 for entry in read_dir_sorted(root)? {
                     if entry.is_dir() {
                         names.push(file_name(&entry));
+                    } else if let Some(why) = broken_link(&entry) {
+                        broken.push(format!("{} ({why})", entry.display()));
                     }
                 }
                 ensure!(
@@ -84,7 +91,12 @@ impl ImageFolder {
                     .is_some_and(|e| EXTENSIONS.iter().any(|x| x.eq_ignore_ascii_case(e)));
                 if is_image && path.is_file() {
                     files.push((path, label));
+                } else if let Some(why) = broken_link(&path) {
+                    broken.push(format!("{} ({why})", path.display()));
                 }
+            }
+            if !broken.is_empty() {
+                continue; // reported below, with the links of the other classes
             }
             ensure!(
                 files.len() > before,
@@ -93,12 +105,35 @@ impl ImageFolder {
                 EXTENSIONS.join(", ")
             );
         }
+        if !broken.is_empty() {
+            const SHOWN: usize = 20;
+            let more = broken.len().saturating_sub(SHOWN);
+            bail!(
+                "image folder {}: {} broken symbolic link(s) (target missing or a link loop); fix or remove them:\n  {}{}",
+                root.display(),
+                broken.len(),
+                broken[..broken.len().min(SHOWN)].join("\n  "),
+                if more > 0 { format!("\n  ... and {more} more") } else { String::new() }
+            );
+        }
         Ok(Self {
             root: root.to_path_buf(),
             image_size,
+            fit: Fit::default(),
             class_names,
             files,
         })
+    }
+
+    /// The same set with images fitted to the model input by `fit` (see [`crate::input::Fit`]).
+    pub fn with_fit(mut self, fit: Fit) -> Self {
+        self.fit = fit;
+        self
+    }
+
+    /// How images are fitted to `image_size x image_size`.
+    pub fn fit(&self) -> Fit {
+        self.fit
     }
 
     /// Folder name of each label.
@@ -134,32 +169,25 @@ impl Source for ImageFolder {
         self.image_size
     }
     fn load(&self, index: usize) -> Result<Vec<u8>> {
-        let path = self.path(index);
-        decode_rgb(path, self.image_size)
-            .with_context(|| format!("decoding image {}", path.display()))
+        input::read_to_input(self.path(index), self.image_size, self.fit)
     }
     fn describe(&self, index: usize) -> String {
         self.path(index).display().to_string()
     }
 }
 
-/// Decode any supported image file to `size x size` RGB bytes (HWC); gray is replicated, other sizes are
-/// stretched with a triangle filter.
-pub(crate) fn decode_rgb(path: &Path, size: usize) -> Result<Vec<u8>> {
-    let img = image::ImageReader::open(path)?
-        .with_guessed_format()?
-        .decode()?;
-    let rgb = img.to_rgb8();
-    if rgb.width() == 0 || rgb.height() == 0 {
-        bail!("empty image");
+/// Why `path` is a broken symbolic link ("target missing", "link loop", ...), or `None` when it is
+/// not a symbolic link or its target exists.
+fn broken_link(path: &Path) -> Option<String> {
+    let meta = std::fs::symlink_metadata(path).ok()?;
+    if !meta.file_type().is_symlink() {
+        return None;
     }
-    let s = u32::try_from(size).context("image size")?;
-    let rgb = if rgb.dimensions() == (s, s) {
-        rgb
-    } else {
-        image::imageops::resize(&rgb, s, s, FilterType::Triangle)
-    };
-    Ok(rgb.into_raw())
+    match std::fs::metadata(path) {
+        Ok(_) => None,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Some("target missing".into()),
+        Err(e) => Some(format!("{e}")),
+    }
 }
 
 fn file_name(path: &Path) -> String {

@@ -1,5 +1,7 @@
 //! Face training data for facerec: labelled image sources and a deterministic multi-threaded batch loader.
 //!
+//! - [`input`]: the one image path (decode, fit to the model input by a [`Fit`] rule, normalise) that
+//!   training sources, evaluation sets, `facerec eval` and `facerec cluster` share.
 //! - [`Source`]: a labelled image collection that renders or decodes image `i` to RGB `u8` HWC.
 //! - [`SyntheticFaces`]: the embedded default training set, procedurally generated identities.
 //! - [`ImageFolder`]: one sub-folder per identity (PNG, PGM, JPEG), as in a custom insightface dataset
@@ -16,6 +18,7 @@
 //! rules.
 
 pub mod image_folder;
+pub mod input;
 pub mod loader;
 pub mod options;
 pub mod rec;
@@ -28,9 +31,10 @@ pub mod synthetic;
 pub mod verification_pack;
 
 pub use image_folder::{natural_cmp, ImageFolder};
+pub use input::Fit;
 pub use loader::{cores, decode_parallel, load_all, thread_split, Batch, EpochIter, Loader, LoaderConfig, Shard, ThreadSplit};
 pub use options::LoaderOptions;
-pub use rec::{BadRecord, BadRecordPolicy, RecLayout, RecOptions, RecordIo, SizePolicy};
+pub use rec::{BadRecord, BadRecordPolicy, ClassOrigin, RecLayout, RecOptions, RecordIo, SizePolicy, DEFAULT_MAX_SKIPPED_FRACTION};
 pub use rec_writer::{pack_image_folder, PackOptions, PackSummary};
 pub use sampler::Sampler;
 pub use source::Source;

@@ -11,7 +11,7 @@
 //! Threads: [`thread_split`] is the rule for sharing the cores between the decoding workers and
 //! libtorch's intra-op threads; [`LoaderConfig::default`] applies it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -21,8 +21,9 @@ use anyhow::{ensure, Context, Result};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Tensor};
 
+use crate::input::to_input_tensor;
 use crate::sampler::{group_by_label, pk_chunks, pk_order, Sampler};
 use crate::source::{hash_words, Source};
 
@@ -125,13 +126,14 @@ pub struct Batch {
 }
 
 impl Batch {
-    /// Images as `[B,3,S,S]` f32 in [-1, 1] (`(x/255 - 0.5)/0.5`, arcface_torch's normalisation) and labels
-    /// as `[B]` Int64, both on `device` (the bytes travel as u8 and are converted there).
+    /// Images as `[B,3,S,S]` f32 in [-1, 1] (`(x/255 - 0.5)/0.5`, arcface_torch's normalisation, through
+    /// [`crate::input::to_input_tensor`]) and labels as `[B]` Int64, both on `device` (the bytes travel
+    /// as u8 and are converted there).
     ///
     /// # Shapes
     /// images `[B,3,S,S]` Float, labels `[B]` Int64.
     pub fn to_tensors(&self, device: Device) -> (Tensor, Tensor) {
-        let images = images_to_tensor(&self.images, self.len(), self.image_size, device);
+        let images = to_input_tensor(&self.images, self.len(), self.image_size, device);
         (images, Tensor::from_slice(&self.labels).to_device(device))
     }
 
@@ -146,37 +148,14 @@ impl Batch {
     }
 }
 
-/// `n*s*s*3` HWC bytes -> `[n,3,s,s]` f32 in [-1, 1] on `device`.
-///
-/// # Panics
-/// When `bytes.len() != n*s*s*3`.
-fn images_to_tensor(bytes: &[u8], n: usize, s: usize, device: Device) -> Tensor {
-    assert_eq!(
-        bytes.len(),
-        n * s * s * 3,
-        "image bytes do not match {n} x {s} x {s} x 3"
-    );
-    let size = [n as i64, s as i64, s as i64, 3];
-    // Transpose while still u8 (a quarter of the bytes), then normalise in place: no further
-    // [n,3,s,s] f32 buffers are allocated (fresh pages cost as much as the arithmetic on the CPU).
-    let mut x = Tensor::from_slice(bytes)
-        .view(size)
-        .to_device(device)
-        .permute([0, 3, 1, 2])
-        .contiguous()
-        .to_kind(Kind::Float);
-    let _ = x.divide_scalar_(255.0);
-    let _ = x.subtract_scalar_(0.5);
-    let _ = x.divide_scalar_(0.5);
-    x
-}
-
 /// Deterministic, multi-threaded batches over a shared [`Source`].
 pub struct Loader {
     source: Arc<dyn Source>,
     cfg: LoaderConfig,
     wait_ns: Arc<AtomicU64>,
     skipped: Arc<AtomicU64>,
+    /// Distinct source indices that failed to load under a skip policy, for the source's ceiling.
+    failed: Arc<Mutex<BTreeSet<usize>>>,
     /// Images per class, for the P x K sampler.
     groups: Vec<Vec<usize>>,
 }
@@ -208,6 +187,7 @@ impl Loader {
             cfg,
             wait_ns: Arc::new(AtomicU64::new(0)),
             skipped: Arc::new(AtomicU64::new(0)),
+            failed: Arc::new(Mutex::new(BTreeSet::new())),
             groups,
         }
     }
@@ -316,6 +296,7 @@ impl Loader {
             augments,
             batch_size: self.cfg.batch_size,
             skipped: self.skipped.clone(),
+            failed: self.failed.clone(),
         });
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
@@ -392,6 +373,7 @@ struct Job {
     augments: Vec<Augment>,
     batch_size: usize,
     skipped: Arc<AtomicU64>,
+    failed: Arc<Mutex<BTreeSet<usize>>>,
 }
 
 impl Job {
@@ -412,6 +394,14 @@ impl Job {
                 Err(err) if self.source.skips_bad_images() => {
                     self.skipped.fetch_add(1, Ordering::Relaxed);
                     eprintln!("skipping a bad image in batch {b}: {err:#}");
+                    let distinct = {
+                        let mut failed = self.failed.lock().unwrap();
+                        failed.insert(index);
+                        failed.len()
+                    };
+                    self.source
+                        .check_skipped(distinct)
+                        .map_err(|e| e.context(format!("building batch {b}")))?;
                     continue;
                 }
                 Err(err) => return Err(err.context(format!("building batch {b}"))),
@@ -614,7 +604,7 @@ pub fn load_all(source: &dyn Source, workers: usize) -> Result<(Tensor, Vec<usiz
     let (n, s) = (source.len(), source.image_size());
     let bytes = decode_parallel(n, s, workers, &|i| load_checked(source, i), &|| {})?;
     let labels = (0..n).map(|i| source.label(i)).collect();
-    Ok((images_to_tensor(&bytes, n, s, Device::Cpu), labels))
+    Ok((to_input_tensor(&bytes, n, s, Device::Cpu), labels))
 }
 
 #[cfg(test)]

@@ -16,26 +16,33 @@
 //! must be a whole number in `0..num_classes`. `num_classes` comes from `property`
 //! (`num_classes,H,W`), else from the header's identity range, else from the largest label.
 //!
-//! JPEG content is decoded with zune-jpeg straight to RGB (a gray JPEG is replicated to 3 channels);
-//! other content (PNG, PNM, as im2rec may store) goes through the `image` crate. An image whose size
-//! differs from the configured size is resized (triangle filter, like [`crate::ImageFolder`] and SPEC
-//! 6.1's evaluation rule) under [`SizePolicy::Resize`] (the default) or is a bad record under
-//! [`SizePolicy::Strict`].
+//! When the header record's identity range decides `num_classes`, it must agree with the identity
+//! records in the `.idx` (or, without any, claim no more identities than there are images): a header
+//! claiming 999,999,616 identities for a 40-identity pack is a bad record (key 0), not a classifier of
+//! 512 GB.
+//!
+//! Content goes through the one image path ([`crate::input`]): JPEG with zune-jpeg straight to RGB,
+//! other content (PNG, PNM, as im2rec may store) with the `image` crate, gray replicated. An image whose
+//! size differs from the configured size is fitted by [`RecOptions::fit`] (default stretch, as
+//! [`crate::ImageFolder`] and the evaluation sets) under [`SizePolicy::Resize`] (the default) or is a
+//! bad record under [`SizePolicy::Strict`].
 //!
 //! Bad records: under [`BadRecordPolicy::Error`] (the default) the first one is an error naming the
 //! file, the key and the byte offset. Under [`BadRecordPolicy::Skip`], records that fail to parse or
 //! carry a bad label are dropped when the set opens (listed by [`RecordIo::bad_records`] and logged),
 //! and images that fail to decode are left out of their batch by the [`crate::Loader`] (counted by
-//! [`crate::Loader::skipped`] and logged).
+//! [`crate::Loader::skipped`] and logged). Skipping has a ceiling, [`RecOptions::max_skipped_fraction`]
+//! (default 1 %) of the image records: above it, opening (or the loader, counting distinct images that
+//! failed to decode) stops with an error naming the file and the counts.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use image::imageops::FilterType;
 use memmap2::Mmap;
 use serde::{Deserialize, Serialize};
 
+use crate::input::{self, Fit};
 use crate::recordio::{parse_idx, parse_payload, read_record, scan_offsets, IrHeader};
 use crate::source::Source;
 
@@ -54,7 +61,8 @@ pub enum BadRecordPolicy {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SizePolicy {
-    /// Resize to `image_size x image_size` (triangle filter, stretching). The default.
+    /// Fit to `image_size x image_size` by [`RecOptions::fit`] (see [`crate::input::Fit`]). The
+    /// default.
     #[default]
     Resize,
     /// Treat it as a bad record.
@@ -62,12 +70,32 @@ pub enum SizePolicy {
 }
 
 /// Options of [`RecordIo::open`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RecOptions {
     /// Bad records: error (default) or skip.
     pub policy: BadRecordPolicy,
     /// Images of another size: resize (default) or bad record.
     pub size: SizePolicy,
+    /// How [`SizePolicy::Resize`] fits an image to the configured size. Default stretch.
+    pub fit: Fit,
+    /// Under [`BadRecordPolicy::Skip`]: the largest fraction of the image records that may be left
+    /// out (when opening, plus distinct images that fail to decode while loading) before the set is
+    /// refused, in `[0, 1]`. Default 0.01.
+    pub max_skipped_fraction: f64,
+}
+
+/// Default of [`RecOptions::max_skipped_fraction`].
+pub const DEFAULT_MAX_SKIPPED_FRACTION: f64 = 0.01;
+
+impl Default for RecOptions {
+    fn default() -> Self {
+        Self {
+            policy: BadRecordPolicy::default(),
+            size: SizePolicy::default(),
+            fit: Fit::default(),
+            max_skipped_fraction: DEFAULT_MAX_SKIPPED_FRACTION,
+        }
+    }
 }
 
 /// A record that was left out (or, in [`RecordIo::check_all`], failed to decode).
@@ -112,6 +140,22 @@ pub struct RecordIo {
     options: RecOptions,
     layout: RecLayout,
     bad: Vec<BadRecord>,
+    /// Image records left out when opening (`bad` without the header's own record).
+    bad_images: usize,
+    class_origin: ClassOrigin,
+}
+
+/// Where [`RecordIo`]'s `num_classes` came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClassOrigin {
+    /// The `property` file (`num_classes,H,W`).
+    Property,
+    /// The header record's identity range (insightface layout).
+    Header,
+    /// The identity records of the `.idx` (the header's range was refused under the skip policy).
+    IdentityRecords,
+    /// The largest label + 1.
+    Labels,
 }
 
 impl std::fmt::Debug for RecordIo {
@@ -163,6 +207,12 @@ impl RecordIo {
     /// up here; JPEGs are decoded on [`Source::load`].
     pub fn open(path: &Path, image_size: usize, options: RecOptions) -> Result<Self> {
         ensure!(image_size > 0, "{}: image_size must be > 0", path.display());
+        let frac = options.max_skipped_fraction;
+        ensure!(
+            (0.0..=1.0).contains(&frac),
+            "{}: max_skipped_fraction must be in [0, 1], got {frac}",
+            path.display()
+        );
         let (rec_path, idx_path, prop_path) = rec_paths(path);
         let file =
             File::open(&rec_path).with_context(|| format!("opening {}", rec_path.display()))?;
@@ -235,6 +285,8 @@ impl RecordIo {
             .first()
             .filter(|(k, _)| *k == 0)
             .and_then(|&(_, o)| meta_header(&map, o));
+        let mut identity_records = None;
+        let (mut header_bad, mut header_refused) = (0usize, false);
         let (image_keys, layout, header_classes) = match header0 {
             Some(h) if h.labels.len() >= 2 => {
                 let rest = &keys[1..];
@@ -246,6 +298,7 @@ impl RecordIo {
                 // float32 spacing at id_start: exact below 2^24.
                 let tolerance = (id_start.abs() * f32::EPSILON) as f64;
                 if (first_meta as f64 - id_start as f64).abs() > tolerance.max(0.0) {
+                    header_bad += 1;
                     report(BadRecord {
                         key: 0,
                         offset: keys[0].1,
@@ -255,12 +308,37 @@ impl RecordIo {
                     })?;
                 }
                 let identities = rest.len() - boundary;
+                identity_records = Some(identities).filter(|&n| n > 0);
                 let layout = RecLayout::Insightface {
                     identities,
                     header_range: (id_start, id_end),
                 };
                 let classes = (id_end - id_start).max(0.0) as usize;
-                (&rest[..boundary], layout, Some(classes).filter(|&c| c > 0))
+                // Plausibility of the header's class count, when it is the one that decides.
+                let images = boundary;
+                let claim = (classes > 0 && property.is_none()).then_some(classes);
+                let tolerance = (id_end.abs() * f32::EPSILON).ceil() as usize;
+                let implausible = match (claim, identity_records) {
+                    (Some(c), Some(n)) if c.abs_diff(n) > tolerance => Some(format!(
+                        "header record claims {c} identities (labels [{id_start}, {id_end}]) but the .idx lists {n} identity records; no property file overrides it"
+                    )),
+                    (Some(c), None) if c > images => Some(format!(
+                        "header record claims {c} identities (labels [{id_start}, {id_end}]) for only {images} image records; no property file overrides it"
+                    )),
+                    _ => None,
+                };
+                let mut header_classes = claim;
+                if let Some(reason) = implausible {
+                    header_bad += 1;
+                    header_refused = true;
+                    report(BadRecord {
+                        key: 0,
+                        offset: keys[0].1,
+                        reason,
+                    })?;
+                    header_classes = None; // skip policy: count from the .idx or the labels
+                }
+                (&rest[..boundary], layout, header_classes)
             }
             _ => (&keys[..], RecLayout::Plain, None),
         };
@@ -276,15 +354,21 @@ impl RecordIo {
                     reason,
                 })
         });
-        let num_classes = match (property, header_classes) {
-            (Some((c, _, _)), _) => c,
-            (None, Some(c)) => c,
-            (None, None) => headers
-                .iter()
-                .filter_map(|h| h.as_ref().ok())
-                .map(|h| h.2 as usize + 1)
-                .max()
-                .unwrap_or(0),
+        let (num_classes, class_origin) = match (property, header_classes, identity_records) {
+            (Some((c, _, _)), _, _) => (c, ClassOrigin::Property),
+            (None, Some(c), _) => (c, ClassOrigin::Header),
+            (None, None, Some(n)) if header_refused => {
+                (n, ClassOrigin::IdentityRecords)
+            }
+            _ => (
+                headers
+                    .iter()
+                    .filter_map(|h| h.as_ref().ok())
+                    .map(|h| h.2 as usize + 1)
+                    .max()
+                    .unwrap_or(0),
+                ClassOrigin::Labels,
+            ),
         };
         let mut images = Vec::with_capacity(headers.len());
         for h in headers {
@@ -300,10 +384,12 @@ impl RecordIo {
                 Err(b) => report(b)?,
             }
         }
+        let bad_images = bad.len() - header_bad;
         if !bad.is_empty() {
             log_bad(&rec_name, &bad, "skipped when opening");
         }
         ensure!(!images.is_empty(), "{rec_name}: no usable image records");
+        check_skip_ceiling(&rec_name, bad_images, 0, images.len(), frac)?;
         Ok(Self {
             rec_path,
             map,
@@ -313,7 +399,14 @@ impl RecordIo {
             options,
             layout,
             bad,
+            bad_images,
+            class_origin,
         })
+    }
+
+    /// Where `num_classes` came from.
+    pub fn class_origin(&self) -> ClassOrigin {
+        self.class_origin
     }
 
     /// Records left out when the set opened (always empty under [`BadRecordPolicy::Error`]).
@@ -398,7 +491,7 @@ impl Source for RecordIo {
         let rec = read_record(&self.map, e.offset).map_err(|err| self.record_error(e, err))?;
         let (_, content) =
             parse_payload(&rec.payload, e.offset).map_err(|err| self.record_error(e, err))?;
-        decode_image(content, self.image_size, self.options.size)
+        decode_image(content, self.image_size, self.options.size, self.options.fit)
             .map_err(|err| self.record_error(e, format!("{err:#}")))
     }
     fn describe(&self, index: usize) -> String {
@@ -413,6 +506,34 @@ impl Source for RecordIo {
     fn skips_bad_images(&self) -> bool {
         self.options.policy == BadRecordPolicy::Skip
     }
+    fn check_skipped(&self, failed_loads: usize) -> Result<()> {
+        check_skip_ceiling(
+            &self.rec_path.display().to_string(),
+            self.bad_images,
+            failed_loads,
+            self.images.len(),
+            self.options.max_skipped_fraction,
+        )
+    }
+}
+
+/// Refuse a set when more than `max_fraction` of its image records were left out: `at_open` when it
+/// opened plus `on_load` distinct images that failed to decode, out of `at_open + usable` records.
+fn check_skip_ceiling(
+    file: &str,
+    at_open: usize,
+    on_load: usize,
+    usable: usize,
+    max_fraction: f64,
+) -> Result<()> {
+    let (skipped, records) = (at_open + on_load, at_open + usable);
+    if skipped as f64 > max_fraction * records as f64 {
+        bail!(
+            "{file}: {skipped} of {records} image records are unreadable ({at_open} left out when opening, {on_load} failed to decode while loading), {:.1} %, more than max_skipped_fraction = {max_fraction}; repair or re-pack the file (facerec prep check lists the bad records), or raise max_skipped_fraction",
+            100.0 * skipped as f64 / records.max(1) as f64
+        );
+    }
+    Ok(())
 }
 
 /// The header of a meta record (`flag >= 2`, empty content) at `offset`, or `None`.
@@ -444,42 +565,16 @@ fn image_label(map: &[u8], offset: u64) -> std::result::Result<u32, String> {
     Ok(c as u32)
 }
 
-/// Decode JPEG (zune-jpeg) or PNG/PNM (`image`) bytes to `size x size` RGB (HWC), gray replicated;
-/// another size is resized or, under [`SizePolicy::Strict`], an error.
-pub fn decode_image(content: &[u8], size: usize, policy: SizePolicy) -> Result<Vec<u8>> {
-    let (w, h, rgb) = if content.starts_with(&[0xFF, 0xD8]) {
-        let options = zune_core::options::DecoderOptions::default()
-            .jpeg_set_out_colorspace(zune_core::colorspace::ColorSpace::RGB);
-        let mut dec = zune_jpeg::JpegDecoder::new_with_options(
-            zune_core::bytestream::ZCursor::new(content),
-            options,
-        );
-        let rgb = dec
-            .decode()
-            .map_err(|e| anyhow!("JPEG does not decode: {e:?}"))?;
-        let info = dec
-            .info()
-            .ok_or_else(|| anyhow!("JPEG does not decode: no header"))?;
-        (info.width as usize, info.height as usize, rgb)
-    } else {
-        let img = image::load_from_memory(content)
-            .context("image content does not decode")?
-            .to_rgb8();
-        (img.width() as usize, img.height() as usize, img.into_raw())
-    };
+/// Decode JPEG or PNG/PNM bytes through the one image path ([`crate::input`]) to `size x size` RGB
+/// (HWC), gray replicated; another size is fitted by `fit` or, under [`SizePolicy::Strict`], an error.
+pub fn decode_image(content: &[u8], size: usize, policy: SizePolicy, fit: Fit) -> Result<Vec<u8>> {
+    let img = input::decode(content)?;
+    let (w, h) = img.dimensions();
     ensure!(
-        w > 0 && h > 0 && rgb.len() == w * h * 3,
-        "decoded image has an inconsistent size {w}x{h}"
-    );
-    if (w, h) == (size, size) {
-        return Ok(rgb);
-    }
-    ensure!(
-        policy == SizePolicy::Resize,
+        policy == SizePolicy::Resize || (w as usize, h as usize) == (size, size),
         "image is {w}x{h}, expected {size}x{size} (size policy: strict)"
     );
-    let img = image::RgbImage::from_raw(w as u32, h as u32, rgb).context("decoded image buffer")?;
-    Ok(image::imageops::resize(&img, size as u32, size as u32, FilterType::Triangle).into_raw())
+    Ok(input::fit(img, size, fit)?.into_raw())
 }
 
 /// Log up to 20 bad records, then a count.

@@ -17,7 +17,6 @@ use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 
 use anyhow::{ensure, Context, Result};
-use image::imageops::FilterType;
 
 use crate::image_folder::ImageFolder;
 use crate::rec::{default_threads, par_map};
@@ -76,26 +75,15 @@ pub fn encode_jpeg(rgb: &[u8], width: usize, height: usize, quality: u8) -> Resu
     Ok(out)
 }
 
-/// Read any supported image file as RGB, optionally resized to a square side.
+/// Read any supported image file as RGB through the one image path ([`crate::input`]), optionally
+/// fitted to a square side (stretch).
 pub(crate) fn read_rgb(path: &Path, size: Option<usize>) -> Result<image::RgbImage> {
-    let img = image::ImageReader::open(path)
-        .with_context(|| format!("opening {}", path.display()))?
-        .with_guessed_format()
-        .with_context(|| format!("reading {}", path.display()))?
-        .decode()
-        .with_context(|| format!("decoding {}", path.display()))?
-        .to_rgb8();
-    ensure!(
-        img.width() > 0 && img.height() > 0,
-        "{} is an empty image",
-        path.display()
-    );
-    Ok(match size {
-        Some(s) if img.dimensions() != (s as u32, s as u32) => {
-            image::imageops::resize(&img, s as u32, s as u32, FilterType::Triangle)
-        }
-        _ => img,
-    })
+    let img = crate::input::read(path)?;
+    match size {
+        Some(s) => crate::input::fit(img, s, crate::input::Fit::Stretch)
+            .with_context(|| format!("image {}", path.display())),
+        None => Ok(img),
+    }
 }
 
 /// Pack `images` (one folder per identity, see [`ImageFolder`]) into `out/train.rec`, `out/train.idx`

@@ -34,6 +34,13 @@ pub trait Source: Send + Sync {
     fn skips_bad_images(&self) -> bool {
         false
     }
+    /// Under a skip policy: whether `failed_loads` distinct images that failed to load (plus what the
+    /// source itself left out when it opened) are still within the source's ceiling. The error names
+    /// the file and the counts; the [`crate::Loader`] ends the epoch with it. Default: always within.
+    fn check_skipped(&self, failed_loads: usize) -> anyhow::Result<()> {
+        let _ = failed_loads;
+        Ok(())
+    }
 }
 
 /// SplitMix64 finaliser: a fixed, platform-independent 64-bit mixer (std's `DefaultHasher` is not

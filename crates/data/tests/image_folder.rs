@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use facerec_data::{shared_data, ImageFolder, Loader, LoaderConfig, Source};
+use facerec_data::{shared_data, Fit, ImageFolder, Loader, LoaderConfig, Source};
 use image::{GrayImage, Luma, Rgb, RgbImage};
 
 fn workspace() -> PathBuf {
@@ -155,6 +155,64 @@ fn errors_name_the_file_or_folder() {
         err.contains(&root.join("s3").display().to_string()) && err.contains("no images"),
         "{err}"
     );
+}
+
+/// Dangling and looping symbolic links in an image folder are named in an error (they used to be
+/// skipped silently, training on fewer images than the folder seems to hold); a link to a real file
+/// is an image like any other.
+#[cfg(unix)]
+#[test]
+fn broken_symlinks_are_named() {
+    use std::os::unix::fs::symlink;
+    let tree = make_tree();
+    let root = tree.path();
+    symlink(root.join("s1/1.png"), root.join("s2/linked.png")).unwrap();
+    let set = ImageFolder::open(root, 8, None).unwrap();
+    assert_eq!(set.len(), 6, "a working link is an image");
+    symlink(root.join("gone/missing.png"), root.join("s1/dangling.png")).unwrap();
+    symlink(root.join("s10/loop_b.png"), root.join("s10/loop_a.png")).unwrap();
+    symlink(root.join("s10/loop_a.png"), root.join("s10/loop_b.png")).unwrap();
+    symlink(root.join("no_such_class"), root.join("s4")).unwrap();
+    let err = format!("{:#}", ImageFolder::open(root, 8, None).unwrap_err());
+    for name in ["s1/dangling.png", "s10/loop_a.png", "s10/loop_b.png", "s4"] {
+        assert!(err.contains(&root.join(name).display().to_string()), "{name} not named: {err}");
+    }
+    assert!(err.contains("4 broken symbolic link"), "{err}");
+    assert!(err.contains("target missing"), "{err}");
+    // Listing the classes does not hide a broken link inside one of them.
+    let err = format!(
+        "{:#}",
+        ImageFolder::open(root, 8, Some(&["s1".to_string()])).unwrap_err()
+    );
+    assert!(err.contains("dangling.png") && !err.contains("loop_a"), "{err}");
+}
+
+/// The fit rule reaches the decoded images: a 20 x 30 image under stretch and centre crop (the
+/// functions themselves are unit-tested in `input.rs`).
+#[test]
+fn fit_rule_applies_to_folder_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    std::fs::create_dir(root.join("a")).unwrap();
+    // 20 x 60: rows 0..10 red, 10..50 green, 50..60 blue. A centre crop to 4 x 4 keeps source rows
+    // 20..40 (short side 20 -> 4, height 60 -> 12, rows 4..8): no red or blue reaches it. A stretch
+    // keeps every row: red at the top, blue at the bottom.
+    RgbImage::from_fn(20, 60, |_, y| match y {
+        0..=9 => Rgb([255, 0, 0]),
+        10..=49 => Rgb([0, 255, 0]),
+        _ => Rgb([0, 0, 255]),
+    })
+    .save(root.join("a/1.png"))
+    .unwrap();
+    let stretch = ImageFolder::open(root, 4, None).unwrap();
+    assert_eq!(stretch.fit(), Fit::Stretch);
+    let s = stretch.load(0).unwrap();
+    assert!(s[0] > 50 && s[2] == 0, "stretch keeps the red top rows: {:?}", &s[..3]);
+    let n = s.len();
+    assert!(s[n - 3] == 0 && s[n - 1] > 50, "and the blue bottom rows: {:?}", &s[n - 3..]);
+    let crop = ImageFolder::open(root, 4, None).unwrap().with_fit(Fit::CenterCrop);
+    let c = crop.load(0).unwrap();
+    assert!(c.chunks(3).all(|p| p[0] == 0 && p[2] == 0 && p[1] > 200), "{c:?}");
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {

@@ -79,6 +79,8 @@ fn hex(s: &str) -> Vec<u8> {
         .collect()
 }
 
+/// Open with `policy` and no ceiling on skipped records (`max_skipped_fraction = 1`): the tests of the
+/// skip policy look at single bad records; the ceiling has tests of its own.
 fn open(path: &Path, size: usize, policy: BadRecordPolicy) -> anyhow::Result<RecordIo> {
     RecordIo::open(
         path,
@@ -86,6 +88,8 @@ fn open(path: &Path, size: usize, policy: BadRecordPolicy) -> anyhow::Result<Rec
         RecOptions {
             policy,
             size: SizePolicy::Resize,
+            max_skipped_fraction: 1.0,
+            ..Default::default()
         },
     )
 }
@@ -614,4 +618,124 @@ fn verification_pack_reads_in_python() {
         let img = image::load_from_memory(b).unwrap().to_rgb8();
         assert!(mean_abs_diff(img.as_raw(), pattern(c, j, S).as_raw()) < 3.0);
     }
+}
+
+/// A header record whose identity range disagrees with the .idx (the 999,999,616 identities
+/// without a `property` file) is a bad record naming key 0: an error by default, left out under the
+/// skip policy (the class count then comes from the identity records). It used to pass as
+/// `num_classes = 999,999,616` and make the trainer allocate a 512 GB classifier.
+#[test]
+fn implausible_header_class_count_is_a_bad_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let images: Vec<(u32, Vec<u8>)> = (0..6).map(|i| ((i / 2) as u32, jpeg(i / 2, i))).collect();
+    let mut records = insightface_records(&images, 3);
+    records[0].0 = IrHeader::meta(vec![7.0, 999_999_616.0 + 7.0], 0, 1);
+    write_rec(dir.path(), &records, true);
+    let err = err_text(open(dir.path(), S, BadRecordPolicy::Error));
+    assert!(
+        err.contains("key 0") && err.contains("999999616 identities") && err.contains("3 identity records"),
+        "{err}"
+    );
+    let rec = open(dir.path(), S, BadRecordPolicy::Skip).unwrap();
+    assert_eq!(rec.bad_records().iter().map(|b| b.key).collect::<Vec<_>>(), [0]);
+    assert_eq!((rec.len(), rec.num_classes()), (6, 3));
+    assert_eq!(rec.class_origin(), facerec_data::ClassOrigin::IdentityRecords);
+    // Without identity records, a header may not claim more identities than there are images.
+    let plain_ids: Vec<_> = records[..7].to_vec();
+    write_rec(dir.path(), &plain_ids, true);
+    let err = err_text(open(dir.path(), S, BadRecordPolicy::Error));
+    assert!(err.contains("for only 6 image records"), "{err}");
+    // A property file decides instead of the header: no complaint.
+    std::fs::write(dir.path().join("property"), format!("3,{S},{S}")).unwrap();
+    let rec = open(dir.path(), S, BadRecordPolicy::Error).unwrap();
+    assert_eq!((rec.num_classes(), rec.class_origin()), (3, facerec_data::ClassOrigin::Property));
+}
+
+/// `policy = "skip"` has a ceiling, `max_skipped_fraction` (default 1 %): a truncated `.rec` that
+/// loses 1 of its 6 image records when it opens is refused naming the file and the counts, where it
+/// used to train on the rest with exit 0.
+#[test]
+fn skipping_more_than_the_ceiling_when_opening_is_an_error() {
+    let (dir, offsets) = packed();
+    let rec_path = dir.path().join("train.rec");
+    let bytes = std::fs::read(&rec_path).unwrap();
+    std::fs::write(&rec_path, &bytes[..offsets[6] as usize + 40]).unwrap();
+    std::fs::write(
+        dir.path().join("train.idx"),
+        (0..=6)
+            .map(|k| format!("{k}\t{}\n", offsets[k]))
+            .collect::<String>(),
+    )
+    .unwrap();
+    let skip = |max_skipped_fraction| {
+        RecordIo::open(
+            dir.path(),
+            S,
+            RecOptions {
+                policy: BadRecordPolicy::Skip,
+                max_skipped_fraction,
+                ..Default::default()
+            },
+        )
+    };
+    assert_eq!(RecOptions::default().max_skipped_fraction, 0.01);
+    let err = err_text(skip(RecOptions::default().max_skipped_fraction));
+    assert!(
+        err.contains("train.rec")
+            && err.contains("1 of 6 image records")
+            && err.contains("1 left out when opening")
+            && err.contains("max_skipped_fraction = 0.01"),
+        "{err}"
+    );
+    assert_eq!(skip(0.2).unwrap().len(), 5);
+    assert!(err_text(skip(1.5)).contains("max_skipped_fraction must be in [0, 1]"));
+}
+
+/// The ceiling also holds for images that fail to decode while loading: the loader counts distinct
+/// failed images and ends the epoch with an error naming the file once they pass the ceiling.
+#[test]
+fn skipping_more_than_the_ceiling_while_loading_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut images: Vec<(u32, Vec<u8>)> =
+        (0..8).map(|i| ((i % 2) as u32, jpeg(i % 2, i))).collect();
+    images[5].1 = vec![0xFF, 0xD8, 0xFF, 0xE0, 1, 2, 3, 4, 5, 6, 7];
+    write_rec(dir.path(), &insightface_records(&images, 2), true);
+    let cfg = LoaderConfig {
+        batch_size: 4,
+        shuffle: false,
+        drop_last: false,
+        workers: 2,
+        ..Default::default()
+    };
+    let loader = |max_skipped_fraction| {
+        let rec = RecordIo::open(
+            dir.path(),
+            S,
+            RecOptions {
+                policy: BadRecordPolicy::Skip,
+                max_skipped_fraction,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        Loader::new(Arc::new(rec), cfg.clone())
+    };
+    let strict = loader(0.01);
+    let results: Vec<_> = strict.epoch(0, 0).collect();
+    let err = format!("{:#}", results.last().unwrap().as_ref().unwrap_err());
+    assert!(
+        err.contains("train.rec")
+            && err.contains("1 of 8 image records")
+            && err.contains("1 failed to decode while loading")
+            && err.contains("max_skipped_fraction"),
+        "{err}"
+    );
+    // Within the ceiling the bad image is left out and the epoch completes; a second epoch sees the
+    // same image fail again, which is still one distinct image.
+    let lenient = loader(0.2);
+    for epoch in 0..2 {
+        let sizes: Vec<usize> = lenient.epoch(epoch, 0).map(|b| b.unwrap().len()).collect();
+        assert_eq!(sizes, [4, 3]);
+    }
+    assert_eq!(lenient.skipped(), 2);
 }

@@ -20,8 +20,8 @@ use std::sync::Arc;
 use anyhow::{bail, ensure, Context, Result};
 use tch::Tensor;
 
-use crate::images::{decode_all, decode_rgb};
-use crate::pairs::Pair;
+use crate::images::{decode_all, decode_rgb, Fit};
+use crate::pairs::{Pair, PairSet};
 use crate::pickle::{self, Value};
 
 /// A verification pack: encoded images and one label per pair.
@@ -87,18 +87,31 @@ impl BinPack {
             .collect()
     }
 
-    /// Decode every image to RGB `size x size` on `threads` threads (`tick` once per image).
-    /// Errors name the image index.
+    /// The pairs with the pack's folds: 10 contiguous folds, as insightface scores a pack (see
+    /// [`PairSet`]).
+    pub fn pair_set(&self) -> PairSet {
+        PairSet::contiguous(self.pairs())
+    }
+
+    /// Decode every image to RGB `size x size`, fitted by `fit`, on `threads` threads (`tick` once per
+    /// image). Errors name the image index.
     ///
     /// # Shapes
     /// Returns `[2P, 3, size, size]` Uint8 on the CPU.
-    pub fn decode(&self, size: u32, threads: usize, tick: &(dyn Fn() + Sync)) -> Result<Tensor> {
+    pub fn decode(
+        &self,
+        size: u32,
+        fit: Fit,
+        threads: usize,
+        tick: &(dyn Fn() + Sync),
+    ) -> Result<Tensor> {
         decode_all(
             self.images.len(),
             size as usize,
             threads,
             &|i| {
-                decode_rgb(&self.images[i], size).with_context(|| format!("image {i} of the pack"))
+                decode_rgb(&self.images[i], size, fit)
+                    .with_context(|| format!("image {i} of the pack"))
             },
             tick,
         )

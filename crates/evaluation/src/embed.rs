@@ -7,7 +7,7 @@
 
 use tch::{Device, Kind, Tensor};
 
-use crate::pairs::Pair;
+use crate::pairs::{Pair, PairSet};
 use crate::verification::{verify_distances, VerificationReport};
 
 /// Number of folds of the insightface protocol.
@@ -74,24 +74,28 @@ pub fn l2_normalize(x: &Tensor) -> Tensor {
     x / norm.masked_fill(&norm.eq(0.0), 1.0)
 }
 
-/// Embed (flip test) and run the 10-fold protocol on the given pairs of image rows.
-/// Returns the report and XNorm (see [`embed_with_flip`]).
+/// Embed (flip test) and run the verification protocol on pairs of image rows, with the pair set's own
+/// folds (the one fold rule, see [`PairSet`]). Returns the report and XNorm (see [`embed_with_flip`]).
 ///
 /// # Shapes
 /// `images`: `[N, 3, H, W]` float; pair indices are rows of `images`.
 ///
+/// # Errors
+/// When `batch_size < 1`, or the pair set has fewer pairs than folds ([`PairSet::check`]).
+///
 /// # Panics
-/// As [`embed_with_flip`], if a pair index is `>= N`, or if there are fewer than 10 pairs.
+/// As [`embed_with_flip`] for a malformed `images` tensor or model, and if a pair index is `>= N`.
 pub fn verify_images(
     model: &dyn Fn(&Tensor) -> Tensor,
     images: &Tensor,
-    pairs: &[Pair],
-    batch_size: i64,
-) -> (VerificationReport, f64) {
-    let (emb, xnorm) = embed_with_flip(model, images, batch_size);
-    let issame: Vec<bool> = pairs.iter().map(|p| p.same).collect();
-    let dist = pair_distances(&emb, pairs);
-    (verify_distances(&dist, &issame, PROTOCOL_FOLDS), xnorm)
+    pairs: &PairSet,
+    batch_size: usize,
+) -> anyhow::Result<(VerificationReport, f64)> {
+    anyhow::ensure!(batch_size >= 1, "evaluation batch size must be at least 1, got 0");
+    pairs.check()?;
+    let (emb, xnorm) = embed_with_flip(model, images, batch_size as i64);
+    let dist = pair_distances(&emb, &pairs.pairs);
+    Ok((verify_distances(&dist, &pairs.issame(), pairs.folds), xnorm))
 }
 
 /// Squared distances `||e_a - e_b||^2` of embedding rows for each pair, in f64 (as

@@ -355,9 +355,9 @@ pub fn image_features(
             &|i| {
                 let f = &faces[i];
                 let path = meta.image_dir.join(&f.name);
-                let img = image::open(&path)
-                    .with_context(|| format!("{}: reading {}", meta.target, path.display()))?
-                    .to_rgb8();
+                // The shared decoder (facerec_data::input); alignment replaces the fit.
+                let img = facerec_data::input::read(&path)
+                    .with_context(|| format!("{}: reading {}", meta.target, path.display()))?;
                 Ok(align(&img, &f.landmarks, size)
                     .with_context(|| format!("{}: aligning {}", meta.target, path.display()))?
                     .into_raw())

@@ -5,18 +5,21 @@
 //! each set, `N` matched lines `name i j` followed by `N` mismatched lines `name1 i name2 j`; image numbers
 //! are 1-based and written as 4 digits in file names.
 //!
-//! Folds: with several sets, the sets are the folds, in file order (they are contiguous and of equal size,
-//! so the contiguous k-fold split of the verification protocol reproduces them exactly). A single set
-//! (View 1) is split into 10 folds by taking the f-th contiguous tenth of its matched pairs and the f-th
-//! tenth of its mismatched pairs as fold f (so every fold holds both kinds); without that, contiguous folds
-//! would hold only matched or only mismatched pairs.
+//! Folds (the rule of [`crate::PairSet`]): with several sets, the sets are the folds; a single set (View 1)
+//! is split into 10. Both come from one ordering: for `F` folds, fold `f` takes the `f`-th contiguous share
+//! (`kfold`) of the matched pairs and the `f`-th share of the mismatched pairs, in file order. With
+//! `F = S` sets this is the file order itself (each set is `N` matched then `N` mismatched lines), so the
+//! sets are the folds; with one set every fold holds both kinds, where contiguous tenths of the file would
+//! hold only matched or only mismatched pairs. [`LfwPairs::resolve_with_folds`] orders a list for another
+//! fold count (a `.bin` pack is always read with 10 folds, so `prep lfw` packs a 5-set list that way).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
 
-use crate::pairs::Pair;
+use crate::images::Fit;
+use crate::pairs::{Pair, PairSet};
 use crate::verification::kfold;
 
 /// Extensions tried, in order, when resolving an image name.
@@ -58,26 +61,25 @@ pub struct LfwPairs {
 }
 
 /// A pair list resolved against an image folder: unique image files and pairs over them, ordered so that
-/// the contiguous `folds`-fold split gives the protocol's folds.
+/// the contiguous split into `pairs.folds` folds gives the protocol's folds.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LfwSet {
     /// Unique image files, in order of first use.
     pub images: Vec<PathBuf>,
-    /// Pairs of indices into `images`.
-    pub pairs: Vec<Pair>,
-    /// Fold count for the verification protocol.
-    pub folds: usize,
+    /// Pairs of indices into `images`, with their folds.
+    pub pairs: PairSet,
 }
 
 impl LfwSet {
-    /// Decode every image to RGB `size x size` on `threads` threads (`tick` once per image), as
-    /// [`crate::images::decode_all`]; errors name the file.
+    /// Decode every image to RGB `size x size`, fitted by `fit`, on `threads` threads (`tick` once per
+    /// image), as [`crate::images::decode_all`]; errors name the file.
     ///
     /// # Shapes
     /// Returns `[N, 3, size, size]` Uint8 on the CPU, rows in the order of `images`.
     pub fn decode(
         &self,
         size: u32,
+        fit: Fit,
         threads: usize,
         tick: &(dyn Fn() + Sync),
     ) -> Result<tch::Tensor> {
@@ -85,7 +87,7 @@ impl LfwSet {
             self.images.len(),
             size as usize,
             threads,
-            &|k| crate::images::read_rgb(&self.images[k], size),
+            &|k| crate::images::read_rgb(&self.images[k], size, fit),
             tick,
         )
     }
@@ -161,8 +163,23 @@ impl LfwPairs {
     }
 
     /// Resolve the images under `root` (`<root>/<Name>/<Name>_NNNN.<ext>`, extensions
-    /// [`LFW_EXTENSIONS`]) and order the pairs by fold. Errors name the line and the missing file.
+    /// [`LFW_EXTENSIONS`]) and order the pairs into [`LfwPairs::folds`] folds (see the module doc).
+    /// Errors name the line and the missing file.
     pub fn resolve(&self, root: &Path) -> Result<LfwSet> {
+        self.resolve_with_folds(root, self.folds())
+    }
+
+    /// [`LfwPairs::resolve`] for `folds` folds instead of the list's own: fold `f` holds the `f`-th
+    /// contiguous share of the matched and of the mismatched pairs. Fails when `folds` is 0 or larger
+    /// than the number of matched pairs.
+    pub fn resolve_with_folds(&self, root: &Path, folds: usize) -> Result<LfwSet> {
+        let matched_count = self.matched();
+        ensure!(
+            folds >= 1 && folds <= matched_count.min(self.pairs.len() - matched_count),
+            "{folds} folds for {matched_count} matched and {} mismatched pairs: need 1 to {} folds",
+            self.pairs.len() - matched_count,
+            matched_count.min(self.pairs.len() - matched_count)
+        );
         ensure!(
             root.is_dir(),
             "LFW image folder {} does not exist",
@@ -199,20 +216,15 @@ impl LfwPairs {
                 same: p.same,
             });
         }
-        let folds = self.folds();
-        let pairs = if self.sets > 1 {
-            resolved
-        } else {
-            let (matched, mismatched) = resolved.split_at(self.per_set);
-            kfold(self.per_set, folds)
-                .into_iter()
-                .flat_map(|r| matched[r.clone()].iter().chain(&mismatched[r]).copied())
-                .collect()
-        };
+        let (matched, mismatched): (Vec<Pair>, Vec<Pair>) = resolved.iter().partition(|p| p.same);
+        let pairs = kfold(matched.len(), folds)
+            .into_iter()
+            .zip(kfold(mismatched.len(), folds))
+            .flat_map(|(m, n)| matched[m].iter().chain(&mismatched[n]).copied().collect::<Vec<_>>())
+            .collect();
         Ok(LfwSet {
             images,
-            pairs,
-            folds,
+            pairs: PairSet { pairs, folds },
         })
     }
 }

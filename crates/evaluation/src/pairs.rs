@@ -1,8 +1,16 @@
-//! Verification pair lists over labelled items (held-out identities of our own data sets).
+//! Verification pair lists over labelled items (held-out identities of our own data sets), and the fold
+//! rule every pair list is verified with ([`PairSet`]).
 //!
 //! [`balanced_pairs`] makes a set in the spirit of the LFW protocol (half genuine, half impostor pairs) when
-//! no official pair list exists. Official lists (LFW `pairs.txt`, `.bin` packs) will produce the same
-//! [`Pair`] type.
+//! no official pair list exists. Official lists (LFW `pairs.txt`, `.bin` packs) produce the same [`Pair`]
+//! type.
+//!
+//! The fold rule (one, for the trainer's evaluation and `facerec eval` alike): a pair list is verified
+//! with the folds of its [`PairSet`], fold `f` being the `f`-th contiguous block of
+//! [`crate::verification::kfold`]. A `.bin` pack and generated balanced pairs have no sets of their own:
+//! 10 contiguous folds (insightface). An LFW list with `S > 1` sets: `S` folds, its sets
+//! ([`crate::LfwPairs::resolve`] orders the pairs so); a single set (View 1): 10 folds, each a tenth of its
+//! matched and a tenth of its mismatched pairs.
 
 use std::collections::HashSet;
 
@@ -17,6 +25,54 @@ pub struct Pair {
     pub a: usize,
     pub b: usize,
     pub same: bool,
+}
+
+/// Pairs and the number of contiguous folds the verification protocol splits them into (see the module
+/// doc for the rule). Build it with [`PairSet::contiguous`], [`crate::BinPack::pair_set`] or
+/// [`crate::LfwPairs::resolve`], never by pairing a list with a fold count by hand.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PairSet {
+    /// The pairs, in fold order.
+    pub pairs: Vec<Pair>,
+    /// Number of folds; fold `f` is block `f` of `kfold(pairs.len(), folds)`.
+    pub folds: usize,
+}
+
+impl PairSet {
+    /// A list without sets of its own (a `.bin` pack, [`balanced_pairs`]): insightface's 10 contiguous
+    /// folds ([`crate::PROTOCOL_FOLDS`]).
+    pub fn contiguous(pairs: Vec<Pair>) -> Self {
+        Self {
+            pairs,
+            folds: crate::embed::PROTOCOL_FOLDS,
+        }
+    }
+
+    /// Number of pairs.
+    pub fn len(&self) -> usize {
+        self.pairs.len()
+    }
+
+    /// No pairs.
+    pub fn is_empty(&self) -> bool {
+        self.pairs.is_empty()
+    }
+
+    /// Whether each pair is genuine, in order.
+    pub fn issame(&self) -> Vec<bool> {
+        self.pairs.iter().map(|p| p.same).collect()
+    }
+
+    /// Fails unless the list can be verified: at least one pair per fold, a fold count of at least 1.
+    pub fn check(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.folds >= 1 && self.pairs.len() >= self.folds,
+            "{} pairs cannot be split into {} folds (need at least one pair per fold)",
+            self.pairs.len(),
+            self.folds
+        );
+        Ok(())
+    }
 }
 
 /// A balanced pair set over labelled items: every same-label pair, plus an equal number of distinct

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use facerec_evaluation::images::read_rgb;
+use facerec_evaluation::images::{read_rgb, Fit};
 use facerec_evaluation::BinPack;
 use image::{ImageFormat, RgbImage};
 use rand::{Rng, SeedableRng};
@@ -65,13 +65,13 @@ fn every_variant_round_trips() {
         for (i, (got, want)) in pack.images.iter().zip(&files).enumerate() {
             assert_eq!(&got[..], &want[..], "{variant}: image {i}");
         }
-        let decoded = pack.decode(20, 2, &|| {}).unwrap();
+        let decoded = pack.decode(20, Fit::Stretch, 2, &|| {}).unwrap();
         assert_eq!(decoded.size(), [1100, 3, 20, 20]);
         match &first {
             None => {
                 // Decoding from the pack equals decoding the files.
                 for i in [0usize, 1, 3, 10, 1099] {
-                    let want = read_rgb(&dir.path().join(&names[i]), 20).unwrap();
+                    let want = read_rgb(&dir.path().join(&names[i]), 20, Fit::Stretch).unwrap();
                     let got = Vec::<u8>::try_from(
                         decoded.get(i as i64).permute([1, 2, 0]).flatten(0, -1),
                     )
@@ -107,6 +107,6 @@ fn corrupt_image_bytes_name_the_image() {
     // A pack whose second image is not an image (Python 2 layout written by hand).
     let data = b"\x80\x02](U\x03abcU\x03defe]\x88a\x86.";
     let pack = BinPack::from_bytes(data).unwrap();
-    let err = format!("{:#}", pack.decode(8, 1, &|| {}).unwrap_err());
+    let err = format!("{:#}", pack.decode(8, Fit::Stretch, 1, &|| {}).unwrap_err());
     assert!(err.contains("image 0 of the pack"), "{err}");
 }

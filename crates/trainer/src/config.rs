@@ -28,6 +28,10 @@ pub struct Config {
     pub run_name: String,
     /// Training data.
     pub data: SourceConfig,
+    /// How every image becomes the model input (training data, evaluation targets, and `facerec
+    /// eval` / `facerec cluster` on the trained model).
+    #[serde(default)]
+    pub input: InputConfig,
     /// The cosine classifier that owns the class weights.
     #[serde(default)]
     pub classifier: ClassifierConfig,
@@ -119,10 +123,15 @@ pub enum SourceConfig {
         /// logs and leaves them out.
         #[serde(default)]
         policy: facerec_data::BadRecordPolicy,
-        /// Images whose size differs from the model input: `"resize"` (default) or `"strict"` (a bad
-        /// record).
+        /// Images whose size differs from the model input: `"resize"` (default: fitted by
+        /// `input.fit`) or `"strict"` (a bad record).
         #[serde(default)]
         size_policy: facerec_data::SizePolicy,
+        /// Under `policy = "skip"`: the run stops when more than this fraction of the image records
+        /// is left out (when the set opens, plus distinct images that fail to decode). In [0, 1].
+        /// Default 0.01.
+        #[serde(default = "default_max_skipped_fraction")]
+        max_skipped_fraction: f64,
     },
     /// An insightface verification pack (`lfw.bin`, `cfp_fp.bin`, ...): its own pairs, in order.
     /// Evaluation only.
@@ -138,6 +147,22 @@ pub enum SourceConfig {
         /// The image folder.
         images: PathBuf,
     },
+}
+
+fn default_max_skipped_fraction() -> f64 {
+    facerec_data::DEFAULT_MAX_SKIPPED_FRACTION
+}
+
+/// The one image path's settings (see `facerec_data::input` and docs/data.md).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct InputConfig {
+    /// How an image that is not `model.input_size` square is fitted: `"stretch"` (default: both
+    /// sides resized, nothing cut) or `"center_crop"` (short side resized, centre kept). Used for the
+    /// training data and every evaluation target alike; `facerec eval` and `facerec cluster` read it
+    /// from the run's config.toml.
+    #[serde(default)]
+    pub fit: facerec_data::Fit,
 }
 
 impl SourceConfig {
@@ -447,7 +472,7 @@ fn default_device() -> String {
 }
 
 /// Verification during and after training.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct EvalConfig {
     /// Evaluate every this many steps as well as at the end; 0 = only at the end. Default 0.
@@ -464,6 +489,13 @@ pub struct EvalConfig {
     #[serde(default)]
     pub targets: Vec<EvalTarget>,
 }
+impl Default for EvalConfig {
+    /// The serde defaults (an absent `[eval]` table): batch size 128, not a derived 0.
+    fn default() -> Self {
+        EvalConfig { every_steps: 0, pair_seed: default_pair_seed(), batch_size: default_eval_batch(), targets: Vec::new() }
+    }
+}
+
 fn default_pair_seed() -> u64 {
     7
 }
@@ -642,6 +674,12 @@ impl Config {
         if self.checkpoint.keep == 0 {
             bail!("config key `checkpoint.keep`: must be at least 1 (the newest checkpoint is what --resume needs)");
         }
+        if self.eval.batch_size == 0 {
+            bail!("config key `eval.batch_size`: must be at least 1");
+        }
+        if self.loader.prefetch == 0 {
+            bail!("config key `loader.prefetch`: must be at least 1 (batches decoded ahead)");
+        }
         if let Some(0) = self.classifier.num_classes {
             bail!("config key `classifier.num_classes`: must be at least 1");
         }
@@ -662,6 +700,11 @@ impl Config {
 }
 
 fn check_source(source: &SourceConfig, key: &str) -> Result<()> {
+    if let SourceConfig::Rec { max_skipped_fraction: f, .. } = source {
+        if !(0.0..=1.0).contains(f) {
+            bail!("config key `{key}.max_skipped_fraction`: must be in [0, 1], got {f}");
+        }
+    }
     if let SourceConfig::Synthetic { identities, images_per_identity, .. } = source {
         if *identities < 2 {
             bail!("config key `{key}.identities`: need at least 2 identities");
@@ -815,6 +858,37 @@ mod tests {
         assert_eq!(cfg.train.epochs, 1);
         assert_eq!(cfg.train.batch_size, base.train.batch_size);
         assert_eq!(cfg.model, base.model);
+    }
+
+    /// Sizes are validated at the boundary (`eval.batch_size = 0` used to panic in the evaluation
+    /// crate's embedding loop).
+    #[test]
+    fn zero_sizes_and_bad_fractions_are_named() {
+        for (set, key) in [
+            ("eval.batch_size=0", "eval.batch_size"),
+            ("loader.prefetch=0", "loader.prefetch"),
+            ("train.batch_size=0", "train.batch_size"),
+        ] {
+            let err = Config::load(None, &[set.into()]).unwrap_err().to_string();
+            assert!(err.contains(key), "{set}: {err}");
+        }
+        let rec = ["data.type=rec".to_string(), "data.path=/x".into(), "data.max_skipped_fraction=1.5".into()];
+        let err = Config::load(None, &rec).unwrap_err().to_string();
+        assert!(err.contains("data.max_skipped_fraction"), "{err}");
+        let cfg = Config::load(None, &rec[..2]).unwrap();
+        assert!(matches!(cfg.data, SourceConfig::Rec { max_skipped_fraction, .. } if max_skipped_fraction == 0.01));
+        // A config without an [eval] table gets the documented defaults (the derived Default gave
+        // batch_size 0).
+        let mut value = toml::Value::Table(toml::from_str(DEFAULT_CONFIG).unwrap());
+        value.as_table_mut().unwrap().remove("eval");
+        let cfg = Config::from_value(value).unwrap();
+        assert_eq!((cfg.eval.batch_size, cfg.eval.pair_seed), (128, 7));
+        // The fit rule: stretch by default, center_crop on request, anything else named.
+        assert_eq!(Config::load(None, &[]).unwrap().input.fit, facerec_data::Fit::Stretch);
+        let cfg = Config::load(None, &["input.fit=center_crop".into()]).unwrap();
+        assert_eq!(cfg.input.fit, facerec_data::Fit::CenterCrop);
+        let err = Config::load(None, &["input.fit=crop".into()]).unwrap_err().to_string();
+        assert!(err.contains("input.fit"), "{err}");
     }
 
     #[test]

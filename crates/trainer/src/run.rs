@@ -111,9 +111,10 @@ impl<'a> Trainer<'a> {
         tch::set_num_threads(threads as i32);
         tch::manual_seed(cfg.seed as i64);
 
-        let source = open_source(&cfg.data, size, &opts.workspace, cfg.seed, "data", true)?.expect("a required source is always opened");
+        let source = open_source(&cfg.data, size, cfg.input.fit, &opts.workspace, cfg.seed, "data", true)?.expect("a required source is always opened");
         let num_classes = cfg.classifier.num_classes.unwrap_or(source.num_classes());
         check_labels(source.as_ref(), num_classes)?;
+        crate::memory::check_classifier_fits(cfg, num_classes, device, &crate::memory::class_count_origin(cfg))?;
         let loader = Rc::new(training_loader(cfg, source.clone(), workers));
         let batches_per_epoch = loader.batches_per_epoch();
         let accumulation = cfg.train.grad_accumulation;

@@ -4,15 +4,16 @@
 
 use crate::config::{Config, SourceConfig};
 use anyhow::{bail, Context, Result};
-use facerec_data::{shared_data, ImageFolder, Loader, RecOptions, RecordIo, Source, SyntheticConfig, SyntheticFaces};
+use facerec_data::{shared_data, Fit, ImageFolder, Loader, RecOptions, RecordIo, Source, SyntheticConfig, SyntheticFaces};
 use facerec_evaluation::images::{decode_all, normalize};
 use std::path::Path;
 use std::sync::Arc;
 use tch::{Device, Tensor};
 
-/// Open a source for images of side `size`. `Ok(None)` when shared data is absent and `required`
-/// is false. Errors name `key`, the config key of the source.
-pub fn open_source(cfg: &SourceConfig, size: usize, workspace: &Path, seed: u64, key: &str, required: bool) -> Result<Option<Arc<dyn Source>>> {
+/// Open a source for images of side `size`, fitted by `fit` (the config's `input.fit`). `Ok(None)`
+/// when shared data is absent and `required` is false. Errors name `key`, the config key of the
+/// source.
+pub fn open_source(cfg: &SourceConfig, size: usize, fit: Fit, workspace: &Path, seed: u64, key: &str, required: bool) -> Result<Option<Arc<dyn Source>>> {
     Ok(Some(match cfg {
         SourceConfig::Synthetic { identities, images_per_identity, first_identity } => Arc::new(
             SyntheticFaces::new(SyntheticConfig {
@@ -24,10 +25,13 @@ pub fn open_source(cfg: &SourceConfig, size: usize, workspace: &Path, seed: u64,
             })
             .with_context(|| format!("config key `{key}`"))?,
         ),
-        SourceConfig::ImageFolder { root, classes } => Arc::new(ImageFolder::open(root, size, classes.as_deref()).with_context(|| format!("config key `{key}.root`"))?),
-        SourceConfig::Rec { path, policy, size_policy } => {
-            Arc::new(RecordIo::open(path, size, RecOptions { policy: *policy, size: *size_policy }).with_context(|| format!("config key `{key}.path`"))?)
+        SourceConfig::ImageFolder { root, classes } => {
+            Arc::new(ImageFolder::open(root, size, classes.as_deref()).with_context(|| format!("config key `{key}.root`"))?.with_fit(fit))
         }
+        SourceConfig::Rec { path, policy, size_policy, max_skipped_fraction } => Arc::new(
+            RecordIo::open(path, size, RecOptions { policy: *policy, size: *size_policy, fit, max_skipped_fraction: *max_skipped_fraction })
+                .with_context(|| format!("config key `{key}` (path, policy, max_skipped_fraction)"))?,
+        ),
         SourceConfig::Bin { .. } | SourceConfig::LfwPairs { .. } => {
             bail!("config key `{key}`: a pair list cannot be opened as a labelled source")
         }
@@ -38,7 +42,7 @@ pub fn open_source(cfg: &SourceConfig, size: usize, workspace: &Path, seed: u64,
                 None => return Ok(None),
             };
             let root = shared_data::unpack(&dir, "orl_faces.tar.gz", &workspace.join("target/shared-data")).with_context(|| format!("config key `{key}`"))?;
-            Arc::new(ImageFolder::open(&root, size, classes.as_deref()).with_context(|| format!("config key `{key}.classes`"))?)
+            Arc::new(ImageFolder::open(&root, size, classes.as_deref()).with_context(|| format!("config key `{key}.classes`"))?.with_fit(fit))
         }
     }))
 }

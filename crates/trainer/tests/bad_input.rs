@@ -78,3 +78,62 @@ fn bad_value_is_named() {
     assert!(!ok);
     assert!(err.contains("train.device"), "{err}");
 }
+
+/// Issue 19: `eval.batch_size = 0` used to panic inside the evaluation crate's embedding loop.
+#[test]
+fn zero_eval_batch_size_is_named_not_a_panic() {
+    let out = tempfile::tempdir().unwrap();
+    let (ok, err) = train(&["eval.batch_size=0"], out.path());
+    assert!(!ok);
+    assert!(err.contains("eval.batch_size") && !err.contains("panicked"), "{err}");
+}
+
+/// Issue 19: a classifier that cannot fit (here 999,999,616 classes, the class count of a corrupt
+/// RecordIO header) is refused naming `classifier.num_classes` before anything is allocated; it used
+/// to panic in tch's VarStore trying to allocate 512 GB.
+#[test]
+fn classifier_that_cannot_fit_is_refused() {
+    let out = tempfile::tempdir().unwrap();
+    let (ok, err) = train(&["classifier.num_classes=999999616", "train.device=cpu"], out.path());
+    assert!(!ok);
+    assert!(
+        err.contains("classifier.num_classes") && err.contains("999999616 classes") && err.contains("MemAvailable"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+/// Issue 19: `policy = "skip"` on a truncated `.rec` used to drop most records and train with exit 0;
+/// above `data.max_skipped_fraction` (default 1 %) the run stops naming the file and the counts.
+#[test]
+fn truncated_rec_under_skip_stops_above_the_ceiling() {
+    let out = tempfile::tempdir().unwrap();
+    let (images, rec) = (out.path().join("faces"), out.path().join("rec"));
+    for class in 0..4u8 {
+        std::fs::create_dir_all(images.join(format!("c{class}"))).unwrap();
+        for i in 0..5u8 {
+            let img = image::RgbImage::from_fn(24, 24, |x, y| image::Rgb([(x as u8 * 9) ^ (i * 40), (y as u8 * 5) ^ (class * 60), 70]));
+            img.save(images.join(format!("c{class}/{i}.png"))).unwrap();
+        }
+    }
+    let status = Command::new(env!("CARGO_BIN_EXE_facerec"))
+        .args(["prep", "pack", "--images"])
+        .arg(&images)
+        .arg("--out")
+        .arg(&rec)
+        .output()
+        .unwrap();
+    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    // Cut the .rec in the middle of the images: about half of them are gone.
+    let bytes = std::fs::read(rec.join("train.rec")).unwrap();
+    std::fs::write(rec.join("train.rec"), &bytes[..bytes.len() / 2]).unwrap();
+    let data = ["data.type=rec".to_string(), format!("data.path={}", rec.display()), "data.policy=skip".into()];
+    let small = ["train.epochs=1", "train.batch_size=4", "train.device=cpu"];
+    let args: Vec<&str> = data.iter().map(String::as_str).chain(small).collect();
+    let (ok, err) = train(&args, out.path());
+    assert!(!ok, "a run on half a .rec must not succeed: {err}");
+    assert!(
+        err.contains("train.rec") && err.contains("image records are unreadable") && err.contains("max_skipped_fraction"),
+        "{err}"
+    );
+}

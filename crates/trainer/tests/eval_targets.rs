@@ -95,3 +95,100 @@ fn a_pair_list_cannot_be_training_data() {
     let err = Config::load(None, &["data.type=bin".into(), "data.path=/x.bin".into()]).unwrap_err();
     assert!(err.to_string().contains("data.type"), "{err}");
 }
+
+/// `pairs.txt` of `sets` sets with `n` matched and `n` mismatched pairs each, over people
+/// `Person_<5000+k>` (k < sets * n), each with images 1 and 2.
+fn sets_pairs_file(sets: usize, n: usize) -> String {
+    let people = sets * n;
+    let name = |k: usize| format!("Person_{}", 5_000 + k);
+    let mut text = format!("{sets}\t{n}\n");
+    for s in 0..sets {
+        for k in s * n..(s + 1) * n {
+            writeln!(text, "{}\t1\t2", name(k)).unwrap();
+        }
+        for k in s * n..(s + 1) * n {
+            writeln!(text, "{}\t1\t{}\t2", name(k), name((k + 1) % people)).unwrap();
+        }
+    }
+    text
+}
+
+/// Issue 17: one fold rule for the trainer's evaluation and `facerec eval`. A `pairs.txt` with a
+/// `5\tN` header is verified with its 5 sets as the folds (the trainer used to cut every target into
+/// 10 contiguous folds, each holding one kind of pair: raw pixels scored 0.43 there while `eval` used
+/// the 5 sets), a `10\tN` file with its 10 sets; and `facerec eval` on the trained run gives the
+/// trainer's numbers fold for fold.
+#[test]
+fn pair_lists_keep_their_sets_as_folds_in_training_and_in_eval() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("images");
+    let faces = SyntheticFaces::new(SyntheticConfig {
+        identities: 10,
+        images_per_identity: 2,
+        image_size: 56,
+        seed: 4,
+        first_identity: 5_000,
+    })
+    .unwrap();
+    for i in 0..faces.len() {
+        let (id, n) = (faces.label(i), i % 2 + 1);
+        let person = format!("Person_{}", 5_000 + id);
+        std::fs::create_dir_all(images.join(&person)).unwrap();
+        let img = image::RgbImage::from_raw(56, 56, faces.load(i).unwrap()).unwrap();
+        img.save(images.join(&person).join(format!("{person}_{n:04}.png"))).unwrap();
+    }
+    let (p5, p10) = (dir.path().join("pairs5.txt"), dir.path().join("pairs10.txt"));
+    std::fs::write(&p5, sets_pairs_file(5, 2)).unwrap();
+    std::fs::write(&p10, sets_pairs_file(10, 1)).unwrap();
+
+    let mut cfg = Config::load(
+        None,
+        &["data.identities=20", "data.images_per_identity=4", "train.epochs=1", "train.batch_size=16", "eval.every_steps=0"]
+            .map(String::from),
+    )
+    .unwrap();
+    cfg.output_dir = dir.path().join("runs");
+    cfg.eval.targets = [("five", &p5), ("ten", &p10)]
+        .map(|(name, pairs)| EvalTarget {
+            name: name.into(),
+            source: SourceConfig::LfwPairs { pairs: pairs.clone(), images: images.clone() },
+            required: true,
+        })
+        .to_vec();
+    let summary = train(&cfg, &RunOptions { workspace: dir.path().into(), echo_config: false, resume: None }).unwrap();
+    let (five, ten) = (&summary.targets[0], &summary.targets[1]);
+    assert_eq!(five.model.num_pairs, 20);
+    assert_eq!(five.model.fold_accuracies.len(), 5, "the 5 sets are the folds");
+    assert_eq!(five.raw_pixels.fold_accuracies.len(), 5);
+    assert_eq!(ten.model.fold_accuracies.len(), 10, "the 10 sets are the folds");
+
+    // The same run through `facerec eval`: the same folds and the same accuracies.
+    let out = dir.path().join("eval");
+    facerec_trainer::commands::eval::run(facerec_trainer::commands::eval::Args {
+        model: summary.run_dir.clone(),
+        config: None,
+        bins: vec![],
+        pairs: vec![p5.clone(), p10.clone()],
+        images: vec![images.clone()],
+        ijb: vec![],
+        targets: vec![],
+        batch_size: cfg.eval.batch_size,
+        fit: None,
+        device: "cpu".into(),
+        threads: 0,
+        out: Some(out.clone()),
+        ijb_no_flip: false,
+        ijb_no_norm_score: false,
+        ijb_no_detector_score: false,
+    })
+    .unwrap();
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    for (t, ours) in report["targets"].as_array().unwrap().iter().zip([five, ten]) {
+        let v = &t["verification"];
+        let folds: Vec<f64> = v["fold_accuracies"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+        assert_eq!(folds.len(), ours.model.fold_accuracies.len(), "{}", ours.name);
+        for (a, b) in folds.iter().zip(&ours.model.fold_accuracies) {
+            assert!((a - b).abs() < 1e-9, "{}: eval {folds:?} vs training {:?}", ours.name, ours.model.fold_accuracies);
+        }
+    }
+}

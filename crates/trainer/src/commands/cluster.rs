@@ -112,6 +112,8 @@ pub fn run(args: Args) -> Result<()> {
     let m = LoadedModel::load(&args.model, args.config.as_deref(), device)?;
     let (set, labelled) =
         open_images(&args.images, m.input_size() as usize, args.classes.as_deref())?;
+    // The geometry the model was trained with (`[input] fit` of its config).
+    let set = set.with_fit(m.fit);
     ensure!(set.len() >= 2, "{}: need at least 2 images to cluster", args.images.display());
 
     let t0 = Instant::now();

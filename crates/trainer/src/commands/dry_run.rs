@@ -261,6 +261,30 @@ pub fn estimate(model: &BackboneConfig, classifier: ClassifierSpec, batch_size: 
     }
 }
 
+impl ClassifierSpec {
+    /// The classifier of `cfg` over `num_classes` classes.
+    pub fn of(cfg: &Config, num_classes: i64) -> Self {
+        let state_buffers = match &cfg.optim {
+            OptimConfig::Sgd { momentum, .. } => i64::from(*momentum != 0.0),
+            OptimConfig::Adamw { .. } => 2,
+        };
+        ClassifierSpec {
+            num_classes,
+            bias: cfg.head.classifier_kind() == facerec_loss_heads::ClassifierKind::Linear,
+            sample_rate: cfg.partial_fc.sample_rate,
+            state_buffers,
+        }
+    }
+
+    /// Weights + gradients + optimiser state in fp32 bytes for embedding length `d`, in u128 so that
+    /// an absurd class count cannot overflow: `(2 + state_buffers) * (C * D [+ C]) * 4`.
+    pub fn total_bytes(&self, d: i64) -> u128 {
+        let c = self.num_classes.max(0) as u128;
+        let params = c * d.max(0) as u128 + if self.bias { c } else { 0 };
+        (2 + self.state_buffers.max(0) as u128) * params * F32 as u128
+    }
+}
+
 /// The dry run of a resolved config. The class count is `classifier.num_classes`, else the
 /// training source's (the source is opened, nothing is decoded).
 pub fn from_config(cfg: &Config) -> Result<DryRun> {
@@ -269,21 +293,12 @@ pub fn from_config(cfg: &Config) -> Result<DryRun> {
         None => {
             let size = cfg.model.input_size() as usize;
             let workspace = crate::run::default_workspace();
-            crate::sources::open_source(&cfg.data, size, &workspace, cfg.seed, "data", true)?
+            crate::sources::open_source(&cfg.data, size, cfg.input.fit, &workspace, cfg.seed, "data", true)?
                 .context("the training source")?
                 .num_classes()
         }
     };
-    let state_buffers = match &cfg.optim {
-        OptimConfig::Sgd { momentum, .. } => i64::from(*momentum != 0.0),
-        OptimConfig::Adamw { .. } => 2,
-    };
-    let spec = ClassifierSpec {
-        num_classes: num_classes as i64,
-        bias: cfg.head.classifier_kind() == facerec_loss_heads::ClassifierKind::Linear,
-        sample_rate: cfg.partial_fc.sample_rate,
-        state_buffers,
-    };
+    let spec = ClassifierSpec::of(cfg, num_classes as i64);
     Ok(estimate(&cfg.model, spec, cfg.train.batch_size as i64))
 }
 

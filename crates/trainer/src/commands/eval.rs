@@ -4,7 +4,10 @@
 //!
 //! The model: a run directory written by `facerec train` (its `config.toml` holds the `[model]` table,
 //! `model.safetensors` the backbone weights with arcface_torch names), or a `.safetensors` file with the
-//! config found beside it or given by `--config`. Images are resized to the model's `input_size`.
+//! config found beside it or given by `--config`. Images go through the one image path
+//! (`facerec_data::input`): fitted to the model's `input_size` by the run's `[input] fit` rule (the
+//! geometry it was trained on; `--fit` overrides), normalised as in training. Each pair list is verified
+//! with its own folds (`facerec_evaluation::PairSet`): a `.bin` pack with 10, an LFW list with its sets.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -15,8 +18,9 @@ use facerec_evaluation::ijb::{self, IjbMeta, IjbOptions};
 use facerec_evaluation::images::normalize;
 use facerec_evaluation::report::{EvalReport, FileRef, TargetReport};
 use facerec_evaluation::roc::{cosine_from_squared_distance, Roc, FAR_TARGETS};
+use facerec_data::Fit;
 use facerec_evaluation::{
-    embed_with_flip, pair_distances, verify_distances, BinPack, LfwPairs, Pair,
+    embed_with_flip, pair_distances, verify_distances, BinPack, LfwPairs, PairSet,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use tch::{nn, nn::ModuleT, Device, Tensor};
@@ -50,6 +54,10 @@ pub struct Args {
     /// Images per forward pass.
     #[arg(long, default_value_t = 128)]
     pub batch_size: usize,
+    /// How images that are not `input_size` square are fitted: `stretch` or `center_crop`. Default: the
+    /// run's `[input] fit` (what it was trained with; stretch when absent).
+    #[arg(long, value_name = "stretch|center_crop")]
+    pub fit: Option<Fit>,
     /// `auto`, `cpu`, `cuda` or `cuda:N`.
     #[arg(long, default_value = "auto")]
     pub device: String,
@@ -74,6 +82,8 @@ pub struct Args {
 pub struct LoadedModel {
     pub backbone: Backbone,
     pub config: BackboneConfig,
+    /// The fit rule the model was trained with (`[input] fit` of its config).
+    pub fit: Fit,
     pub checkpoint: PathBuf,
     pub config_file: PathBuf,
     pub device: Device,
@@ -90,6 +100,7 @@ impl LoadedModel {
             checkpoint.display()
         );
         let cfg = super::read_model_config(&config_file)?;
+        let fit = super::read_input_fit(&config_file)?;
         let mut vs = nn::VarStore::new(device);
         let backbone = facerec_backbone::build(&vs.root(), &cfg);
         vs.load(&checkpoint).with_context(|| {
@@ -102,6 +113,7 @@ impl LoadedModel {
         Ok(Self {
             backbone,
             config: cfg,
+            fit,
             checkpoint,
             config_file,
             device,
@@ -137,21 +149,16 @@ fn bar(len: u64, msg: String) -> ProgressBar {
     b
 }
 
-/// Embed (flip test), verify with the 10-fold protocol (or `folds`), and compute the ROC of the cosine
-/// scores. Returns (verification, XNorm, ROC).
+/// Embed (flip test), verify with the pair set's folds, and compute the ROC of the cosine scores.
+/// Returns (verification, XNorm, ROC).
 fn verify_set(
     m: &LoadedModel,
     images: &Tensor,
-    pairs: &[Pair],
-    folds: usize,
+    pairs: &PairSet,
     batch: usize,
     name: &str,
 ) -> Result<(facerec_evaluation::VerificationReport, f64, Roc)> {
-    ensure!(
-        pairs.len() >= folds,
-        "{name}: {} pairs, fewer than the {folds} folds",
-        pairs.len()
-    );
+    pairs.check().with_context(|| name.to_string())?;
     let pb = bar(
         2 * images.size()[0] as u64,
         format!("{name}: embedding (+flip)"),
@@ -163,9 +170,9 @@ fn verify_set(
     };
     let (emb, xnorm) = embed_with_flip(&model, images, batch as i64);
     pb.finish_and_clear();
-    let dist = pair_distances(&emb, pairs);
-    let issame: Vec<bool> = pairs.iter().map(|p| p.same).collect();
-    let report = verify_distances(&dist, &issame, folds);
+    let dist = pair_distances(&emb, &pairs.pairs);
+    let issame = pairs.issame();
+    let report = verify_distances(&dist, &issame, pairs.folds);
     let roc = Roc::new(&cosine_from_squared_distance(&dist), &issame)
         .with_context(|| name.to_string())?;
     Ok((report, xnorm, roc))
@@ -209,7 +216,13 @@ pub fn run(args: Args) -> Result<()> {
     }
     let (device, threads) = super::init_device(&args.device, args.threads)?;
 
-    let m = LoadedModel::load(&args.model, args.config.as_deref(), device)?;
+    let mut m = LoadedModel::load(&args.model, args.config.as_deref(), device)?;
+    if let Some(fit) = args.fit {
+        if fit != m.fit {
+            eprintln!("note: --fit {fit} differs from the run's [input] fit = {}: the model sees other geometry than in training", m.fit);
+        }
+        m.fit = fit;
+    }
     let size = m.input_size();
     let out = match &args.out {
         Some(o) => {
@@ -220,9 +233,10 @@ pub fn run(args: Args) -> Result<()> {
         None => crate::log::new_run_dir(Path::new("."), "eval")?,
     };
     eprintln!(
-        "model {} ({} input, {:?}); writing to {}",
+        "model {} ({} input, fit {}, {:?}); writing to {}",
         m.checkpoint.display(),
         size,
+        m.fit,
         device,
         out.display()
     );
@@ -234,10 +248,10 @@ pub fn run(args: Args) -> Result<()> {
         let pack = BinPack::read(bin)?;
         let pb = bar(pack.images.len() as u64, format!("{name}: decoding"));
         let images = pack
-            .decode(size, threads, &|| pb.inc(1))
+            .decode(size, m.fit, threads, &|| pb.inc(1))
             .with_context(|| bin.display().to_string())?;
         pb.finish_and_clear();
-        let (v, xnorm, roc) = verify_set(&m, &images, &pack.pairs(), 10, args.batch_size, &name)?;
+        let (v, xnorm, roc) = verify_set(&m, &images, &pack.pair_set(), args.batch_size, &name)?;
         targets.push(finish(
             &name,
             "bin",
@@ -261,10 +275,9 @@ pub fn run(args: Args) -> Result<()> {
             .resolve(dir)
             .with_context(|| pairs_file.display().to_string())?;
         let pb = bar(set.images.len() as u64, format!("{name}: decoding"));
-        let images = set.decode(size, threads, &|| pb.inc(1))?;
+        let images = set.decode(size, m.fit, threads, &|| pb.inc(1))?;
         pb.finish_and_clear();
-        let (v, xnorm, roc) =
-            verify_set(&m, &images, &set.pairs, set.folds, args.batch_size, &name)?;
+        let (v, xnorm, roc) = verify_set(&m, &images, &set.pairs, args.batch_size, &name)?;
         targets.push(finish(
             &name,
             "pairs",
@@ -473,6 +486,7 @@ mod tests {
             ijb: vec![],
             targets: vec![],
             batch_size: 8,
+            fit: None,
             device: "cpu".into(),
             threads: 1,
             out: Some(d.join("out")),

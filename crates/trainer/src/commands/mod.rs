@@ -42,6 +42,25 @@ pub fn read_model_config(path: &Path) -> Result<BackboneConfig> {
     Ok(cfg)
 }
 
+/// The fit rule of the `[input]` table of a config file (`facerec_data::Fit::Stretch` when the table
+/// or the key is absent, as for runs written before it existed).
+pub fn read_input_fit(path: &Path) -> Result<facerec_data::Fit> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the model config {} (set --config)", path.display()))?;
+    let table: toml::Table =
+        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    match table.get("input") {
+        None => Ok(facerec_data::Fit::default()),
+        Some(v) => {
+            let input: crate::config::InputConfig = v
+                .clone()
+                .try_into()
+                .with_context(|| format!("{}: the [input] table", path.display()))?;
+            Ok(input.fit)
+        }
+    }
+}
+
 /// `--device` parsed and checked, and libtorch's intra-op threads set from `--threads` (0 = all
 /// cores): `(device, threads)`.
 pub fn init_device(spec: &str, threads: usize) -> Result<(tch::Device, usize)> {
