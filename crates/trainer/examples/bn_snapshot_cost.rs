@@ -13,7 +13,12 @@ fn main() -> anyhow::Result<()> {
     tch::set_num_threads(2);
     let cfg = Config::load(
         None,
-        &["model.layers=[3, 4, 14, 3]".into(), "model.widths=[64, 128, 256, 512]".into(), "model.embedding_size=512".into(), "model.input_size=112".into()],
+        &[
+            "model.layers=[3, 4, 14, 3]".into(),
+            "model.widths=[64, 128, 256, 512]".into(),
+            "model.embedding_size=512".into(),
+            "model.input_size=112".into(),
+        ],
     )?;
     let st = State::new(&cfg, 1000, Device::Cpu);
     let snap = st.snapshot_buffers();

@@ -35,16 +35,31 @@ targets = []
     let cfg = dir.join("config.toml");
     std::fs::write(&cfg, text).unwrap();
     let out = dir.join("out");
-    let (ok, err) = train(&["--config".into(), cfg.display().to_string(), "--set".into(), format!("output_dir={}", out.display())]);
+    let (ok, err) = train(&[
+        "--config".into(),
+        cfg.display().to_string(),
+        "--set".into(),
+        format!("output_dir={}", out.display()),
+    ]);
     assert!(ok, "training failed: {err}");
-    let runs: Vec<PathBuf> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().path()).collect();
+    let runs: Vec<PathBuf> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     assert_eq!(runs.len(), 1);
     runs[0].clone()
 }
 
 fn train(args: &[String]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_facerec")).arg("train").args(args).output().expect("running facerec");
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    let out = Command::new(env!("CARGO_BIN_EXE_facerec"))
+        .arg("train")
+        .args(args)
+        .output()
+        .expect("running facerec");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn resume(run: &Path) -> (bool, String) {
@@ -77,13 +92,22 @@ fn flipped_tensor_bytes_are_refused_on_resume_and_init() {
     let dir = tempfile::tempdir().unwrap();
     let run = trained_run(dir.path());
     let meta = std::fs::read_to_string(ckpt(&run, 6).join("meta.json")).unwrap();
-    assert!(meta.contains("\"checksums\"") && meta.contains("model.safetensors"), "{meta}");
+    assert!(
+        meta.contains("\"checksums\"") && meta.contains("model.safetensors"),
+        "{meta}"
+    );
 
     flip_bytes(&ckpt(&run, 6).join("model.safetensors"), 16);
     let (ok, err) = resume(&run);
     assert!(!ok, "a corrupt checkpoint was accepted: {err}");
-    assert!(err.contains("step-00000006/model.safetensors") && err.contains("corrupt"), "{err}");
-    assert!(err.contains("step-00000004"), "the fall-back is not offered: {err}");
+    assert!(
+        err.contains("step-00000006/model.safetensors") && err.contains("corrupt"),
+        "{err}"
+    );
+    assert!(
+        err.contains("step-00000004"),
+        "the fall-back is not offered: {err}"
+    );
 
     // Following the advice: move the corrupt folder aside, and the run resumes from step 4.
     std::fs::rename(ckpt(&run, 6), dir.path().join("corrupt-step-6")).unwrap();
@@ -102,7 +126,10 @@ fn flipped_tensor_bytes_are_refused_on_resume_and_init() {
         format!("init.from={}", ckpt(&run, 4).display()),
     ]);
     assert!(!ok, "init.from accepted a corrupt checkpoint: {err}");
-    assert!(err.contains("init.from") && err.contains("step-00000004/model.safetensors"), "{err}");
+    assert!(
+        err.contains("init.from") && err.contains("step-00000004/model.safetensors"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -113,21 +140,30 @@ fn edited_step_is_refused_naming_the_file() {
     edit_meta(&ckpt(&run, 6), |v| v["step"] = 999.into());
     let (ok, err) = resume(&run);
     assert!(!ok, "{err}");
-    assert!(err.contains("step-00000006/meta.json") && err.contains("999"), "{err}");
+    assert!(
+        err.contains("step-00000006/meta.json") && err.contains("999"),
+        "{err}"
+    );
 
     // Folder and step agree, but lie beyond the run's 6 steps.
     let far = ckpt(&run, 999);
     std::fs::rename(ckpt(&run, 6), &far).unwrap();
     let (ok, err) = resume(&run);
     assert!(!ok, "{err}");
-    assert!(err.contains("step-00000999/meta.json") && err.contains("beyond this run"), "{err}");
+    assert!(
+        err.contains("step-00000999/meta.json") && err.contains("beyond this run"),
+        "{err}"
+    );
 
     // An epoch beyond train.epochs.
     std::fs::remove_dir_all(&far).unwrap();
     edit_meta(&ckpt(&run, 4), |v| v["epoch"] = 7.into());
     let (ok, err) = resume(&run);
     assert!(!ok, "{err}");
-    assert!(err.contains("step-00000004/meta.json") && err.contains("epoch 7"), "{err}");
+    assert!(
+        err.contains("step-00000004/meta.json") && err.contains("epoch 7"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -138,7 +174,10 @@ fn empty_newest_folder_is_named_and_kept() {
     std::fs::create_dir(&empty).unwrap();
     let (ok, err) = resume(&run);
     assert!(ok, "{err}");
-    assert!(err.contains("skipped the checkpoint folder") && err.contains("step-00000008"), "{err}");
+    assert!(
+        err.contains("skipped the checkpoint folder") && err.contains("step-00000008"),
+        "{err}"
+    );
     let log = std::fs::read_to_string(run.join("training.log")).unwrap();
     assert!(log.contains("step-00000008"), "not in training.log: {log}");
     assert!(empty.is_dir(), "the skipped folder was removed");
