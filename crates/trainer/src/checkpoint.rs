@@ -6,7 +6,7 @@
 //! - `optimizer.safetensors`: the optimiser's buffers and step count;
 //! - `objective.safetensors`: method state (CoReFace's margin, cluster tables), when there is any;
 //! - `meta.json`: [`Meta`] (step, epoch and position in the epoch's data order, scaler, counters,
-//!   model description, the resolved config), written last.
+//!   model description, the resolved config, the SHA-256 of every tensor file), written last.
 //!
 //! The folder is assembled under `.step-NNNNNNNN.partial` and renamed into place, so a checkpoint
 //! either exists complete or not at all; older ones are deleted only after the new one is in place.
@@ -14,13 +14,18 @@
 //! `(seed, epoch, index)`, ElasticFace margins and Partial FC samples from `(seed, step)`, and the
 //! torch generator is re-seeded from `(seed, step)` before every step.
 //!
-//! Loading checks names and shapes and names the file and the keys that differ.
+//! Loading checks names and shapes and names the file and the keys that differ. Resuming (and
+//! `init.from` naming a checkpoint) first verifies every tensor file against the SHA-256 in
+//! `meta.json` and the step against the folder name; checkpoints written before checksums
+//! existed are accepted with a warning.
 
 use crate::amp::ScalerState;
 use crate::optim::Optimizer;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeSet, HashMap};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use tch::nn::VarStore;
 use tch::Tensor;
@@ -65,6 +70,10 @@ pub struct Meta {
     /// (processes x `train.batch_size` x `train.grad_accumulation`) stays the same.
     #[serde(default = "one")]
     pub world_size: usize,
+    /// SHA-256 (hex) of each tensor file of the folder, by file name; filled in by [`save`].
+    /// Empty in checkpoints from before checksums (accepted with a warning).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub checksums: BTreeMap<String, String>,
 }
 
 fn one() -> usize {
@@ -127,9 +136,19 @@ pub fn save(parent: &Path, meta: &Meta, backbone: &VarStore, classifier: &VarSto
         Tensor::write_safetensors(objective, tmp.join("objective.safetensors"))
             .with_context(|| format!("writing {}", tmp.join("objective.safetensors").display()))?;
     }
-    let json = serde_json::to_vec_pretty(meta)?;
+    let mut meta = meta.clone();
+    for name in TENSOR_FILES {
+        let path = tmp.join(name);
+        if path.is_file() {
+            meta.checksums.insert(name.to_string(), sha256_file(&path)?);
+        }
+    }
+    let json = serde_json::to_vec_pretty(&meta)?;
     std::fs::write(tmp.join("meta.json"), json).with_context(|| format!("writing {}", tmp.join("meta.json").display()))?;
     sync_dir_files(&tmp)?;
+    if dest.exists() && !dest.join("meta.json").is_file() {
+        eprintln!("warning: replacing the incomplete checkpoint folder {} (no meta.json) with a new checkpoint of the same step", dest.display());
+    }
     if dest.exists() {
         // The same step written again (a resumed run reaching it anew): swap, then drop the old one.
         let old = parent.join(format!(".step-{:08}.old", meta.step));
@@ -142,6 +161,84 @@ pub fn save(parent: &Path, meta: &Meta, backbone: &VarStore, classifier: &VarSto
     }
     prune(parent, keep)?;
     Ok(dest)
+}
+
+/// The tensor files a checkpoint folder may hold (each with its checksum in `meta.json`).
+pub const TENSOR_FILES: [&str; 4] = ["model.safetensors", "classifier.safetensors", "optimizer.safetensors", "objective.safetensors"];
+
+/// SHA-256 of a file's contents, lower-case hex.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut file = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).with_context(|| format!("reading {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// How to continue from an older checkpoint when the newest one of `dir`'s run is unusable.
+fn fall_back_hint(dir: &Path) -> String {
+    let parent = dir.parent().unwrap_or(Path::new("."));
+    let older: Vec<String> = list(parent)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(_, d)| d != dir)
+        .map(|(_, d)| d.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default())
+        .collect();
+    if older.is_empty() {
+        format!("no older checkpoint is left in {}; start the run again", parent.display())
+    } else {
+        format!(
+            "to fall back to the previous checkpoint, move {} out of {} and --resume again (older checkpoints there: {})",
+            dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+            parent.display(),
+            older.join(", ")
+        )
+    }
+}
+
+/// Verify the tensor files of checkpoint folder `dir` against the checksums of its `meta`.
+/// Returns a warning to log when the checkpoint has no checksums (written by an older facerec).
+pub fn verify(dir: &Path, meta: &Meta) -> Result<Option<String>> {
+    if meta.checksums.is_empty() {
+        return Ok(Some(format!("warning: {} has no checksums (written by an older facerec); its tensor files are not verified", dir.join("meta.json").display())));
+    }
+    for (name, want) in &meta.checksums {
+        verify_one(dir, name, want)?;
+    }
+    Ok(None)
+}
+
+fn verify_one(dir: &Path, name: &str, want: &str) -> Result<()> {
+    let path = dir.join(name);
+    if !path.is_file() {
+        bail!("{}: missing, though {} lists it; the checkpoint is incomplete; {}", path.display(), dir.join("meta.json").display(), fall_back_hint(dir));
+    }
+    let got = sha256_file(&path)?;
+    if got != want {
+        bail!("{}: corrupt checkpoint file (SHA-256 {got}, meta.json recorded {want}); {}", path.display(), fall_back_hint(dir));
+    }
+    Ok(())
+}
+
+/// When `file` lies in a checkpoint folder (a `meta.json` beside it that records its checksum),
+/// verify it. Files without a recorded checksum (a run's final model) are accepted.
+pub fn verify_if_checkpoint(file: &Path) -> Result<()> {
+    let Some(dir) = file.parent() else { return Ok(()) };
+    if !dir.join("meta.json").is_file() {
+        return Ok(());
+    }
+    let meta = read_meta(dir)?;
+    let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    match meta.checksums.get(&name) {
+        Some(want) => verify_one(dir, &name, want),
+        None => Ok(()),
+    }
 }
 
 /// fsync every file of `dir` and the folder itself, so the rename publishes durable data.
@@ -170,6 +267,21 @@ pub fn list(parent: &Path) -> Result<Vec<(usize, PathBuf)>> {
     Ok(out)
 }
 
+/// `step-*` folders under `parent` that are not complete checkpoints (no `meta.json`).
+pub fn incomplete(parent: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(parent) else { return Vec::new() };
+    let mut out: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            name.strip_prefix("step-").is_some_and(|s| s.parse::<usize>().is_ok()) && p.is_dir() && !p.join("meta.json").is_file()
+        })
+        .collect();
+    out.sort();
+    out
+}
+
 fn prune(parent: &Path, keep: usize) -> Result<()> {
     let all = list(parent)?;
     for (_, dir) in all.iter().take(all.len().saturating_sub(keep)) {
@@ -180,9 +292,24 @@ fn prune(parent: &Path, keep: usize) -> Result<()> {
 
 /// The newest complete checkpoint of a run directory.
 pub fn latest(run_dir: &Path) -> Result<PathBuf> {
+    Ok(latest_noting(run_dir)?.0)
+}
+
+/// The newest complete checkpoint of a run directory, and the newer `step-*` folders passed over
+/// because they hold no `meta.json` (to be reported).
+pub fn latest_noting(run_dir: &Path) -> Result<(PathBuf, Vec<PathBuf>)> {
     let parent = run_dir.join("checkpoints");
+    let bad = incomplete(&parent);
     match list(&parent)?.pop() {
-        Some((_, dir)) => Ok(dir),
+        Some((step, dir)) => {
+            let newer = bad.into_iter().filter(|p| p.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix("step-")).and_then(|s| s.parse::<usize>().ok()).is_some_and(|s| s > step)).collect();
+            Ok((dir, newer))
+        }
+        None if !bad.is_empty() => bail!(
+            "{}: no complete checkpoint to resume from; {} have no meta.json (incomplete or emptied)",
+            run_dir.display(),
+            bad.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+        ),
         None => bail!("{}: no complete checkpoint to resume from (looked for checkpoints/step-*/meta.json)", run_dir.display()),
     }
 }
@@ -194,6 +321,12 @@ pub fn read_meta(dir: &Path) -> Result<Meta> {
     let meta: Meta = serde_json::from_slice(&bytes).with_context(|| format!("{}: not a facerec checkpoint description (corrupt?)", path.display()))?;
     if meta.format != FORMAT {
         bail!("{}: checkpoint format {} (this facerec reads {FORMAT})", path.display(), meta.format);
+    }
+    let folder = dir.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix("step-")).and_then(|s| s.parse::<usize>().ok());
+    if let Some(step) = folder {
+        if step != meta.step {
+            bail!("{}: says step {}, but its folder is {} (edited or misplaced?); {}", path.display(), meta.step, dir.display(), fall_back_hint(dir));
+        }
     }
     Ok(meta)
 }
@@ -325,6 +458,7 @@ pub fn resolve_init(path: &Path) -> Result<PathBuf> {
 /// missing keys are an error when `strict`. Returns the report (to be logged).
 pub fn init_backbone(vs: &VarStore, path: &Path, strict: bool) -> Result<KeyReport> {
     let file = resolve_init(path)?;
+    verify_if_checkpoint(&file).context("config key `init.from`")?;
     let raw = read_tensors(&file)?;
     let strip = |k: &str| -> String {
         let mut k = k;
@@ -360,6 +494,7 @@ pub fn init_classifier(vs: &VarStore, from: &Path) -> Result<PathBuf> {
     if !path.is_file() {
         bail!("config key `init.classifier`: {} has no classifier.safetensors beside it (point init.from at a run or checkpoint folder)", model.display());
     }
+    verify_if_checkpoint(&path).context("config key `init.classifier`")?;
     load_exact(vs, &path, "classifier (init.classifier)").context("config key `init.classifier`")?;
     Ok(path)
 }
@@ -439,6 +574,7 @@ mod tests {
             best: vec![],
             config: String::new(),
             world_size: 1,
+            checksums: BTreeMap::new(),
         };
         std::fs::create_dir_all(dir.path().join(".step-00000009.partial")).unwrap();
         for step in [1, 2, 3, 4] {
@@ -446,7 +582,10 @@ mod tests {
         }
         let steps: Vec<usize> = list(dir.path()).unwrap().into_iter().map(|(s, _)| s).collect();
         assert_eq!(steps, vec![3, 4]);
-        assert_eq!(read_meta(&step_dir(dir.path(), 4)).unwrap(), meta(4));
+        let read = read_meta(&step_dir(dir.path(), 4)).unwrap();
+        assert_eq!(Meta { checksums: BTreeMap::new(), ..read.clone() }, meta(4));
+        assert_eq!(read.checksums.len(), 3, "model, classifier and optimizer files: {:?}", read.checksums);
+        assert!(verify(&step_dir(dir.path(), 4), &read).unwrap().is_none());
         let state = read_optimizer(&step_dir(dir.path(), 4)).unwrap();
         assert_eq!(i64::try_from(&state["steps"]).unwrap(), 0);
         let _ = Kind::Float;

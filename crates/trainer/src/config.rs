@@ -350,7 +350,7 @@ fn default_keep() -> usize {
 }
 
 /// Fine-tuning: backbone weights to start from.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct InitConfig {
     /// A `.safetensors` backbone state dict (ours, or arcface_torch's `state_dict` exported to
@@ -367,6 +367,13 @@ pub struct InitConfig {
     /// schedule still start fresh. Default false.
     #[serde(default)]
     pub classifier: bool,
+}
+
+/// The defaults of the field attributes (`strict` true): also what an absent `[init]` gives.
+impl Default for InitConfig {
+    fn default() -> Self {
+        InitConfig { from: None, strict: true, classifier: false }
+    }
 }
 
 /// Learning-rate schedule, evaluated at every optimiser step.
@@ -667,6 +674,9 @@ impl Config {
         if t.grad_accumulation == 0 {
             bail!("config key `train.grad_accumulation`: must be at least 1");
         }
+        if t.max_nonfinite_steps == 0 {
+            bail!("config key `train.max_nonfinite_steps`: must be at least 1 (the number of consecutive non-finite steps after which the run stops)");
+        }
         let sc = &t.scaler;
         if !(sc.init_scale >= sc.min_scale && sc.min_scale > 0.0 && sc.growth_factor > 1.0 && sc.backoff_factor > 0.0 && sc.backoff_factor < 1.0 && sc.growth_interval > 0) {
             bail!("config key `train.scaler`: need init_scale >= min_scale > 0, growth_factor > 1, 0 < backoff_factor < 1, growth_interval >= 1");
@@ -832,6 +842,23 @@ mod tests {
         assert!(err.contains("optim") && err.contains("lrr"), "{err}");
         let err = Config::load(None, &["train.epochs=0".into()]).unwrap_err().to_string();
         assert!(err.contains("train.epochs"), "{err}");
+    }
+
+    #[test]
+    fn init_is_strict_unless_asked() {
+        // No `[init]` at all (the embedded default has none), an `[init]` without `strict`, and
+        // the struct's own default all mean strict, as docs/configuration.md says.
+        assert!(Config::load(None, &[]).unwrap().init.strict);
+        assert!(Config::load(None, &["init.classifier=false".into()]).unwrap().init.strict);
+        assert!(InitConfig::default().strict);
+        assert!(!Config::load(None, &["init.strict=false".into()]).unwrap().init.strict);
+    }
+
+    #[test]
+    fn zero_nonfinite_budget_is_refused() {
+        let err = Config::load(None, &["train.max_nonfinite_steps=0".into()]).unwrap_err().to_string();
+        assert!(err.contains("train.max_nonfinite_steps"), "{err}");
+        assert!(Config::load(None, &["train.max_nonfinite_steps=1".into()]).is_ok());
     }
 
     #[test]

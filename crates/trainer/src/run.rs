@@ -158,7 +158,16 @@ impl<'a> Trainer<'a> {
             ));
         }
         if let Some(r) = &resume {
+            for note in &r.notes {
+                logger.line(note);
+            }
             logger.line(&format!("resumed from {} at global step {} (epoch {}, batch {})", r.dir.display(), r.meta.step, r.meta.epoch, r.meta.batch_in_epoch));
+            if r.meta.consecutive_bad > 0 {
+                logger.line(&format!(
+                    "the checkpoint ends {} consecutive non-finite steps; the count starts again from 0 (train.max_nonfinite_steps = {} more allowed)",
+                    r.meta.consecutive_bad, cfg.train.max_nonfinite_steps
+                ));
+            }
         }
         if let Some(line) = &init_line {
             logger.line(line);
@@ -262,7 +271,12 @@ impl<'a> Trainer<'a> {
             return Ok(());
         }
         let st = &self.st;
-        self.logger.line(&format!("step {}: non-finite loss or gradient (loss {}); step skipped; grad scale now {}", st.step - 1, outcome.loss, st.scaler.scale()));
+        let scale = if st.scaler.enabled() { format!("; grad scale now {}", st.scaler.scale()) } else { String::new() };
+        self.logger.line(&format!(
+            "step {}: non-finite loss or gradient (loss {}); step skipped, weights, optimiser and BatchNorm statistics left as they were{scale}",
+            st.step - 1,
+            outcome.loss
+        ));
         if st.consecutive_bad < self.cfg.train.max_nonfinite_steps && !outcome.collapsed {
             return Ok(());
         }
@@ -392,8 +406,19 @@ fn open_run_dir(cfg: &Config, resume: Option<&ResumePoint>, world: &World) -> Re
 
 /// The newest checkpoint of `run_dir`, checked against this run's facts.
 fn find_resume_point(facts: &RunFacts, loader: &Loader, run_dir: &Path) -> Result<ResumePoint> {
-    let dir = checkpoint::latest(run_dir)?;
+    let (dir, passed_over) = checkpoint::latest_noting(run_dir)?;
+    let mut notes: Vec<String> = passed_over
+        .iter()
+        .map(|p| format!("warning: skipped the checkpoint folder {} (no meta.json: incomplete or emptied); resuming from {} instead", p.display(), dir.display()))
+        .collect();
+    for n in &notes {
+        eprintln!("{n}");
+    }
     let meta = checkpoint::read_meta(&dir)?;
     facts.check(&meta, &dir, |e| checkpoint::fingerprint(&loader.epoch_order(e)))?;
-    Ok(ResumePoint { run_dir: run_dir.to_path_buf(), dir, meta })
+    if let Some(warning) = checkpoint::verify(&dir, &meta)? {
+        eprintln!("{warning}");
+        notes.push(warning);
+    }
+    Ok(ResumePoint { run_dir: run_dir.to_path_buf(), dir, meta, notes })
 }

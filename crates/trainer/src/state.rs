@@ -76,7 +76,10 @@ impl State {
         self.opt.load_state(checkpoint::read_optimizer(dir)?).with_context(|| format!("{}", dir.join("optimizer.safetensors").display()))?;
         self.scaler.load_state(meta.scaler);
         (self.step, self.epoch, self.batch_in_epoch) = (meta.step, meta.epoch, meta.batch_in_epoch);
-        (self.skipped, self.consecutive_bad, self.best) = (meta.skipped_steps, meta.consecutive_bad, meta.best.clone());
+        // A resumed run starts a new count of consecutive non-finite steps: the user resumes after
+        // changing something (a lower optim.lr), and the count of the old settings would stop the
+        // new ones after a single bad step. The total of skipped steps carries on.
+        (self.skipped, self.consecutive_bad, self.best) = (meta.skipped_steps, 0, meta.best.clone());
         Ok(())
     }
 
@@ -91,6 +94,31 @@ impl State {
             line.push_str("\nclassifier initialised from the same folder (init.classifier)");
         }
         Ok(Some(line))
+    }
+
+    /// Copies of the backbone's and the classifier's non-trainable variables (BatchNorm running
+    /// statistics and batch counters), taken before a step's forward pass: a skipped step puts
+    /// them back with [`State::restore_buffers`], so the state after it is the last good one.
+    pub fn snapshot_buffers(&self) -> Vec<(Tensor, Tensor)> {
+        let _guard = tch::no_grad_guard();
+        [&self.backbone_vs, &self.head_vs]
+            .into_iter()
+            .flat_map(|vs| vs.variables().into_values())
+            .filter(|t| !t.requires_grad())
+            .map(|t| {
+                let copy = t.copy();
+                (t, copy)
+            })
+            .collect()
+    }
+
+    /// Put back the values of [`State::snapshot_buffers`] (in place, so every module keeps
+    /// seeing the same tensors).
+    pub fn restore_buffers(snapshot: &mut [(Tensor, Tensor)]) {
+        let _guard = tch::no_grad_guard();
+        for (var, saved) in snapshot.iter_mut() {
+            var.copy_(saved);
+        }
     }
 
     /// The modules in `precision`, for the objective and the evaluation.
@@ -132,6 +160,7 @@ impl RunFacts<'_> {
             best: s.best.clone(),
             config: self.cfg.to_toml(),
             world_size: self.world_size,
+            checksums: Default::default(),
         }
     }
 
@@ -166,6 +195,30 @@ impl RunFacts<'_> {
                 then as f64 / self.world_size as f64
             );
         }
+        // The position must be one this run can reach: the step matches the epoch and batch, and
+        // lies within the run (an edited or foreign meta.json is refused).
+        let file = dir.join("meta.json");
+        let per_step = now.max(1);
+        let steps_per_epoch = self.batches_per_epoch / per_step;
+        let total = steps_per_epoch * self.cfg.train.epochs;
+        if meta.epoch > self.cfg.train.epochs || meta.step > total {
+            bail!(
+                "{}: step {} (epoch {}) lies beyond this run ({total} steps, train.epochs = {}); the file was edited or belongs to another run",
+                file.display(),
+                meta.step,
+                meta.epoch,
+                self.cfg.train.epochs
+            );
+        }
+        if meta.batch_in_epoch > self.batches_per_epoch || meta.step != meta.epoch * steps_per_epoch + meta.batch_in_epoch / per_step {
+            bail!(
+                "{}: step {} does not match epoch {} and batch {} ({steps_per_epoch} steps per epoch); the file was edited or belongs to another run",
+                file.display(),
+                meta.step,
+                meta.epoch,
+                meta.batch_in_epoch
+            );
+        }
         if meta.data.images != self.images || meta.data.batches_per_epoch != self.batches_per_epoch || meta.data.order_fingerprint != fingerprint_of(meta.epoch) {
             bail!(
                 "config key `data`: the training data changed since the checkpoint {at} ({} images, {} batches per epoch then; {} images, {} batches now, or another order); resuming would not continue the same run",
@@ -188,6 +241,8 @@ pub struct ResumePoint {
     pub dir: PathBuf,
     /// Its metadata, already checked against the run's facts.
     pub meta: Meta,
+    /// Warnings to log: newer checkpoint folders passed over, a checkpoint without checksums.
+    pub notes: Vec<String>,
 }
 
 /// `train.grad_accumulation` of a checkpoint's resolved config (1 when absent).

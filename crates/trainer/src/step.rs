@@ -68,10 +68,16 @@ impl StepPlan<'_> {
         tch::manual_seed(step_seed(self.cfg.seed, st.step));
         objective.begin_step(st.step, st.epoch);
         st.opt.zero_grad();
+        // The forward pass in train mode updates the BatchNorm running statistics; a skipped step
+        // must not keep them (every rank takes the same decision: `finite` is global).
+        let mut buffers = st.snapshot_buffers();
         let (loss, row_mask, metrics) = self.forward_backward(st, objective, batches, window)?;
         let t1 = Instant::now();
         let (loss, row_mask) = self.synchronise(st, loss, row_mask)?;
         let (finite, collapsed) = self.apply(st, row_mask, loss, lr);
+        if !finite {
+            State::restore_buffers(&mut buffers);
+        }
         objective.end_step();
         if finite {
             window.loss += loss;

@@ -267,9 +267,17 @@ fn checkpoint_faults_give_clear_errors_and_damage_nothing() {
     assert!(!ok);
     assert!(err.contains("config key `model`") && err.contains("another backbone"), "{err}");
 
-    // The same foreign tensors under a matching description: the tensor check names the keys.
+    // The same foreign tensors under a matching description: their checksums differ from the
+    // recorded ones, so the file is named as corrupt.
     let meta = std::fs::read_to_string(run_dir.join("checkpoints/step-00000006/meta.json")).unwrap();
-    std::fs::write(dst.join("meta.json"), meta).unwrap();
+    std::fs::write(dst.join("meta.json"), &meta).unwrap();
+    let (ok, err) = run(&["--resume", foreign_parent.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(err.contains("step-00000006/") && err.contains(".safetensors: corrupt checkpoint file"), "{err}");
+    // Without checksums (a checkpoint from before them), the tensor check names the keys.
+    let mut value: serde_json::Value = serde_json::from_str(&meta).unwrap();
+    value.as_object_mut().unwrap().remove("checksums");
+    std::fs::write(dst.join("meta.json"), serde_json::to_string(&value).unwrap()).unwrap();
     let (ok, err) = run(&["--resume", foreign_parent.to_str().unwrap()]);
     assert!(!ok);
     assert!(err.contains("model.safetensors") && err.contains("in the file") && err.contains("in the model"), "{err}");
