@@ -24,6 +24,7 @@ epochs = 1
 batch_size = 16
 log_every = 1
 threads = 2
+[loader]
 workers = 2
 [checkpoint]
 every_steps = 2
