@@ -7,11 +7,13 @@ linear classifier, ArcFace, cross-entropy, backward, `clip_grad_norm_` of the ba
 flip test, on the independent oracle networks of `backbone_oracle.py`. Nothing is tuned: default
 allocator, default `torch.optim.SGD` (on CPU its per-parameter loop), contiguous (NCHW) tensors.
 
-`--malloc keep` applies the same glibc settings as facerec's default (`crates/malloc`:
-M_MMAP_THRESHOLD = 1 GiB, M_TRIM_THRESHOLD = 2 GiB - 1, through `mallopt` before torch is
-imported), so the comparison can also be made with the allocator setting on both sides.
+`--malloc keep` applies the same glibc settings as facerec's default (`crates/process`,
+`FACEREC_MALLOC=keep`: M_MMAP_THRESHOLD = 1 GiB, M_TRIM_THRESHOLD = 2 GiB - 1, through `mallopt`
+before torch is imported), and `--omp passive` sets `OMP_WAIT_POLICY=PASSIVE` before torch (and
+with it libgomp) is loaded, as facerec does by default; so the comparison can also be made with
+facerec's process settings on both sides.
 
-Serve mode (the only mode): prints {"torch", "threads", "malloc"}, then answers one JSON request
+Serve mode (the only mode): prints {"torch", "threads", "malloc", "omp"}, then answers one JSON request
 per stdin line with one JSON line:
   {"cmd": "setup", "model": {<[model] table>}, "batch": B, "classes": C, "s": S, "m": M,
    "head": "arcface"|"arcface_detached", "lr": LR, "momentum": MU, "weight_decay": WD,
@@ -20,7 +22,7 @@ per stdin line with one JSON line:
   {"cmd": "train", "steps": N}  -> {"ms": [...], "cpu_ms": [...], "loss": last loss}
   {"cmd": "embed", "images": N, "batch": B, "reps": R} -> {"ms": [...], "cpu_ms": [...]}
       (eval mode, no_grad, u8 images normalised per batch, f(x) + f(flip(x)), L2-normalised, XNorm)
-  {"cmd": "rss"} -> {"peak_rss_bytes": ...}
+  {"cmd": "rss"} -> {"peak_rss_bytes": ..., "rss_bytes": ...} (peak so far, and now)
 """
 import argparse
 import ctypes
@@ -43,12 +45,17 @@ def parse_args():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, required=True)
     ap.add_argument("--malloc", choices=["system", "keep"], default="system")
+    ap.add_argument("--omp", choices=["default", "passive"], default="default")
     return ap.parse_args()
 
 
 ARGS = parse_args()
 if ARGS.malloc == "keep":
     keep_memory()
+if ARGS.omp == "passive":
+    import os
+
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # read by libgomp when torch loads it
 
 import math  # noqa: E402
 import os  # noqa: E402
@@ -96,6 +103,8 @@ class Trainer:
         )
         self.clip = float(req["clip"])
         self.precision = req.get("precision", "off")
+        # fp16 as arcface_torch trains it: a GradScaler around backward and step.
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         self.params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
     def loss(self):
@@ -111,9 +120,16 @@ class Trainer:
 
     def step(self):
         loss = self.loss()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
-        self.opt.step()
+        if self.scaler is None:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+            self.opt.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.opt)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+            self.scaler.step(self.opt)
+            self.scaler.update()
         self.opt.zero_grad()
         return loss.item()
 
@@ -158,7 +174,7 @@ class Trainer:
 
 def main():
     torch.set_num_threads(ARGS.threads)
-    print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "malloc": ARGS.malloc}), flush=True)
+    print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "malloc": ARGS.malloc, "omp": ARGS.omp}), flush=True)
     trainer = None
     for line in sys.stdin:
         req = json.loads(line)
@@ -172,7 +188,9 @@ def main():
         elif cmd == "embed":
             reply = trainer.embed(int(req["images"]), int(req["batch"]), int(req["reps"]))
         elif cmd == "rss":
-            reply = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+            with open("/proc/self/statm") as f:
+                rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            reply = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "rss_bytes": rss}
         else:
             raise SystemExit(f"unknown request {cmd!r}")
         print(json.dumps(reply), flush=True)

@@ -1,5 +1,4 @@
-//! Memory that stays put: glibc `malloc` settings applied at process start by every facerec binary
-//! (the `facerec` command, the `bench-*` binaries), so that a training step does not hand its large
+//! Memory that stays put: glibc `malloc` settings applied at process start (see [`crate::init`]), so that a training step does not hand its large
 //! tensors back to the kernel and fault them in again, zeroed, on the next step.
 //!
 //! Why: libtorch's CPU allocator (`c10::alloc_cpu`) takes every tensor from glibc through
@@ -10,12 +9,12 @@
 //! early activation), so each step paid first-touch page faults on all of them: 15–20 % of the
 //! cycles in `clear_page_erms`/`exc_page_fault` in `perf` (issue 16).
 //!
-//! What [`init`] does with the default policy [`Policy::Keep`]: `mallopt(M_MMAP_THRESHOLD, 1 GiB)`
+//! What [`crate::init`] does with the default policy [`Policy::Keep`]: `mallopt(M_MMAP_THRESHOLD, 1 GiB)`
 //! (blocks up to 1 GiB come from the heap and are reused; setting it also switches off glibc's
 //! dynamic threshold) and `mallopt(M_TRIM_THRESHOLD, 2 GiB − 1)` (freed memory at the heap top is
 //! kept). Both must be set before the large allocations, which is why it runs first in `main`.
 //! The trade: the process keeps its peak working set instead of returning it between steps, so
-//! its resident size stays at about its peak ([`peak_rss_bytes`] reports it) and a long-lived
+//! its resident size stays at about its peak ([`crate::peak_rss_bytes`] reports it) and a long-lived
 //! process does not give memory back to others after a large phase.
 //!
 //! A Rust `#[global_allocator]` (mimalloc, jemalloc) would not help here: it replaces only the
@@ -107,43 +106,6 @@ pub fn apply(policy: Policy) -> Result<()> {
     Ok(())
 }
 
-/// Read `$FACEREC_MALLOC` and apply it; returns the policy in force.
-pub fn init() -> Result<Policy> {
-    let policy = Policy::from_env()?;
-    apply(policy)?;
-    Ok(policy)
-}
-
-/// The largest resident set size this process has had so far, in bytes (`getrusage`'s
-/// `ru_maxrss`); `None` where the call fails.
-pub fn peak_rss_bytes() -> Option<u64> {
-    // SAFETY: `usage` is a valid, writable rusage; RUSAGE_SELF is a constant libc defines.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
-    // Linux reports kilobytes.
-    (rc == 0).then(|| usage.ru_maxrss as u64 * 1024)
-}
-
-/// Minor page faults of this process so far (`getrusage`'s `ru_minflt`), 0 where the call fails.
-pub fn minor_faults() -> u64 {
-    // SAFETY: as in `peak_rss_bytes`.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
-    if rc == 0 {
-        usage.ru_minflt as u64
-    } else {
-        0
-    }
-}
-
-/// "peak RSS 1234 MiB" (or "peak RSS unknown"), for the end of a run.
-pub fn peak_rss_line() -> String {
-    match peak_rss_bytes() {
-        Some(b) => format!("peak RSS {} MiB", b >> 20),
-        None => "peak RSS unknown".into(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,11 +120,5 @@ mod tests {
         for p in [Policy::Keep, Policy::System] {
             assert_eq!(Policy::parse(p.name()).unwrap(), p);
         }
-    }
-
-    #[test]
-    fn peak_rss_is_positive() {
-        let rss = peak_rss_bytes().expect("getrusage works on Linux");
-        assert!(rss > 1 << 20, "a test process has more than 1 MiB resident: {rss}");
     }
 }

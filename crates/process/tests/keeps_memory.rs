@@ -14,7 +14,7 @@ const PAGE: u64 = 4096;
 
 /// Minor faults of ROUNDS rounds of malloc, touch every page, free.
 fn faults_of_rounds() -> u64 {
-    let before = facerec_malloc::minor_faults();
+    let before = facerec_process::minor_faults();
     for _ in 0..ROUNDS {
         // SAFETY: plain malloc/free of a block we own; every byte written is inside it.
         unsafe {
@@ -26,17 +26,17 @@ fn faults_of_rounds() -> u64 {
             libc::free(p as *mut libc::c_void);
         }
     }
-    facerec_malloc::minor_faults() - before
+    facerec_process::minor_faults() - before
 }
 
 fn main() {
     let pages = BLOCK as u64 / PAGE;
     if std::env::args().nth(1).as_deref() == Some("child-system") {
-        facerec_malloc::apply(facerec_malloc::Policy::System).unwrap();
+        facerec_process::malloc::apply(facerec_process::malloc::Policy::System).unwrap();
         println!("{}", faults_of_rounds());
         return;
     }
-    facerec_malloc::apply(facerec_malloc::Policy::Keep).expect("mallopt accepted");
+    facerec_process::malloc::apply(facerec_process::malloc::Policy::Keep).expect("mallopt accepted");
     let kept = faults_of_rounds();
     let out = Command::new(std::env::current_exe().unwrap()).arg("child-system").output().expect("child runs");
     let system: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().expect("child prints a count");
