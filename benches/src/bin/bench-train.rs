@@ -201,6 +201,7 @@ struct Ours {
     grad_clip: f64,
     lr: f64,
     step: usize,
+    last_loss: f64,
     x: Tensor,
     y: Tensor,
     device: Device,
@@ -243,6 +244,7 @@ impl Ours {
             grad_clip: cfg.train.grad_clip,
             lr: cfg.optim.lr(),
             step: 0,
+            last_loss: f64::NAN,
             x,
             y,
             device,
@@ -279,6 +281,7 @@ impl Ours {
             self.opt.step(self.lr);
         }
         self.step += 1;
+        self.last_loss = loss_v;
         loss_v
     }
 
@@ -529,6 +532,9 @@ fn main() -> Result<()> {
                 let rss: Rss = r.ask(json!({"cmd": "rss"}))?;
                 sides[i + 1].rss = (rss.peak_rss_bytes, rss.rss_bytes);
             }
+            // Same seed, same steps: equal across allocator / OpenMP settings and bit-identical
+            // code changes (a check that a speed change did not change the numbers).
+            eprintln!("bench-train: {dev} {}: our loss after {} steps: {:.9e}", net.name, ours.step, ours.last_loss);
             let params = ours.params();
             drop(ours);
             rows.push((net, params, sides));
