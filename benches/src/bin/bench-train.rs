@@ -98,6 +98,9 @@ struct Args {
     python: Option<PathBuf>,
 }
 
+/// Batch size of the embedding rows (both sides).
+const EVAL_BATCH: i64 = 128;
+
 /// One network of the bench.
 struct Net {
     name: &'static str,
@@ -514,7 +517,7 @@ fn main() -> Result<()> {
             if !args.skip_eval {
                 let size = net.model.input_size();
                 let images = Tensor::randint(256, [net.eval_images, 3, size, size], (Kind::Uint8, Device::Cpu)).to_device(device);
-                let eval_batch = 128;
+                let eval_batch = EVAL_BATCH;
                 ours.embed(&images, eval_batch, 1);
                 let req = |reps: usize| json!({"cmd": "embed", "images": net.eval_images, "batch": eval_batch, "reps": reps});
                 for r in refs.iter_mut() {
@@ -565,7 +568,8 @@ fn print_tables(rows: &[(&Net, i64, Vec<Side>)], mallocs: &[String], args: &Args
         }
         println!();
         println!("{what}:");
-        let mut head = format!("| net | params | batch | ours {unit} |");
+        let size_col = if pick == 0 { "batch".to_string() } else { format!("images (batches of {EVAL_BATCH})") };
+        let mut head = format!("| net | params | {size_col} | ours {unit} |");
         let mut rule = "|---|---:|---:|---:|".to_string();
         for m in mallocs {
             head += &format!(" PyTorch ({m}) {unit} | ratio | CPU-time ratio |");
@@ -589,7 +593,7 @@ fn print_tables(rows: &[(&Net, i64, Vec<Side>)], mallocs: &[String], args: &Args
                 continue;
             }
             let (ours_ms, ours_cpu) = (med(&ours, |x| x.wall), med(&ours, |x| x.cpu));
-            let mut line = format!("| {} | {params} | {} | {:.1} |", net.name, net.batch, per_item * 1e3 / ours_ms);
+            let mut line = format!("| {} | {params} | {} | {:.1} |", net.name, per_item as i64, per_item * 1e3 / ours_ms);
             for s in &sides[1..] {
                 let theirs = t(s);
                 let (ms, cpu) = (med(&theirs, |x| x.wall), med(&theirs, |x| x.cpu));
