@@ -110,3 +110,18 @@ pub fn sync(device: tch::Device) {
         tch::Cuda::synchronize(i as i64);
     }
 }
+
+/// CPU time of this process (all threads, user + system), in milliseconds.
+///
+/// # Panics
+/// If `clock_gettime(CLOCK_PROCESS_CPUTIME_ID)` fails.
+pub fn process_cpu_ms() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; the clock id is a constant libc defines.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_PROCESS_CPUTIME_ID) failed");
+    ts.tv_sec as f64 * 1e3 + ts.tv_nsec as f64 * 1e-6
+}

@@ -254,6 +254,8 @@ fn loss_table(args: &Args, device: Device) -> Result<()> {
 }
 
 fn main() -> Result<()> {
+    // facerec's process settings (allocator, OpenMP wait policy), as the trainer runs.
+    facerec_process::init()?;
     let args = Args::parse();
     if let Some(n) = args.threads {
         tch::set_num_threads(n);

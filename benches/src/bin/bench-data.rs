@@ -46,6 +46,8 @@ struct Args {
 }
 
 fn main() -> Result<()> {
+    // facerec's process settings (allocator, OpenMP wait policy), as the trainer runs.
+    facerec_process::init()?;
     let args = Args::parse();
     let ws = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("..")

@@ -27,7 +27,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use facerec_benches::{median, min, sync};
+use facerec_benches::{median, min, process_cpu_ms, sync};
 use facerec_loss_heads::{
     cross_entropy, margin_cross_entropy, CosineClassifier, Gce, GceConfig, HeadConfig, MarginHead,
 };
@@ -86,18 +86,6 @@ struct Reply {
 struct Timing {
     wall: f64,
     cpu: f64,
-}
-
-/// CPU time of this process (all threads), in milliseconds.
-fn process_cpu_ms() -> f64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec; the clock id is a constant libc defines.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
-    assert_eq!(rc, 0, "clock_gettime(CLOCK_PROCESS_CPUTIME_ID) failed");
-    ts.tv_sec as f64 * 1e3 + ts.tv_nsec as f64 * 1e-6
 }
 
 /// The PyTorch reference in serve mode: one request line, one JSON line back.
@@ -260,7 +248,9 @@ impl LossConfig {
 }
 
 fn main() -> Result<()> {
+    let settings = facerec_process::init()?;
     let args = Args::parse();
+    eprintln!("bench-losses: {}", settings.describe());
     if let Some(n) = args.threads {
         tch::set_num_threads(n);
     }

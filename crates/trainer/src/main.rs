@@ -3,6 +3,13 @@
 //! One convention for every subcommand: inputs are named options, never positional. What holds a
 //! model (a run directory or a `.safetensors`) is `--model` (`eval`, `cluster`, `export`); what
 //! holds only a run's metrics is `--run` (`plot`); `train --resume RUN_DIR` continues a run.
+//!
+//! At process start the settings of `facerec-process` are applied: glibc keeps freed memory
+//! (`FACEREC_MALLOC=keep`, the default: large tensors are not faulted in again every step;
+//! `FACEREC_MALLOC=system` opts out) and OpenMP threads wait passively (`OMP_WAIT_POLICY=PASSIVE`
+//! unless set, by one re-execution; `FACEREC_OMP_WAIT=default` opts out). `train`, `eval`,
+//! `cluster` and `compare` end with the settings and the peak resident size on stderr, so the
+//! memory side of the trade is visible.
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -58,7 +65,26 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    match run(Cli::parse()) {
+    // Before anything else: it may re-execute the binary (OpenMP policy), and the allocator
+    // thresholds apply to blocks allocated afterwards.
+    let settings = match facerec_process::init() {
+        Ok(policy) => policy,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let cli = Cli::parse();
+    let report_memory = match &cli.command {
+        Command::Train { print_config, dry_run, .. } => !print_config && !dry_run,
+        Command::Eval(_) | Command::Cluster(_) | Command::Compare(_) => true,
+        _ => false,
+    };
+    let result = run(cli);
+    if report_memory {
+        eprintln!("{}; {}", facerec_process::peak_rss_line(), settings.describe());
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");

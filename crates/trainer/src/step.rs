@@ -65,13 +65,34 @@ impl StepPlan<'_> {
     /// Take optimiser step `st.step` at learning rate `lr`, reading its micro-batches from
     /// `batches`; advances the step and batch counters (not the epoch).
     pub fn run(&self, st: &mut State, objective: &mut dyn Objective, batches: &mut EpochIter, lr: f64, window: &mut Window) -> Result<StepOutcome> {
+        let buffers = self.begin(st, objective);
+        let (loss, row_mask, metrics) = self.forward_backward(st, objective, batches, window)?;
+        self.finish(st, objective, buffers, (loss, row_mask, metrics), lr, window)
+    }
+
+    /// The same step on one given micro-batch `x [B, 3, S, S]`, `y [B]` (dataset indices
+    /// `images`), without a loader: what `bench-train` times, so the bench runs the trainer's own
+    /// step. Counts as `train.grad_accumulation = 1`.
+    pub fn run_on(&self, st: &mut State, objective: &mut dyn Objective, x: &Tensor, y: &Tensor, images: &[usize], lr: f64) -> Result<StepOutcome> {
+        let buffers = self.begin(st, objective);
+        let micro = self.micro_batch(st, objective, x, y, images, 1);
+        self.finish(st, objective, buffers, micro, lr, &mut Window::default())
+    }
+
+    /// The step's random stream, the objective's step, zeroed gradients; returns the BatchNorm
+    /// buffers as they were before the forward passes (restored if the step is skipped).
+    fn begin(&self, st: &mut State, objective: &mut dyn Objective) -> Vec<(Tensor, Tensor)> {
         tch::manual_seed(step_seed(self.cfg.seed, st.step));
         objective.begin_step(st.step, st.epoch);
         st.opt.zero_grad();
         // The forward pass in train mode updates the BatchNorm running statistics; a skipped step
         // must not keep them (every rank takes the same decision: `finite` is global).
-        let mut buffers = st.snapshot_buffers();
-        let (loss, row_mask, metrics) = self.forward_backward(st, objective, batches, window)?;
+        st.snapshot_buffers()
+    }
+
+    /// After the micro-batches: synchronise, apply, restore the buffers of a skipped step, count.
+    fn finish(&self, st: &mut State, objective: &mut dyn Objective, mut buffers: Vec<(Tensor, Tensor)>, micro: (f64, Option<Tensor>, Vec<(&'static str, f64)>), lr: f64, window: &mut Window) -> Result<StepOutcome> {
+        let (loss, row_mask, metrics) = micro;
         let t1 = Instant::now();
         let (loss, row_mask) = self.synchronise(st, loss, row_mask)?;
         let (finite, collapsed) = self.apply(st, row_mask, loss, lr);
@@ -102,22 +123,29 @@ impl StepPlan<'_> {
             let t0 = Instant::now();
             window.wait += (t0 - wait_start).as_secs_f64();
             let (x, y) = batch.to_tensors(self.device);
-            objective.set_batch_images(&batch.indices);
-            let micro = objective.loss(&st.model(self.cfg.train.precision, self.num_classes), &x, &y);
-            let loss = micro.loss / accumulation as f64;
-            st.scaler.scale_loss(&loss).backward();
-            loss_v += f64::try_from(&loss).unwrap_or(f64::NAN);
-            row_mask = match (row_mask.take(), micro.row_mask) {
+            let (loss, mask, m) = self.micro_batch(st, objective, &x, &y, &batch.indices, accumulation);
+            loss_v += loss;
+            row_mask = match (row_mask.take(), mask) {
                 (Some(a), Some(b)) => Some(a.maximum(&b)),
                 (a, b) => a.or(b),
             };
-            metrics = micro.metrics;
+            metrics = m;
             window.samples += batch.len();
             window.busy += t0.elapsed().as_secs_f64();
             // The epoch position counts the micro-batches of every rank.
             st.batch_in_epoch += self.world.size();
         }
         Ok((loss_v, row_mask, metrics))
+    }
+
+    /// Forward and backward of one micro-batch, its loss divided by `accumulation`: that loss, the
+    /// classifier rows it may change and the objective's metrics.
+    fn micro_batch(&self, st: &mut State, objective: &mut dyn Objective, x: &Tensor, y: &Tensor, images: &[usize], accumulation: usize) -> (f64, Option<Tensor>, Vec<(&'static str, f64)>) {
+        objective.set_batch_images(images);
+        let micro = objective.loss(&st.model(self.cfg.train.precision, self.num_classes), x, y);
+        let loss = micro.loss / accumulation as f64;
+        st.scaler.scale_loss(&loss).backward();
+        (f64::try_from(&loss).unwrap_or(f64::NAN), micro.row_mask, micro.metrics)
     }
 
     /// Data parallel: average the gradients and the loss over the ranks and unite their Partial FC
