@@ -2,7 +2,7 @@
 //! and the side-by-side binaries in `src/bin/` (`cargo xtask bench-<name>`).
 
 use facerec_loss_heads::{
-    ArcFaceConfig, ArcFaceGradient, CombinedConfig, CosFaceConfig, ElasticArcConfig,
+    AdaFaceConfig, ArcFaceConfig, ArcFaceGradient, CurricularFaceConfig, CombinedConfig, CosFaceConfig, ElasticArcConfig,
     ElasticArcPlusConfig, ElasticCosConfig, ElasticCosPlusConfig, GceConfig, HeadConfig,
     MarginForm, NormFaceConfig, PairwiseConfig, SoftmaxConfig, SphereFaceConfig,
 };
@@ -57,6 +57,15 @@ pub fn head_cases() -> Vec<(&'static str, HeadConfig, u64)> {
             HeadConfig::ElasticCosPlus(ElasticCosPlusConfig::default()),
             0,
         ),
+        // t = 0 (a fresh head; the cost does not depend on t). Not row-scaled: the unfused path.
+        (
+            "curricularface",
+            HeadConfig::Curricularface(CurricularFaceConfig::default()),
+            0,
+        ),
+        // Timed without feature norms (ẑ = 0 for every row; the norm statistics cost O(B)).
+        // Not row-scaled: the unfused path.
+        ("adaface", HeadConfig::Adaface(AdaFaceConfig::default()), 0),
     ]
 }
 

@@ -146,6 +146,29 @@ LOSSES = {
 }
 
 
+def curricularface(cos, labels, m=0.5, t=0.0):
+    # Whole-matrix acos/cos, hard negatives by a [B, C] comparison with the targets' phi.
+    c = cos.clamp(-1 + 1e-7, 1 - 1e-7)
+    oh = onehot(cos, labels)
+    target = (c * oh).sum(dim=1, keepdim=True)
+    phi = torch.cos(torch.acos(target) + m)
+    phi = torch.where(target > math.cos(math.pi - m), phi, target - math.sin(math.pi - m) * m)
+    hard = (c > phi.detach()).float() * (1 - oh)
+    neg = hard * c * (t + c) + (1 - hard) * c
+    return (oh * phi + (1 - oh) * neg) * S
+
+
+def adaface(cos, labels, m=0.4):
+    # Every row at z_hat = 0 (the Rust row is timed without norms): g_angle = 0, g_add = m, written
+    # as the general per-row form over the whole matrix.
+    c = cos.clamp(-1 + 1e-7, 1 - 1e-7)
+    oh = onehot(cos, labels)
+    zhat = torch.zeros(cos.shape[0], 1, dtype=cos.dtype, device=cos.device)
+    g_angle, g_add = -m * zhat, m * zhat + m
+    theta = torch.acos(c) + oh * g_angle
+    return (torch.cos(theta) - oh * g_add) * S
+
+
 def softmax(scores, labels):
     return scores  # a linear layer's output goes straight into the cross-entropy
 
@@ -162,6 +185,8 @@ HEADS = {
     "elastic_cos": lambda c, y: elastic(c, y, False, False, 0.35, 0.05),
     "elastic_arc_plus": lambda c, y: elastic(c, y, True, True, 0.5, 0.0175),
     "elastic_cos_plus": lambda c, y: elastic(c, y, False, True, 0.35, 0.025),
+    "curricularface": curricularface,
+    "adaface": adaface,
 }
 
 

@@ -12,7 +12,8 @@ request = {
   "heads": [ {"head": <HeadConfig as JSON, tagged by "type">, "dtype": "float64" | "float32",
               "cos": [[...]], "labels": [...],
               "step": int (sphereface), "norms": [...] (sphereface, optional),
-              "draw": [...] (elastic: the raw N(m, sigma) draw before any "+" assignment)} ],
+              "draw": [...] (elastic: the raw N(m, sigma) draw before any "+" assignment),
+              "state": {"t"} (curricularface) or {"norm_mean", "norm_std"} (adaface)} ],
   "linear": [ {"dtype", "emb": [[...]], "weight": [[...]], "bias": [...], "labels": [...]} ],
   "partial_fc": [ {"labels": [...], "u": [...], "num_sample": int} ],
 }
@@ -97,6 +98,38 @@ def elastic(cos, labels, cfg, draw, arc):
     return cfg["s"] * torch.where(oh, phi, cos), e[:, 0]
 
 
+def curricularface(cos, labels, cfg, t):
+    """CurricularFace (arXiv 2004.00288): ArcFace's target phi (with its exact-mode fallback);
+    a negative with cos_j > phi_y (chosen on detached values) becomes cos_j * (t + cos_j)."""
+    oh = onehot(labels, cos.shape[1])
+    m = cfg["m"]
+    theta = torch.acos(cos.clamp(-1 + COS_EPS, 1 - COS_EPS))
+    phi = torch.where(cos > math.cos(math.pi - m), torch.cos(theta + m), cos - m * math.sin(m))
+    phi_y = (phi * oh).sum(dim=1, keepdim=True)
+    hard = (cos.detach() > phi_y.detach()) & ~oh
+    neg = torch.where(hard, cos * (t + cos), cos)
+    return cfg["s"] * torch.where(oh, phi, neg)
+
+
+def adaface(cos, labels, cfg, norms, mean, std):
+    """AdaFace (arXiv 2204.00964): z_hat = clip((|x| - mean) * h / (std + 1e-3), -1, 1) on the
+    detached norms clamped to [0.001, 100]; target cos(theta + g_angle) - g_add with
+    g_angle = -m z_hat, g_add = m z_hat + m; past theta + g_angle = pi the per-row fallback
+    cos - g_angle sin(g_angle)."""
+    oh = onehot(labels, cos.shape[1])
+    m = cfg["m"]
+    if norms is None:
+        zhat = torch.zeros(cos.shape[0], dtype=cos.dtype)
+    else:
+        n = norms.detach().clamp(0.001, 100.0)
+        zhat = ((n - mean) * (cfg["h"] / (std + 1e-3))).clamp(-1.0, 1.0)
+    g_angle = (-m * zhat)[:, None]
+    g_add = (m * zhat + m)[:, None]
+    theta = torch.acos(cos.clamp(-1 + COS_EPS, 1 - COS_EPS))
+    phi = torch.where(cos > torch.cos(math.pi - g_angle), torch.cos(theta + g_angle), cos - g_angle * torch.sin(g_angle))
+    return cfg["s"] * torch.where(oh, phi - g_add, cos)
+
+
 def head_case(case):
     dtype = getattr(torch, case["dtype"])
     cos = torch.tensor(case["cos"], dtype=torch.float64).to(dtype).requires_grad_(True)
@@ -121,6 +154,12 @@ def head_case(case):
     elif kind.startswith("elastic_"):
         draw = torch.tensor(case["draw"], dtype=torch.float64).to(dtype)
         z, margins = elastic(cos, labels, cfg, draw, arc=kind.startswith("elastic_arc"))
+    elif kind == "curricularface":
+        z = curricularface(cos, labels, cfg, case["state"]["t"])
+    elif kind == "adaface":
+        norms = case.get("norms")
+        norms = None if norms is None else torch.tensor(norms, dtype=torch.float64).to(dtype)
+        z = adaface(cos, labels, cfg, norms, case["state"]["norm_mean"], case["state"]["norm_std"])
     else:
         raise ValueError(kind)
     loss = ce(z, labels)

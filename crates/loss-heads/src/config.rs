@@ -4,10 +4,12 @@
 use anyhow::Result;
 use serde::{Deserialize, Serialize};
 
+use crate::adaface::{AdaFace, AdaFaceConfig};
 use crate::arcface::{ArcFace, ArcFaceConfig};
 use crate::classifier::ClassifierKind;
 use crate::combined::{CombinedConfig, CombinedMargin};
 use crate::cosface::{CosFace, CosFaceConfig};
+use crate::curricularface::{CurricularFace, CurricularFaceConfig};
 use crate::elastic::{
     ElasticArcConfig, ElasticArcPlusConfig, ElasticCosConfig, ElasticCosPlusConfig, ElasticFace,
 };
@@ -23,6 +25,7 @@ use crate::sphereface::{SphereFace, SphereFaceConfig};
 /// [head]
 /// type = "arcface"   # "softmax" | "normface" | "sphereface" | "cosface" | "arcface" | "combined"
 ///                    # | "elastic_arc" | "elastic_cos" | "elastic_arc_plus" | "elastic_cos_plus" | "gce"
+///                    # | "curricularface" | "adaface"
 /// s = 64.0
 /// m = 0.5
 /// gradient = "exact" # "exact" | "easy_margin" | "detached"
@@ -55,6 +58,10 @@ pub enum HeadConfig {
     /// GCE / GFace: global cross-entropy with bilateral margins and optional pairwise prototype
     /// replacement (a loss, not logits: see [`MarginHead::training_loss`]).
     Gce(GceConfig),
+    /// CurricularFace: ArcFace's target, hard negatives weighted by `cos θ_j·(t + cos θ_j)`.
+    Curricularface(CurricularFaceConfig),
+    /// AdaFace: `z_y = s·(cos(θ_y + g_angle) − g_add)` from the normalised feature norm.
+    Adaface(AdaFaceConfig),
 }
 
 impl Default for HeadConfig {
@@ -80,6 +87,8 @@ impl HeadConfig {
             HeadConfig::ElasticArcPlus(c) => c.params().validate(),
             HeadConfig::ElasticCosPlus(c) => c.params().validate(),
             HeadConfig::Gce(c) => c.validate(),
+            HeadConfig::Curricularface(c) => c.validate(),
+            HeadConfig::Adaface(c) => c.validate(),
         }
     }
 
@@ -112,6 +121,8 @@ impl HeadConfig {
             HeadConfig::ElasticArcPlus(c) => Box::new(ElasticFace::new(&c.params())),
             HeadConfig::ElasticCosPlus(c) => Box::new(ElasticFace::new(&c.params())),
             HeadConfig::Gce(c) => Box::new(Gce::new(c)),
+            HeadConfig::Curricularface(c) => Box::new(CurricularFace::new(c)),
+            HeadConfig::Adaface(c) => Box::new(AdaFace::new(c)),
         }
     }
 }

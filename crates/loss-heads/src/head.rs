@@ -6,7 +6,8 @@
 //! `[B, C]`; [`apply_to_targets`] is the unscaled form. [`cross_entropy`] is the loss over the
 //! logits. Every head file imports from here (never from the crate root).
 
-use anyhow::{ensure, Result};
+use anyhow::{bail, ensure, Result};
+use std::collections::HashMap;
 use tch::{Kind, Tensor};
 
 /// A margin head turns clamped cosines into s-scaled logits; it never owns the class weights.
@@ -62,6 +63,25 @@ pub trait MarginHead: std::fmt::Debug + Send {
         cross_entropy(&self.logits_with_norms(cos_bc, labels_b, norms_b), labels_b)
     }
 
+    /// Called once after each optimiser step (also a skipped one), after every
+    /// [`MarginHead::training_loss`] of that step. Heads with moving statistics
+    /// ([`crate::CurricularFace`]'s `t`, [`crate::AdaFace`]'s norm mean and std) fold in what the
+    /// step's micro-batches recorded here, so gradient accumulation moves them once per step from
+    /// every row of the step. Default no-op.
+    fn end_step(&mut self) {}
+
+    /// The head's state to checkpoint, as named tensors (names without a prefix; the trainer
+    /// stores them as `head.<name>`). Default: none.
+    fn state(&self) -> Vec<(String, Tensor)> {
+        Vec::new()
+    }
+
+    /// Restores [`MarginHead::state`]. Errors name a missing or an unexpected entry. Default:
+    /// accepts only an empty state.
+    fn load_state(&mut self, state: HashMap<String, Tensor>) -> Result<()> {
+        no_more_state(state, "this head")
+    }
+
     /// True if the logits have the row-scaled form [`crate::margin_cross_entropy`] relies on:
     /// `z_ij = r_i·cos_ij` for every `j ≠ y_i`, where the row scale `r_i` (`s`, 1, or a feature
     /// norm) does not depend on the cosines, and the target logit `z_{i,y_i}` depends on the
@@ -73,6 +93,14 @@ pub trait MarginHead: std::fmt::Debug + Send {
     fn row_scaled_logits(&self) -> bool {
         false
     }
+}
+
+/// Errors if `state` still holds an entry (`who` names the head in the message).
+pub(crate) fn no_more_state(state: HashMap<String, Tensor>, who: &str) -> Result<()> {
+    if let Some(k) = state.keys().next() {
+        bail!("head state has an entry `{k}` that {who} does not have");
+    }
+    Ok(())
 }
 
 /// Checks the logit scale shared by every head: `s` finite and > 0.

@@ -62,7 +62,7 @@
 //!   [`ArcFaceGradient`] treatments and the threshold fallback, written once and called by
 //!   ArcFace, the combined margin, ElasticFace-Arc, cluster-guided ArcFace and GCE.
 //! - One file per method, named after the paper: [`normface`], [`cosface`], [`arcface`],
-//!   [`combined`], [`sphereface`], [`elastic`], [`cluster_guided`], [`gce`], [`softmax`].
+//!   [`combined`], [`sphereface`], [`elastic`], [`cluster_guided`], [`gce`], [`softmax`], [`curricularface`], [`adaface`].
 //! - [`classifier`], [`partial_fc`]: the weight owner and the class sampler; [`margin_ce`]: the
 //!   fused margin cross-entropy.
 //!
@@ -70,6 +70,7 @@
 //! through the re-exports below, and no two files import each other. The finite-difference
 //! checker the tests use lives in the dev-only `facerec-testkit` crate.
 
+pub mod adaface;
 pub mod angular;
 pub mod arcface;
 pub mod classifier;
@@ -77,6 +78,7 @@ pub mod cluster_guided;
 pub mod combined;
 pub mod config;
 pub mod cosface;
+pub mod curricularface;
 pub mod elastic;
 pub mod gce;
 pub mod head;
@@ -86,6 +88,7 @@ pub mod partial_fc;
 pub mod softmax;
 pub mod sphereface;
 
+pub use adaface::{AdaFace, AdaFaceConfig};
 pub use angular::{AngularMargin, ArcFaceGradient, COS_EPS, SIN2_EPS};
 pub use arcface::{ArcFace, ArcFaceConfig};
 pub use classifier::{normalize_rows, Classifier, ClassifierKind, CosineClassifier};
@@ -93,6 +96,7 @@ pub use cluster_guided::{margins_from_hardness, ClusterGuidedArcFace, ClusterMar
 pub use combined::{CombinedConfig, CombinedMargin};
 pub use config::HeadConfig;
 pub use cosface::{CosFace, CosFaceConfig};
+pub use curricularface::{CurricularFace, CurricularFaceConfig};
 pub use elastic::{
     ElasticArcConfig, ElasticArcPlusConfig, ElasticCosConfig, ElasticCosPlusConfig, ElasticFace,
     ElasticKind, ElasticParams, PlusAssignment,

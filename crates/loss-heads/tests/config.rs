@@ -288,3 +288,22 @@ fn partial_fc_config() {
     }
     assert!(toml::from_str::<PartialFcConfig>("rate = 0.1").is_err());
 }
+
+#[test]
+fn curricularface_and_adaface_parse_with_defaults_and_name_bad_keys() {
+    use facerec_loss_heads::{AdaFaceConfig, CurricularFaceConfig};
+    assert_eq!(
+        parse("type = \"curricularface\"").unwrap(),
+        HeadConfig::Curricularface(CurricularFaceConfig { s: 64.0, m: 0.5, alpha: 0.01 })
+    );
+    assert_eq!(
+        parse("type = \"adaface\"\nm = 0.3").unwrap(),
+        HeadConfig::Adaface(AdaFaceConfig { s: 64.0, m: 0.3, h: 0.333, alpha: 0.01 })
+    );
+    assert!(validation_error("type = \"curricularface\"\nalpha = 1.5").starts_with("alpha must be in [0, 1]"));
+    assert!(validation_error("type = \"curricularface\"\nm = 3.2").starts_with("m must be in [0, π)"));
+    assert!(validation_error("type = \"adaface\"\nh = 0.0").starts_with("h must be in (0, 10]"));
+    assert!(validation_error("type = \"adaface\"\nm = 1.5").starts_with("m must be in [0, 1]"));
+    let err = parse("type = \"adaface\"\nmomentum = 0.9").unwrap_err().to_string();
+    assert!(err.contains("unknown field `momentum`"), "{err}");
+}

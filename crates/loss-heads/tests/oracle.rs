@@ -415,3 +415,65 @@ fn partial_fc_cases() -> (Vec<Value>, Checker) {
     };
     (request, Box::new(check))
 }
+
+/// CurricularFace at several `t` and AdaFace at several norm statistics (with and without
+/// norms), f64 and f32: loss, logits and dL/dcos against the oracle. The state reaches the heads
+/// through [`facerec_loss_heads::MarginHead::load_state`], as from a checkpoint.
+#[test]
+fn stateful_heads_match_the_oracle() {
+    use facerec_loss_heads::{AdaFaceConfig, CurricularFaceConfig};
+    use std::collections::HashMap;
+    let norms = vec![3.0, 0.5, 12.0, 7.5, 1.25, 20.0];
+    let mut cases: Vec<(String, HeadConfig, Vec<(&str, f64)>, Option<Vec<f64>>)> = Vec::new();
+    for t in [0.0, 0.4, 0.9] {
+        let cfg = HeadConfig::Curricularface(CurricularFaceConfig { s: 64.0, m: 0.5, alpha: 0.01 });
+        cases.push((format!("curricularface t={t}"), cfg, vec![("t", t)], None));
+    }
+    for (mean, std) in [(20.0, 100.0), (10.0, 2.0), (8.0, 5.0)] {
+        let cfg = HeadConfig::Adaface(AdaFaceConfig { s: 64.0, m: 0.4, h: 0.333, alpha: 0.01 });
+        let state = vec![("norm_mean", mean), ("norm_std", std)];
+        cases.push((format!("adaface μ={mean} σ={std}"), cfg.clone(), state.clone(), Some(norms.clone())));
+        cases.push((format!("adaface μ={mean} σ={std} no norms"), cfg, state, None));
+    }
+    let mut request = Vec::new();
+    let mut ours = Vec::new();
+    for kind in [Kind::Double, Kind::Float] {
+        for (name, cfg, state, norms) in &cases {
+            let mut r = json!({
+                "head": serde_json::to_value(cfg).unwrap(),
+                "dtype": if kind == Kind::Double { "float64" } else { "float32" },
+                "cos": rows(&cos_values(), C),
+                "labels": LABELS,
+                "step": 0,
+                "state": state.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
+            });
+            if let Some(n) = norms {
+                r["norms"] = json!(n);
+            }
+            request.push(r);
+            let mut head = cfg.build();
+            let st: HashMap<String, Tensor> = state.iter().map(|(k, v)| (k.to_string(), Tensor::from(*v))).collect();
+            head.load_state(st).unwrap();
+            let cos = Tensor::from_slice(&cos_values()).view([B as i64, C as i64]).to_kind(kind).set_requires_grad(true);
+            let labels = Tensor::from_slice(&LABELS);
+            let logits = match norms {
+                Some(n) => head.logits_with_norms(&cos, &labels, &Tensor::from_slice(n).to_kind(kind)),
+                None => head.logits(&cos, &labels),
+            };
+            assert_eq!(logits.kind(), kind, "{name}");
+            let loss = cross_entropy(&logits, &labels);
+            let grad = Tensor::run_backward(&[&loss], &[&cos], false, false).remove(0);
+            ours.push((format!("{name} {kind:?}"), kind, loss.double_value(&[]), to_vec(&logits), to_vec(&grad)));
+        }
+    }
+    let answer = oracle(&json!({ "heads": request }));
+    let answers = answer["heads"].as_array().unwrap();
+    assert_eq!(answers.len(), ours.len());
+    for ((name, kind, loss, logits, grad), ans) in ours.iter().zip(answers) {
+        let rtol = if *kind == Kind::Double { 1e-5 } else { 1e-4 };
+        check(&format!("{name} loss"), &[*loss], &[ans["loss"].as_f64().unwrap()], rtol);
+        check(&format!("{name} logits"), logits, &floats(&ans["logits"]), rtol);
+        check(&format!("{name} dL/dcos"), grad, &floats(&ans["grad_cos"]), rtol);
+    }
+    eprintln!("{} stateful head cases match the oracle", ours.len());
+}

@@ -62,6 +62,44 @@ fn partial_fc_sampling_trains() {
     short_run(&["partial_fc.sample_rate=0.5", "head.type=softmax"]);
 }
 
+/// CurricularFace and AdaFace through the loop, alone and over a Partial FC sample (labels
+/// remapped into the sample: CurricularFace's hard negatives are the sampled columns'); their
+/// moving state ends in the checkpoint's objective state, moved away from its initial value
+/// (once per step under gradient accumulation: `tests/curricular_adaface.rs` in loss-heads).
+#[test]
+fn curricularface_and_adaface_train_and_checkpoint_their_state() {
+    for (head, key, initial) in [("curricularface", "head.t", 0.0), ("adaface", "head.norm_mean", 20.0)] {
+        for extra in [&[][..], &["partial_fc.sample_rate=0.5"]] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut args = vec![format!("head.type={head}"), "head.s=16.0".to_string()];
+            args.extend(extra.iter().map(|s| s.to_string()));
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let summary = short_run_in(dir.path(), &args);
+            let state = find_file(&summary.run_dir, "objective.safetensors")
+                .unwrap_or_else(|| panic!("{head} {extra:?}: no objective.safetensors"));
+            let named = tch::Tensor::read_safetensors(&state).unwrap();
+            let v = named.iter().find(|(k, _)| k == key).unwrap_or_else(|| panic!("{head}: no {key} in {named:?}"));
+            let v = v.1.double_value(&[]);
+            assert!(v.is_finite() && v != initial, "{head} {extra:?}: {key} = {v}");
+        }
+    }
+}
+
+/// The first file named `name` below `dir` (depth first).
+fn find_file(dir: &std::path::Path, name: &str) -> Option<std::path::PathBuf> {
+    for entry in std::fs::read_dir(dir).ok()?.flatten() {
+        let p = entry.path();
+        if p.is_dir() {
+            if let Some(f) = find_file(&p, name) {
+                return Some(f);
+            }
+        } else if p.file_name().is_some_and(|n| n == name) {
+            return Some(p);
+        }
+    }
+    None
+}
+
 /// GCE's prototype replacement on P x K batches, also where identities have fewer images than K
 /// (K = 8 over 4 images each: the sampler pads every chunk with copies, which the head must not
 /// pair with themselves; the loop hands it the images' indices).

@@ -169,6 +169,13 @@ fn adamw_with_accumulation_resume_after_sigkill_is_bitwise_exact() {
     );
 }
 
+/// CurricularFace's `t` and AdaFace's norm statistics are head state in the objective state.
+#[test]
+fn curricularface_and_adaface_resume_after_sigkill_is_bitwise_exact() {
+    kill_and_resume_matches_uninterrupted("", "", &["head.type=curricularface", "head.s=16.0"]);
+    kill_and_resume_matches_uninterrupted("", "", &["head.type=adaface", "head.s=16.0"]);
+}
+
 /// CoReFace from epoch 1: the adaptive margin is objective state and must continue exactly.
 #[test]
 fn coreface_resume_after_sigkill_is_bitwise_exact() {

@@ -72,10 +72,13 @@ impl Objective for CoReFaceObjective {
 
     fn end_step(&mut self) {
         self.reg.end_step();
+        self.base.end_step();
     }
 
     fn state(&self) -> Vec<(String, Tensor)> {
-        vec![("coreface.margin".into(), self.reg.margin_state().copy())]
+        let mut state = vec![("coreface.margin".into(), self.reg.margin_state().copy())];
+        state.extend(self.base.state());
+        state
     }
 
     fn load_state(&mut self, mut state: HashMap<String, Tensor>) -> Result<()> {
@@ -84,9 +87,10 @@ impl Objective for CoReFaceObjective {
         if let Some(m) = state.remove("coreface.margin") {
             self.reg.set_margin(f64::try_from(&m).context("coreface.margin")?);
         }
-        if let Some(k) = state.keys().next() {
+        // The rest is the margin head's (`head.*`).
+        if let Some(k) = state.keys().find(|k| !k.starts_with("head.")) {
             anyhow::bail!("objective state has an entry `{k}` that CoReFace does not have");
         }
-        Ok(())
+        self.base.load_state(state)
     }
 }

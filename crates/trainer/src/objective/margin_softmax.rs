@@ -3,7 +3,9 @@
 //! CosFace, SphereFace, ElasticFace, ... as arcface_torch trains them.
 
 use super::{MicroLoss, Model, Objective};
+use anyhow::Context;
 use facerec_loss_heads::{margin_cross_entropy_with_norms, HeadConfig, MarginHead, PartialFc, PartialFcConfig};
+use std::collections::HashMap;
 use tch::Tensor;
 
 /// A margin head + cross-entropy.
@@ -58,6 +60,28 @@ impl Objective for MarginSoftmax {
 
     fn set_batch_images(&mut self, images: &[usize]) {
         self.head.set_batch_images(images);
+    }
+
+    /// The head's moving statistics (CurricularFace's `t`, AdaFace's norm mean and std) move here,
+    /// once per optimiser step from every micro-batch of the step.
+    fn end_step(&mut self) {
+        self.head.end_step();
+    }
+
+    /// The head's state, as `head.<name>`.
+    fn state(&self) -> Vec<(String, Tensor)> {
+        self.head.state().into_iter().map(|(k, v)| (format!("head.{k}"), v)).collect()
+    }
+
+    fn load_state(&mut self, state: HashMap<String, Tensor>) -> anyhow::Result<()> {
+        let mut head = HashMap::new();
+        for (k, v) in state {
+            match k.strip_prefix("head.") {
+                Some(name) => head.insert(name.to_string(), v),
+                None => anyhow::bail!("objective state has an entry `{k}` this objective does not have"),
+            };
+        }
+        self.head.load_state(head).context("objective state `head.*`")
     }
 
     fn loss(&mut self, model: &Model, x: &Tensor, y: &Tensor) -> MicroLoss {
