@@ -2,9 +2,10 @@
 //! and the side-by-side binaries in `src/bin/` (`cargo xtask bench-<name>`).
 
 use facerec_loss_heads::{
-    AdaFaceConfig, ArcFaceConfig, ArcFaceGradient, CurricularFaceConfig, CombinedConfig, CosFaceConfig, ElasticArcConfig,
-    ElasticArcPlusConfig, ElasticCosConfig, ElasticCosPlusConfig, GceConfig, HeadConfig,
-    MarginForm, NormFaceConfig, PairwiseConfig, SoftmaxConfig, SphereFaceConfig,
+    AdaFaceConfig, ArcFaceConfig, ArcFaceGradient, CombinedConfig, CosFaceConfig,
+    CurricularFaceConfig, ElasticArcConfig, ElasticArcPlusConfig, ElasticCosConfig,
+    ElasticCosPlusConfig, GceConfig, HeadConfig, MarginForm, NormFaceConfig, PairwiseConfig,
+    SoftmaxConfig, SphereFaceConfig,
 };
 
 /// Every head with its default parameters (s = 64 everywhere, as the PyTorch reference script

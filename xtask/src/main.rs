@@ -58,7 +58,10 @@ enum Torch {
     /// `LIBTORCH` points at an unpacked libtorch.
     Libtorch(PathBuf),
     /// A Python interpreter with torch 2.13.0; `venv` is set when it lives in a virtual environment.
-    Python { python: PathBuf, venv: Option<PathBuf> },
+    Python {
+        python: PathBuf,
+        venv: Option<PathBuf>,
+    },
 }
 
 impl Torch {
@@ -137,11 +140,27 @@ fn run() -> Result<ExitCode> {
                 Some(cfg) => return train_distributed(&cargo, &root, &cfg, &rest),
                 None => {}
             }
-            cmd.args(["run", "--release", "--package", "facerec-trainer", "--bin", "facerec", "--"]);
+            cmd.args([
+                "run",
+                "--release",
+                "--package",
+                "facerec-trainer",
+                "--bin",
+                "facerec",
+                "--",
+            ]);
             cmd.arg("train").args(&args);
         }
         "run" => {
-            cmd.args(["run", "--release", "--package", "facerec-trainer", "--bin", "facerec", "--"]);
+            cmd.args([
+                "run",
+                "--release",
+                "--package",
+                "facerec-trainer",
+                "--bin",
+                "facerec",
+                "--",
+            ]);
             cmd.args(&args);
         }
         "test" => {
@@ -152,16 +171,39 @@ fn run() -> Result<ExitCode> {
             cmd.args(&args);
         }
         "bench" => {
-            cmd.args(["bench", "--package", "facerec-benches", "--bench", "bench_main", "--"]);
+            cmd.args([
+                "bench",
+                "--package",
+                "facerec-benches",
+                "--bench",
+                "bench_main",
+                "--",
+            ]);
             cmd.args(&args);
         }
         bench if bench.starts_with("bench-") => {
-            cmd.args(["run", "--release", "--package", "facerec-benches", "--bin", bench, "--"]);
+            cmd.args([
+                "run",
+                "--release",
+                "--package",
+                "facerec-benches",
+                "--bin",
+                bench,
+                "--",
+            ]);
             cmd.args(&args);
         }
         other if other.starts_with('-') => bail!("unknown option `{other}`\n\n{USAGE}"),
         other => {
-            cmd.args(["run", "--release", "--package", "facerec-trainer", "--bin", "facerec", "--"]);
+            cmd.args([
+                "run",
+                "--release",
+                "--package",
+                "facerec-trainer",
+                "--bin",
+                "facerec",
+                "--",
+            ]);
             cmd.arg(other).args(&args);
         }
     }
@@ -178,15 +220,33 @@ fn run() -> Result<ExitCode> {
 
 /// `cargo xtask train --nproc N ...`: build `facerec` once, then run N supervised ranks of
 /// `facerec train ...` (see crates/launch and docs/distributed.md).
-fn train_distributed(cargo: &str, root: &Path, cfg: &facerec_launch::LaunchConfig, args: &[String]) -> Result<ExitCode> {
+fn train_distributed(
+    cargo: &str,
+    root: &Path,
+    cfg: &facerec_launch::LaunchConfig,
+    args: &[String],
+) -> Result<ExitCode> {
     let torch = find_or_provision()?;
     eprintln!("xtask: using {}", torch.describe());
     let mut build = Command::new(cargo);
     build.current_dir(root).envs(torch.env());
-    build.args(["build", "--release", "--package", "facerec-trainer", "--bin", "facerec"]);
+    build.args([
+        "build",
+        "--release",
+        "--package",
+        "facerec-trainer",
+        "--bin",
+        "facerec",
+    ]);
     run_checked(&mut build, "cargo build --release --bin facerec")?;
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
-    let target = if target.is_absolute() { target } else { root.join(target) };
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let target = if target.is_absolute() {
+        target
+    } else {
+        root.join(target)
+    };
     let exe = target.join("release").join("facerec");
     let mut argv: Vec<OsString> = vec!["train".into()];
     argv.extend(args.iter().map(OsString::from));
@@ -208,8 +268,16 @@ fn ensure_gloo_headers() -> Result<()> {
     const MANUAL: &str = "install them with `sudo apt-get update && sudo apt-get install -y libgloo-dev` \
          (Debian/Ubuntu), or set GLOO_INCLUDE_DIR to a folder holding the `gloo/` headers of \
          https://github.com/facebookincubator/gloo (only the headers are used; Gloo's code is inside libtorch)";
-    let is_root = Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false);
-    let has_apt = Command::new("apt-get").arg("--version").stdout(std::process::Stdio::null()).status().is_ok();
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false);
+    let has_apt = Command::new("apt-get")
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .status()
+        .is_ok();
     if !is_root || !has_apt {
         bail!(
             "facerec-distributed needs the Gloo C++ headers (the PyTorch wheel lacks them), and they are \
@@ -218,14 +286,25 @@ fn ensure_gloo_headers() -> Result<()> {
         );
     }
     eprintln!("xtask: the Gloo headers (for facerec-distributed) are missing; installing Debian's libgloo-dev");
-    for (what, args) in [("apt-get update", vec!["update"]), ("apt-get install -y libgloo-dev", vec!["install", "-y", "--no-install-recommends", "libgloo-dev"])] {
+    for (what, args) in [
+        ("apt-get update", vec!["update"]),
+        (
+            "apt-get install -y libgloo-dev",
+            vec!["install", "-y", "--no-install-recommends", "libgloo-dev"],
+        ),
+    ] {
         let mut cmd = Command::new("apt-get");
         // apt's output goes to stderr: `cargo xtask env` prints shell code on stdout.
-        cmd.args(&args).env("DEBIAN_FRONTEND", "noninteractive").stdout(std::io::stderr());
-        run_checked(&mut cmd, what).with_context(|| format!("installing the Gloo headers failed; {MANUAL}"))?;
+        cmd.args(&args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdout(std::io::stderr());
+        run_checked(&mut cmd, what)
+            .with_context(|| format!("installing the Gloo headers failed; {MANUAL}"))?;
     }
     if !Path::new("/usr/include/gloo/config.h").exists() {
-        bail!("libgloo-dev was installed but /usr/include/gloo/config.h is still missing; {MANUAL}");
+        bail!(
+            "libgloo-dev was installed but /usr/include/gloo/config.h is still missing; {MANUAL}"
+        );
     }
     Ok(())
 }
@@ -252,7 +331,10 @@ fn find_or_provision_torch() -> Result<Torch> {
         if version == TORCH_VERSION {
             let venv = std::env::var_os("VIRTUAL_ENV").map(PathBuf::from);
             // torch-sys runs `python` when VIRTUAL_ENV is set, `python3` otherwise.
-            return Ok(Torch::Python { python: "python3".into(), venv });
+            return Ok(Torch::Python {
+                python: "python3".into(),
+                venv,
+            });
         }
         eprintln!(
             "xtask: python3 has torch {version}, but tch 0.26 needs exactly {TORCH_VERSION}; \
@@ -261,7 +343,10 @@ fn find_or_provision_torch() -> Result<Torch> {
     }
     let venv = cache_env_dir()?;
     ensure_cached_env(&venv)?;
-    Ok(Torch::Python { python: venv.join("bin").join("python"), venv: Some(venv) })
+    Ok(Torch::Python {
+        python: venv.join("bin").join("python"),
+        venv: Some(venv),
+    })
 }
 
 /// The `torch.__version__` of an interpreter, without any local suffix (`2.13.0+cu130` → `2.13.0`).
@@ -285,7 +370,8 @@ fn cache_env_dir() -> Result<PathBuf> {
     let cache = match std::env::var_os("XDG_CACHE_HOME") {
         Some(dir) if !dir.is_empty() => PathBuf::from(dir),
         _ => {
-            let home = std::env::var_os("HOME").context("neither FACEREC_TORCH_ENV, XDG_CACHE_HOME nor HOME is set")?;
+            let home = std::env::var_os("HOME")
+                .context("neither FACEREC_TORCH_ENV, XDG_CACHE_HOME nor HOME is set")?;
             PathBuf::from(home).join(".cache")
         }
     };
@@ -302,11 +388,19 @@ fn ensure_cached_env(venv: &Path) -> Result<()> {
     }
     let parent = venv.parent().context("cache directory has no parent")?;
     fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    let lock_path = parent.join(format!("{}.lock", venv.file_name().unwrap().to_string_lossy()));
-    let lock = fs::File::create(&lock_path).with_context(|| format!("creating {}", lock_path.display()))?;
+    let lock_path = parent.join(format!(
+        "{}.lock",
+        venv.file_name().unwrap().to_string_lossy()
+    ));
+    let lock = fs::File::create(&lock_path)
+        .with_context(|| format!("creating {}", lock_path.display()))?;
     if lock.try_lock().is_err() {
-        eprintln!("xtask: another process is installing torch into {}; waiting for it", venv.display());
-        lock.lock().with_context(|| format!("locking {}", lock_path.display()))?;
+        eprintln!(
+            "xtask: another process is installing torch into {}; waiting for it",
+            venv.display()
+        );
+        lock.lock()
+            .with_context(|| format!("locking {}", lock_path.display()))?;
     }
     if ready.exists() && torch_version(&python).as_deref() == Some(TORCH_VERSION) {
         return Ok(());
@@ -320,7 +414,10 @@ fn ensure_cached_env(venv: &Path) -> Result<()> {
     );
     let start = Instant::now();
     if !python.exists() {
-        run_checked(Command::new("python3").args(["-m", "venv"]).arg(venv), "python3 -m venv")?;
+        run_checked(
+            Command::new("python3").args(["-m", "venv"]).arg(venv),
+            "python3 -m venv",
+        )?;
     }
     run_checked(
         Command::new(&python).args([
@@ -336,10 +433,18 @@ fn ensure_cached_env(venv: &Path) -> Result<()> {
     )?;
     match torch_version(&python) {
         Some(v) if v == TORCH_VERSION => {}
-        other => bail!("after pip install, {} reports torch {:?}", python.display(), other),
+        other => bail!(
+            "after pip install, {} reports torch {:?}",
+            python.display(),
+            other
+        ),
     }
-    fs::write(&ready, format!("torch {TORCH_VERSION}\n")).with_context(|| format!("writing {}", ready.display()))?;
-    eprintln!("xtask: torch installed in {:.0} s", start.elapsed().as_secs_f64());
+    fs::write(&ready, format!("torch {TORCH_VERSION}\n"))
+        .with_context(|| format!("writing {}", ready.display()))?;
+    eprintln!(
+        "xtask: torch installed in {:.0} s",
+        start.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 

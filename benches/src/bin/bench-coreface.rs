@@ -21,8 +21,8 @@ use std::time::Instant;
 
 use anyhow::Result;
 use clap::Parser;
-use facerec_benches::{median, min, sync};
 use facerec_backbone::{build, Backbone, BackboneConfig, IResNetConfig};
+use facerec_benches::{median, min, sync};
 use facerec_contrastive_regularizer::{
     contrastive_logits, dropout_views, CoReFace, CoReFaceConfig, ContrastiveRegularizer, Protocol,
 };
@@ -130,7 +130,9 @@ impl Setup {
 
     fn cls(&self, emb: &Tensor) -> Tensor {
         cross_entropy(
-            &self.head.logits(&self.classifier.cosines(emb), &self.labels),
+            &self
+                .head
+                .logits(&self.classifier.cosines(emb), &self.labels),
             &self.labels,
         )
     }
@@ -141,7 +143,9 @@ impl Setup {
         sync(self.device);
         let t0 = Instant::now();
         let h = self.model.forward_trunk_t(&self.x, true);
-        let emb = self.model.forward_neck_t(&h.dropout(self.cfg.warmup_dropout, true), true);
+        let emb = self
+            .model
+            .forward_neck_t(&h.dropout(self.cfg.warmup_dropout, true), true);
         self.cls(&emb).backward();
         sync(self.device);
         t0.elapsed().as_secs_f64() * 1e3
@@ -187,8 +191,8 @@ fn table(args: &Args, device: Device, protocol: Protocol) -> Result<()> {
     for b in batches {
         let mut s = Setup::new(args, device, b, protocol)?;
         let v1 = Tensor::randn([b, 512], (Kind::Float, device)).set_requires_grad(true);
-        let v2 = (v1.detach() + Tensor::randn([b, 512], (Kind::Float, device)))
-            .set_requires_grad(true);
+        let v2 =
+            (v1.detach() + Tensor::randn([b, 512], (Kind::Float, device))).set_requires_grad(true);
         // Warm-up.
         s.arcface();
         s.coreface();
@@ -231,8 +235,8 @@ fn loss_table(args: &Args, device: Device) -> Result<()> {
         tch::manual_seed(0);
         let labels = Tensor::randint(b / 2, [b], (Kind::Int64, device));
         let v1 = Tensor::randn([b, 512], (Kind::Float, device)).set_requires_grad(true);
-        let v2 = (v1.detach() + Tensor::randn([b, 512], (Kind::Float, device)))
-            .set_requires_grad(true);
+        let v2 =
+            (v1.detach() + Tensor::randn([b, 512], (Kind::Float, device))).set_requires_grad(true);
         let m = Tensor::from(0.3).to_device(device);
         let mut row = format!("| {b} |");
         for protocol in [Protocol::OneWay, Protocol::BothWays, Protocol::TwoN] {
@@ -260,8 +264,9 @@ fn main() -> Result<()> {
     if let Some(n) = args.threads {
         tch::set_num_threads(n);
     }
-    let protocol: Protocol = serde_json::from_value(serde_json::Value::String(args.protocol.clone()))
-        .map_err(|e| anyhow::anyhow!("--protocol {}: {e}", args.protocol))?;
+    let protocol: Protocol =
+        serde_json::from_value(serde_json::Value::String(args.protocol.clone()))
+            .map_err(|e| anyhow::anyhow!("--protocol {}: {e}", args.protocol))?;
     println!(
         "bench-coreface: iResNet layers [{}] widths [{}] input {} -> 512, {} classes, protocol {:?}, \
          {} libtorch threads, median of {} reps",

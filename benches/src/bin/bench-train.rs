@@ -142,8 +142,20 @@ fn nets(args: &Args, device: Device) -> Result<Vec<Net>> {
                 3,
                 256,
             ),
-            "r18" => ("r18", BackboneConfig::Iresnet(IResNetConfig::r18()), pick(if cuda { 128 } else { 32 }), 2, 128),
-            "r50" => ("r50", BackboneConfig::Iresnet(IResNetConfig::r50()), pick(if cuda { 128 } else { 32 }), 1, 64),
+            "r18" => (
+                "r18",
+                BackboneConfig::Iresnet(IResNetConfig::r18()),
+                pick(if cuda { 128 } else { 32 }),
+                2,
+                128,
+            ),
+            "r50" => (
+                "r50",
+                BackboneConfig::Iresnet(IResNetConfig::r50()),
+                pick(if cuda { 128 } else { 32 }),
+                1,
+                64,
+            ),
             other => bail!("--nets: unknown network `{other}` (small, mbf, r18, r50)"),
         };
         out.push(Net {
@@ -151,7 +163,9 @@ fn nets(args: &Args, device: Device) -> Result<Vec<Net>> {
             model,
             batch,
             steps: args.steps.unwrap_or(if cuda { 10 } else { steps }),
-            eval_images: args.eval_images.unwrap_or(if cuda { 1024 } else { eval_images }),
+            eval_images: args
+                .eval_images
+                .unwrap_or(if cuda { 1024 } else { eval_images }),
         });
     }
     Ok(out)
@@ -161,7 +175,9 @@ fn nets(args: &Args, device: Device) -> Result<Vec<Net>> {
 /// (s = 64, m = 0.5), SGD and clipping at 5.
 fn config(net: &Net, args: &Args, device: Device, precision: Precision) -> Result<Config> {
     let mut value: toml::Value = toml::from_str(facerec_trainer::config::DEFAULT_CONFIG)?;
-    let root = value.as_table_mut().context("the default config is a table")?;
+    let root = value
+        .as_table_mut()
+        .context("the default config is a table")?;
     root.insert("model".into(), toml::Value::try_from(&net.model)?);
     let gradient = match args.head.as_str() {
         "arcface" => "exact",
@@ -174,7 +190,10 @@ fn config(net: &Net, args: &Args, device: Device, precision: Precision) -> Resul
     head.insert("m".into(), 0.5.into());
     head.insert("gradient".into(), gradient.into());
     root.insert("head".into(), head.into());
-    let train = root.get_mut("train").and_then(|t| t.as_table_mut()).context("[train]")?;
+    let train = root
+        .get_mut("train")
+        .and_then(|t| t.as_table_mut())
+        .context("[train]")?;
     train.insert("batch_size".into(), (net.batch as i64).into());
     train.insert("grad_clip".into(), 5.0.into());
     let device_name = match device {
@@ -183,7 +202,10 @@ fn config(net: &Net, args: &Args, device: Device, precision: Precision) -> Resul
     };
     train.insert("device".into(), device_name.into());
     train.insert("precision".into(), toml::Value::try_from(precision)?);
-    let optim = root.get_mut("optim").and_then(|t| t.as_table_mut()).context("[optim]")?;
+    let optim = root
+        .get_mut("optim")
+        .and_then(|t| t.as_table_mut())
+        .context("[optim]")?;
     optim.insert("lr".into(), 0.1.into());
     optim.insert("momentum".into(), 0.9.into());
     optim.insert("weight_decay".into(), 5e-4.into());
@@ -232,13 +254,31 @@ impl Ours {
     }
 
     fn params(&self) -> i64 {
-        self.st.backbone_params.iter().map(|t| t.numel() as i64).sum()
+        self.st
+            .backbone_params
+            .iter()
+            .map(|t| t.numel() as i64)
+            .sum()
     }
 
     /// One optimiser step: the trainer's `StepPlan::run_on` (one micro-batch).
     fn step(&mut self) -> f64 {
-        let plan = StepPlan { cfg: &self.cfg, num_classes: self.num_classes as usize, device: self.device, world: &self.world };
-        let out = plan.run_on(&mut self.st, self.objective.as_mut(), &self.x, &self.y, &self.images, self.lr).expect("a step on one process cannot fail");
+        let plan = StepPlan {
+            cfg: &self.cfg,
+            num_classes: self.num_classes as usize,
+            device: self.device,
+            world: &self.world,
+        };
+        let out = plan
+            .run_on(
+                &mut self.st,
+                self.objective.as_mut(),
+                &self.x,
+                &self.y,
+                &self.images,
+                self.lr,
+            )
+            .expect("a step on one process cannot fail");
         self.last_loss = out.loss;
         out.loss
     }
@@ -250,20 +290,31 @@ impl Ours {
                 let (t0, c0) = (Instant::now(), process_cpu_ms());
                 self.step();
                 sync(self.device);
-                Timing { wall: t0.elapsed().as_secs_f64() * 1e3, cpu: process_cpu_ms() - c0 }
+                Timing {
+                    wall: t0.elapsed().as_secs_f64() * 1e3,
+                    cpu: process_cpu_ms() - c0,
+                }
             })
             .collect()
     }
 
     /// Flip-test embeddings of `images` as `facerec eval` computes them.
     fn embed(&self, images: &Tensor, batch: i64, reps: usize) -> Vec<Timing> {
-        let model = |x: &Tensor| self.st.backbone.forward_t(&normalize(&x.to_device(self.device)), false).to_device(Device::Cpu);
+        let model = |x: &Tensor| {
+            self.st
+                .backbone
+                .forward_t(&normalize(&x.to_device(self.device)), false)
+                .to_device(Device::Cpu)
+        };
         (0..reps)
             .map(|_| {
                 let (t0, c0) = (Instant::now(), process_cpu_ms());
                 let (emb, xnorm) = embed_with_flip(&model, images, batch);
                 assert!(xnorm.is_finite() && emb.size()[0] == images.size()[0]);
-                Timing { wall: t0.elapsed().as_secs_f64() * 1e3, cpu: process_cpu_ms() - c0 }
+                Timing {
+                    wall: t0.elapsed().as_secs_f64() * 1e3,
+                    cpu: process_cpu_ms() - c0,
+                }
             })
             .collect()
     }
@@ -290,7 +341,11 @@ struct Times {
 
 impl Times {
     fn timings(&self) -> Vec<Timing> {
-        self.ms.iter().zip(&self.cpu_ms).map(|(&wall, &cpu)| Timing { wall, cpu }).collect()
+        self.ms
+            .iter()
+            .zip(&self.cpu_ms)
+            .map(|(&wall, &cpu)| Timing { wall, cpu })
+            .collect()
     }
 }
 
@@ -312,9 +367,21 @@ fn ref_modes(list: &str) -> Result<Vec<RefMode>> {
     list.split(',')
         .map(|m| {
             Ok(match m.trim() {
-                "defaults" => RefMode { name: "defaults", malloc: "system", omp: "default" },
-                "malloc" => RefMode { name: "malloc", malloc: "keep", omp: "default" },
-                "same" => RefMode { name: "same", malloc: "keep", omp: "passive" },
+                "defaults" => RefMode {
+                    name: "defaults",
+                    malloc: "system",
+                    omp: "default",
+                },
+                "malloc" => RefMode {
+                    name: "malloc",
+                    malloc: "keep",
+                    omp: "default",
+                },
+                "same" => RefMode {
+                    name: "same",
+                    malloc: "keep",
+                    omp: "passive",
+                },
                 other => bail!("--reference: `{other}` (defaults, malloc or same)"),
             })
         })
@@ -337,10 +404,18 @@ impl Reference {
             .clone()
             .or_else(|| std::env::var_os("FACEREC_PYTHON").map(PathBuf::from))
             .unwrap_or_else(|| PathBuf::from("python3"));
-        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../data-scripts/bench_train_reference.py");
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../data-scripts/bench_train_reference.py");
         let mut child = Command::new(&python)
             .arg(&script)
-            .args(["--threads", &threads.to_string(), "--malloc", mode.malloc, "--omp", mode.omp])
+            .args([
+                "--threads",
+                &threads.to_string(),
+                "--malloc",
+                mode.malloc,
+                "--omp",
+                mode.omp,
+            ])
             // Only what the mode asks for: not the OpenMP policy this process runs with (children
             // inherit it), nor glibc tunables.
             .env_remove("GLIBC_TUNABLES")
@@ -353,11 +428,21 @@ impl Reference {
         let mut stdout = BufReader::new(child.stdout.take().context("reference stdout")?);
         let mut line = String::new();
         stdout.read_line(&mut line)?;
-        let hello: Hello = serde_json::from_str(&line).with_context(|| format!("{} did not start: {line:?}", script.display()))?;
+        let hello: Hello = serde_json::from_str(&line)
+            .with_context(|| format!("{} did not start: {line:?}", script.display()))?;
         if hello.threads != threads {
-            bail!("the reference runs {} threads, we run {threads}", hello.threads);
+            bail!(
+                "the reference runs {} threads, we run {threads}",
+                hello.threads
+            );
         }
-        Ok(Self { malloc: mode.name.into(), child, stdin: Some(stdin), stdout, torch: hello.torch })
+        Ok(Self {
+            malloc: mode.name.into(),
+            child,
+            stdin: Some(stdin),
+            stdout,
+            torch: hello.torch,
+        })
     }
 
     fn ask<T: for<'de> Deserialize<'de>>(&mut self, req: serde_json::Value) -> Result<T> {
@@ -366,7 +451,8 @@ impl Reference {
         stdin.flush()?;
         let mut line = String::new();
         self.stdout.read_line(&mut line)?;
-        serde_json::from_str(&line).with_context(|| format!("reference ({}) reply to {req}: {line:?}", self.malloc))
+        serde_json::from_str(&line)
+            .with_context(|| format!("reference ({}) reply to {req}: {line:?}", self.malloc))
     }
 }
 
@@ -382,7 +468,11 @@ impl Drop for Reference {
 fn rss_now() -> u64 {
     let pages = std::fs::read_to_string("/proc/self/statm")
         .ok()
-        .and_then(|s| s.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<u64>().ok())
+        })
         .unwrap_or(0);
     // SAFETY: sysconf with a constant name.
     pages * unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as u64
@@ -412,13 +502,28 @@ fn main() -> Result<()> {
         devices.push((Device::Cuda(0), Precision::Fp16));
         devices.push((Device::Cuda(0), Precision::Bf16));
     } else {
-        eprintln!("bench-train: no CUDA device: the CUDA rows (r50, batch 128, fp16 / bf16) are skipped");
+        eprintln!(
+            "bench-train: no CUDA device: the CUDA rows (r50, batch 128, fp16 / bf16) are skipped"
+        );
     }
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    println!("bench-train: ours {}; {threads} libtorch threads; load average at start {}", settings.describe(), load.split_whitespace().take(3).collect::<Vec<_>>().join(" "));
+    println!(
+        "bench-train: ours {}; {threads} libtorch threads; load average at start {}",
+        settings.describe(),
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
     for (device, precision) in devices {
         let nets = if device.is_cuda() {
-            nets(&Args { nets: "r50".into(), ..args.clone() }, device)?
+            nets(
+                &Args {
+                    nets: "r50".into(),
+                    ..args.clone()
+                },
+                device,
+            )?
         } else {
             nets(&args, device)?
         };
@@ -454,9 +559,19 @@ fn main() -> Result<()> {
                 ref_params.push(r.ask::<Setup>(setup.clone())?.params);
             }
             if let Some(p) = ref_params.iter().find(|&&p| p != ours.params()) {
-                bail!("{}: the reference has {p} backbone parameters, ours {}", net.name, ours.params());
+                bail!(
+                    "{}: the reference has {p} backbone parameters, ours {}",
+                    net.name,
+                    ours.params()
+                );
             }
-            let mut sides: Vec<Side> = (0..=refs.len()).map(|_| Side { train: vec![], embed: vec![], rss: (0, 0) }).collect();
+            let mut sides: Vec<Side> = (0..=refs.len())
+                .map(|_| Side {
+                    train: vec![],
+                    embed: vec![],
+                    rss: (0, 0),
+                })
+                .collect();
             if !args.skip_train {
                 ours.train(args.warmup);
                 for r in refs.iter_mut() {
@@ -465,13 +580,21 @@ fn main() -> Result<()> {
                 for _ in 0..args.reps {
                     sides[0].train.extend(ours.train(net.steps));
                     for (i, r) in refs.iter_mut().enumerate() {
-                        sides[i + 1].train.extend(r.ask::<Times>(json!({"cmd": "train", "steps": net.steps}))?.timings());
+                        sides[i + 1].train.extend(
+                            r.ask::<Times>(json!({"cmd": "train", "steps": net.steps}))?
+                                .timings(),
+                        );
                     }
                 }
             }
             if !args.skip_eval {
                 let size = net.model.input_size();
-                let images = Tensor::randint(256, [net.eval_images, 3, size, size], (Kind::Uint8, Device::Cpu)).to_device(device);
+                let images = Tensor::randint(
+                    256,
+                    [net.eval_images, 3, size, size],
+                    (Kind::Uint8, Device::Cpu),
+                )
+                .to_device(device);
                 let eval_batch = EVAL_BATCH;
                 ours.embed(&images, eval_batch, 1);
                 let req = |reps: usize| json!({"cmd": "embed", "images": net.eval_images, "batch": eval_batch, "reps": reps});
@@ -492,12 +615,18 @@ fn main() -> Result<()> {
             }
             // Same seed, same steps: equal across allocator / OpenMP settings and bit-identical
             // code changes (a check that a speed change did not change the numbers).
-            eprintln!("bench-train: {dev} {}: our loss after {} steps: {:.9e}", net.name, ours.st.step, ours.last_loss);
+            eprintln!(
+                "bench-train: {dev} {}: our loss after {} steps: {:.9e}",
+                net.name, ours.st.step, ours.last_loss
+            );
             let params = ours.params();
             drop(ours);
             rows.push((net, params, sides));
         }
-        let torch = refs.first().map(|r| r.torch.clone()).unwrap_or_else(|| "-".into());
+        let torch = refs
+            .first()
+            .map(|r| r.torch.clone())
+            .unwrap_or_else(|| "-".into());
         let malloc_names: Vec<String> = refs.iter().map(|r| r.malloc.clone()).collect();
         drop(refs);
         let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
@@ -523,7 +652,11 @@ fn print_tables(rows: &[(&Net, i64, Vec<Side>)], mallocs: &[String], args: &Args
         }
         println!();
         println!("{what}:");
-        let size_col = if pick == 0 { "batch".to_string() } else { format!("images (batches of {EVAL_BATCH})") };
+        let size_col = if pick == 0 {
+            "batch".to_string()
+        } else {
+            format!("images (batches of {EVAL_BATCH})")
+        };
         let mut head = format!("| net | params | {size_col} | ours {unit} |");
         let mut rule = "|---|---:|---:|---:|".to_string();
         for m in mallocs {
@@ -541,18 +674,38 @@ fn print_tables(rows: &[(&Net, i64, Vec<Side>)], mallocs: &[String], args: &Args
         println!("{head}");
         println!("{rule}");
         for (net, params, sides) in rows {
-            let t = |s: &Side| if pick == 0 { s.train.clone() } else { s.embed.clone() };
-            let per_item = if pick == 0 { net.batch as f64 } else { net.eval_images as f64 };
+            let t = |s: &Side| {
+                if pick == 0 {
+                    s.train.clone()
+                } else {
+                    s.embed.clone()
+                }
+            };
+            let per_item = if pick == 0 {
+                net.batch as f64
+            } else {
+                net.eval_images as f64
+            };
             let ours = t(&sides[0]);
             if ours.is_empty() {
                 continue;
             }
             let (ours_ms, ours_cpu) = (med(&ours, |x| x.wall), med(&ours, |x| x.cpu));
-            let mut line = format!("| {} | {params} | {} | {:.1} |", net.name, per_item as i64, per_item * 1e3 / ours_ms);
+            let mut line = format!(
+                "| {} | {params} | {} | {:.1} |",
+                net.name,
+                per_item as i64,
+                per_item * 1e3 / ours_ms
+            );
             for s in &sides[1..] {
                 let theirs = t(s);
                 let (ms, cpu) = (med(&theirs, |x| x.wall), med(&theirs, |x| x.cpu));
-                line += &format!(" {:.1} | {:.2}x | {:.2}x |", per_item * 1e3 / ms, ms / ours_ms, cpu / ours_cpu);
+                line += &format!(
+                    " {:.1} | {:.2}x | {:.2}x |",
+                    per_item * 1e3 / ms,
+                    ms / ours_ms,
+                    cpu / ours_cpu
+                );
             }
             if pick == 0 {
                 for s in sides {

@@ -61,7 +61,11 @@ mod tests {
     /// sets the dtype CUDA autocast would use).
     #[test]
     fn autocast_dtype_switch_round_trips() {
-        assert_eq!(cuda_autocast_kind(), Kind::Half, "libtorch's default CUDA autocast dtype");
+        assert_eq!(
+            cuda_autocast_kind(),
+            Kind::Half,
+            "libtorch's default CUDA autocast dtype"
+        );
         let inside = with_cuda_autocast(Some(Kind::BFloat16), cuda_autocast_kind);
         assert_eq!(inside, Kind::BFloat16);
         assert_eq!(cuda_autocast_kind(), Kind::Half, "restored");

@@ -4,12 +4,12 @@
 //! pass (eval and train mode) and the updated BN buffers agree in float64.
 
 use facerec_backbone::{build, BackboneConfig, IResNetConfig, MobileFaceNetConfig};
+use facerec_testkit::python;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 use tch::nn::{self, ModuleT};
 use tch::{Device, Kind, Tensor};
-use facerec_testkit::python;
 
 const ORACLE: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),

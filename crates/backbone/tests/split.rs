@@ -48,7 +48,9 @@ fn trunk_then_neck_equals_forward() {
             tch::manual_seed(11);
             let whole = model.forward_t(&x, true);
             tch::manual_seed(11);
-            let trunk = model.forward_trunk_t(&x, true).dropout(model.dropout(), true);
+            let trunk = model
+                .forward_trunk_t(&x, true)
+                .dropout(model.dropout(), true);
             let split = model.forward_neck_t(&trunk, true);
             assert_eq!(max_diff(&whole, &split), 0.0, "train {cfg:?}");
         });

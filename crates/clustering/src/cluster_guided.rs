@@ -65,7 +65,10 @@ impl ClassClustering {
     /// `tau` in `[-1, 1]`; the error names the field.
     pub fn validate(&self) -> Result<()> {
         if let ClassClustering::Threshold { tau } = *self {
-            ensure!((-1.0..=1.0).contains(&tau), "tau must be in [-1, 1], got {tau}");
+            ensure!(
+                (-1.0..=1.0).contains(&tau),
+                "tau must be in [-1, 1], got {tau}"
+            );
         }
         Ok(())
     }
@@ -281,7 +284,12 @@ pub struct ClusterStats {
 impl ClusterStats {
     /// Mean hardness over the seen identities (NaN if none).
     pub fn mean_hardness(&self) -> f64 {
-        let seen: Vec<f64> = self.hardness.iter().copied().filter(|h| !h.is_nan()).collect();
+        let seen: Vec<f64> = self
+            .hardness
+            .iter()
+            .copied()
+            .filter(|h| !h.is_nan())
+            .collect();
         seen.iter().sum::<f64>() / seen.len() as f64
     }
 
@@ -316,7 +324,10 @@ pub fn cluster_statistics(
     let dev = x.device();
     let mut members: Vec<Vec<i64>> = vec![Vec::new(); num_classes];
     for (i, &l) in labels_n.iter().enumerate() {
-        assert!(l >= 0 && (l as usize) < num_classes, "label {l} outside 0..{num_classes}");
+        assert!(
+            l >= 0 && (l as usize) < num_classes,
+            "label {l} outside 0..{num_classes}"
+        );
         members[l as usize].push(i as i64);
     }
     let centres = Tensor::zeros([num_classes as i64, d], (x.kind(), dev));
@@ -332,7 +343,10 @@ pub fn cluster_statistics(
         let dominant: Tensor = match clustering {
             ClassClustering::Threshold { tau } if nc >= 2 => {
                 let sims: Vec<f64> = Vec::try_from(
-                    rows.matmul(&rows.tr()).to_kind(Kind::Double).to_device(Device::Cpu).view([-1]),
+                    rows.matmul(&rows.tr())
+                        .to_kind(Kind::Double)
+                        .to_device(Device::Cpu)
+                        .view([-1]),
                 )
                 .expect("f64 similarities");
                 let mut uf = UnionFind::new(nc);
@@ -349,9 +363,12 @@ pub fn cluster_statistics(
                     counts[l as usize] += 1;
                 }
                 // Largest component; the first in appearance order on a tie.
-                let best = (0..k).max_by_key(|&j| (counts[j], std::cmp::Reverse(j))).unwrap();
-                let keep: Vec<i64> =
-                    (0..nc as i64).filter(|&i| lab[i as usize] == best as i64).collect();
+                let best = (0..k)
+                    .max_by_key(|&j| (counts[j], std::cmp::Reverse(j)))
+                    .unwrap();
+                let keep: Vec<i64> = (0..nc as i64)
+                    .filter(|&i| lab[i as usize] == best as i64)
+                    .collect();
                 rows.index_select(0, &Tensor::from_slice(&keep).to_device(dev))
             }
             _ => rows.shallow_clone(),
@@ -360,7 +377,10 @@ pub fn cluster_statistics(
         centres.get(c as i64).copy_(&mu.view([d]));
         class_sizes[c] = nc;
         dominant_sizes[c] = dominant.size()[0] as usize;
-        mean_cos[c] = rows.matmul(&mu.view([d, 1])).mean(Kind::Double).double_value(&[]);
+        mean_cos[c] = rows
+            .matmul(&mu.view([d, 1]))
+            .mean(Kind::Double)
+            .double_value(&[]);
     }
     let hardness: Vec<f64> = match hardness {
         Hardness::DominantFraction => (0..num_classes)
@@ -426,7 +446,10 @@ impl ClusterCentres {
     /// Centres from given tensors (`valid_c` Bool or 0/1 float); not registered anywhere.
     pub fn from_tensors(centres_cd: Tensor, valid_c: &Tensor) -> Self {
         let valid_c = valid_c.to_kind(centres_cd.kind());
-        Self { centres_cd, valid_c }
+        Self {
+            centres_cd,
+            valid_c,
+        }
     }
 
     /// `μ [C, D]`.
@@ -442,7 +465,10 @@ impl ClusterCentres {
     /// Copies a refresh's centres in (under `no_grad`).
     pub fn set(&mut self, stats: &ClusterStats) {
         let dev = self.centres_cd.device();
-        let src = stats.centres_cd.to_kind(self.centres_cd.kind()).to_device(dev);
+        let src = stats
+            .centres_cd
+            .to_kind(self.centres_cd.kind())
+            .to_device(dev);
         let valid = stats.valid_c().to_kind(self.valid_c.kind()).to_device(dev);
         tch::no_grad(|| {
             self.centres_cd.copy_(&src);
@@ -463,7 +489,10 @@ impl ClusterCentres {
         let k = cls.size()[0];
         let d = x.size()[1];
         let sums = Tensor::zeros([k, d], (kind, x.device())).index_add(0, &inverse, &x);
-        let counts = inverse.bincount(None::<&Tensor>, k).to_kind(kind).view([k, 1]);
+        let counts = inverse
+            .bincount(None::<&Tensor>, k)
+            .to_kind(kind)
+            .view([k, 1]);
         let mean = sums / counts;
         let old = self.centres_cd.index_select(0, &cls);
         let new = normalize_rows(&(&old * alpha + mean * (1.0 - alpha)));
@@ -498,7 +527,11 @@ pub fn scc_loss(
 ) -> Tensor {
     let (b, _) = emb_bd.size2().expect("emb_bd must be [B, D]");
     assert_eq!(labels_b.size(), [b], "labels must be [B]");
-    let kind = if emb_bd.kind() == Kind::Double { Kind::Double } else { Kind::Float };
+    let kind = if emb_bd.kind() == Kind::Double {
+        Kind::Double
+    } else {
+        Kind::Float
+    };
     let c = centres.centres_cd.size()[0];
     let pool = match extra_c {
         Some(e) => Tensor::cat(&[labels_b, &e.to_device(labels_b.device())], 0),
@@ -506,7 +539,11 @@ pub fn scc_loss(
     };
     let (cls, _, _) = pool.unique_dim(0, true, false, false);
     let k = cls.size()[0];
-    let mu = centres.centres_cd.detach().index_select(0, &cls).to_kind(kind);
+    let mu = centres
+        .centres_cd
+        .detach()
+        .index_select(0, &cls)
+        .to_kind(kind);
     let valid_k = centres.valid_c.index_select(0, &cls).gt(0.5);
     // Position of every class in `cls` (-1 elsewhere) to find each sample's target column.
     let pos_c = Tensor::full([c], -1, (Kind::Int64, labels_b.device())).index_put(
@@ -521,7 +558,10 @@ pub fn scc_loss(
     let logits = logits.masked_fill(&valid_k.logical_not().view([1, k]), -1e30);
     let keep_b = centres.valid_c.index_select(0, labels_b).gt(0.5);
     let tgt_safe = tgt_b.clamp_min(0).view([b, 1]);
-    let logp = logits.log_softmax(1, kind).gather(1, &tgt_safe, false).view([b]);
+    let logp = logits
+        .log_softmax(1, kind)
+        .gather(1, &tgt_safe, false)
+        .view([b]);
     // Samples without a centre do not count.
     let zero = Tensor::zeros([b], (kind, x.device()));
     let nll = logp.neg().where_self(&keep_b, &zero);
@@ -536,10 +576,18 @@ pub fn scc_loss(
 /// # Shapes
 /// `weight_cd [C, D]`, `labels_b [B]` (Int64) -> scalar.
 pub fn align_loss(weight_cd: &Tensor, labels_b: &Tensor, centres: &ClusterCentres) -> Tensor {
-    let kind = if weight_cd.kind() == Kind::Double { Kind::Double } else { Kind::Float };
+    let kind = if weight_cd.kind() == Kind::Double {
+        Kind::Double
+    } else {
+        Kind::Float
+    };
     let (cls, _, _) = labels_b.unique_dim(0, true, false, false);
     let w = normalize_rows(&weight_cd.index_select(0, &cls).to_kind(kind));
-    let mu = centres.centres_cd.detach().index_select(0, &cls).to_kind(kind);
+    let mu = centres
+        .centres_cd
+        .detach()
+        .index_select(0, &cls)
+        .to_kind(kind);
     let valid = centres.valid_c.index_select(0, &cls).to_kind(kind);
     let cos_k = (w * mu).sum_dim_intlist([1].as_slice(), false, kind);
     let count = valid.sum(kind).clamp_min(1.0);
@@ -552,15 +600,29 @@ pub fn align_loss(weight_cd: &Tensor, labels_b: &Tensor, centres: &ClusterCentre
 ///
 /// # Shapes
 /// `weight_cd [C, D]` (the classifier variable; shares storage).
-pub fn reimprint(weight_cd: &Tensor, centres: &ClusterCentres, beta: f64, norm: ReimprintNorm) -> usize {
+pub fn reimprint(
+    weight_cd: &Tensor,
+    centres: &ClusterCentres,
+    beta: f64,
+    norm: ReimprintNorm,
+) -> usize {
     let _guard = tch::no_grad_guard();
-    let idx = centres.valid_c.gt(0.5).nonzero().view([-1]).to_device(weight_cd.device());
+    let idx = centres
+        .valid_c
+        .gt(0.5)
+        .nonzero()
+        .view([-1])
+        .to_device(weight_cd.device());
     let n = idx.size()[0];
     if n == 0 {
         return 0;
     }
     let w = weight_cd.index_select(0, &idx);
-    let mu = centres.centres_cd.index_select(0, &idx).to_device(w.device()).to_kind(w.kind());
+    let mu = centres
+        .centres_cd
+        .index_select(0, &idx)
+        .to_device(w.device())
+        .to_kind(w.kind());
     let mut new = normalize_rows(&(normalize_rows(&w) * (1.0 - beta) + mu * beta));
     if norm == ReimprintNorm::Keep {
         new = new * w.norm_scalaropt_dim(2, [1], true);

@@ -57,7 +57,10 @@ impl FinchConfig {
         ensure!(self.max_levels >= 1, "finch.max_levels: must be >= 1");
         ensure!(self.chunk_elems >= 1, "finch.chunk_elems: must be >= 1");
         if let Some(t) = self.threshold {
-            ensure!((-1.0..=1.0).contains(&t), "finch.threshold: must be in [-1, 1], got {t}");
+            ensure!(
+                (-1.0..=1.0).contains(&t),
+                "finch.threshold: must be in [-1, 1], got {t}"
+            );
         }
         Ok(())
     }
@@ -95,8 +98,12 @@ pub fn finch(emb_nd: &Tensor, cfg: &FinchConfig) -> Vec<Vec<i64>> {
     while partitions.len() < cfg.max_levels && count >= 2 {
         let (sim, nn) = top_k_neighbours(&current, 1, cfg.chunk_elems);
         let nn: Vec<i64> = Vec::try_from(nn.view([-1]).to_device(tch::Device::Cpu)).unwrap();
-        let sim: Vec<f64> =
-            Vec::try_from(sim.view([-1]).to_kind(Kind::Double).to_device(tch::Device::Cpu)).unwrap();
+        let sim: Vec<f64> = Vec::try_from(
+            sim.view([-1])
+                .to_kind(Kind::Double)
+                .to_device(tch::Device::Cpu),
+        )
+        .unwrap();
         let mut uf = UnionFind::new(count);
         for (i, (&j, &s)) in nn.iter().zip(&sim).enumerate() {
             if cfg.threshold.map_or(true, |t| s >= t) {
@@ -157,8 +164,12 @@ pub fn refine_to_k(emb_nd: &Tensor, partition: &[i64], k: usize) -> Vec<i64> {
     let x = normalize(emb_nd);
     let idx = Tensor::from_slice(partition).to_device(x.device());
     let sums = Tensor::zeros([m as i64, d], (x.kind(), x.device())).index_add(0, &idx, &x);
-    let sums: Vec<f64> = Vec::try_from(sums.to_kind(Kind::Double).to_device(tch::Device::Cpu).view([-1]))
-        .expect("f64 sums");
+    let sums: Vec<f64> = Vec::try_from(
+        sums.to_kind(Kind::Double)
+            .to_device(tch::Device::Cpu)
+            .view([-1]),
+    )
+    .expect("f64 sums");
     let d = d as usize;
     let mut sum: Vec<Vec<f64>> = (0..m).map(|j| sums[j * d..(j + 1) * d].to_vec()).collect();
     let unit = |v: &[f64]| {

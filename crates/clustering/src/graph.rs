@@ -53,7 +53,10 @@ impl GraphConfig {
     pub fn validate(&self) -> Result<()> {
         ensure!(self.k >= 1, "graph.k: must be >= 1");
         let t = self.threshold;
-        ensure!((-1.0..=1.0).contains(&t), "graph.threshold: must be in [-1, 1], got {t}");
+        ensure!(
+            (-1.0..=1.0).contains(&t),
+            "graph.threshold: must be in [-1, 1], got {t}"
+        );
         ensure!(self.chunk_elems >= 1, "graph.chunk_elems: must be >= 1");
         Ok(())
     }
@@ -77,8 +80,12 @@ pub fn knn_graph_clusters(emb_nd: &Tensor, cfg: &GraphConfig) -> Vec<i64> {
     }
     let k = (cfg.k as i64).min(n - 1);
     let (sim, idx) = top_k_neighbours(emb_nd, k, cfg.chunk_elems);
-    let sim: Vec<f64> =
-        Vec::try_from(sim.to_kind(Kind::Double).view([-1]).to_device(tch::Device::Cpu)).unwrap();
+    let sim: Vec<f64> = Vec::try_from(
+        sim.to_kind(Kind::Double)
+            .view([-1])
+            .to_device(tch::Device::Cpu),
+    )
+    .unwrap();
     let idx: Vec<i64> = Vec::try_from(idx.view([-1]).to_device(tch::Device::Cpu)).unwrap();
     let mut uf = UnionFind::new(n as usize);
     for (e, (&j, &s)) in idx.iter().zip(&sim).enumerate() {

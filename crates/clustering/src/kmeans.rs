@@ -128,12 +128,17 @@ pub fn kmeans_plus_plus(x_nd: &Tensor, k: usize, rng: &mut ChaCha8Rng) -> Tensor
     let mut chosen = vec![first];
     let mut dist_n = (x_nd.matmul(&x_nd.get(first)).neg() + 1.0).clamp_min(0.0);
     for _ in 1..k {
-        let w = dist_n.square().to_kind(Kind::Double).cumsum(0, Kind::Double);
+        let w = dist_n
+            .square()
+            .to_kind(Kind::Double)
+            .cumsum(0, Kind::Double);
         let total = w.double_value(&[n - 1]);
         let next = if total > 0.0 {
             let u = Tensor::from_slice(&[rng.gen::<f64>() * total]).to_device(x_nd.device());
             // First i with cumsum[i] > u: rows of weight 0 are never drawn.
-            let i = u.searchsorted(&w, false, true, "right", None::<&Tensor>).int64_value(&[0]);
+            let i = u
+                .searchsorted(&w, false, true, "right", None::<&Tensor>)
+                .int64_value(&[0]);
             i.min(n - 1)
         } else {
             rng.gen_range(0..n) // every row coincides with a chosen centre
@@ -167,7 +172,10 @@ pub fn cosine_kmeans(emb_nd: &Tensor, cfg: &KMeansConfig) -> KMeansResult {
     let mut best_run: Option<KMeansResult> = None;
     for start in 0..cfg.n_init as u64 {
         let run = lloyd(&x, cfg, cfg.seed.wrapping_add(start));
-        if best_run.as_ref().map_or(true, |b| run.mean_cosine > b.mean_cosine) {
+        if best_run
+            .as_ref()
+            .map_or(true, |b| run.mean_cosine > b.mean_cosine)
+        {
             best_run = Some(run);
         }
     }

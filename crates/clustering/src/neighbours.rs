@@ -38,7 +38,10 @@ pub fn rows_per_chunk(cols: i64, chunk_elems: i64) -> i64 {
 pub fn top_k_neighbours(x_nd: &Tensor, k: i64, chunk_elems: i64) -> (Tensor, Tensor) {
     let _guard = tch::no_grad_guard();
     let (n, _) = x_nd.size2().expect("x_nd must be [N, D]");
-    assert!(k >= 1 && k < n, "top_k_neighbours: k = {k} must be in 1..N (N = {n})");
+    assert!(
+        k >= 1 && k < n,
+        "top_k_neighbours: k = {k} must be in 1..N (N = {n})"
+    );
     let x = normalize(x_nd);
     let xt = x.tr();
     let rows = rows_per_chunk(n, chunk_elems);
@@ -138,7 +141,8 @@ mod tests {
 
     #[test]
     fn neighbours_exclude_self_and_agree_across_chunk_sizes() {
-        let x = Tensor::from_slice(&[1.0f32, 0.0, 0.9, 0.1, 0.0, 1.0, -1.0, 0.2, 0.1, 1.0]).view([5, 2]);
+        let x = Tensor::from_slice(&[1.0f32, 0.0, 0.9, 0.1, 0.0, 1.0, -1.0, 0.2, 0.1, 1.0])
+            .view([5, 2]);
         let (s1, i1) = top_k_neighbours(&x, 2, 1);
         let (s2, i2) = top_k_neighbours(&x, 2, 1 << 20);
         assert!(i1.equal(&i2) && s1.allclose(&s2, 0.0, 0.0, false));

@@ -17,7 +17,10 @@ fn to_vec(t: &Tensor) -> Vec<f64> {
 
 fn rows(t: &Tensor) -> Value {
     let (_, d) = t.size2().unwrap();
-    json!(to_vec(t).chunks(d as usize).map(|c| c.to_vec()).collect::<Vec<_>>())
+    json!(to_vec(t)
+        .chunks(d as usize)
+        .map(|c| c.to_vec())
+        .collect::<Vec<_>>())
 }
 
 fn close(what: &str, a: &[f64], e: &[f64], tol: f64) {
@@ -64,9 +67,17 @@ fn scc_and_align_gradients_match_finite_differences() {
     )
     .unwrap();
     // Only the batch's valid identities receive an alignment gradient.
-    let g = Tensor::run_backward(&[align_loss(&weight, &labels, &centres)], &[&weight], false, false);
+    let g = Tensor::run_backward(
+        &[align_loss(&weight, &labels, &centres)],
+        &[&weight],
+        false,
+        false,
+    );
     let row_norm = to_vec(&g[0].norm_scalaropt_dim(2, [1], false));
-    assert!(row_norm[4] == 0.0 && row_norm[5] == 0.0 && row_norm[0] > 0.0, "{row_norm:?}");
+    assert!(
+        row_norm[4] == 0.0 && row_norm[5] == 0.0 && row_norm[0] > 0.0,
+        "{row_norm:?}"
+    );
     // No valid centre at all: 0, finite gradient.
     let none = centres_fixture(c, d, &[0, 1, 2, 3, 4, 5]);
     let l = scc_loss(&emb, &labels, &none, 4.0, None);
@@ -92,9 +103,24 @@ fn parity_with_the_torch_oracle() {
     ]);
     req["align"] = json!([{"weight": rows(&weight), "labels": sl, "centres": rows(centres.centres()), "valid": to_vec(centres.valid())}]);
     let stat_cases = [
-        (ClassClustering::Threshold { tau: 0.1 }, Hardness::KnnPurity { k: 3 }, "knn_purity", Some(0.1)),
-        (ClassClustering::Threshold { tau: 0.3 }, Hardness::DominantFraction, "dominant_fraction", Some(0.3)),
-        (ClassClustering::None, Hardness::MeanCosine, "mean_cosine", None),
+        (
+            ClassClustering::Threshold { tau: 0.1 },
+            Hardness::KnnPurity { k: 3 },
+            "knn_purity",
+            Some(0.1),
+        ),
+        (
+            ClassClustering::Threshold { tau: 0.3 },
+            Hardness::DominantFraction,
+            "dominant_fraction",
+            Some(0.3),
+        ),
+        (
+            ClassClustering::None,
+            Hardness::MeanCosine,
+            "mean_cosine",
+            None,
+        ),
     ];
     for (_, _, name, tau) in &stat_cases {
         req["stats"].as_array_mut().unwrap().push(json!({"emb": rows(&semb), "labels": slabels, "num_classes": 5, "tau": tau, "hardness": name, "k": 3}));
@@ -105,33 +131,74 @@ fn parity_with_the_torch_oracle() {
     let ans = oracle(&req);
 
     let lb = Tensor::from_slice(&sl);
-    for (i, (scale, extra)) in [(4.0, Some(Tensor::from_slice(&[5i64, 2]))), (32.0, None)].into_iter().enumerate() {
+    for (i, (scale, extra)) in [(4.0, Some(Tensor::from_slice(&[5i64, 2]))), (32.0, None)]
+        .into_iter()
+        .enumerate()
+    {
         let e = emb.set_requires_grad(true);
         let loss = scc_loss(&e, &lb, &centres, scale, extra.as_ref());
         let g = Tensor::run_backward(&[&loss], &[&e], false, false);
         let o = &ans["scc"][i];
-        close("scc loss", &[loss.double_value(&[])], &[o["loss"].as_f64().unwrap()], 1e-10);
+        close(
+            "scc loss",
+            &[loss.double_value(&[])],
+            &[o["loss"].as_f64().unwrap()],
+            1e-10,
+        );
         close("scc grad", &to_vec(&g[0]), &floats(&o["grad_emb"]), 1e-9);
     }
     let w = weight.set_requires_grad(true);
     let loss = align_loss(&w, &lb, &centres);
     let g = Tensor::run_backward(&[&loss], &[&w], false, false);
-    close("align loss", &[loss.double_value(&[])], &[ans["align"][0]["loss"].as_f64().unwrap()], 1e-10);
-    close("align grad", &to_vec(&g[0]), &floats(&ans["align"][0]["grad_weight"]), 1e-9);
+    close(
+        "align loss",
+        &[loss.double_value(&[])],
+        &[ans["align"][0]["loss"].as_f64().unwrap()],
+        1e-10,
+    );
+    close(
+        "align grad",
+        &to_vec(&g[0]),
+        &floats(&ans["align"][0]["grad_weight"]),
+        1e-9,
+    );
 
     for (i, (clustering, hardness, name, _)) in stat_cases.iter().enumerate() {
         let s = cluster_statistics(&semb, &slabels, 5, *clustering, *hardness);
         let o = &ans["stats"][i];
-        close(&format!("{name} centres"), &to_vec(&s.centres_cd), &floats(&o["centres"]), 1e-10);
-        close(&format!("{name} hardness"), &s.hardness, &floats(&o["hardness"]), 1e-10);
+        close(
+            &format!("{name} centres"),
+            &to_vec(&s.centres_cd),
+            &floats(&o["centres"]),
+            1e-10,
+        );
+        close(
+            &format!("{name} hardness"),
+            &s.hardness,
+            &floats(&o["hardness"]),
+            1e-10,
+        );
         let dom: Vec<f64> = s.dominant_sizes.iter().map(|&x| x as f64).collect();
-        close(&format!("{name} dominant"), &dom, &floats(&o["dominant"]), 0.0);
+        close(
+            &format!("{name} dominant"),
+            &dom,
+            &floats(&o["dominant"]),
+            0.0,
+        );
     }
-    for (i, norm) in [ReimprintNorm::Unit, ReimprintNorm::Keep].into_iter().enumerate() {
+    for (i, norm) in [ReimprintNorm::Unit, ReimprintNorm::Keep]
+        .into_iter()
+        .enumerate()
+    {
         let w = weight.copy();
         let n = reimprint(&w, &centres, 0.3, norm);
         assert_eq!(n, 5);
-        close("reimprint", &to_vec(&w), &floats(&ans["reimprint"][i]["weight"]), 1e-12);
+        close(
+            "reimprint",
+            &to_vec(&w),
+            &floats(&ans["reimprint"][i]["weight"]),
+            1e-12,
+        );
     }
 }
 
@@ -143,7 +210,10 @@ fn planted() -> (Tensor, Vec<i64>) {
     let b1 = randn(21, &[1, d]);
     let b2 = randn(22, &[1, d]);
     let noise = randn(23, &[20, d]) * 0.1;
-    let base = Tensor::cat(&[a.repeat([10, 1]), b1.repeat([5, 1]), b2.repeat([5, 1])], 0);
+    let base = Tensor::cat(
+        &[a.repeat([10, 1]), b1.repeat([5, 1]), b2.repeat([5, 1])],
+        0,
+    );
     let labels = [vec![0i64; 10], vec![1i64; 10]].concat();
     (base + noise, labels)
 }
@@ -153,7 +223,11 @@ fn split_identity_is_harder() {
     let (emb, labels) = planted();
     for hardness in [Hardness::DominantFraction, Hardness::MeanCosine] {
         let s = cluster_statistics(&emb, &labels, 3, ClassClustering::default(), hardness);
-        assert!(s.hardness[1] > s.hardness[0] + 0.1, "{hardness:?}: {:?}", s.hardness);
+        assert!(
+            s.hardness[1] > s.hardness[0] + 0.1,
+            "{hardness:?}: {:?}",
+            s.hardness
+        );
         assert!(s.hardness[2].is_nan());
         assert_eq!(s.class_sizes, [10, 10, 0]);
         if hardness == Hardness::DominantFraction {
@@ -179,16 +253,36 @@ fn centres_state_ema_and_reimprint_behave() {
     let lb = Tensor::from_slice(&[0i64, 0, 2]);
     centres.ema_update(&x, &lb, 0.0);
     let xn = &x / x.norm_scalaropt_dim(2, [1], true);
-    let mean = xn.narrow(0, 0, 2).mean_dim([0].as_slice(), false, Kind::Float);
+    let mean = xn
+        .narrow(0, 0, 2)
+        .mean_dim([0].as_slice(), false, Kind::Float);
     let expect = &mean / mean.norm();
-    assert!(centres.centres().get(0).allclose(&expect, 1e-5, 1e-6, false));
-    assert!(!centres.centres().get(0).allclose(&before, 1e-6, 1e-6, false));
-    assert_eq!(centres.centres().get(2).abs().sum(Kind::Double).double_value(&[]), 0.0);
+    assert!(centres
+        .centres()
+        .get(0)
+        .allclose(&expect, 1e-5, 1e-6, false));
+    assert!(!centres
+        .centres()
+        .get(0)
+        .allclose(&before, 1e-6, 1e-6, false));
+    assert_eq!(
+        centres
+            .centres()
+            .get(2)
+            .abs()
+            .sum(Kind::Double)
+            .double_value(&[]),
+        0.0
+    );
     // Re-imprinting with beta 1 writes the centres (unit norm) into the valid rows only.
     let w = Tensor::ones([3, 16], (Kind::Float, Device::Cpu)) * 3.0;
     assert_eq!(reimprint(&w, &centres, 1.0, ReimprintNorm::Unit), 2);
-    assert!(w.narrow(0, 0, 2).allclose(&centres.centres().narrow(0, 0, 2), 1e-6, 1e-6, false));
-    assert!(w.get(2).equal(&(Tensor::ones([16], (Kind::Float, Device::Cpu)) * 3.0)));
+    assert!(w
+        .narrow(0, 0, 2)
+        .allclose(&centres.centres().narrow(0, 0, 2), 1e-6, 1e-6, false));
+    assert!(w
+        .get(2)
+        .equal(&(Tensor::ones([16], (Kind::Float, Device::Cpu)) * 3.0)));
 }
 
 #[test]
@@ -199,13 +293,31 @@ fn config_pieces_defaults_and_errors_name_the_field() {
     assert_eq!(h, Hardness::MeanCosine);
     let a: AlignConfig = toml::from_str("mode = \"both\"\nnorm = \"keep\"").unwrap();
     assert!(a.uses_loss() && a.uses_reimprint());
-    let e = ClassClustering::Threshold { tau: 1.5 }.validate().unwrap_err().to_string();
+    let e = ClassClustering::Threshold { tau: 1.5 }
+        .validate()
+        .unwrap_err()
+        .to_string();
     assert!(e.starts_with("tau must be"), "{e}");
-    let e = Hardness::KnnPurity { k: 0 }.validate().unwrap_err().to_string();
+    let e = Hardness::KnnPurity { k: 0 }
+        .validate()
+        .unwrap_err()
+        .to_string();
     assert!(e.starts_with("k must be"), "{e}");
-    let e = SccConfig { ema: Some(1.0), ..Default::default() }.validate().unwrap_err().to_string();
+    let e = SccConfig {
+        ema: Some(1.0),
+        ..Default::default()
+    }
+    .validate()
+    .unwrap_err()
+    .to_string();
     assert!(e.starts_with("ema must be"), "{e}");
-    let e = AlignConfig { beta: 2.0, ..Default::default() }.validate().unwrap_err().to_string();
+    let e = AlignConfig {
+        beta: 2.0,
+        ..Default::default()
+    }
+    .validate()
+    .unwrap_err()
+    .to_string();
     assert!(e.starts_with("beta must be"), "{e}");
 }
 

@@ -29,13 +29,23 @@ fn metrics_match_the_numpy_oracle() {
         // Mostly agreeing predictions with noise, with arbitrary (non-contiguous) label ids.
         let pred: Vec<i64> = truth
             .iter()
-            .map(|&t| if rng.gen_bool(0.7) { 100 + 3 * t } else { rng.gen_range(0..kp) * 7 })
+            .map(|&t| {
+                if rng.gen_bool(0.7) {
+                    100 + 3 * t
+                } else {
+                    rng.gen_range(0..kp) * 7
+                }
+            })
             .collect();
         cases.push((pred, truth));
     }
     let req = json!({"cases": cases.iter().map(|(p, t)| json!({"pred": p, "truth": t})).collect::<Vec<_>>()});
     let ans = oracle(&req);
-    for (i, ((p, t), o)) in cases.iter().zip(ans["cases"].as_array().unwrap()).enumerate() {
+    for (i, ((p, t), o)) in cases
+        .iter()
+        .zip(ans["cases"].as_array().unwrap())
+        .enumerate()
+    {
         let m = evaluate(p, t).unwrap();
         for (name, v) in [
             ("pairwise_precision", m.pairwise_precision),
@@ -48,7 +58,10 @@ fn metrics_match_the_numpy_oracle() {
             ("nmi_sqrt", m.nmi_sqrt),
         ] {
             let e = o[name].as_f64().unwrap();
-            assert!((v - e).abs() <= 1e-10, "case {i} {name}: {v} vs oracle {e} ({p:?} / {t:?})");
+            assert!(
+                (v - e).abs() <= 1e-10,
+                "case {i} {name}: {v} vs oracle {e} ({p:?} / {t:?})"
+            );
         }
     }
 }

@@ -334,7 +334,10 @@ pub fn dropout_views(
     p: f64,
     neck: impl Fn(&Tensor) -> Tensor,
 ) -> (Tensor, Tensor) {
-    assert!((0.0..1.0).contains(&p), "dropout p must be in [0, 1), got {p}");
+    assert!(
+        (0.0..1.0).contains(&p),
+        "dropout p must be in [0, 1), got {p}"
+    );
     let v1 = neck(&trunk_bf.dropout(p, true));
     let v2 = neck(&trunk_bf.dropout(p, true));
     (v1, v2)
@@ -442,7 +445,11 @@ pub fn contrastive_logits(
     protocol: Protocol,
 ) -> ContrastiveLogits {
     let (b, d) = view1_bd.size2().expect("view1 must be [B, D]");
-    assert_eq!(view2_bd.size(), [b, d], "view2 must have view1's shape [B, D]");
+    assert_eq!(
+        view2_bd.size(),
+        [b, d],
+        "view2 must have view1's shape [B, D]"
+    );
     assert_eq!(labels_b.kind(), Kind::Int64, "labels must be Int64");
     assert_eq!(labels_b.size(), [b], "labels must be [B] with B = {b}");
     assert!(b >= 2, "the contrastive loss needs B >= 2 (got {b})");
@@ -481,9 +488,7 @@ pub fn contrastive_logits(
             let n = 2 * b;
             let ar_n = Tensor::arange(n, (Kind::Int64, dev));
             let targets = (&ar_n + b).remainder(n);
-            let positive = targets
-                .unsqueeze(1)
-                .eq_tensor(&ar_n.unsqueeze(0));
+            let positive = targets.unsqueeze(1).eq_tensor(&ar_n.unsqueeze(0));
             let excluded = Tensor::eye(n, (Kind::Bool, dev));
             let labels_n = Tensor::cat(&[labels_b, labels_b], 0);
             let same = labels_n
@@ -634,7 +639,8 @@ impl ContrastiveRegularizer for CoReFace {
         let (gap_r, pos_r, neg_r) = lg.gaps_with(self.hardest);
         let kind = lg.cos_rk.kind();
         let rows = gap_r.size()[0];
-        self.pending.push((gap_r.mean(kind), pos_r.mean(kind), neg_r.mean(kind), rows));
+        self.pending
+            .push((gap_r.mean(kind), pos_r.mean(kind), neg_r.mean(kind), rows));
         let (batch_gap, positive_cos, hardest_negative_cos) =
             self.step_means().expect("a micro-batch was just added");
         let margin = self.next_margin(&batch_gap).detach();
@@ -653,7 +659,9 @@ impl ContrastiveRegularizer for CoReFace {
         if let Some((gap, _, _)) = self.step_means() {
             let margin = self.next_margin(&gap).detach();
             tch::no_grad(|| {
-                let new = margin.to_device(self.margin.device()).to_kind(self.margin.kind());
+                let new = margin
+                    .to_device(self.margin.device())
+                    .to_kind(self.margin.kind());
                 self.margin.copy_(&new);
             });
         }
@@ -773,7 +781,8 @@ mod tests {
         assert_eq!(c.protocol, Protocol::TwoN);
         assert_eq!(c.init_from.as_deref(), Some("a.safetensors"));
         assert_eq!(c.hardest_negative, HardestNegative::Negatives);
-        let released: CoReFaceConfig = toml::from_str("hardest_negative = \"positive_as_zero\"").unwrap();
+        let released: CoReFaceConfig =
+            toml::from_str("hardest_negative = \"positive_as_zero\"").unwrap();
         assert_eq!(released.hardest_negative, HardestNegative::PositiveAsZero);
         let text = toml::to_string(&released).unwrap();
         assert_eq!(toml::from_str::<CoReFaceConfig>(&text).unwrap(), released);
@@ -801,6 +810,7 @@ mod tests {
         assert!(err("dropout = 1.0").contains("coreface.dropout"));
         assert!(err("w_con = -1.0").contains("coreface.w_con"));
         assert!(err("s = 0.0").contains("coreface.s"));
-        assert!(err("[margin]\ntype = \"adaptive\"\nmomentum = 1.5").contains("coreface.margin.momentum"));
+        assert!(err("[margin]\ntype = \"adaptive\"\nmomentum = 1.5")
+            .contains("coreface.margin.momentum"));
     }
 }

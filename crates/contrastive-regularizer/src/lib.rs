@@ -79,7 +79,12 @@ pub trait ContrastiveRegularizer: std::fmt::Debug + Send {
     ///
     /// # Panics
     /// As [`ContrastiveRegularizer::forward_micro_batch`].
-    fn forward(&mut self, view1_bd: &Tensor, view2_bd: &Tensor, labels_b: &Tensor) -> RegularizerOutput {
+    fn forward(
+        &mut self,
+        view1_bd: &Tensor,
+        view2_bd: &Tensor,
+        labels_b: &Tensor,
+    ) -> RegularizerOutput {
         let out = self.forward_micro_batch(view1_bd, view2_bd, labels_b);
         self.end_step();
         out

@@ -10,16 +10,15 @@ use facerec_contrastive_regularizer::{
     MarginConfig, Protocol,
 };
 use facerec_testkit::gradcheck::{check_gradients, GradCheck};
+use facerec_testkit::randn;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use facerec_testkit::randn;
 use tch::{Device, Kind, Tensor};
 
 const B: i64 = 6;
 const D: i64 = 5;
 const LABELS: [i64; 6] = [0, 1, 0, 2, 1, 0];
 const PROTOCOLS: [Protocol; 3] = [Protocol::OneWay, Protocol::BothWays, Protocol::TwoN];
-
 
 fn views() -> (Tensor, Tensor) {
     let v1 = randn(1, &[B, D]);
@@ -37,7 +36,10 @@ fn loss_gradient_matches_finite_differences_for_every_protocol() {
                 let margin = Tensor::from(m);
                 let f = || contrastive_logits(&v1, &v2, &labels, protocol).loss(s, &margin);
                 let loss = f64::try_from(f()).unwrap();
-                assert!(loss > 1e-3, "{protocol:?} s={s} m={m}: loss {loss} too saturated to test");
+                assert!(
+                    loss > 1e-3,
+                    "{protocol:?} s={s} m={m}: loss {loss} too saturated to test"
+                );
                 check_gradients(f, &[("view1", &v1), ("view2", &v2)], &GradCheck::default())
                     .unwrap_or_else(|e| panic!("{protocol:?} s={s} m={m}: {e:#}"));
             }
@@ -75,15 +77,29 @@ fn gradient_through_two_dropout_views_and_a_batch_norm_neck() {
     let mask = |seed: u64| {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let v: Vec<f64> = (0..B * f_dim)
-            .map(|_| if rng.gen::<f64>() < p { 0.0 } else { 1.0 / (1.0 - p) })
+            .map(|_| {
+                if rng.gen::<f64>() < p {
+                    0.0
+                } else {
+                    1.0 / (1.0 - p)
+                }
+            })
             .collect();
         Tensor::from_slice(&v).view([B, f_dim])
     };
     let (m1, m2) = (mask(5), mask(6));
     let labels = Tensor::from_slice(&LABELS);
     let neck = |x: &Tensor| {
-        x.matmul(&w.tr())
-            .batch_norm(None::<Tensor>, None::<Tensor>, None::<Tensor>, None::<Tensor>, true, 0.1, 1e-5, false)
+        x.matmul(&w.tr()).batch_norm(
+            None::<Tensor>,
+            None::<Tensor>,
+            None::<Tensor>,
+            None::<Tensor>,
+            true,
+            0.1,
+            1e-5,
+            false,
+        )
     };
     for protocol in PROTOCOLS {
         let margin = Tensor::from(0.1);
@@ -92,7 +108,11 @@ fn gradient_through_two_dropout_views_and_a_batch_norm_neck() {
             let v2 = neck(&(&h * &m2));
             contrastive_logits(&v1, &v2, &labels, protocol).loss(16.0, &margin)
         };
-        check_gradients(f, &[("trunk", &h), ("fc.weight", &w)], &GradCheck::default())
-            .unwrap_or_else(|e| panic!("{protocol:?}: {e:#}"));
+        check_gradients(
+            f,
+            &[("trunk", &h), ("fc.weight", &w)],
+            &GradCheck::default(),
+        )
+        .unwrap_or_else(|e| panic!("{protocol:?}: {e:#}"));
     }
 }

@@ -99,9 +99,8 @@ impl Case {
     }
 
     fn request(&self) -> Value {
-        let batch = |(v1, v2, labels): &Batch| {
-            json!({"v1": rows(v1), "v2": rows(v2), "labels": labels})
-        };
+        let batch =
+            |(v1, v2, labels): &Batch| json!({"v1": rows(v1), "v2": rows(v2), "labels": labels});
         let steps: Vec<Value> = self
             .batches
             .iter()
@@ -146,24 +145,62 @@ impl Case {
                     reg.forward_micro_batch(&x1, &x2, &labels)
                 };
                 let g = Tensor::run_backward(&[&out.loss], &[&x1, &x2], false, false);
-                let e = if micro.len() == 1 { &answer["steps"][t] } else { &answer["steps"][t]["micro"][k] };
+                let e = if micro.len() == 1 {
+                    &answer["steps"][t]
+                } else {
+                    &answer["steps"][t]["micro"][k]
+                };
                 let what = format!("{} step {t} micro-batch {k}", self.name());
                 let scalar = |key: &str| [e[key].as_f64().unwrap()];
-                check(&format!("{what} loss"), &to_vec(&out.loss), &scalar("loss"), rtol);
-                check(&format!("{what} margin"), &to_vec(&out.margin), &scalar("margin"), rtol);
-                check(&format!("{what} batch_gap"), &to_vec(&out.batch_gap), &scalar("batch_gap"), rtol);
-                check(&format!("{what} positive_cos"), &to_vec(&out.positive_cos), &scalar("positive_cos"), rtol);
+                check(
+                    &format!("{what} loss"),
+                    &to_vec(&out.loss),
+                    &scalar("loss"),
+                    rtol,
+                );
+                check(
+                    &format!("{what} margin"),
+                    &to_vec(&out.margin),
+                    &scalar("margin"),
+                    rtol,
+                );
+                check(
+                    &format!("{what} batch_gap"),
+                    &to_vec(&out.batch_gap),
+                    &scalar("batch_gap"),
+                    rtol,
+                );
+                check(
+                    &format!("{what} positive_cos"),
+                    &to_vec(&out.positive_cos),
+                    &scalar("positive_cos"),
+                    rtol,
+                );
                 check(
                     &format!("{what} hardest_negative_cos"),
                     &to_vec(&out.hardest_negative_cos),
                     &scalar("hardest_negative_cos"),
                     rtol,
                 );
-                check(&format!("{what} grad_v1"), &to_vec(&g[0]), &floats(&e["grad_v1"]), rtol);
-                check(&format!("{what} grad_v2"), &to_vec(&g[1]), &floats(&e["grad_v2"]), rtol);
+                check(
+                    &format!("{what} grad_v1"),
+                    &to_vec(&g[0]),
+                    &floats(&e["grad_v1"]),
+                    rtol,
+                );
+                check(
+                    &format!("{what} grad_v2"),
+                    &to_vec(&g[1]),
+                    &floats(&e["grad_v2"]),
+                    rtol,
+                );
                 if micro.len() > 1 {
                     // Within a step the state does not move.
-                    assert_eq!(to_vec(reg.margin_state()), before, "{what}: the state moved before end_step");
+                    assert_eq!(
+                        to_vec(reg.margin_state()),
+                        before,
+                        "{what}: the state moved before end_step"
+                    );
                 }
                 last_margin = to_vec(&out.margin);
             }
@@ -171,7 +208,12 @@ impl Case {
                 reg.end_step();
             }
             // The state holds the margin of the step's last micro-batch.
-            check(&format!("{} step {t} state", self.name()), &to_vec(reg.margin_state()), &last_margin, 1e-6);
+            check(
+                &format!("{} step {t} state", self.name()),
+                &to_vec(reg.margin_state()),
+                &last_margin,
+                1e-6,
+            );
         }
     }
 }
@@ -181,7 +223,11 @@ fn compare_all(cases: &[Case]) -> Value {
     let request = json!({"cases": cases.iter().map(Case::request).collect::<Vec<_>>()});
     let answer = oracle(&request);
     for (case, ans) in cases.iter().zip(answer["cases"].as_array().unwrap()) {
-        let rtol = if case.kind == Kind::Double { 1e-5 } else { 1e-4 };
+        let rtol = if case.kind == Kind::Double {
+            1e-5
+        } else {
+            1e-4
+        };
         case.compare(ans, rtol);
     }
     answer
@@ -197,7 +243,11 @@ fn simplex_batch(b: usize, seed: u64) -> Batch {
     // Centred standard basis vectors of R^b, which live in a (b − 1)-dimensional subspace; embed
     // that subspace isometrically in the first dimensions of R^D by a Gram–Schmidt basis.
     let centred: Vec<Vec<f64>> = (0..b)
-        .map(|i| (0..b).map(|j| if i == j { 1.0 } else { 0.0 } - 1.0 / b as f64).collect())
+        .map(|i| {
+            (0..b)
+                .map(|j| if i == j { 1.0 } else { 0.0 } - 1.0 / b as f64)
+                .collect()
+        })
         .collect();
     let mut basis: Vec<Vec<f64>> = Vec::new();
     for v in &centred {
@@ -215,10 +265,17 @@ fn simplex_batch(b: usize, seed: u64) -> Batch {
     let mut v1 = Vec::with_capacity(b * D);
     for v in &centred {
         for d in 0..D {
-            v1.push(basis.get(d).map_or(0.0, |q| v.iter().zip(q).map(|(a, b)| a * b).sum()));
+            v1.push(
+                basis
+                    .get(d)
+                    .map_or(0.0, |q| v.iter().zip(q).map(|(a, b)| a * b).sum()),
+            );
         }
     }
-    let v2 = v1.iter().map(|x| x + 0.05 * rng.sample::<f64, _>(StandardNormal)).collect();
+    let v2 = v1
+        .iter()
+        .map(|x| x + 0.05 * rng.sample::<f64, _>(StandardNormal))
+        .collect();
     (v1, v2, (0..b as i64).map(|i| 20 + i).collect())
 }
 
@@ -272,19 +329,39 @@ fn both_hardest_negative_rules_match_the_oracle() {
                 hardest_negative,
                 ..Default::default()
             };
-            let batches = vec![vec![simplex_batch(5, 1)], vec![default_batch(0)], vec![simplex_batch(7, 2)]];
-            cases.push(Case { cfg, kind: Kind::Double, batches });
+            let batches = vec![
+                vec![simplex_batch(5, 1)],
+                vec![default_batch(0)],
+                vec![simplex_batch(7, 2)],
+            ];
+            cases.push(Case {
+                cfg,
+                kind: Kind::Double,
+                batches,
+            });
         }
     }
     let answer = compare_all(&cases);
     let step0 = |c: usize, key: &str| answer["cases"][c]["steps"][0][key].as_f64().unwrap();
     for pair in (0..cases.len()).step_by(2) {
         let (ours, released) = (pair, pair + 1);
-        assert!(step0(ours, "hardest_negative_cos") < -0.05, "{}", cases[ours].name());
-        assert_eq!(step0(released, "hardest_negative_cos"), 0.0, "{}", cases[released].name());
+        assert!(
+            step0(ours, "hardest_negative_cos") < -0.05,
+            "{}",
+            cases[ours].name()
+        );
+        assert_eq!(
+            step0(released, "hardest_negative_cos"),
+            0.0,
+            "{}",
+            cases[released].name()
+        );
         assert!((step0(released, "batch_gap") - step0(released, "positive_cos")).abs() < 1e-12);
         assert!(step0(ours, "batch_gap") > step0(released, "batch_gap") + 0.05);
-        assert!((step0(ours, "loss") - step0(released, "loss")).abs() > 1e-3, "the rule must reach the loss");
+        assert!(
+            (step0(ours, "loss") - step0(released, "loss")).abs() > 1e-3,
+            "the rule must reach the loss"
+        );
     }
 }
 
@@ -298,18 +375,29 @@ fn micro_batches_update_the_margin_once_per_step() {
         for momentum_on in [MomentumOn::Batch, MomentumOn::State] {
             let cfg = CoReFaceConfig {
                 protocol,
-                margin: MarginConfig::Adaptive(AdaptiveMarginConfig { momentum: 0.7, momentum_on }),
+                margin: MarginConfig::Adaptive(AdaptiveMarginConfig {
+                    momentum: 0.7,
+                    momentum_on,
+                }),
                 ..Default::default()
             };
             let batches = vec![
                 vec![default_batch(0), default_batch(1), simplex_batch(4, 3)],
                 vec![default_batch(2), simplex_batch(6, 4), default_batch(0)],
             ];
-            cases.push(Case { cfg, kind: Kind::Double, batches });
+            cases.push(Case {
+                cfg,
+                kind: Kind::Double,
+                batches,
+            });
         }
     }
     let answer = compare_all(&cases);
     // The micro-batches of a step see different margins (the step's gap so far).
-    let m = |k: usize| answer["cases"][0]["steps"][0]["micro"][k]["margin"].as_f64().unwrap();
+    let m = |k: usize| {
+        answer["cases"][0]["steps"][0]["micro"][k]["margin"]
+            .as_f64()
+            .unwrap()
+    };
     assert!((m(0) - m(1)).abs() > 1e-6 && (m(1) - m(2)).abs() > 1e-6);
 }

@@ -20,7 +20,6 @@ const PROTOCOLS: [Protocol; 3] = [Protocol::OneWay, Protocol::BothWays, Protocol
 /// Identity 7 three times, identity 2 twice, three singletons.
 const LABELS: [i64; 8] = [7, 2, 7, 5, 2, 7, 9, 4];
 
-
 fn count(row: &LayoutRow, role: Role) -> usize {
     row.entries.iter().filter(|(_, r)| *r == role).count()
 }
@@ -51,7 +50,11 @@ fn rows_have_the_documented_counts() {
             let views = if protocol == Protocol::TwoN { 2 } else { 1 };
             assert_eq!(count(row, Role::Negative), views * (b - n_same(i)));
             // The positive is the same image in the other view; the anchor never sees itself.
-            let (pos, _) = row.entries.iter().find(|(_, r)| *r == Role::Positive).unwrap();
+            let (pos, _) = row
+                .entries
+                .iter()
+                .find(|(_, r)| *r == Role::Positive)
+                .unwrap();
             assert_eq!(pos.image, i);
             assert_ne!(pos.view, row.anchor.view);
         }
@@ -70,7 +73,11 @@ fn which_pairs_repeat() {
                 if *role == Role::Excluded {
                     continue;
                 }
-                let key = if row.anchor < *c { (row.anchor, *c) } else { (*c, row.anchor) };
+                let key = if row.anchor < *c {
+                    (row.anchor, *c)
+                } else {
+                    (*c, row.anchor)
+                };
                 *per_cosine.entry(key).or_default() += 1;
                 let (i, j) = (row.anchor.image.min(c.image), row.anchor.image.max(c.image));
                 *per_image_pair.entry((i, j)).or_default() += 1;
@@ -103,7 +110,13 @@ fn tensors_follow_the_layout() {
     let b = LABELS.len() as i64;
     let (v1, v2) = (randn(1, &[b, 4]), randn(2, &[b, 4]));
     let (e1, e2) = (normalize(&v1), normalize(&v2));
-    let emb = |r: ViewRef| if r.view == 1 { e1.get(r.image as i64) } else { e2.get(r.image as i64) };
+    let emb = |r: ViewRef| {
+        if r.view == 1 {
+            e1.get(r.image as i64)
+        } else {
+            e2.get(r.image as i64)
+        }
+    };
     let labels = Tensor::from_slice(&LABELS);
     let (s, m) = (5.0, 0.3);
     for protocol in PROTOCOLS {
@@ -111,7 +124,10 @@ fn tensors_follow_the_layout() {
         let z = lg.logits(s, &Tensor::from(m));
         let targets = Vec::<i64>::try_from(&lg.targets_r).unwrap();
         let layout = protocol.layout(&LABELS);
-        assert_eq!(z.size(), [layout.len() as i64, layout[0].entries.len() as i64]);
+        assert_eq!(
+            z.size(),
+            [layout.len() as i64, layout[0].entries.len() as i64]
+        );
         for (r, row) in layout.iter().enumerate() {
             for (k, (c, role)) in row.entries.iter().enumerate() {
                 let got = z.double_value(&[r as i64, k as i64]);
@@ -165,8 +181,14 @@ fn one_identity_batch_has_the_closed_form_and_masked_entries_get_no_gradient() {
         let loss_b = contrastive_logits(&v1b, &v2, &labels, protocol).loss(s, &Tensor::from(m));
         let gb = Tensor::run_backward(&[&loss_b], &[&v1b], false, false);
         let rest = |t: &Tensor| t.narrow(0, 1, b - 1);
-        assert!(rest(&g[0]).allclose(&rest(&gb[0]), 1e-12, 1e-14, false), "{protocol:?}");
-        assert!(!g[0].get(0).allclose(&gb[0].get(0), 1e-6, 1e-9, false), "row 0 must change");
+        assert!(
+            rest(&g[0]).allclose(&rest(&gb[0]), 1e-12, 1e-14, false),
+            "{protocol:?}"
+        );
+        assert!(
+            !g[0].get(0).allclose(&gb[0].get(0), 1e-6, 1e-9, false),
+            "row 0 must change"
+        );
     }
 }
 
@@ -190,7 +212,10 @@ fn distinct_labels_mask_nothing_and_reduce_to_infonce_and_nt_xent() {
     let zcat = Tensor::cat(&[&e1, &e2], 0);
     let sim = zcat.mm(&zcat.tr()) * s;
     let n = 2 * b;
-    let sim = sim.masked_fill(&Tensor::eye(n, (Kind::Bool, tch::Device::Cpu)), f64::NEG_INFINITY);
+    let sim = sim.masked_fill(
+        &Tensor::eye(n, (Kind::Bool, tch::Device::Cpu)),
+        f64::NEG_INFINITY,
+    );
     let targets = (Tensor::arange(n, (Kind::Int64, tch::Device::Cpu)) + b).remainder(n);
     let want = cross_entropy(&sim, &targets);
     let got = contrastive_logits(&v1, &v2, &labels, Protocol::TwoN).loss(s, &zero);

@@ -35,7 +35,10 @@ fn margin_is_a_checkpointed_buffer() {
     let vs = nn::VarStore::new(Device::Cpu);
     let mut reg = CoReFace::new(&(vs.root() / "coreface"), &CoReFaceConfig::default());
     assert_eq!(scalar(reg.margin_state()), 0.0);
-    assert!(vs.trainable_variables().is_empty(), "the margin does not train");
+    assert!(
+        vs.trainable_variables().is_empty(),
+        "the margin does not train"
+    );
     let mut last = 0.0;
     for step in 0..3 {
         let (v1, v2, y) = batch(step);
@@ -91,7 +94,10 @@ fn moving_average_direction() {
     let out = reg.forward(&v1, &v2, &y);
     let gap = scalar(&out.batch_gap);
     assert!((gap - (scalar(&out.positive_cos) - scalar(&out.hardest_negative_cos))).abs() < 1e-6);
-    assert!(gap > 0.0, "views 0.5 noise apart must be closer than other images");
+    assert!(
+        gap > 0.0,
+        "views 0.5 noise apart must be closer than other images"
+    );
 }
 
 #[test]
@@ -109,7 +115,13 @@ fn dropout_views_draw_two_independent_masks() {
         let frac = f64::try_from(kept.to_kind(Kind::Double).mean(Kind::Double)).unwrap();
         assert!((frac - (1.0 - p)).abs() < 0.02, "keep fraction {frac}");
     }
-    let agree = f64::try_from(a.gt(0.0).eq_tensor(&b.gt(0.0)).to_kind(Kind::Double).mean(Kind::Double)).unwrap();
+    let agree = f64::try_from(
+        a.gt(0.0)
+            .eq_tensor(&b.gt(0.0))
+            .to_kind(Kind::Double)
+            .mean(Kind::Double),
+    )
+    .unwrap();
     // Independent masks agree on p² + (1 − p)² = 0.52 of the entries.
     assert!((agree - 0.52).abs() < 0.02, "mask agreement {agree}");
     let (a, b) = dropout_views(&h, 0.0, |x| x.shallow_clone());

@@ -239,7 +239,11 @@ mod tests {
         assert_eq!(y, [-1.0, (51.0f32 / 255.0 - 0.5) / 0.5, 1.0]);
         let f = Tensor::from_slice(&[255.0f32]);
         let _ = normalize(&f);
-        assert_eq!(f64::try_from(&f).unwrap(), 255.0, "the input must not change");
+        assert_eq!(
+            f64::try_from(&f).unwrap(),
+            255.0,
+            "the input must not change"
+        );
         let t = to_input_tensor(&[0, 51, 255], 1, 1, Device::Cpu);
         assert_eq!(Vec::<f32>::try_from(t.flatten(0, -1)).unwrap(), y);
     }
@@ -248,7 +252,9 @@ mod tests {
     fn jpeg_decodes_like_the_image_crate() {
         // Our JPEG route (zune-jpeg directly) and the `image` crate's must give the same pixels, so
         // folders of JPEG files and RecordIO packs decode alike.
-        let img = RgbImage::from_fn(24, 17, |x, y| image::Rgb([(x * 10) as u8, (y * 15) as u8, 99]));
+        let img = RgbImage::from_fn(24, 17, |x, y| {
+            image::Rgb([(x * 10) as u8, (y * 15) as u8, 99])
+        });
         let mut buf = std::io::Cursor::new(Vec::new());
         img.write_to(&mut buf, image::ImageFormat::Jpeg).unwrap();
         let bytes = buf.into_inner();

@@ -32,9 +32,15 @@ pub mod verification_pack;
 
 pub use image_folder::{natural_cmp, ImageFolder};
 pub use input::Fit;
-pub use loader::{cores, decode_parallel, load_all, thread_split, Batch, EpochIter, Loader, LoaderConfig, Shard, ThreadSplit};
+pub use loader::{
+    cores, decode_parallel, load_all, thread_split, Batch, EpochIter, Loader, LoaderConfig, Shard,
+    ThreadSplit,
+};
 pub use options::LoaderOptions;
-pub use rec::{BadRecord, BadRecordPolicy, ClassOrigin, RecLayout, RecOptions, RecordIo, SizePolicy, DEFAULT_MAX_SKIPPED_FRACTION};
+pub use rec::{
+    BadRecord, BadRecordPolicy, ClassOrigin, RecLayout, RecOptions, RecordIo, SizePolicy,
+    DEFAULT_MAX_SKIPPED_FRACTION,
+};
 pub use rec_writer::{pack_image_folder, PackOptions, PackSummary};
 pub use sampler::Sampler;
 pub use source::Source;

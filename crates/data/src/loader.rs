@@ -285,7 +285,12 @@ impl Loader {
     /// # Panics
     /// If `shard.world == 0` or `shard.rank >= shard.world`.
     pub fn epoch_shard(&self, epoch: usize, start_step: usize, shard: Shard) -> EpochIter<'_> {
-        assert!(shard.rank < shard.world, "shard rank {} of world {}", shard.rank, shard.world);
+        assert!(
+            shard.rank < shard.world,
+            "shard rank {} of world {}",
+            shard.rank,
+            shard.world
+        );
         let end = self.batches_per_epoch();
         let (first, stride) = (start_step + shard.rank, shard.world);
         let order = self.epoch_order(epoch);
@@ -471,7 +476,10 @@ fn worker(job: &Job, shared: &Shared, end: usize, window: usize, stride: usize) 
     loop {
         let b = {
             let mut st = shared.state.lock().unwrap();
-            while !st.stop && st.next_claim < end && st.next_claim >= st.next_deliver + window * stride {
+            while !st.stop
+                && st.next_claim < end
+                && st.next_claim >= st.next_deliver + window * stride
+            {
                 st = shared.cv.wait(st).unwrap();
             }
             if st.stop || st.next_claim >= end {
@@ -535,7 +543,11 @@ impl Iterator for EpochIter<'_> {
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
-        let n = if self.failed { 0 } else { self.end.saturating_sub(self.next).div_ceil(self.stride) };
+        let n = if self.failed {
+            0
+        } else {
+            self.end.saturating_sub(self.next).div_ceil(self.stride)
+        };
         (0, Some(n))
     }
 }

@@ -38,7 +38,13 @@ fn four() -> usize {
 
 impl Default for LoaderOptions {
     fn default() -> Self {
-        LoaderOptions { flip: true, max_shift: 0, images_per_identity: 0, workers: 0, prefetch: 4 }
+        LoaderOptions {
+            flip: true,
+            max_shift: 0,
+            images_per_identity: 0,
+            workers: 0,
+            prefetch: 4,
+        }
     }
 }
 

@@ -357,9 +357,7 @@ impl RecordIo {
         let (num_classes, class_origin) = match (property, header_classes, identity_records) {
             (Some((c, _, _)), _, _) => (c, ClassOrigin::Property),
             (None, Some(c), _) => (c, ClassOrigin::Header),
-            (None, None, Some(n)) if header_refused => {
-                (n, ClassOrigin::IdentityRecords)
-            }
+            (None, None, Some(n)) if header_refused => (n, ClassOrigin::IdentityRecords),
             _ => (
                 headers
                     .iter()
@@ -491,8 +489,13 @@ impl Source for RecordIo {
         let rec = read_record(&self.map, e.offset).map_err(|err| self.record_error(e, err))?;
         let (_, content) =
             parse_payload(&rec.payload, e.offset).map_err(|err| self.record_error(e, err))?;
-        decode_image(content, self.image_size, self.options.size, self.options.fit)
-            .map_err(|err| self.record_error(e, format!("{err:#}")))
+        decode_image(
+            content,
+            self.image_size,
+            self.options.size,
+            self.options.fit,
+        )
+        .map_err(|err| self.record_error(e, format!("{err:#}")))
     }
     fn describe(&self, index: usize) -> String {
         let e = self.images[index];

@@ -175,7 +175,10 @@ fn broken_symlinks_are_named() {
     symlink(root.join("no_such_class"), root.join("s4")).unwrap();
     let err = format!("{:#}", ImageFolder::open(root, 8, None).unwrap_err());
     for name in ["s1/dangling.png", "s10/loop_a.png", "s10/loop_b.png", "s4"] {
-        assert!(err.contains(&root.join(name).display().to_string()), "{name} not named: {err}");
+        assert!(
+            err.contains(&root.join(name).display().to_string()),
+            "{name} not named: {err}"
+        );
     }
     assert!(err.contains("4 broken symbolic link"), "{err}");
     assert!(err.contains("target missing"), "{err}");
@@ -184,7 +187,10 @@ fn broken_symlinks_are_named() {
         "{:#}",
         ImageFolder::open(root, 8, Some(&["s1".to_string()])).unwrap_err()
     );
-    assert!(err.contains("dangling.png") && !err.contains("loop_a"), "{err}");
+    assert!(
+        err.contains("dangling.png") && !err.contains("loop_a"),
+        "{err}"
+    );
 }
 
 /// The fit rule reaches the decoded images: a 20 x 30 image under stretch and centre crop (the
@@ -207,12 +213,25 @@ fn fit_rule_applies_to_folder_images() {
     let stretch = ImageFolder::open(root, 4, None).unwrap();
     assert_eq!(stretch.fit(), Fit::Stretch);
     let s = stretch.load(0).unwrap();
-    assert!(s[0] > 50 && s[2] == 0, "stretch keeps the red top rows: {:?}", &s[..3]);
+    assert!(
+        s[0] > 50 && s[2] == 0,
+        "stretch keeps the red top rows: {:?}",
+        &s[..3]
+    );
     let n = s.len();
-    assert!(s[n - 3] == 0 && s[n - 1] > 50, "and the blue bottom rows: {:?}", &s[n - 3..]);
-    let crop = ImageFolder::open(root, 4, None).unwrap().with_fit(Fit::CenterCrop);
+    assert!(
+        s[n - 3] == 0 && s[n - 1] > 50,
+        "and the blue bottom rows: {:?}",
+        &s[n - 3..]
+    );
+    let crop = ImageFolder::open(root, 4, None)
+        .unwrap()
+        .with_fit(Fit::CenterCrop);
     let c = crop.load(0).unwrap();
-    assert!(c.chunks(3).all(|p| p[0] == 0 && p[2] == 0 && p[1] > 200), "{c:?}");
+    assert!(
+        c.chunks(3).all(|p| p[0] == 0 && p[2] == 0 && p[1] > 200),
+        "{c:?}"
+    );
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {

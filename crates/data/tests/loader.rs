@@ -329,19 +329,44 @@ fn shards_partition_the_single_process_batches() {
     use facerec_data::{Loader, LoaderConfig, Shard, SyntheticConfig, SyntheticFaces};
     use std::sync::Arc;
     let source = Arc::new(
-        SyntheticFaces::new(SyntheticConfig { identities: 6, images_per_identity: 5, image_size: 16, seed: 3, first_identity: 0 }).unwrap(),
+        SyntheticFaces::new(SyntheticConfig {
+            identities: 6,
+            images_per_identity: 5,
+            image_size: 16,
+            seed: 3,
+            first_identity: 0,
+        })
+        .unwrap(),
     );
-    let loader = Loader::new(source, LoaderConfig { batch_size: 4, workers: 2, max_shift: 1, ..LoaderConfig::default() });
+    let loader = Loader::new(
+        source,
+        LoaderConfig {
+            batch_size: 4,
+            workers: 2,
+            max_shift: 1,
+            ..LoaderConfig::default()
+        },
+    );
     let whole: Vec<_> = loader.epoch(1, 0).map(|b| b.unwrap()).collect();
     assert_eq!(whole.len(), 7);
     for world in [2usize, 3] {
         for start in [0usize, world] {
             for rank in 0..world {
-                let mine: Vec<_> = loader.epoch_shard(1, start, Shard { rank, world }).map(|b| b.unwrap()).collect();
+                let mine: Vec<_> = loader
+                    .epoch_shard(1, start, Shard { rank, world })
+                    .map(|b| b.unwrap())
+                    .collect();
                 let expected: Vec<usize> = (start + rank..whole.len()).step_by(world).collect();
-                assert_eq!(mine.len(), expected.len(), "world {world} rank {rank} start {start}");
+                assert_eq!(
+                    mine.len(),
+                    expected.len(),
+                    "world {world} rank {rank} start {start}"
+                );
                 for (b, &k) in mine.iter().zip(&expected) {
-                    assert_eq!(b.indices, whole[k].indices, "world {world} rank {rank}: batch {k}");
+                    assert_eq!(
+                        b.indices, whole[k].indices,
+                        "world {world} rank {rank}: batch {k}"
+                    );
                     assert_eq!(b.images, whole[k].images);
                 }
             }

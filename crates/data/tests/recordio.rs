@@ -633,13 +633,21 @@ fn implausible_header_class_count_is_a_bad_record() {
     write_rec(dir.path(), &records, true);
     let err = err_text(open(dir.path(), S, BadRecordPolicy::Error));
     assert!(
-        err.contains("key 0") && err.contains("999999616 identities") && err.contains("3 identity records"),
+        err.contains("key 0")
+            && err.contains("999999616 identities")
+            && err.contains("3 identity records"),
         "{err}"
     );
     let rec = open(dir.path(), S, BadRecordPolicy::Skip).unwrap();
-    assert_eq!(rec.bad_records().iter().map(|b| b.key).collect::<Vec<_>>(), [0]);
+    assert_eq!(
+        rec.bad_records().iter().map(|b| b.key).collect::<Vec<_>>(),
+        [0]
+    );
     assert_eq!((rec.len(), rec.num_classes()), (6, 3));
-    assert_eq!(rec.class_origin(), facerec_data::ClassOrigin::IdentityRecords);
+    assert_eq!(
+        rec.class_origin(),
+        facerec_data::ClassOrigin::IdentityRecords
+    );
     // Without identity records, a header may not claim more identities than there are images.
     let plain_ids: Vec<_> = records[..7].to_vec();
     write_rec(dir.path(), &plain_ids, true);
@@ -648,7 +656,10 @@ fn implausible_header_class_count_is_a_bad_record() {
     // A property file decides instead of the header: no complaint.
     std::fs::write(dir.path().join("property"), format!("3,{S},{S}")).unwrap();
     let rec = open(dir.path(), S, BadRecordPolicy::Error).unwrap();
-    assert_eq!((rec.num_classes(), rec.class_origin()), (3, facerec_data::ClassOrigin::Property));
+    assert_eq!(
+        (rec.num_classes(), rec.class_origin()),
+        (3, facerec_data::ClassOrigin::Property)
+    );
 }
 
 /// `policy = "skip"` has a ceiling, `max_skipped_fraction` (default 1 %): a truncated `.rec` that

@@ -75,7 +75,9 @@ pub unsafe fn take_error(err: *mut c_char) -> Result<(), String> {
     if err.is_null() {
         return Ok(());
     }
-    let text = CStr::from_ptr(err).to_string_lossy().trim().to_string();
-    fdist_free_string(err);
+    // SAFETY: the caller guarantees `err` is a live, NUL-terminated string from the shim, freed
+    // once here.
+    let text = unsafe { CStr::from_ptr(err) }.to_string_lossy().trim().to_string();
+    unsafe { fdist_free_string(err) };
     Err(text)
 }

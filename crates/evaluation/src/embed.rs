@@ -91,7 +91,10 @@ pub fn verify_images(
     pairs: &PairSet,
     batch_size: usize,
 ) -> anyhow::Result<(VerificationReport, f64)> {
-    anyhow::ensure!(batch_size >= 1, "evaluation batch size must be at least 1, got 0");
+    anyhow::ensure!(
+        batch_size >= 1,
+        "evaluation batch size must be at least 1, got 0"
+    );
     pairs.check()?;
     let (emb, xnorm) = embed_with_flip(model, images, batch_size as i64);
     let dist = pair_distances(&emb, &pairs.pairs);

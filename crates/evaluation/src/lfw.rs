@@ -220,7 +220,13 @@ impl LfwPairs {
         let pairs = kfold(matched.len(), folds)
             .into_iter()
             .zip(kfold(mismatched.len(), folds))
-            .flat_map(|(m, n)| matched[m].iter().chain(&mismatched[n]).copied().collect::<Vec<_>>())
+            .flat_map(|(m, n)| {
+                matched[m]
+                    .iter()
+                    .chain(&mismatched[n])
+                    .copied()
+                    .collect::<Vec<_>>()
+            })
             .collect();
         Ok(LfwSet {
             images,

@@ -23,8 +23,8 @@ pub mod verification;
 
 pub use bin_pack::BinPack;
 pub use embed::{embed_with_flip, l2_normalize, pair_distances, verify_images, PROTOCOL_FOLDS};
-pub use lfw::{LfwPairs, LfwSet};
 pub use images::Fit;
+pub use lfw::{LfwPairs, LfwSet};
 pub use pairs::{balanced_pairs, Pair, PairSet};
 pub use roc::{Roc, RocReport, TarAtFar, FAR_TARGETS};
 pub use verification::{

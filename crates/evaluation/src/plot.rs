@@ -247,7 +247,11 @@ fn nice_axis(min: f64, max: f64) -> (f64, f64, f64) {
         (min - pad, max + pad)
     };
     let step = nice_step(max - min, 5.0);
-    ((min / step).floor() * step, (max / step).ceil() * step, step)
+    (
+        (min / step).floor() * step,
+        (max / step).ceil() * step,
+        step,
+    )
 }
 
 /// A tick label with as many decimals as the step needs; scientific for very small or large values.
@@ -280,13 +284,21 @@ pub fn line_png(series: &[Series], title: &str, x_label: &str, path: &Path) -> R
         path.display()
     );
     let fold = |f: fn(&(f64, f64)) -> f64| {
-        finite.iter().map(f).fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| (lo.min(v), hi.max(v)))
+        finite
+            .iter()
+            .map(f)
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+                (lo.min(v), hi.max(v))
+            })
     };
     let (x_min, x_max) = fold(|p| p.0);
     let (y_min, y_max) = fold(|p| p.1);
     let (x_lo, x_hi, x_step) = nice_axis(x_min, x_max);
     let (y_lo, y_hi, y_step) = nice_axis(y_min, y_max);
-    let (pw, ph) = ((W as i64 - LEFT - RIGHT) as f64, (H as i64 - TOP - BOTTOM) as f64);
+    let (pw, ph) = (
+        (W as i64 - LEFT - RIGHT) as f64,
+        (H as i64 - TOP - BOTTOM) as f64,
+    );
     let px = |x: f64, y: f64| {
         (
             LEFT as f64 + (x - x_lo) / (x_hi - x_lo) * pw,
@@ -304,20 +316,40 @@ pub fn line_png(series: &[Series], title: &str, x_label: &str, path: &Path) -> R
         let (gx, _) = px(x, y_lo);
         cv.line((gx, TOP as f64), (gx, (H as i64 - BOTTOM) as f64), grid, 1);
         let label = tick_label(x, x_step);
-        cv.text(gx as i64 - 4 * label.len() as i64, H as i64 - BOTTOM + 8, &label, ink);
+        cv.text(
+            gx as i64 - 4 * label.len() as i64,
+            H as i64 - BOTTOM + 8,
+            &label,
+            ink,
+        );
     }
     for y in ticks(y_lo, y_hi, y_step) {
         let (_, gy) = px(x_lo, y);
         cv.line((LEFT as f64, gy), ((W as i64 - RIGHT) as f64, gy), grid, 1);
         let label = tick_label(y, y_step);
-        cv.text(LEFT - 6 - 8 * label.len() as i64, gy as i64 - 5, &label, ink);
+        cv.text(
+            LEFT - 6 - 8 * label.len() as i64,
+            gy as i64 - 5,
+            &label,
+            ink,
+        );
     }
     let (x0, y0) = px(x_lo, y_lo);
     let (x1, y1) = px(x_hi, y_hi);
-    for (a, b) in [((x0, y0), (x1, y0)), ((x0, y0), (x0, y1)), ((x0, y1), (x1, y1)), ((x1, y0), (x1, y1))] {
+    for (a, b) in [
+        ((x0, y0), (x1, y0)),
+        ((x0, y0), (x0, y1)),
+        ((x0, y1), (x1, y1)),
+        ((x1, y0), (x1, y1)),
+    ] {
         cv.line(a, b, ink, 1);
     }
-    cv.text(W as i64 / 2 - 4 * x_label.len() as i64, H as i64 - 30, x_label, ink);
+    cv.text(
+        W as i64 / 2 - 4 * x_label.len() as i64,
+        H as i64 - 30,
+        x_label,
+        ink,
+    );
     cv.text(LEFT, TOP - 26, title, ink);
     for (k, s) in series.iter().enumerate() {
         let c = COLORS[k % COLORS.len()];
@@ -341,7 +373,12 @@ pub fn line_png(series: &[Series], title: &str, x_label: &str, path: &Path) -> R
         if series.len() > 1 {
             let ly = TOP + 8 + 16 * k as i64;
             let lx = W as i64 - RIGHT - 16 - 8 * s.name.chars().count().max(12) as i64 - 28;
-            cv.line((lx as f64, ly as f64 + 5.0), ((lx + 20) as f64, ly as f64 + 5.0), c, 3);
+            cv.line(
+                (lx as f64, ly as f64 + 5.0),
+                ((lx + 20) as f64, ly as f64 + 5.0),
+                c,
+                3,
+            );
             cv.text(lx + 28, ly, s.name, ink);
         }
     }
@@ -358,7 +395,10 @@ mod tests {
         assert_eq!(nice_axis(0.0, 9.3), (0.0, 10.0, 2.0));
         // Range 0.0748 / 5 = 0.015 rounds up to a step of 0.02; limits round out to 0 and 0.1.
         let (lo, hi, step) = nice_axis(0.0123, 0.0871);
-        assert!((step - 0.02).abs() < 1e-12 && lo == 0.0 && (hi - 0.1).abs() < 1e-12, "{lo} {hi} {step}");
+        assert!(
+            (step - 0.02).abs() < 1e-12 && lo == 0.0 && (hi - 0.1).abs() < 1e-12,
+            "{lo} {hi} {step}"
+        );
         // A constant series still gets a non-empty range.
         let (lo, hi, _) = nice_axis(3.0, 3.0);
         assert!(lo < 3.0 && hi > 3.0);
@@ -374,14 +414,32 @@ mod tests {
         let b = [(0.0, 0.3), (30.0, 0.9)];
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("loss.png");
-        let series = [Series { name: "a", points: &a }, Series { name: "b", points: &b }];
+        let series = [
+            Series {
+                name: "a",
+                points: &a,
+            },
+            Series {
+                name: "b",
+                points: &b,
+            },
+        ];
         line_png(&series, "LOSS", "STEP", &path).unwrap();
         let img = image::open(&path).unwrap().to_rgb8();
         assert_eq!(img.dimensions(), (W, H));
         assert!(img.pixels().any(|p| p.0 == COLORS[0]));
         assert!(img.pixels().any(|p| p.0 == COLORS[1]));
         let empty = [(0.0, f64::NAN)];
-        let err = line_png(&[Series { name: "x", points: &empty }], "LR", "STEP", &path).unwrap_err();
+        let err = line_png(
+            &[Series {
+                name: "x",
+                points: &empty,
+            }],
+            "LR",
+            "STEP",
+            &path,
+        )
+        .unwrap_err();
         assert!(format!("{err:#}").contains("nothing to plot"), "{err:#}");
     }
 

@@ -7,10 +7,10 @@ use std::process::Command;
 
 use facerec_evaluation::images::{read_rgb, Fit};
 use facerec_evaluation::BinPack;
+use facerec_testkit::python;
 use image::{ImageFormat, RgbImage};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use facerec_testkit::python;
 
 fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data-scripts/make_bin_pack.py")

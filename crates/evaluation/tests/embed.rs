@@ -99,7 +99,8 @@ fn verify_images_equals_verify_on_gathered_rows() {
     let model = |t: &Tensor| t.flatten(1, -1).narrow(1, 0, 6);
     let labels: Vec<usize> = (0..30).map(|i| i % 6).collect();
     let pairs = balanced_pairs(&labels, 9);
-    let (report, xnorm) = verify_images(&model, &x, &PairSet::contiguous(pairs.clone()), 8).unwrap();
+    let (report, xnorm) =
+        verify_images(&model, &x, &PairSet::contiguous(pairs.clone()), 8).unwrap();
     let (e, xnorm2) = embed_with_flip(&model, &x, 8);
     let mut flat = Vec::new();
     for p in &pairs {
@@ -112,13 +113,19 @@ fn verify_images_equals_verify_on_gathered_rows() {
     assert_eq!(report.num_pairs, pairs.len());
     assert_eq!(xnorm, xnorm2);
     // The pair set's folds decide: 5 folds give 5 fold accuracies, as verify with 5 folds.
-    let five = PairSet { pairs: pairs.clone(), folds: 5 };
+    let five = PairSet {
+        pairs: pairs.clone(),
+        folds: 5,
+    };
     let (report5, _) = verify_images(&model, &x, &five, 8).unwrap();
     assert_eq!(report5, verify(&flat, 6, &issame, 5));
     // Sizes are checked at the boundary: errors, not panics.
     let err = verify_images(&model, &x, &five, 0).unwrap_err().to_string();
     assert!(err.contains("batch size"), "{err}");
-    let few = PairSet { pairs: pairs[..3].to_vec(), folds: 10 };
+    let few = PairSet {
+        pairs: pairs[..3].to_vec(),
+        folds: 10,
+    };
     let err = verify_images(&model, &x, &few, 8).unwrap_err().to_string();
     assert!(err.contains("3 pairs") && err.contains("10 folds"), "{err}");
 }

@@ -138,23 +138,39 @@ fn sets_are_the_folds_for_5_and_10_sets() {
             assert!(fold[..n].iter().all(|p| p.same) && fold[n..].iter().all(|p| !p.same));
             // Fold f is set f: its matched pairs are people f*n+1 ..= f*n+n.
             let first = &set.images[fold[0].a];
-            assert!(first.ends_with(format!("P{}/P{}_0001.png", f * n + 1, f * n + 1)), "{first:?}");
+            assert!(
+                first.ends_with(format!("P{}/P{}_0001.png", f * n + 1, f * n + 1)),
+                "{first:?}"
+            );
         }
         // Read with 10 folds instead (as a .bin pack is), every fold still holds both kinds.
         let ten = list.resolve_with_folds(dir.path(), 10).unwrap();
         assert_eq!(ten.pairs.folds, 10);
         for r in kfold(ten.pairs.len(), 10) {
             let kinds: Vec<bool> = ten.pairs.pairs[r].iter().map(|p| p.same).collect();
-            assert!(kinds.contains(&true) && kinds.contains(&false), "{sets} sets read as 10 folds: {kinds:?}");
+            assert!(
+                kinds.contains(&true) && kinds.contains(&false),
+                "{sets} sets read as 10 folds: {kinds:?}"
+            );
         }
         if sets == 10 {
-            assert_eq!(ten, set, "10 sets read with 10 folds are the file's own folds");
+            assert_eq!(
+                ten, set,
+                "10 sets read with 10 folds are the file's own folds"
+            );
         }
         assert!(list.resolve_with_folds(dir.path(), 0).is_err());
         assert!(list.resolve_with_folds(dir.path(), sets * n + 1).is_err());
     }
     // A set whose pairs are fewer than its folds is an error, not a panic.
-    let few = PairSet { pairs: vec![Pair { a: 0, b: 1, same: true }], folds: 10 };
+    let few = PairSet {
+        pairs: vec![Pair {
+            a: 0,
+            b: 1,
+            same: true,
+        }],
+        folds: 10,
+    };
     assert!(few.check().is_err());
 }
 

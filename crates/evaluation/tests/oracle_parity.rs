@@ -5,9 +5,9 @@ use std::path::Path;
 use std::process::Command;
 
 use facerec_evaluation::{val_at_far, verification::squared_distances, verify};
+use facerec_testkit::python;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use facerec_testkit::python;
 
 fn unit(v: Vec<f32>) -> Vec<f32> {
     let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();

@@ -6,9 +6,9 @@ use std::path::Path;
 use std::process::Command;
 
 use facerec_evaluation::roc::{Roc, FAR_TARGETS};
+use facerec_testkit::python;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use facerec_testkit::python;
 
 fn oracle(py: &Path, scores: &[f64], labels: &[bool], fars: &[f64]) -> serde_json::Value {
     let dir = tempfile::tempdir().unwrap();

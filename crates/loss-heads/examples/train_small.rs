@@ -93,7 +93,12 @@ fn main() -> Result<()> {
         .add(nn::linear(&root / "fc1", DIM, 64, Default::default()))
         .add_fn(|x| x.relu())
         .add(nn::linear(&root / "fc2", 64, EMB, Default::default()));
-    let classifier = Classifier::new(&(&root / "classifier"), cfg.classifier_kind(), TRAIN_IDS, EMB);
+    let classifier = Classifier::new(
+        &(&root / "classifier"),
+        cfg.classifier_kind(),
+        TRAIN_IDS,
+        EMB,
+    );
     let mut pfc = PartialFc::new(&PartialFcConfig {
         sample_rate: 0.5,
         seed: 1,

@@ -31,7 +31,9 @@ use std::collections::HashMap;
 use tch::{Kind, Tensor};
 
 use crate::angular::{AngularMargin, ArcFaceGradient};
-use crate::head::{check_head_inputs, cross_entropy, scaled_targets, validate_scale, MarginHead, Scale};
+use crate::head::{
+    check_head_inputs, cross_entropy, scaled_targets, validate_scale, MarginHead, Scale,
+};
 use crate::normface::default_scale;
 
 /// Feature norms are clamped to `[NORM_MIN, NORM_MAX]` before the statistics and `ẑ`.
@@ -77,7 +79,12 @@ fn default_alpha() -> f64 {
 
 impl Default for AdaFaceConfig {
     fn default() -> Self {
-        Self { s: default_scale(), m: default_margin(), h: default_h(), alpha: default_alpha() }
+        Self {
+            s: default_scale(),
+            m: default_margin(),
+            h: default_h(),
+            alpha: default_alpha(),
+        }
     }
 }
 
@@ -114,7 +121,15 @@ pub struct AdaFace {
 impl AdaFace {
     /// Builds the head from a (validated) config, with `μ = 20`, `σ = 100`.
     pub fn new(cfg: &AdaFaceConfig) -> Self {
-        Self { s: cfg.s, m: cfg.m, h: cfg.h, alpha: cfg.alpha, mean: INIT_MEAN, std: INIT_STD, pending: None }
+        Self {
+            s: cfg.s,
+            m: cfg.m,
+            h: cfg.h,
+            alpha: cfg.alpha,
+            mean: INIT_MEAN,
+            std: INIT_STD,
+            pending: None,
+        }
     }
 
     /// The moving `(μ, σ)` of the feature norms.
@@ -144,7 +159,9 @@ impl AdaFace {
         let g_angle = &zhat_b1 * (-self.m);
         let g_add = &zhat_b1 * self.m + self.m;
         let angular = AngularMargin::per_row(&g_angle, ArcFaceGradient::Exact);
-        scaled_targets(cos_bc, labels_b, Scale::Fixed(self.s), |c| angular.target(c) - &g_add)
+        scaled_targets(cos_bc, labels_b, Scale::Fixed(self.s), |c| {
+            angular.target(c) - &g_add
+        })
     }
 }
 
@@ -160,9 +177,18 @@ impl MarginHead for AdaFace {
     }
 
     /// Cross-entropy of [`MarginHead::logits_with_norms`]; records the step's norms.
-    fn training_loss(&mut self, cos_bc: &Tensor, labels_b: &Tensor, _emb: &Tensor, norms_b: &Tensor) -> Tensor {
+    fn training_loss(
+        &mut self,
+        cos_bc: &Tensor,
+        labels_b: &Tensor,
+        _emb: &Tensor,
+        norms_b: &Tensor,
+    ) -> Tensor {
         let (s1, s2) = tch::no_grad(|| {
-            let n = norms_b.detach().to_kind(Kind::Double).clamp(NORM_MIN, NORM_MAX);
+            let n = norms_b
+                .detach()
+                .to_kind(Kind::Double)
+                .clamp(NORM_MIN, NORM_MAX);
             (n.sum(Kind::Double), n.square().sum(Kind::Double))
         });
         let b = norms_b.size()[0];
@@ -192,13 +218,19 @@ impl MarginHead for AdaFace {
 
     /// `norm_mean`, `norm_std` as 0-d f64 tensors.
     fn state(&self) -> Vec<(String, Tensor)> {
-        vec![("norm_mean".into(), Tensor::from(self.mean)), ("norm_std".into(), Tensor::from(self.std))]
+        vec![
+            ("norm_mean".into(), Tensor::from(self.mean)),
+            ("norm_std".into(), Tensor::from(self.std)),
+        ]
     }
 
     fn load_state(&mut self, mut state: HashMap<String, Tensor>) -> Result<()> {
         for (key, slot) in [("norm_mean", &mut self.mean), ("norm_std", &mut self.std)] {
-            let t = state.remove(key).with_context(|| format!("AdaFace state has no `{key}`"))?;
-            *slot = f64::try_from(&t.to_kind(Kind::Double)).with_context(|| format!("AdaFace state `{key}`"))?;
+            let t = state
+                .remove(key)
+                .with_context(|| format!("AdaFace state has no `{key}`"))?;
+            *slot = f64::try_from(&t.to_kind(Kind::Double))
+                .with_context(|| format!("AdaFace state `{key}`"))?;
         }
         crate::head::no_more_state(state, "AdaFace")
     }

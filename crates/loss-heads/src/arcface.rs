@@ -96,7 +96,9 @@ impl MarginHead for ArcFace {
     /// # Shapes
     /// `cos_bc [B, C]`, `labels_b [B]` (Int64) -> `[B, C]`.
     fn logits(&self, cos_bc: &Tensor, labels_b: &Tensor) -> Tensor {
-        scaled_targets(cos_bc, labels_b, Scale::Fixed(self.s), |c| self.angular.target(c))
+        scaled_targets(cos_bc, labels_b, Scale::Fixed(self.s), |c| {
+            self.angular.target(c)
+        })
     }
 }
 
@@ -117,8 +119,12 @@ mod tests {
             let cos = cos.set_requires_grad(true);
             let labels = Tensor::from_slice(&[0i64, 0]);
             let z = head.logits(&cos, &labels);
-            let g =
-                Tensor::run_backward(&[crate::head::cross_entropy(&z, &labels)], &[&cos], false, false);
+            let g = Tensor::run_backward(
+                &[crate::head::cross_entropy(&z, &labels)],
+                &[&cos],
+                false,
+                false,
+            );
             let finite = g[0].isfinite().all().int64_value(&[]) == 1;
             assert!(
                 finite && z.isfinite().all().int64_value(&[]) == 1,

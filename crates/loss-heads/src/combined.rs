@@ -116,6 +116,8 @@ impl MarginHead for CombinedMargin {
     /// # Shapes
     /// `cos_bc [B, C]`, `labels_b [B]` (Int64) -> `[B, C]`.
     fn logits(&self, cos_bc: &Tensor, labels_b: &Tensor) -> Tensor {
-        scaled_targets(cos_bc, labels_b, Scale::Fixed(self.s), |c| self.angular.target(c))
+        scaled_targets(cos_bc, labels_b, Scale::Fixed(self.s), |c| {
+            self.angular.target(c)
+        })
     }
 }

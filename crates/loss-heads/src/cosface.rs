@@ -10,8 +10,8 @@ use anyhow::{ensure, Result};
 use serde::{Deserialize, Serialize};
 use tch::Tensor;
 
-use crate::normface::default_scale;
 use crate::head::MarginHead;
+use crate::normface::default_scale;
 
 /// `[head] type = "cosface"`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -44,10 +44,7 @@ impl CosFaceConfig {
     pub fn validate(&self) -> Result<()> {
         crate::head::validate_scale(self.s)?;
         let m = self.m;
-        ensure!(
-            (0.0..2.0).contains(&m),
-            "m must be in [0, 2), got {m}"
-        );
+        ensure!((0.0..2.0).contains(&m), "m must be in [0, 2), got {m}");
         Ok(())
     }
 }

@@ -59,7 +59,11 @@ fn default_alpha() -> f64 {
 
 impl Default for CurricularFaceConfig {
     fn default() -> Self {
-        Self { s: default_scale(), m: default_margin(), alpha: default_alpha() }
+        Self {
+            s: default_scale(),
+            m: default_margin(),
+            alpha: default_alpha(),
+        }
     }
 }
 
@@ -121,13 +125,27 @@ impl MarginHead for CurricularFace {
         let phi_b1 = self.angular.target(&cos_bc.gather(1, &idx_b1, false));
         let hard_bc = cos_bc.detach().gt_tensor(&phi_b1.detach());
         let weighted_bc = cos_bc * (cos_bc + self.t);
-        weighted_bc.where_self(&hard_bc, cos_bc).scatter(1, &idx_b1, &phi_b1) * self.s
+        weighted_bc
+            .where_self(&hard_bc, cos_bc)
+            .scatter(1, &idx_b1, &phi_b1)
+            * self.s
     }
 
     /// Cross-entropy of [`MarginHead::logits`]; records the step's target cosines for `t`.
-    fn training_loss(&mut self, cos_bc: &Tensor, labels_b: &Tensor, _emb: &Tensor, _norms: &Tensor) -> Tensor {
+    fn training_loss(
+        &mut self,
+        cos_bc: &Tensor,
+        labels_b: &Tensor,
+        _emb: &Tensor,
+        _norms: &Tensor,
+    ) -> Tensor {
         let b = check_head_inputs(cos_bc, labels_b);
-        let sum = tch::no_grad(|| cos_bc.detach().gather(1, &labels_b.view([b, 1]), false).sum(Kind::Double));
+        let sum = tch::no_grad(|| {
+            cos_bc
+                .detach()
+                .gather(1, &labels_b.view([b, 1]), false)
+                .sum(Kind::Double)
+        });
         self.pending = Some(match self.pending.take() {
             Some((s, n)) => (s + sum, n + b),
             None => (sum, b),
@@ -151,7 +169,9 @@ impl MarginHead for CurricularFace {
     }
 
     fn load_state(&mut self, mut state: HashMap<String, Tensor>) -> Result<()> {
-        let t = state.remove("t").context("CurricularFace state has no `t`")?;
+        let t = state
+            .remove("t")
+            .context("CurricularFace state has no `t`")?;
         self.t = f64::try_from(&t.to_kind(Kind::Double)).context("CurricularFace state `t`")?;
         crate::head::no_more_state(state, "CurricularFace")
     }

@@ -424,7 +424,11 @@ impl Gce {
     ///
     /// # Panics
     /// If `labels_b` is not a 1-D Int64 tensor, or `images` does not have `B` entries.
-    pub fn draw_replacement_for_images(&mut self, labels_b: &Tensor, images: Option<&[usize]>) -> Replacement {
+    pub fn draw_replacement_for_images(
+        &mut self,
+        labels_b: &Tensor,
+        images: Option<&[usize]>,
+    ) -> Replacement {
         assert_eq!(labels_b.kind(), Kind::Int64, "labels must be Int64");
         assert_eq!(labels_b.dim(), 1, "labels must be [B]");
         let pw = &self.cfg.pairwise;
@@ -433,7 +437,13 @@ impl Gce {
         }
         let labels = Vec::<i64>::try_from(labels_b.to_device(Device::Cpu)).expect("labels");
         if let Some(images) = images {
-            assert_eq!(images.len(), labels.len(), "one image index per row: {} indices for B = {}", images.len(), labels.len());
+            assert_eq!(
+                images.len(),
+                labels.len(),
+                "one image index per row: {} indices for B = {}",
+                images.len(),
+                labels.len()
+            );
         }
         let image = |row: usize| images.map_or(row, |im| im[row]);
         let mut members: BTreeMap<i64, Vec<usize>> = BTreeMap::new();
@@ -458,7 +468,9 @@ impl Gce {
                 let r = out.classes.len();
                 out.classes.push(class);
                 out.samples.push(pick as i64);
-                let copies = rows.iter().filter(|&&row| row != pick && image(row) == image(pick));
+                let copies = rows
+                    .iter()
+                    .filter(|&&row| row != pick && image(row) == image(pick));
                 out.copies.extend(copies.map(|&row| (row as i64, r)));
             }
         }
@@ -498,7 +510,10 @@ impl Gce {
             return (cos_bc.shallow_clone(), valid_b);
         }
         let r = replacement.classes.len();
-        assert!(replacement.copies.iter().all(|&(_, k)| k < r), "a copy refers to no replacement");
+        assert!(
+            replacement.copies.iter().all(|&(_, k)| k < r),
+            "a copy refers to no replacement"
+        );
         let classes_r = Tensor::from_slice(&replacement.classes).to_device(device);
         let samples_r = Tensor::from_slice(&replacement.samples).to_device(device);
         // Self pairs: (row, replacement) for every replacing sample and every copy of it.
@@ -518,7 +533,10 @@ impl Gce {
         let pair_br = x_bd.matmul(&feats_rd.tr()).clamp(-1.0, 1.0).to_kind(kind);
         let pair_br = match self.cfg.pairwise.self_pair {
             SelfPair::KeepPrototype => {
-                let own = cos_bc.index(&[Some(&self_rows), Some(&classes_r.index_select(0, &self_cols))]);
+                let own = cos_bc.index(&[
+                    Some(&self_rows),
+                    Some(&classes_r.index_select(0, &self_cols)),
+                ]);
                 pair_br.index_put(&[Some(&self_rows), Some(&self_cols)], &own, false)
             }
             SelfPair::Drop => {
@@ -762,10 +780,7 @@ impl Gce {
             (ell_b, z)
         });
         let (b, c) = cos_bc.size2().expect("cos_bc must be [B, C]");
-        let lin_b = cos_bc
-            .view([b, 1, c])
-            .bmm(&g_bc.view([b, c, 1]))
-            .view([b]);
+        let lin_b = cos_bc.view([b, 1, c]).bmm(&g_bc.view([b, c, 1])).view([b]);
         &lin_b - lin_b.detach() + ell_b
     }
 

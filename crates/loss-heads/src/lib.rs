@@ -92,7 +92,9 @@ pub use adaface::{AdaFace, AdaFaceConfig};
 pub use angular::{AngularMargin, ArcFaceGradient, COS_EPS, SIN2_EPS};
 pub use arcface::{ArcFace, ArcFaceConfig};
 pub use classifier::{normalize_rows, Classifier, ClassifierKind, CosineClassifier};
-pub use cluster_guided::{margins_from_hardness, ClusterGuidedArcFace, ClusterMarginConfig, MarginSign};
+pub use cluster_guided::{
+    margins_from_hardness, ClusterGuidedArcFace, ClusterMarginConfig, MarginSign,
+};
 pub use combined::{CombinedConfig, CombinedMargin};
 pub use config::HeadConfig;
 pub use cosface::{CosFace, CosFaceConfig};

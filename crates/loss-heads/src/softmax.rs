@@ -11,8 +11,8 @@
 use serde::{Deserialize, Serialize};
 use tch::{nn, Tensor};
 
-use crate::partial_fc::Sampled;
 use crate::head::MarginHead;
+use crate::partial_fc::Sampled;
 
 /// `[head] type = "softmax"`: no keys.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

@@ -26,8 +26,8 @@ use std::f64::consts::PI;
 use tch::Tensor;
 
 use crate::angular::COS_EPS;
-use crate::normface::default_scale;
 use crate::head::MarginHead;
+use crate::normface::default_scale;
 
 /// What multiplies SphereFace's logits (`[head] scale`).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -190,9 +190,12 @@ impl MarginHead for SphereFace {
     /// # Shapes
     /// `cos_bc [B, C]`, `labels_b [B]` (Int64) -> `[B, C]`.
     fn logits(&self, cos_bc: &Tensor, labels_b: &Tensor) -> Tensor {
-        crate::head::scaled_targets(cos_bc, labels_b, crate::head::Scale::Fixed(self.cfg.s), |c| {
-            self.target(c)
-        })
+        crate::head::scaled_targets(
+            cos_bc,
+            labels_b,
+            crate::head::Scale::Fixed(self.cfg.s),
+            |c| self.target(c),
+        )
     }
 
     fn set_step(&mut self, step: u64) {

@@ -109,10 +109,7 @@ fn bad_scales_name_the_field_s() {
         for s in ["0.0", "-1.0", "inf", "nan"] {
             let body = format!("type = \"{head}\"\ns = {s}");
             let e = validation_error(&body);
-            assert!(
-                e.starts_with("s must be finite and > 0"),
-                "{body:?}: {e}"
-            );
+            assert!(e.starts_with("s must be finite and > 0"), "{body:?}: {e}");
         }
     }
 }
@@ -237,10 +234,7 @@ fn new_heads_bad_values_name_the_field() {
         ("type = \"sphereface\"\nm = 0", "m "),
         ("type = \"sphereface\"\nm = 9", "m "),
         ("type = \"sphereface\"\nlambda_min = -1", "lambda_min "),
-        (
-            "type = \"sphereface\"\nlambda_gamma = nan",
-            "lambda_gamma ",
-        ),
+        ("type = \"sphereface\"\nlambda_gamma = nan", "lambda_gamma "),
         ("type = \"elastic_arc\"\nsigma = -0.01", "sigma "),
         ("type = \"elastic_cos\"\nsigma = 0.2", "sigma "),
         ("type = \"elastic_arc_plus\"\nm = 3.5", "m "),
@@ -294,16 +288,30 @@ fn curricularface_and_adaface_parse_with_defaults_and_name_bad_keys() {
     use facerec_loss_heads::{AdaFaceConfig, CurricularFaceConfig};
     assert_eq!(
         parse("type = \"curricularface\"").unwrap(),
-        HeadConfig::Curricularface(CurricularFaceConfig { s: 64.0, m: 0.5, alpha: 0.01 })
+        HeadConfig::Curricularface(CurricularFaceConfig {
+            s: 64.0,
+            m: 0.5,
+            alpha: 0.01
+        })
     );
     assert_eq!(
         parse("type = \"adaface\"\nm = 0.3").unwrap(),
-        HeadConfig::Adaface(AdaFaceConfig { s: 64.0, m: 0.3, h: 0.333, alpha: 0.01 })
+        HeadConfig::Adaface(AdaFaceConfig {
+            s: 64.0,
+            m: 0.3,
+            h: 0.333,
+            alpha: 0.01
+        })
     );
-    assert!(validation_error("type = \"curricularface\"\nalpha = 1.5").starts_with("alpha must be in [0, 1]"));
-    assert!(validation_error("type = \"curricularface\"\nm = 3.2").starts_with("m must be in [0, π)"));
+    assert!(validation_error("type = \"curricularface\"\nalpha = 1.5")
+        .starts_with("alpha must be in [0, 1]"));
+    assert!(
+        validation_error("type = \"curricularface\"\nm = 3.2").starts_with("m must be in [0, π)")
+    );
     assert!(validation_error("type = \"adaface\"\nh = 0.0").starts_with("h must be in (0, 10]"));
     assert!(validation_error("type = \"adaface\"\nm = 1.5").starts_with("m must be in [0, 1]"));
-    let err = parse("type = \"adaface\"\nmomentum = 0.9").unwrap_err().to_string();
+    let err = parse("type = \"adaface\"\nmomentum = 0.9")
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("unknown field `momentum`"), "{err}");
 }

@@ -27,7 +27,13 @@ fn fixture(seed: u64) -> (nn::VarStore, CosineClassifier, Tensor, Tensor) {
     vs.set_kind(Kind::Double);
     let classifier = CosineClassifier::new(&vs.root(), C, D);
     let emb = randn(seed, &[B, D]);
-    let lean = Tensor::cat(&[&emb * 1.2, Tensor::zeros([C - B, D], (Kind::Double, Device::Cpu))], 0);
+    let lean = Tensor::cat(
+        &[
+            &emb * 1.2,
+            Tensor::zeros([C - B, D], (Kind::Double, Device::Cpu)),
+        ],
+        0,
+    );
     let mut w = classifier.weight().shallow_clone();
     tch::no_grad(|| w.copy_(&(lean + randn(seed + 100, &[C, D]))));
     let labels = Tensor::from_slice(&[0i64, 1, 2, 3, 4]);
@@ -35,7 +41,10 @@ fn fixture(seed: u64) -> (nn::VarStore, CosineClassifier, Tensor, Tensor) {
 }
 
 fn curricular(t: f64) -> CurricularFace {
-    let mut h = CurricularFace::new(&CurricularFaceConfig { s: 8.0, ..Default::default() });
+    let mut h = CurricularFace::new(&CurricularFaceConfig {
+        s: 8.0,
+        ..Default::default()
+    });
     h.set_t(t);
     h
 }
@@ -64,14 +73,25 @@ fn curricularface_full_path_gradients() {
     for seed in [1u64, 3, 5] {
         let (_vs, cl, emb, labels) = fixture(seed);
         let cos = cl.cosines(&emb);
-        assert!(gap_to_switch(&cos, &labels, 0.5) > 1e-3, "seed {seed}: a cosine sits on the switch");
+        assert!(
+            gap_to_switch(&cos, &labels, 0.5) > 1e-3,
+            "seed {seed}: a cosine sits on the switch"
+        );
         let probe = curricular(0.0).logits(&cos, &labels);
-        hard_seen |= probe.ne_tensor(&(&cos * 8.0)).sum(Kind::Int64).int64_value(&[]) > B;
+        hard_seen |= probe
+            .ne_tensor(&(&cos * 8.0))
+            .sum(Kind::Int64)
+            .int64_value(&[])
+            > B;
         for t in [0.0, 0.3, 0.8] {
             let head = curricular(t);
             let inputs = [("emb", &emb), ("weight", cl.weight())];
-            check_gradients(|| cross_entropy(&head.logits(&cl.cosines(&emb), &labels), &labels), &inputs, &GradCheck::default())
-                .unwrap_or_else(|e| panic!("seed {seed} t {t}: {e:#}"));
+            check_gradients(
+                || cross_entropy(&head.logits(&cl.cosines(&emb), &labels), &labels),
+                &inputs,
+                &GradCheck::default(),
+            )
+            .unwrap_or_else(|e| panic!("seed {seed} t {t}: {e:#}"));
         }
     }
     assert!(hard_seen, "the fixtures must contain hard negatives");
@@ -82,22 +102,36 @@ fn adaface_full_path_gradients_with_fixed_norms() {
     let (_vs, cl, emb, labels) = fixture(4);
     // Norms spanning ẑ = −1 (clipped), inside, and +1 (clipped) at μ = 10, σ = 2, h = 0.333.
     let norms = Tensor::from_slice(&[0.5, 8.0, 10.0, 14.0, 40.0]);
-    let mut head = AdaFace::new(&AdaFaceConfig { s: 8.0, ..Default::default() });
+    let mut head = AdaFace::new(&AdaFaceConfig {
+        s: 8.0,
+        ..Default::default()
+    });
     head.set_statistics(10.0, 2.0);
     let zhat = vals(&head.normalised_norms(&norms));
     assert_eq!(zhat[0], -1.0);
     assert_eq!(zhat[4], 1.0);
-    assert!(zhat[1] > -1.0 && zhat[1] < 0.0 && zhat[3] > 0.0 && zhat[3] < 1.0, "{zhat:?}");
+    assert!(
+        zhat[1] > -1.0 && zhat[1] < 0.0 && zhat[3] > 0.0 && zhat[3] < 1.0,
+        "{zhat:?}"
+    );
     let inputs = [("emb", &emb), ("weight", cl.weight())];
     check_gradients(
-        || cross_entropy(&head.logits_with_norms(&cl.cosines(&emb), &labels, &norms), &labels),
+        || {
+            cross_entropy(
+                &head.logits_with_norms(&cl.cosines(&emb), &labels, &norms),
+                &labels,
+            )
+        },
         &inputs,
         &GradCheck::default(),
     )
     .unwrap();
     // The norms are detached: norms that require a gradient get none.
     let n = norms.set_requires_grad(true);
-    let loss = cross_entropy(&head.logits_with_norms(&cl.cosines(&emb), &labels, &n), &labels);
+    let loss = cross_entropy(
+        &head.logits_with_norms(&cl.cosines(&emb), &labels, &n),
+        &labels,
+    );
     let g = Tensor::run_backward(&[loss], &[&n], false, true);
     assert!(!g[0].defined() || g[0].abs().max().double_value(&[]) == 0.0);
 }
@@ -113,11 +147,18 @@ fn curricularface_without_hard_negatives_at_t0_is_arcface() {
     // Row targets 0.7 and 0.9: φ = cos(acos(.) + 0.5) ≈ 0.284 and 0.569; make every negative easy.
     let cos = Tensor::from_slice(&[0.2, 0.7, -0.1, 0.25, -0.6, 0.0, 0.9, 0.5]).view([2, 4]);
     let labels = Tensor::from_slice(&[1i64, 2]);
-    let arc = ArcFace::new(&ArcFaceConfig { s: 8.0, ..Default::default() }).logits(&cos, &labels);
+    let arc = ArcFace::new(&ArcFaceConfig {
+        s: 8.0,
+        ..Default::default()
+    })
+    .logits(&cos, &labels);
     for t in [0.0, 0.4] {
         // Without hard negatives t does not matter.
         let z = curricular(t).logits(&cos, &labels);
-        assert!(z.allclose(&arc, 1e-14, 1e-14, false), "t {t}: {z:?} vs {arc:?}");
+        assert!(
+            z.allclose(&arc, 1e-14, 1e-14, false),
+            "t {t}: {z:?} vs {arc:?}"
+        );
     }
 }
 
@@ -138,7 +179,12 @@ fn curricularface_hard_negatives_are_modulated_by_t() {
                 } else {
                     c[k]
                 };
-                assert!((z[k] - 8.0 * want).abs() < 1e-12, "t {t} ({i},{j}): {} vs {}", z[k], 8.0 * want);
+                assert!(
+                    (z[k] - 8.0 * want).abs() < 1e-12,
+                    "t {t} ({i},{j}): {} vs {}",
+                    z[k],
+                    8.0 * want
+                );
             }
         }
     }
@@ -150,17 +196,34 @@ fn curricularface_hard_negatives_are_modulated_by_t() {
 fn adaface_reduces_to_cosface_arcface_and_the_high_quality_form() {
     let (cos, labels) = small_cos();
     let m = 0.4;
-    let mut head = AdaFace::new(&AdaFaceConfig { s: 8.0, m, ..Default::default() });
+    let mut head = AdaFace::new(&AdaFaceConfig {
+        s: 8.0,
+        m,
+        ..Default::default()
+    });
     head.set_statistics(10.0, 2.0);
     let cosface = CosFace::new(&CosFaceConfig { s: 8.0, m }).logits(&cos, &labels);
-    let arcface = ArcFace::new(&ArcFaceConfig { s: 8.0, m, ..Default::default() }).logits(&cos, &labels);
+    let arcface = ArcFace::new(&ArcFaceConfig {
+        s: 8.0,
+        m,
+        ..Default::default()
+    })
+    .logits(&cos, &labels);
     // ẑ = 0: CosFace m (norms at the mean; and without norms).
     let at_mean = head.logits_with_norms(&cos, &labels, &Tensor::from_slice(&[10.0, 10.0]));
-    assert!(at_mean.allclose(&cosface, 1e-14, 1e-14, false), "{at_mean:?} vs {cosface:?}");
-    assert!(head.logits(&cos, &labels).allclose(&cosface, 1e-14, 1e-14, false));
+    assert!(
+        at_mean.allclose(&cosface, 1e-14, 1e-14, false),
+        "{at_mean:?} vs {cosface:?}"
+    );
+    assert!(head
+        .logits(&cos, &labels)
+        .allclose(&cosface, 1e-14, 1e-14, false));
     // ẑ = −1: ArcFace m.
     let low = head.logits_with_norms(&cos, &labels, &Tensor::from_slice(&[0.01, 1.0]));
-    assert!(low.allclose(&arcface, 1e-13, 1e-13, false), "{low:?} vs {arcface:?}");
+    assert!(
+        low.allclose(&arcface, 1e-13, 1e-13, false),
+        "{low:?} vs {arcface:?}"
+    );
     // ẑ = +1: cos(θ − m) − 2m.
     let high = vals(&head.logits_with_norms(&cos, &labels, &Tensor::from_slice(&[50.0, 99.0])));
     for (k, cy) in [(1usize, 0.7f64), (6, 0.9)] {
@@ -188,7 +251,12 @@ fn curricularface_t_moves_once_per_step_from_every_micro_batch() {
     // Two micro-batches of one row each = one step over both rows.
     let mut acc = curricular(0.2);
     for i in 0..2 {
-        let _ = acc.training_loss(&cos.narrow(0, i, 1), &labels.narrow(0, i, 1), &dummy, &norms);
+        let _ = acc.training_loss(
+            &cos.narrow(0, i, 1),
+            &labels.narrow(0, i, 1),
+            &dummy,
+            &norms,
+        );
     }
     acc.end_step();
     assert!((acc.t() - want).abs() < 1e-15);
@@ -210,11 +278,19 @@ fn adaface_statistics_move_once_per_step_from_every_micro_batch() {
     full.end_step();
     let mut acc = AdaFace::new(&AdaFaceConfig::default());
     for i in 0..2 {
-        let _ = acc.training_loss(&cos.narrow(0, i, 1), &labels.narrow(0, i, 1), &dummy, &norms.narrow(0, i, 1));
+        let _ = acc.training_loss(
+            &cos.narrow(0, i, 1),
+            &labels.narrow(0, i, 1),
+            &dummy,
+            &norms.narrow(0, i, 1),
+        );
     }
     acc.end_step();
     for got in [full.statistics(), acc.statistics()] {
-        assert!((got.0 - want.0).abs() < 1e-12 && (got.1 - want.1).abs() < 1e-12, "{got:?} vs {want:?}");
+        assert!(
+            (got.0 - want.0).abs() < 1e-12 && (got.1 - want.1).abs() < 1e-12,
+            "{got:?} vs {want:?}"
+        );
     }
 }
 

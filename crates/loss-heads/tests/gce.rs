@@ -5,12 +5,12 @@
 //! loop; stability at `s = 64` with cosines at ±1 in f32 and f64; the seeded replacement draw;
 //! Partial FC; the config.
 
-use facerec_testkit::gradcheck::{check_gradients, GradCheck};
 use facerec_loss_heads::{
     cross_entropy, ArcFaceConfig, ArcFaceGradient, CosFaceConfig, CosineClassifier, Gce, GceConfig,
     HeadConfig, MarginForm, OutWeight, PairwiseConfig, PartialFc, PartialFcConfig, Replacement,
     SelfPair,
 };
+use facerec_testkit::gradcheck::{check_gradients, GradCheck};
 use facerec_testkit::{floats, randn_vec};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -23,7 +23,6 @@ const C: i64 = 5;
 const D: i64 = 8;
 /// Classes 0 and 1 occur twice (replaceable), 3 and 4 once, 2 not at all.
 const LABELS: [i64; 6] = [0, 1, 1, 3, 0, 4];
-
 
 fn to_vec(t: &Tensor) -> Vec<f64> {
     Vec::<f64>::try_from(t.detach().to_kind(Kind::Double).flatten(0, -1)).unwrap()

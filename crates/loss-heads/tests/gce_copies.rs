@@ -19,7 +19,12 @@ const IMAGES: [usize; 12] = [10, 11, 12, 13, 20, 20, 21, 20, 30, 30, 30, 30];
 fn gce(self_pair: SelfPair) -> Gce {
     Gce::new(&GceConfig {
         s: 16.0,
-        pairwise: PairwiseConfig { rate: 1.0, min_count: 2, self_pair, ..Default::default() },
+        pairwise: PairwiseConfig {
+            rate: 1.0,
+            min_count: 2,
+            self_pair,
+            ..Default::default()
+        },
         ..Default::default()
     })
 }
@@ -31,7 +36,9 @@ fn batch() -> (Tensor, Tensor) {
     let mut row_of = std::collections::HashMap::new();
     let mut emb = Vec::new();
     for &im in &IMAGES {
-        let row: &Vec<f64> = row_of.entry(im).or_insert_with(|| (0..D).map(|_| rng.sample(StandardNormal)).collect());
+        let row: &Vec<f64> = row_of
+            .entry(im)
+            .or_insert_with(|| (0..D).map(|_| rng.sample(StandardNormal)).collect());
         emb.extend_from_slice(row);
     }
     let emb = Tensor::from_slice(&emb).view([12, D]);
@@ -45,7 +52,9 @@ fn batch() -> (Tensor, Tensor) {
 /// For every replaced class, the rows holding the replacing image (the sample and its copies).
 fn self_rows(rep: &Replacement, r: usize) -> Vec<usize> {
     let j = rep.samples[r] as usize;
-    (0..IMAGES.len()).filter(|&k| IMAGES[k] == IMAGES[j]).collect()
+    (0..IMAGES.len())
+        .filter(|&k| IMAGES[k] == IMAGES[j])
+        .collect()
 }
 
 #[test]
@@ -61,13 +70,19 @@ fn a_padded_copy_is_never_paired_with_itself() {
         assert!(rep.copies.is_empty());
         let (new, _) = g.replace_prototypes(&cos, &emb, &rep);
         for (r, &c) in rep.classes.iter().enumerate() {
-            for k in self_rows(&rep, r).into_iter().filter(|&k| k as i64 != rep.samples[r]) {
+            for k in self_rows(&rep, r)
+                .into_iter()
+                .filter(|&k| k as i64 != rep.samples[r])
+            {
                 assert!((new.double_value(&[k as i64, c]) - 1.0).abs() < 1e-12);
                 old_self_pairs += 1;
             }
         }
     }
-    assert!(old_self_pairs > 0, "the old draw pairs copies with themselves on this batch");
+    assert!(
+        old_self_pairs > 0,
+        "the old draw pairs copies with themselves on this batch"
+    );
 
     // After: with the images' indices.
     let mut picks_in_class_1 = std::collections::BTreeSet::new();
@@ -81,9 +96,13 @@ fn a_padded_copy_is_never_paired_with_itself() {
             picks_in_class_1.insert(rep.samples[1]);
             // The copies are exactly the other rows of each replacing image.
             for r in 0..rep.classes.len() {
-                let mut want: Vec<(i64, usize)> =
-                    self_rows(&rep, r).into_iter().filter(|&k| k as i64 != rep.samples[r]).map(|k| (k as i64, r)).collect();
-                let mut got: Vec<(i64, usize)> = rep.copies.iter().copied().filter(|c| c.1 == r).collect();
+                let mut want: Vec<(i64, usize)> = self_rows(&rep, r)
+                    .into_iter()
+                    .filter(|&k| k as i64 != rep.samples[r])
+                    .map(|k| (k as i64, r))
+                    .collect();
+                let mut got: Vec<(i64, usize)> =
+                    rep.copies.iter().copied().filter(|c| c.1 == r).collect();
                 want.sort();
                 got.sort();
                 assert_eq!(got, want, "step {step} class {}", rep.classes[r]);
@@ -94,7 +113,11 @@ fn a_padded_copy_is_never_paired_with_itself() {
                     let k = k as i64;
                     match self_pair {
                         SelfPair::KeepPrototype => {
-                            assert_eq!(new.double_value(&[k, c]), cos.double_value(&[k, c]), "row {k} class {c}")
+                            assert_eq!(
+                                new.double_value(&[k, c]),
+                                cos.double_value(&[k, c]),
+                                "row {k} class {c}"
+                            )
                         }
                         SelfPair::Drop => assert_eq!(valid.double_value(&[k]), 0.0, "row {k}"),
                     }
@@ -102,7 +125,9 @@ fn a_padded_copy_is_never_paired_with_itself() {
             }
             // Every other row of a replaced class meets the replacing feature (a real pair < 1).
             for (r, &c) in rep.classes.iter().enumerate() {
-                for k in (0..12).filter(|&k| LABELS[k] == c && IMAGES[k] != IMAGES[rep.samples[r] as usize]) {
+                for k in (0..12)
+                    .filter(|&k| LABELS[k] == c && IMAGES[k] != IMAGES[rep.samples[r] as usize])
+                {
                     assert!(new.double_value(&[k as i64, c]) < 1.0 - 1e-6);
                 }
             }
@@ -129,9 +154,13 @@ fn the_trainer_path_uses_the_images() {
         direct.set_step(step);
         old.set_step(step);
         head.set_batch_images(&IMAGES);
-        let got = head.training_loss(&cos, &labels, &emb, &norms).double_value(&[]);
+        let got = head
+            .training_loss(&cos, &labels, &emb, &norms)
+            .double_value(&[]);
         let rep = direct.draw_replacement_for_images(&labels, Some(&IMAGES));
-        let want = direct.loss_with_replacement(&cos, &labels, &emb, &rep).double_value(&[]);
+        let want = direct
+            .loss_with_replacement(&cos, &labels, &emb, &rep)
+            .double_value(&[]);
         assert_eq!(got, want, "step {step}");
         differs |= (old.step_loss(&cos, &labels, &emb).double_value(&[]) - got).abs() > 1e-9;
     }
@@ -141,6 +170,9 @@ fn the_trainer_path_uses_the_images() {
         let (mut a, mut b) = (gce(SelfPair::KeepPrototype), gce(SelfPair::KeepPrototype));
         a.set_step(step);
         b.set_step(step);
-        assert_eq!(a.draw_replacement_for_images(&labels, Some(&distinct)), b.draw_replacement(&labels));
+        assert_eq!(
+            a.draw_replacement_for_images(&labels, Some(&distinct)),
+            b.draw_replacement(&labels)
+        );
     }
 }

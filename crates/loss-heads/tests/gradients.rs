@@ -5,13 +5,13 @@
 //! through the linear classifier, and heads over a Partial FC subset; plus the checker's own
 //! self-tests.
 
-use facerec_testkit::gradcheck::{
-    analytic_gradients, check_gradients, compare, numerical_gradient, GradCheck,
-};
 use facerec_loss_heads::{
     cross_entropy, ArcFaceConfig, ArcFaceGradient, CombinedConfig, CosFaceConfig, CosineClassifier,
     ElasticFace, ElasticKind, ElasticParams, HeadConfig, LinearClassifier, MarginHead,
     NormFaceConfig, PartialFc, PartialFcConfig, PlusAssignment, SoftmaxConfig, SphereFaceConfig,
+};
+use facerec_testkit::gradcheck::{
+    analytic_gradients, check_gradients, compare, numerical_gradient, GradCheck,
 };
 use facerec_testkit::randn;
 use tch::{nn, Device, Kind, Tensor};
@@ -31,7 +31,6 @@ struct Fixture {
     emb: Tensor,
     labels: Tensor,
 }
-
 
 fn fixture() -> Fixture {
     let mut vs = nn::VarStore::new(Device::Cpu);

@@ -6,12 +6,11 @@
 //! fallback for heads without the row-scaled form; and finite-difference gradient checks of the
 //! fused loss itself.
 
-use facerec_testkit::gradcheck::{analytic_gradients, check_gradients, compare, GradCheck};
 use facerec_loss_heads::{
     cross_entropy, margin_cross_entropy, margin_cross_entropy_with_norms, ClassifierKind,
-    CosineClassifier,
-    HeadConfig, LinearClassifier, MarginHead, PartialFc, PartialFcConfig,
+    CosineClassifier, HeadConfig, LinearClassifier, MarginHead, PartialFc, PartialFcConfig,
 };
+use facerec_testkit::gradcheck::{analytic_gradients, check_gradients, compare, GradCheck};
 use std::cell::RefCell;
 
 use facerec_testkit::randn;
@@ -81,7 +80,6 @@ fn heads() -> Vec<HeadConfig> {
         .map(|t| toml::from_str::<HeadConfig>(t).unwrap_or_else(|e| panic!("{t}: {e}")))
         .collect()
 }
-
 
 fn labels() -> Tensor {
     Tensor::from_slice(&[0i64, 3, 3, 8, 5, 1])
@@ -196,7 +194,10 @@ fn every_head_matches_through_the_classifier_and_over_a_partial_fc_subset() {
     assert!(sampled.len() < C, "a proper subset");
     let inputs = [&fx.emb, fx.classifier.weight()];
     let norms = || fx.emb.norm_scalaropt_dim(2, [1], false);
-    for cfg in heads().into_iter().filter(|c| c.classifier_kind() == ClassifierKind::Cosine) {
+    for cfg in heads()
+        .into_iter()
+        .filter(|c| c.classifier_kind() == ClassifierKind::Cosine)
+    {
         let mut head = cfg.build();
         assert_same(
             &format!("{cfg:?} full"),

@@ -11,11 +11,11 @@ use facerec_loss_heads::{
     ElasticArcPlusConfig, ElasticCosConfig, ElasticCosPlusConfig, ElasticFace, HeadConfig,
     LinearClassifier, NormFaceConfig, PartialFc, PlusAssignment, SoftmaxConfig, SphereFaceConfig,
 };
+use facerec_testkit::floats;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
 use tch::{nn, Device, Kind, Tensor};
-use facerec_testkit::floats;
 
 const B: usize = 6;
 const C: usize = 7;
@@ -339,7 +339,9 @@ fn linear_cases() -> (Vec<Value>, Checker) {
         // Fixed parameters (not libtorch's global generator), so the request and its frozen
         // answer are the same in every run.
         tch::no_grad(|| {
-            clf.weight().shallow_clone().copy_(&Tensor::from_slice(&weight).view([c, d]));
+            clf.weight()
+                .shallow_clone()
+                .copy_(&Tensor::from_slice(&weight).view([c, d]));
             clf.bias().shallow_clone().copy_(&Tensor::from_slice(&bias));
         });
         vs.set_kind(kind);
@@ -426,14 +428,33 @@ fn stateful_heads_match_the_oracle() {
     let norms = vec![3.0, 0.5, 12.0, 7.5, 1.25, 20.0];
     let mut cases: Vec<(String, HeadConfig, Vec<(&str, f64)>, Option<Vec<f64>>)> = Vec::new();
     for t in [0.0, 0.4, 0.9] {
-        let cfg = HeadConfig::Curricularface(CurricularFaceConfig { s: 64.0, m: 0.5, alpha: 0.01 });
+        let cfg = HeadConfig::Curricularface(CurricularFaceConfig {
+            s: 64.0,
+            m: 0.5,
+            alpha: 0.01,
+        });
         cases.push((format!("curricularface t={t}"), cfg, vec![("t", t)], None));
     }
     for (mean, std) in [(20.0, 100.0), (10.0, 2.0), (8.0, 5.0)] {
-        let cfg = HeadConfig::Adaface(AdaFaceConfig { s: 64.0, m: 0.4, h: 0.333, alpha: 0.01 });
+        let cfg = HeadConfig::Adaface(AdaFaceConfig {
+            s: 64.0,
+            m: 0.4,
+            h: 0.333,
+            alpha: 0.01,
+        });
         let state = vec![("norm_mean", mean), ("norm_std", std)];
-        cases.push((format!("adaface μ={mean} σ={std}"), cfg.clone(), state.clone(), Some(norms.clone())));
-        cases.push((format!("adaface μ={mean} σ={std} no norms"), cfg, state, None));
+        cases.push((
+            format!("adaface μ={mean} σ={std}"),
+            cfg.clone(),
+            state.clone(),
+            Some(norms.clone()),
+        ));
+        cases.push((
+            format!("adaface μ={mean} σ={std} no norms"),
+            cfg,
+            state,
+            None,
+        ));
     }
     let mut request = Vec::new();
     let mut ours = Vec::new();
@@ -452,18 +473,32 @@ fn stateful_heads_match_the_oracle() {
             }
             request.push(r);
             let mut head = cfg.build();
-            let st: HashMap<String, Tensor> = state.iter().map(|(k, v)| (k.to_string(), Tensor::from(*v))).collect();
+            let st: HashMap<String, Tensor> = state
+                .iter()
+                .map(|(k, v)| (k.to_string(), Tensor::from(*v)))
+                .collect();
             head.load_state(st).unwrap();
-            let cos = Tensor::from_slice(&cos_values()).view([B as i64, C as i64]).to_kind(kind).set_requires_grad(true);
+            let cos = Tensor::from_slice(&cos_values())
+                .view([B as i64, C as i64])
+                .to_kind(kind)
+                .set_requires_grad(true);
             let labels = Tensor::from_slice(&LABELS);
             let logits = match norms {
-                Some(n) => head.logits_with_norms(&cos, &labels, &Tensor::from_slice(n).to_kind(kind)),
+                Some(n) => {
+                    head.logits_with_norms(&cos, &labels, &Tensor::from_slice(n).to_kind(kind))
+                }
                 None => head.logits(&cos, &labels),
             };
             assert_eq!(logits.kind(), kind, "{name}");
             let loss = cross_entropy(&logits, &labels);
             let grad = Tensor::run_backward(&[&loss], &[&cos], false, false).remove(0);
-            ours.push((format!("{name} {kind:?}"), kind, loss.double_value(&[]), to_vec(&logits), to_vec(&grad)));
+            ours.push((
+                format!("{name} {kind:?}"),
+                kind,
+                loss.double_value(&[]),
+                to_vec(&logits),
+                to_vec(&grad),
+            ));
         }
     }
     let answer = oracle(&json!({ "heads": request }));
@@ -471,9 +506,24 @@ fn stateful_heads_match_the_oracle() {
     assert_eq!(answers.len(), ours.len());
     for ((name, kind, loss, logits, grad), ans) in ours.iter().zip(answers) {
         let rtol = if *kind == Kind::Double { 1e-5 } else { 1e-4 };
-        check(&format!("{name} loss"), &[*loss], &[ans["loss"].as_f64().unwrap()], rtol);
-        check(&format!("{name} logits"), logits, &floats(&ans["logits"]), rtol);
-        check(&format!("{name} dL/dcos"), grad, &floats(&ans["grad_cos"]), rtol);
+        check(
+            &format!("{name} loss"),
+            &[*loss],
+            &[ans["loss"].as_f64().unwrap()],
+            rtol,
+        );
+        check(
+            &format!("{name} logits"),
+            logits,
+            &floats(&ans["logits"]),
+            rtol,
+        );
+        check(
+            &format!("{name} dL/dcos"),
+            grad,
+            &floats(&ans["grad_cos"]),
+            rtol,
+        );
     }
     eprintln!("{} stateful head cases match the oracle", ours.len());
 }

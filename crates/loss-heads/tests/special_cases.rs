@@ -2,11 +2,11 @@
 //! sides of θ + m = π for each gradient mode, untouched non-target logits, easy margin,
 //! a hand-computed cross-entropy, and the cosine classifier.
 
-use facerec_testkit::gradcheck::{analytic_gradients, compare};
 use facerec_loss_heads::{
     cross_entropy, ArcFaceConfig, ArcFaceGradient, CosFaceConfig, CosineClassifier, HeadConfig,
     NormFaceConfig,
 };
+use facerec_testkit::gradcheck::{analytic_gradients, compare};
 use std::f64::consts::PI;
 use tch::{nn, Device, Kind, Tensor};
 
@@ -561,7 +561,8 @@ fn sphereface_fixed_scale_ignores_the_feature_norms() {
     let zn = by_norm.logits_with_norms(&cos, &labels, &norms);
     // Row i of the feature-norm logits is (‖x_i‖ / s) times row i of the fixed-scale ones.
     let ratio = (&zn / &z).to_kind(Kind::Double);
-    let expect = Tensor::from_slice(&[0.1, 0.1, 0.1, 0.5 / 30.0, 0.5 / 30.0, 0.5 / 30.0]).view([2, 3]);
+    let expect =
+        Tensor::from_slice(&[0.1, 0.1, 0.1, 0.5 / 30.0, 0.5 / 30.0, 0.5 / 30.0]).view([2, 3]);
     assert!(ratio.allclose(&expect, 1e-12, 1e-12, false), "{ratio:?}");
 }
 

@@ -41,7 +41,10 @@ pub fn init() -> Result<Settings> {
     let omp = omp::init()?;
     let policy = malloc::Policy::from_env()?;
     malloc::apply(policy)?;
-    Ok(Settings { malloc: policy, omp })
+    Ok(Settings {
+        malloc: policy,
+        omp,
+    })
 }
 
 /// The largest resident set size this process has had so far, in bytes (`getrusage`'s
@@ -81,6 +84,9 @@ mod tests {
     #[test]
     fn peak_rss_is_positive() {
         let rss = peak_rss_bytes().expect("getrusage works on Linux");
-        assert!(rss > 1 << 20, "a test process has more than 1 MiB resident: {rss}");
+        assert!(
+            rss > 1 << 20,
+            "a test process has more than 1 MiB resident: {rss}"
+        );
     }
 }

@@ -116,7 +116,10 @@ mod tests {
         assert_eq!(Policy::parse("keep").unwrap(), Policy::Keep);
         assert_eq!(Policy::parse(" System ").unwrap(), Policy::System);
         let e = format!("{:#}", Policy::parse("jemalloc").unwrap_err());
-        assert!(e.contains("FACEREC_MALLOC") && e.contains("jemalloc"), "{e}");
+        assert!(
+            e.contains("FACEREC_MALLOC") && e.contains("jemalloc"),
+            "{e}"
+        );
         for p in [Policy::Keep, Policy::System] {
             assert_eq!(Policy::parse(p.name()).unwrap(), p);
         }

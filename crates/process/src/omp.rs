@@ -60,7 +60,12 @@ pub enum Decision {
 
 /// The decision for `FACEREC_OMP_WAIT = opt`, `OMP_WAIT_POLICY = policy`, whether this process
 /// was already re-executed and whether libgomp is loaded.
-pub fn decide(opt: Option<&str>, policy: Option<&str>, reexecuted: bool, gomp_loaded: bool) -> Result<Decision> {
+pub fn decide(
+    opt: Option<&str>,
+    policy: Option<&str>,
+    reexecuted: bool,
+    gomp_loaded: bool,
+) -> Result<Decision> {
     let want_passive = match opt.map(|s| s.trim().to_ascii_lowercase()).as_deref() {
         None | Some("") | Some("passive") => true,
         Some("default") => false,
@@ -76,7 +81,9 @@ pub fn decide(opt: Option<&str>, policy: Option<&str>, reexecuted: bool, gomp_lo
 
 /// Whether libgomp is mapped into this process (`/proc/self/maps`).
 fn gomp_loaded() -> bool {
-    std::fs::read_to_string("/proc/self/maps").map(|m| m.contains("libgomp")).unwrap_or(false)
+    std::fs::read_to_string("/proc/self/maps")
+        .map(|m| m.contains("libgomp"))
+        .unwrap_or(false)
 }
 
 /// Put the passive policy in force (see the module docs); may re-execute the binary and then does
@@ -119,9 +126,18 @@ mod tests {
         assert_eq!(d(None, None, true, true), Decision::Keep(Wait::Inherited));
         assert_eq!(d(None, None, false, false), Decision::Keep(Wait::Inherited));
         // The user's own setting wins; the opt-out leaves the default.
-        assert_eq!(d(None, Some("PASSIVE"), false, true), Decision::Keep(Wait::Passive));
-        assert_eq!(d(None, Some("active"), false, true), Decision::Keep(Wait::Inherited));
-        assert_eq!(d(Some("default"), None, false, true), Decision::Keep(Wait::Inherited));
+        assert_eq!(
+            d(None, Some("PASSIVE"), false, true),
+            Decision::Keep(Wait::Passive)
+        );
+        assert_eq!(
+            d(None, Some("active"), false, true),
+            Decision::Keep(Wait::Inherited)
+        );
+        assert_eq!(
+            d(Some("default"), None, false, true),
+            Decision::Keep(Wait::Inherited)
+        );
         let e = format!("{:#}", decide(Some("spin"), None, false, true).unwrap_err());
         assert!(e.contains("FACEREC_OMP_WAIT") && e.contains("spin"), "{e}");
     }

@@ -36,10 +36,17 @@ fn main() {
         println!("{}", faults_of_rounds());
         return;
     }
-    facerec_process::malloc::apply(facerec_process::malloc::Policy::Keep).expect("mallopt accepted");
+    facerec_process::malloc::apply(facerec_process::malloc::Policy::Keep)
+        .expect("mallopt accepted");
     let kept = faults_of_rounds();
-    let out = Command::new(std::env::current_exe().unwrap()).arg("child-system").output().expect("child runs");
-    let system: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().expect("child prints a count");
+    let out = Command::new(std::env::current_exe().unwrap())
+        .arg("child-system")
+        .output()
+        .expect("child runs");
+    let system: u64 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("child prints a count");
     println!("keeps_memory: {ROUNDS} rounds of {} MiB ({pages} pages): {kept} minor faults kept, {system} with glibc defaults", BLOCK >> 20);
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {

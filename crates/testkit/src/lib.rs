@@ -73,7 +73,13 @@ pub fn floats(v: &serde_json::Value) -> Vec<f64> {
     v.as_array()
         .expect("a JSON array")
         .iter()
-        .map(|x| if x.is_null() { f64::NAN } else { x.as_f64().expect("a number") })
+        .map(|x| {
+            if x.is_null() {
+                f64::NAN
+            } else {
+                x.as_f64().expect("a number")
+            }
+        })
         .collect()
 }
 

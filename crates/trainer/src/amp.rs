@@ -109,7 +109,14 @@ impl GradScaler {
     /// A scaler; `enabled = false` gives the identity.
     pub fn new(cfg: ScalerConfig, enabled: bool) -> Self {
         let scale = if enabled { cfg.init_scale } else { 1.0 };
-        GradScaler { cfg, enabled, state: ScalerState { scale, growth_tracker: 0 } }
+        GradScaler {
+            cfg,
+            enabled,
+            state: ScalerState {
+                scale,
+                growth_tracker: 0,
+            },
+        }
     }
 
     /// Whether scaling is on.
@@ -191,7 +198,13 @@ mod tests {
 
     #[test]
     fn backs_off_grows_and_reports_collapse() {
-        let cfg = ScalerConfig { init_scale: 8.0, growth_factor: 2.0, backoff_factor: 0.5, growth_interval: 3, min_scale: 1.0 };
+        let cfg = ScalerConfig {
+            init_scale: 8.0,
+            growth_factor: 2.0,
+            backoff_factor: 0.5,
+            growth_interval: 3,
+            min_scale: 1.0,
+        };
         let mut s = GradScaler::new(cfg, true);
         assert!(!s.update(false));
         assert_eq!(s.scale(), 4.0);

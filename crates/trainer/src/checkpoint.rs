@@ -105,11 +105,16 @@ pub fn fingerprint(order: &[usize]) -> u64 {
 
 /// Save every variable of `vs` to `path` (a `.safetensors` file) atomically.
 pub fn save_varstore(vs: &VarStore, path: &Path) -> Result<()> {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     // VarStore::save picks the format from the extension, so the temporary keeps `.safetensors`.
     let tmp = path.with_file_name(format!(".{name}.partial.safetensors"));
-    vs.save(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+    vs.save(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
 }
 
 /// The folder of checkpoint `step` under `parent`.
@@ -119,16 +124,30 @@ pub fn step_dir(parent: &Path, step: usize) -> PathBuf {
 
 /// Write a checkpoint under `parent` (created if needed), then delete all but the newest `keep`.
 /// Returns its folder.
-pub fn save(parent: &Path, meta: &Meta, backbone: &VarStore, classifier: &VarStore, opt: &Optimizer, objective: &[(String, Tensor)], keep: usize) -> Result<PathBuf> {
-    std::fs::create_dir_all(parent).with_context(|| format!("creating checkpoint folder {}", parent.display()))?;
+pub fn save(
+    parent: &Path,
+    meta: &Meta,
+    backbone: &VarStore,
+    classifier: &VarStore,
+    opt: &Optimizer,
+    objective: &[(String, Tensor)],
+    keep: usize,
+) -> Result<PathBuf> {
+    std::fs::create_dir_all(parent)
+        .with_context(|| format!("creating checkpoint folder {}", parent.display()))?;
     let dest = step_dir(parent, meta.step);
     let tmp = parent.join(format!(".step-{:08}.partial", meta.step));
     if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).with_context(|| format!("removing stale {}", tmp.display()))?;
+        std::fs::remove_dir_all(&tmp)
+            .with_context(|| format!("removing stale {}", tmp.display()))?;
     }
     std::fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    backbone.save(tmp.join("model.safetensors")).with_context(|| format!("writing {}", tmp.join("model.safetensors").display()))?;
-    classifier.save(tmp.join("classifier.safetensors")).with_context(|| format!("writing {}", tmp.join("classifier.safetensors").display()))?;
+    backbone
+        .save(tmp.join("model.safetensors"))
+        .with_context(|| format!("writing {}", tmp.join("model.safetensors").display()))?;
+    classifier
+        .save(tmp.join("classifier.safetensors"))
+        .with_context(|| format!("writing {}", tmp.join("classifier.safetensors").display()))?;
     let state = opt.state_tensors();
     Tensor::write_safetensors(&state, tmp.join("optimizer.safetensors"))
         .with_context(|| format!("writing {}", tmp.join("optimizer.safetensors").display()))?;
@@ -144,7 +163,8 @@ pub fn save(parent: &Path, meta: &Meta, backbone: &VarStore, classifier: &VarSto
         }
     }
     let json = serde_json::to_vec_pretty(&meta)?;
-    std::fs::write(tmp.join("meta.json"), json).with_context(|| format!("writing {}", tmp.join("meta.json").display()))?;
+    std::fs::write(tmp.join("meta.json"), json)
+        .with_context(|| format!("writing {}", tmp.join("meta.json").display()))?;
     sync_dir_files(&tmp)?;
     if dest.exists() && !dest.join("meta.json").is_file() {
         eprintln!("warning: replacing the incomplete checkpoint folder {} (no meta.json) with a new checkpoint of the same step", dest.display());
@@ -154,31 +174,45 @@ pub fn save(parent: &Path, meta: &Meta, backbone: &VarStore, classifier: &VarSto
         let old = parent.join(format!(".step-{:08}.old", meta.step));
         let _ = std::fs::remove_dir_all(&old);
         std::fs::rename(&dest, &old).with_context(|| format!("moving aside {}", dest.display()))?;
-        std::fs::rename(&tmp, &dest).with_context(|| format!("renaming {} to {}", tmp.display(), dest.display()))?;
+        std::fs::rename(&tmp, &dest)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), dest.display()))?;
         let _ = std::fs::remove_dir_all(&old);
     } else {
-        std::fs::rename(&tmp, &dest).with_context(|| format!("renaming {} to {}", tmp.display(), dest.display()))?;
+        std::fs::rename(&tmp, &dest)
+            .with_context(|| format!("renaming {} to {}", tmp.display(), dest.display()))?;
     }
     prune(parent, keep)?;
     Ok(dest)
 }
 
 /// The tensor files a checkpoint folder may hold (each with its checksum in `meta.json`).
-pub const TENSOR_FILES: [&str; 4] = ["model.safetensors", "classifier.safetensors", "optimizer.safetensors", "objective.safetensors"];
+pub const TENSOR_FILES: [&str; 4] = [
+    "model.safetensors",
+    "classifier.safetensors",
+    "optimizer.safetensors",
+    "objective.safetensors",
+];
 
 /// SHA-256 of a file's contents, lower-case hex.
 pub fn sha256_file(path: &Path) -> Result<String> {
-    let mut file = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut file =
+        std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
-        let n = file.read(&mut buf).with_context(|| format!("reading {}", path.display()))?;
+        let n = file
+            .read(&mut buf)
+            .with_context(|| format!("reading {}", path.display()))?;
         if n == 0 {
             break;
         }
         hasher.update(&buf[..n]);
     }
-    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    Ok(hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect())
 }
 
 /// How to continue from an older checkpoint when the newest one of `dir`'s run is unusable.
@@ -188,10 +222,17 @@ fn fall_back_hint(dir: &Path) -> String {
         .unwrap_or_default()
         .into_iter()
         .filter(|(_, d)| d != dir)
-        .map(|(_, d)| d.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default())
+        .map(|(_, d)| {
+            d.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        })
         .collect();
     if older.is_empty() {
-        format!("no older checkpoint is left in {}; start the run again", parent.display())
+        format!(
+            "no older checkpoint is left in {}; start the run again",
+            parent.display()
+        )
     } else {
         format!(
             "to fall back to the previous checkpoint, move {} out of {} and --resume again (older checkpoints there: {})",
@@ -217,11 +258,20 @@ pub fn verify(dir: &Path, meta: &Meta) -> Result<Option<String>> {
 fn verify_one(dir: &Path, name: &str, want: &str) -> Result<()> {
     let path = dir.join(name);
     if !path.is_file() {
-        bail!("{}: missing, though {} lists it; the checkpoint is incomplete; {}", path.display(), dir.join("meta.json").display(), fall_back_hint(dir));
+        bail!(
+            "{}: missing, though {} lists it; the checkpoint is incomplete; {}",
+            path.display(),
+            dir.join("meta.json").display(),
+            fall_back_hint(dir)
+        );
     }
     let got = sha256_file(&path)?;
     if got != want {
-        bail!("{}: corrupt checkpoint file (SHA-256 {got}, meta.json recorded {want}); {}", path.display(), fall_back_hint(dir));
+        bail!(
+            "{}: corrupt checkpoint file (SHA-256 {got}, meta.json recorded {want}); {}",
+            path.display(),
+            fall_back_hint(dir)
+        );
     }
     Ok(())
 }
@@ -229,12 +279,17 @@ fn verify_one(dir: &Path, name: &str, want: &str) -> Result<()> {
 /// When `file` lies in a checkpoint folder (a `meta.json` beside it that records its checksum),
 /// verify it. Files without a recorded checksum (a run's final model) are accepted.
 pub fn verify_if_checkpoint(file: &Path) -> Result<()> {
-    let Some(dir) = file.parent() else { return Ok(()) };
+    let Some(dir) = file.parent() else {
+        return Ok(());
+    };
     if !dir.join("meta.json").is_file() {
         return Ok(());
     }
     let meta = read_meta(dir)?;
-    let name = file.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     match meta.checksums.get(&name) {
         Some(want) => verify_one(dir, &name, want),
         None => Ok(()),
@@ -245,19 +300,30 @@ pub fn verify_if_checkpoint(file: &Path) -> Result<()> {
 fn sync_dir_files(dir: &Path) -> Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
-        std::fs::File::open(&path).and_then(|f| f.sync_all()).with_context(|| format!("syncing {}", path.display()))?;
+        std::fs::File::open(&path)
+            .and_then(|f| f.sync_all())
+            .with_context(|| format!("syncing {}", path.display()))?;
     }
-    std::fs::File::open(dir).and_then(|f| f.sync_all()).with_context(|| format!("syncing {}", dir.display()))
+    std::fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("syncing {}", dir.display()))
 }
 
 /// Complete checkpoints under `parent`, oldest first.
 pub fn list(parent: &Path) -> Result<Vec<(usize, PathBuf)>> {
     let mut out = Vec::new();
-    let Ok(entries) = std::fs::read_dir(parent) else { return Ok(out) };
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return Ok(out);
+    };
     for entry in entries {
-        let path = entry.with_context(|| format!("listing {}", parent.display()))?.path();
+        let path = entry
+            .with_context(|| format!("listing {}", parent.display()))?
+            .path();
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        if let Some(step) = name.strip_prefix("step-").and_then(|s| s.parse::<usize>().ok()) {
+        if let Some(step) = name
+            .strip_prefix("step-")
+            .and_then(|s| s.parse::<usize>().ok())
+        {
             if path.join("meta.json").is_file() {
                 out.push((step, path));
             }
@@ -269,13 +335,18 @@ pub fn list(parent: &Path) -> Result<Vec<(usize, PathBuf)>> {
 
 /// `step-*` folders under `parent` that are not complete checkpoints (no `meta.json`).
 pub fn incomplete(parent: &Path) -> Vec<PathBuf> {
-    let Ok(entries) = std::fs::read_dir(parent) else { return Vec::new() };
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return Vec::new();
+    };
     let mut out: Vec<PathBuf> = entries
         .flatten()
         .map(|e| e.path())
         .filter(|p| {
             let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            name.strip_prefix("step-").is_some_and(|s| s.parse::<usize>().is_ok()) && p.is_dir() && !p.join("meta.json").is_file()
+            name.strip_prefix("step-")
+                .is_some_and(|s| s.parse::<usize>().is_ok())
+                && p.is_dir()
+                && !p.join("meta.json").is_file()
         })
         .collect();
     out.sort();
@@ -285,7 +356,8 @@ pub fn incomplete(parent: &Path) -> Vec<PathBuf> {
 fn prune(parent: &Path, keep: usize) -> Result<()> {
     let all = list(parent)?;
     for (_, dir) in all.iter().take(all.len().saturating_sub(keep)) {
-        std::fs::remove_dir_all(dir).with_context(|| format!("deleting old checkpoint {}", dir.display()))?;
+        std::fs::remove_dir_all(dir)
+            .with_context(|| format!("deleting old checkpoint {}", dir.display()))?;
     }
     Ok(())
 }
@@ -318,14 +390,33 @@ pub fn latest_noting(run_dir: &Path) -> Result<(PathBuf, Vec<PathBuf>)> {
 pub fn read_meta(dir: &Path) -> Result<Meta> {
     let path = dir.join("meta.json");
     let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-    let meta: Meta = serde_json::from_slice(&bytes).with_context(|| format!("{}: not a facerec checkpoint description (corrupt?)", path.display()))?;
+    let meta: Meta = serde_json::from_slice(&bytes).with_context(|| {
+        format!(
+            "{}: not a facerec checkpoint description (corrupt?)",
+            path.display()
+        )
+    })?;
     if meta.format != FORMAT {
-        bail!("{}: checkpoint format {} (this facerec reads {FORMAT})", path.display(), meta.format);
+        bail!(
+            "{}: checkpoint format {} (this facerec reads {FORMAT})",
+            path.display(),
+            meta.format
+        );
     }
-    let folder = dir.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix("step-")).and_then(|s| s.parse::<usize>().ok());
+    let folder = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("step-"))
+        .and_then(|s| s.parse::<usize>().ok());
     if let Some(step) = folder {
         if step != meta.step {
-            bail!("{}: says step {}, but its folder is {} (edited or misplaced?); {}", path.display(), meta.step, dir.display(), fall_back_hint(dir));
+            bail!(
+                "{}: says step {}, but its folder is {} (edited or misplaced?); {}",
+                path.display(),
+                meta.step,
+                dir.display(),
+                fall_back_hint(dir)
+            );
         }
     }
     Ok(meta)
@@ -333,8 +424,12 @@ pub fn read_meta(dir: &Path) -> Result<Meta> {
 
 /// Read a `.safetensors` file, naming it on failure.
 pub fn read_tensors(path: &Path) -> Result<HashMap<String, Tensor>> {
-    let list = Tensor::read_safetensors(path)
-        .with_context(|| format!("reading {} (not a safetensors file, or corrupt or truncated)", path.display()))?;
+    let list = Tensor::read_safetensors(path).with_context(|| {
+        format!(
+            "reading {} (not a safetensors file, or corrupt or truncated)",
+            path.display()
+        )
+    })?;
     Ok(list.into_iter().collect())
 }
 
@@ -387,7 +482,9 @@ impl KeyReport {
             parts.push(format!("unexpected keys: {}", list(&self.unexpected)));
         }
         for (k, f, m) in self.mismatched.iter().take(10) {
-            parts.push(format!("`{k}` has shape {f:?} in the file, {m:?} in the model"));
+            parts.push(format!(
+                "`{k}` has shape {f:?} in the file, {m:?} in the model"
+            ));
         }
         if parts.is_empty() {
             "all keys match".into()
@@ -413,7 +510,11 @@ pub fn load_exact(vs: &VarStore, path: &Path, what: &str) -> Result<()> {
     let file = read_tensors(path)?;
     let report = KeyReport::compare(&file, &vs.variables());
     if !report.is_exact() {
-        bail!("{}: this {what} does not fit the configured model ({})", path.display(), report.describe());
+        bail!(
+            "{}: this {what} does not fit the configured model ({})",
+            path.display(),
+            report.describe()
+        );
     }
     copy_into(vs, &file);
     Ok(())
@@ -448,7 +549,10 @@ pub fn resolve_init(path: &Path) -> Result<PathBuf> {
         if let Ok(dir) = latest(path) {
             return Ok(dir.join("model.safetensors"));
         }
-        bail!("config key `init.from`: {} holds neither model.safetensors nor checkpoints/step-*", path.display());
+        bail!(
+            "config key `init.from`: {} holds neither model.safetensors nor checkpoints/step-*",
+            path.display()
+        );
     }
     bail!("config key `init.from`: {} does not exist", path.display())
 }
@@ -476,11 +580,19 @@ pub fn init_backbone(vs: &VarStore, path: &Path, strict: bool) -> Result<KeyRepo
             "config key `init.from`: {} does not fit the configured backbone ({}){}",
             file.display(),
             report.describe(),
-            if strict && !report.missing.is_empty() { "; set init.strict = false to start the missing ones from random init" } else { "" }
+            if strict && !report.missing.is_empty() {
+                "; set init.strict = false to start the missing ones from random init"
+            } else {
+                ""
+            }
         );
     }
     if report.missing.len() == vs.variables().len() {
-        bail!("config key `init.from`: {} shares no key with the configured backbone ({})", file.display(), report.describe());
+        bail!(
+            "config key `init.from`: {} shares no key with the configured backbone ({})",
+            file.display(),
+            report.describe()
+        );
     }
     copy_into(vs, &tensors);
     Ok(report)
@@ -495,7 +607,8 @@ pub fn init_classifier(vs: &VarStore, from: &Path) -> Result<PathBuf> {
         bail!("config key `init.classifier`: {} has no classifier.safetensors beside it (point init.from at a run or checkpoint folder)", model.display());
     }
     verify_if_checkpoint(&path).context("config key `init.classifier`")?;
-    load_exact(vs, &path, "classifier (init.classifier)").context("config key `init.classifier`")?;
+    load_exact(vs, &path, "classifier (init.classifier)")
+        .context("config key `init.classifier`")?;
     Ok(path)
 }
 
@@ -515,7 +628,11 @@ mod tests {
         let w2 = (vs2.root() / "fc").zeros("weight", &[3, 2]);
         load_exact(&vs2, &path, "model").unwrap();
         assert!(w.equal(&w2));
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary left behind");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "no temporary left behind"
+        );
     }
 
     #[test]
@@ -532,7 +649,10 @@ mod tests {
         let err = load_exact(&vs2, &path, "model").unwrap_err().to_string();
         assert!(err.contains("missing keys: new.bias"), "{err}");
         assert!(err.contains("unexpected keys: old.bias"), "{err}");
-        assert!(err.contains("`fc.weight` has shape [3, 2] in the file, [4, 2] in the model"), "{err}");
+        assert!(
+            err.contains("`fc.weight` has shape [3, 2] in the file, [4, 2] in the model"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -541,11 +661,21 @@ mod tests {
         let src = Tensor::from_slice(&[1.0f32, 2.0]);
         let extra = Tensor::from_slice(&[0.0f32]);
         let path = dir.path().join("r.safetensors");
-        Tensor::write_safetensors(&[("module.conv.weight", &src), ("module.fc_head.weight", &extra)], &path).unwrap();
+        Tensor::write_safetensors(
+            &[
+                ("module.conv.weight", &src),
+                ("module.fc_head.weight", &extra),
+            ],
+            &path,
+        )
+        .unwrap();
         let vs = nn::VarStore::new(Device::Cpu);
         let w = (vs.root() / "conv").zeros("weight", &[2]);
         let _ = (vs.root() / "bn").zeros("bias", &[2]);
-        assert!(init_backbone(&vs, &path, true).unwrap_err().to_string().contains("missing keys: bn.bias"));
+        assert!(init_backbone(&vs, &path, true)
+            .unwrap_err()
+            .to_string()
+            .contains("missing keys: bn.bias"));
         let report = init_backbone(&vs, &path, false).unwrap();
         assert_eq!(report.missing, vec!["bn.bias".to_string()]);
         assert_eq!(report.unexpected, vec!["fc_head.weight".to_string()]);
@@ -556,8 +686,14 @@ mod tests {
     fn prune_keeps_newest_and_ignores_partials() {
         let dir = tempfile::tempdir().unwrap();
         let vs = nn::VarStore::new(Device::Cpu);
-        let w = (vs.root() / "fc").randn("weight", &[2, 2], 0.0, 1.0).set_requires_grad(true);
-        let opt = Optimizer::sgd(vec![crate::optim::ParamGroup::new(vec![w], 0.0)], 0.9, false);
+        let w = (vs.root() / "fc")
+            .randn("weight", &[2, 2], 0.0, 1.0)
+            .set_requires_grad(true);
+        let opt = Optimizer::sgd(
+            vec![crate::optim::ParamGroup::new(vec![w], 0.0)],
+            0.9,
+            false,
+        );
         let meta = |step| Meta {
             format: FORMAT,
             step,
@@ -565,10 +701,17 @@ mod tests {
             batch_in_epoch: step,
             seed: 1,
             num_classes: 2,
-            data: DataOrder { images: 4, batches_per_epoch: 2, order_fingerprint: 0 },
+            data: DataOrder {
+                images: 4,
+                batches_per_epoch: 2,
+                order_fingerprint: 0,
+            },
             model: String::new(),
             optimizer: "sgd".into(),
-            scaler: ScalerState { scale: 1.0, growth_tracker: 0 },
+            scaler: ScalerState {
+                scale: 1.0,
+                growth_tracker: 0,
+            },
             skipped_steps: 0,
             consecutive_bad: 0,
             best: vec![],
@@ -580,11 +723,26 @@ mod tests {
         for step in [1, 2, 3, 4] {
             save(dir.path(), &meta(step), &vs, &vs, &opt, &[], 2).unwrap();
         }
-        let steps: Vec<usize> = list(dir.path()).unwrap().into_iter().map(|(s, _)| s).collect();
+        let steps: Vec<usize> = list(dir.path())
+            .unwrap()
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
         assert_eq!(steps, vec![3, 4]);
         let read = read_meta(&step_dir(dir.path(), 4)).unwrap();
-        assert_eq!(Meta { checksums: BTreeMap::new(), ..read.clone() }, meta(4));
-        assert_eq!(read.checksums.len(), 3, "model, classifier and optimizer files: {:?}", read.checksums);
+        assert_eq!(
+            Meta {
+                checksums: BTreeMap::new(),
+                ..read.clone()
+            },
+            meta(4)
+        );
+        assert_eq!(
+            read.checksums.len(),
+            3,
+            "model, classifier and optimizer files: {:?}",
+            read.checksums
+        );
         assert!(verify(&step_dir(dir.path(), 4), &read).unwrap().is_none());
         let state = read_optimizer(&step_dir(dir.path(), 4)).unwrap();
         assert_eq!(i64::try_from(&state["steps"]).unwrap(), 0);

@@ -168,7 +168,10 @@ pub struct InputConfig {
 impl SourceConfig {
     /// Whether this source is a fixed pair list (usable for evaluation only).
     pub fn is_pair_list(&self) -> bool {
-        matches!(self, SourceConfig::Bin { .. } | SourceConfig::LfwPairs { .. })
+        matches!(
+            self,
+            SourceConfig::Bin { .. } | SourceConfig::LfwPairs { .. }
+        )
     }
 }
 
@@ -251,18 +254,38 @@ impl OptimConfig {
     /// Weight decay of the backbone and of the classifier.
     pub fn weight_decays(&self) -> (f64, f64) {
         match self {
-            OptimConfig::Sgd { weight_decay, classifier_weight_decay, .. }
-            | OptimConfig::Adamw { weight_decay, classifier_weight_decay, .. } => {
-                (*weight_decay, classifier_weight_decay.unwrap_or(*weight_decay))
+            OptimConfig::Sgd {
+                weight_decay,
+                classifier_weight_decay,
+                ..
             }
+            | OptimConfig::Adamw {
+                weight_decay,
+                classifier_weight_decay,
+                ..
+            } => (
+                *weight_decay,
+                classifier_weight_decay.unwrap_or(*weight_decay),
+            ),
         }
     }
 
     /// The optimiser's update rule.
     pub fn rule(&self) -> crate::optim::Rule {
         match self {
-            OptimConfig::Sgd { momentum, nesterov, .. } => crate::optim::Rule::Sgd { momentum: *momentum, nesterov: *nesterov },
-            OptimConfig::Adamw { beta1, beta2, eps, .. } => crate::optim::Rule::AdamW { beta1: *beta1, beta2: *beta2, eps: *eps },
+            OptimConfig::Sgd {
+                momentum, nesterov, ..
+            } => crate::optim::Rule::Sgd {
+                momentum: *momentum,
+                nesterov: *nesterov,
+            },
+            OptimConfig::Adamw {
+                beta1, beta2, eps, ..
+            } => crate::optim::Rule::AdamW {
+                beta1: *beta1,
+                beta2: *beta2,
+                eps: *eps,
+            },
         }
     }
 
@@ -279,7 +302,9 @@ impl OptimConfig {
             bail!("config key `optim.classifier_weight_decay`: must be >= 0, got {cwd}");
         }
         match self {
-            OptimConfig::Sgd { momentum, nesterov, .. } => {
+            OptimConfig::Sgd {
+                momentum, nesterov, ..
+            } => {
                 if !(0.0..1.0).contains(momentum) {
                     bail!("config key `optim.momentum`: must be in [0, 1), got {momentum}");
                 }
@@ -287,7 +312,9 @@ impl OptimConfig {
                     bail!("config key `optim.nesterov`: Nesterov needs momentum > 0");
                 }
             }
-            OptimConfig::Adamw { beta1, beta2, eps, .. } => {
+            OptimConfig::Adamw {
+                beta1, beta2, eps, ..
+            } => {
                 for (k, v) in [("beta1", beta1), ("beta2", beta2)] {
                     if !(0.0..1.0).contains(v) {
                         bail!("config key `optim.{k}`: must be in [0, 1), got {v}");
@@ -342,7 +369,10 @@ pub struct CheckpointConfig {
 
 impl Default for CheckpointConfig {
     fn default() -> Self {
-        CheckpointConfig { every_steps: 0, keep: default_keep() }
+        CheckpointConfig {
+            every_steps: 0,
+            keep: default_keep(),
+        }
     }
 }
 fn default_keep() -> usize {
@@ -372,7 +402,11 @@ pub struct InitConfig {
 /// The defaults of the field attributes (`strict` true): also what an absent `[init]` gives.
 impl Default for InitConfig {
     fn default() -> Self {
-        InitConfig { from: None, strict: true, classifier: false }
+        InitConfig {
+            from: None,
+            strict: true,
+            classifier: false,
+        }
     }
 }
 
@@ -413,7 +447,10 @@ pub enum ScheduleConfig {
 
 impl Default for ScheduleConfig {
     fn default() -> Self {
-        ScheduleConfig::Poly { warmup_steps: 0, power: 1.0 }
+        ScheduleConfig::Poly {
+            warmup_steps: 0,
+            power: 1.0,
+        }
     }
 }
 fn one() -> f64 {
@@ -499,7 +536,12 @@ pub struct EvalConfig {
 impl Default for EvalConfig {
     /// The serde defaults (an absent `[eval]` table): batch size 128, not a derived 0.
     fn default() -> Self {
-        EvalConfig { every_steps: 0, pair_seed: default_pair_seed(), batch_size: default_eval_batch(), targets: Vec::new() }
+        EvalConfig {
+            every_steps: 0,
+            pair_seed: default_pair_seed(),
+            batch_size: default_eval_batch(),
+            targets: Vec::new(),
+        }
     }
 }
 
@@ -563,7 +605,13 @@ impl Config {
     /// Parse and validate a TOML document (after `extends` and overrides were applied).
     pub fn from_value(value: toml::Value) -> Result<Self> {
         if let Some(train) = value.get("train").and_then(toml::Value::as_table) {
-            for key in ["flip", "max_shift", "images_per_identity", "workers", "prefetch"] {
+            for key in [
+                "flip",
+                "max_shift",
+                "images_per_identity",
+                "workers",
+                "prefetch",
+            ] {
                 if train.contains_key(key) {
                     bail!("config key `train.{key}`: the loader's options moved to their own table; write `[loader] {key} = ...` (or `--set loader.{key}=...`)");
                 }
@@ -625,7 +673,9 @@ impl Config {
         if t.batch_size == 0 {
             bail!("config key `train.batch_size`: must be at least 1");
         }
-        if self.loader.images_per_identity > 0 && t.batch_size % self.loader.images_per_identity != 0 {
+        if self.loader.images_per_identity > 0
+            && t.batch_size % self.loader.images_per_identity != 0
+        {
             bail!(
                 "config key `loader.images_per_identity`: train.batch_size {} is not a multiple of {}",
                 t.batch_size,
@@ -658,9 +708,11 @@ impl Config {
         if let HeadConfig::Gce(g) = &self.head {
             // GCE's prototype replacement needs a class present min_count times in a batch.
             let pw = &g.pairwise;
-            if pw.rate > 0.0 && pw.min_count >= 2 && self.loader.images_per_identity < pw.min_count {
+            if pw.rate > 0.0 && pw.min_count >= 2 && self.loader.images_per_identity < pw.min_count
+            {
                 let batches = match self.loader.images_per_identity {
-                    0 => "uniform batches (loader.images_per_identity = 0) almost never hold".to_string(),
+                    0 => "uniform batches (loader.images_per_identity = 0) almost never hold"
+                        .to_string(),
                     k => format!("batches of {k} images per identity never hold"),
                 };
                 bail!(
@@ -678,7 +730,13 @@ impl Config {
             bail!("config key `train.max_nonfinite_steps`: must be at least 1 (the number of consecutive non-finite steps after which the run stops)");
         }
         let sc = &t.scaler;
-        if !(sc.init_scale >= sc.min_scale && sc.min_scale > 0.0 && sc.growth_factor > 1.0 && sc.backoff_factor > 0.0 && sc.backoff_factor < 1.0 && sc.growth_interval > 0) {
+        if !(sc.init_scale >= sc.min_scale
+            && sc.min_scale > 0.0
+            && sc.growth_factor > 1.0
+            && sc.backoff_factor > 0.0
+            && sc.backoff_factor < 1.0
+            && sc.growth_interval > 0)
+        {
             bail!("config key `train.scaler`: need init_scale >= min_scale > 0, growth_factor > 1, 0 < backoff_factor < 1, growth_interval >= 1");
         }
         if self.checkpoint.keep == 0 {
@@ -710,12 +768,21 @@ impl Config {
 }
 
 fn check_source(source: &SourceConfig, key: &str) -> Result<()> {
-    if let SourceConfig::Rec { max_skipped_fraction: f, .. } = source {
+    if let SourceConfig::Rec {
+        max_skipped_fraction: f,
+        ..
+    } = source
+    {
         if !(0.0..=1.0).contains(f) {
             bail!("config key `{key}.max_skipped_fraction`: must be in [0, 1], got {f}");
         }
     }
-    if let SourceConfig::Synthetic { identities, images_per_identity, .. } = source {
+    if let SourceConfig::Synthetic {
+        identities,
+        images_per_identity,
+        ..
+    } = source
+    {
         if *identities < 2 {
             bail!("config key `{key}.identities`: need at least 2 identities");
         }
@@ -735,7 +802,10 @@ fn parse_toml(text: &str, origin: &Path) -> Result<toml::Value> {
 /// Read a config file, following `extends = "base.toml"` (relative to the file) up to 8 levels.
 fn load_with_extends(path: &Path, depth: usize) -> Result<toml::Value> {
     if depth > 8 {
-        bail!("{}: `extends` nests more than 8 levels (a cycle?)", path.display());
+        bail!(
+            "{}: `extends` nests more than 8 levels (a cycle?)",
+            path.display()
+        );
     }
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading config file {}", path.display()))?;
@@ -754,7 +824,10 @@ fn load_with_extends(path: &Path, depth: usize) -> Result<toml::Value> {
             merge(&mut merged, value);
             Ok(merged)
         }
-        Some(other) => bail!("{}: `extends` must be a string, got {other}", path.display()),
+        Some(other) => bail!(
+            "{}: `extends` must be a string, got {other}",
+            path.display()
+        ),
     }
 }
 
@@ -803,9 +876,12 @@ pub fn apply_override(root: &mut toml::Value, spec: &str) -> Result<()> {
             .entry(part.to_string())
             .or_insert_with(|| toml::Value::Table(Default::default()));
     }
-    let table = node
-        .as_table_mut()
-        .with_context(|| format!("--set `{spec}`: parent of `{}` is not a table", parts[parts.len() - 1]))?;
+    let table = node.as_table_mut().with_context(|| {
+        format!(
+            "--set `{spec}`: parent of `{}` is not a table",
+            parts[parts.len() - 1]
+        )
+    })?;
     let last = parts[parts.len() - 1].to_string();
     // Changing a tagged table's `type` drops the old variant's keys.
     if last == "type" && table.get("type") != Some(&value) {
@@ -818,7 +894,9 @@ pub fn apply_override(root: &mut toml::Value, spec: &str) -> Result<()> {
 fn parse_scalar(raw: &str) -> toml::Value {
     let doc = format!("v = {raw}");
     match toml::from_str::<toml::Table>(&doc) {
-        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(raw.into())),
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(raw.into())),
         Err(_) => toml::Value::String(raw.into()),
     }
 }
@@ -832,15 +910,20 @@ mod tests {
         let cfg = Config::load(None, &[]).unwrap();
         assert!(cfg.train.epochs > 0);
         // Round trip: the resolved TOML written to the run directory reads back to the same config.
-        let again = Config::from_value(toml::Value::Table(toml::from_str(&cfg.to_toml()).unwrap())).unwrap();
+        let again = Config::from_value(toml::Value::Table(toml::from_str(&cfg.to_toml()).unwrap()))
+            .unwrap();
         assert_eq!(cfg, again);
     }
 
     #[test]
     fn unknown_key_is_named() {
-        let err = Config::load(None, &["optim.lrr=0.2".into()]).unwrap_err().to_string();
+        let err = Config::load(None, &["optim.lrr=0.2".into()])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("optim") && err.contains("lrr"), "{err}");
-        let err = Config::load(None, &["train.epochs=0".into()]).unwrap_err().to_string();
+        let err = Config::load(None, &["train.epochs=0".into()])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("train.epochs"), "{err}");
     }
 
@@ -849,21 +932,41 @@ mod tests {
         // No `[init]` at all (the embedded default has none), an `[init]` without `strict`, and
         // the struct's own default all mean strict, as docs/configuration.md says.
         assert!(Config::load(None, &[]).unwrap().init.strict);
-        assert!(Config::load(None, &["init.classifier=false".into()]).unwrap().init.strict);
+        assert!(
+            Config::load(None, &["init.classifier=false".into()])
+                .unwrap()
+                .init
+                .strict
+        );
         assert!(InitConfig::default().strict);
-        assert!(!Config::load(None, &["init.strict=false".into()]).unwrap().init.strict);
+        assert!(
+            !Config::load(None, &["init.strict=false".into()])
+                .unwrap()
+                .init
+                .strict
+        );
     }
 
     #[test]
     fn zero_nonfinite_budget_is_refused() {
-        let err = Config::load(None, &["train.max_nonfinite_steps=0".into()]).unwrap_err().to_string();
+        let err = Config::load(None, &["train.max_nonfinite_steps=0".into()])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("train.max_nonfinite_steps"), "{err}");
         assert!(Config::load(None, &["train.max_nonfinite_steps=1".into()]).is_ok());
     }
 
     #[test]
     fn overrides_parse_types() {
-        let cfg = Config::load(None, &["optim.lr=0.05".into(), "loader.flip=false".into(), "run_name=abc".into()]).unwrap();
+        let cfg = Config::load(
+            None,
+            &[
+                "optim.lr=0.05".into(),
+                "loader.flip=false".into(),
+                "run_name=abc".into(),
+            ],
+        )
+        .unwrap();
         assert_eq!(cfg.optim.lr(), 0.05);
         assert!(!cfg.loader.flip);
         assert_eq!(cfg.run_name, "abc");
@@ -871,15 +974,29 @@ mod tests {
 
     #[test]
     fn changing_type_drops_old_variant_keys() {
-        let cfg = Config::load(None, &["data.type=image_folder".into(), "data.root=/x".into()]).unwrap();
-        assert_eq!(cfg.data, SourceConfig::ImageFolder { root: "/x".into(), classes: None });
+        let cfg = Config::load(
+            None,
+            &["data.type=image_folder".into(), "data.root=/x".into()],
+        )
+        .unwrap();
+        assert_eq!(
+            cfg.data,
+            SourceConfig::ImageFolder {
+                root: "/x".into(),
+                classes: None
+            }
+        );
     }
 
     #[test]
     fn extends_merges_over_base() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("base.toml"), DEFAULT_CONFIG).unwrap();
-        std::fs::write(dir.path().join("child.toml"), "extends = \"base.toml\"\n[train]\nepochs = 1\n").unwrap();
+        std::fs::write(
+            dir.path().join("child.toml"),
+            "extends = \"base.toml\"\n[train]\nepochs = 1\n",
+        )
+        .unwrap();
         let cfg = Config::load(Some(&dir.path().join("child.toml")), &[]).unwrap();
         let base = Config::load(None, &[]).unwrap();
         assert_eq!(cfg.train.epochs, 1);
@@ -899,11 +1016,17 @@ mod tests {
             let err = Config::load(None, &[set.into()]).unwrap_err().to_string();
             assert!(err.contains(key), "{set}: {err}");
         }
-        let rec = ["data.type=rec".to_string(), "data.path=/x".into(), "data.max_skipped_fraction=1.5".into()];
+        let rec = [
+            "data.type=rec".to_string(),
+            "data.path=/x".into(),
+            "data.max_skipped_fraction=1.5".into(),
+        ];
         let err = Config::load(None, &rec).unwrap_err().to_string();
         assert!(err.contains("data.max_skipped_fraction"), "{err}");
         let cfg = Config::load(None, &rec[..2]).unwrap();
-        assert!(matches!(cfg.data, SourceConfig::Rec { max_skipped_fraction, .. } if max_skipped_fraction == 0.01));
+        assert!(
+            matches!(cfg.data, SourceConfig::Rec { max_skipped_fraction, .. } if max_skipped_fraction == 0.01)
+        );
         // A config without an [eval] table gets the documented defaults (the derived Default gave
         // batch_size 0).
         let mut value = toml::Value::Table(toml::from_str(DEFAULT_CONFIG).unwrap());
@@ -911,28 +1034,60 @@ mod tests {
         let cfg = Config::from_value(value).unwrap();
         assert_eq!((cfg.eval.batch_size, cfg.eval.pair_seed), (128, 7));
         // The fit rule: stretch by default, center_crop on request, anything else named.
-        assert_eq!(Config::load(None, &[]).unwrap().input.fit, facerec_data::Fit::Stretch);
+        assert_eq!(
+            Config::load(None, &[]).unwrap().input.fit,
+            facerec_data::Fit::Stretch
+        );
         let cfg = Config::load(None, &["input.fit=center_crop".into()]).unwrap();
         assert_eq!(cfg.input.fit, facerec_data::Fit::CenterCrop);
-        let err = Config::load(None, &["input.fit=crop".into()]).unwrap_err().to_string();
+        let err = Config::load(None, &["input.fit=crop".into()])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("input.fit"), "{err}");
     }
 
     #[test]
     fn missing_file_is_named() {
-        let err = format!("{:#}", Config::load(Some(Path::new("/no/such.toml")), &[]).unwrap_err());
+        let err = format!(
+            "{:#}",
+            Config::load(Some(Path::new("/no/such.toml")), &[]).unwrap_err()
+        );
         assert!(err.contains("/no/such.toml"), "{err}");
     }
 
     /// GCE's prototype replacement is refused where batches cannot hold a class twice.
     #[test]
     fn gce_pairwise_needs_identity_balanced_batches() {
-        let load = |sets: &[&str]| Config::load(None, &sets.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        let load = |sets: &[&str]| {
+            Config::load(
+                None,
+                &sets.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+            )
+        };
         let err = format!("{:#}", load(&["head.type=gce"]).unwrap_err());
-        assert!(err.contains("loader.images_per_identity") && err.contains("head.pairwise.rate") && err.contains("uniform"), "{err}");
-        let err = format!("{:#}", load(&["head.type=gce", "loader.images_per_identity=1"]).unwrap_err());
-        assert!(err.contains("loader.images_per_identity") && err.contains("never"), "{err}");
-        let err = format!("{:#}", load(&["head.type=gce", "loader.images_per_identity=2", "head.pairwise.min_count=4"]).unwrap_err());
+        assert!(
+            err.contains("loader.images_per_identity")
+                && err.contains("head.pairwise.rate")
+                && err.contains("uniform"),
+            "{err}"
+        );
+        let err = format!(
+            "{:#}",
+            load(&["head.type=gce", "loader.images_per_identity=1"]).unwrap_err()
+        );
+        assert!(
+            err.contains("loader.images_per_identity") && err.contains("never"),
+            "{err}"
+        );
+        let err = format!(
+            "{:#}",
+            load(&[
+                "head.type=gce",
+                "loader.images_per_identity=2",
+                "head.pairwise.min_count=4"
+            ])
+            .unwrap_err()
+        );
         assert!(err.contains("head.pairwise.min_count = 4"), "{err}");
         load(&["head.type=gce", "loader.images_per_identity=2"]).unwrap();
         load(&["head.type=gce", "head.pairwise.rate=0.0"]).unwrap();
@@ -942,15 +1097,37 @@ mod tests {
     /// `coreface.init_from` is `init.from` with `init.classifier = true`.
     #[test]
     fn coreface_init_from_is_init_from_with_the_classifier() {
-        let load = |sets: &[&str]| Config::load(None, &sets.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        let load = |sets: &[&str]| {
+            Config::load(
+                None,
+                &sets.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+            )
+        };
         let cfg = load(&["model.dropout=0.0", "coreface.init_from=runs/arcface"]).unwrap();
         assert_eq!(cfg.init.from.as_deref(), Some(Path::new("runs/arcface")));
         assert!(cfg.init.classifier);
-        let again = Config::from_value(toml::Value::Table(toml::from_str(&cfg.to_toml()).unwrap())).unwrap();
+        let again = Config::from_value(toml::Value::Table(toml::from_str(&cfg.to_toml()).unwrap()))
+            .unwrap();
         assert_eq!(cfg, again);
-        load(&["model.dropout=0.0", "coreface.init_from=runs/arcface", "init.from=runs/arcface"]).unwrap();
-        let err = format!("{:#}", load(&["model.dropout=0.0", "coreface.init_from=runs/a", "init.from=runs/b"]).unwrap_err());
-        assert!(err.contains("coreface.init_from") && err.contains("init.from"), "{err}");
+        load(&[
+            "model.dropout=0.0",
+            "coreface.init_from=runs/arcface",
+            "init.from=runs/arcface",
+        ])
+        .unwrap();
+        let err = format!(
+            "{:#}",
+            load(&[
+                "model.dropout=0.0",
+                "coreface.init_from=runs/a",
+                "init.from=runs/b"
+            ])
+            .unwrap_err()
+        );
+        assert!(
+            err.contains("coreface.init_from") && err.contains("init.from"),
+            "{err}"
+        );
         // Built by hand without the resolution: refused, not ignored.
         let mut cfg = load(&["model.dropout=0.0", "coreface.start_epoch=0"]).unwrap();
         cfg.coreface.as_mut().unwrap().init_from = Some("runs/a".into());
@@ -967,16 +1144,28 @@ mod tests {
             for entry in std::fs::read_dir(&dir).unwrap() {
                 let path = entry.unwrap().path();
                 if path.extension().is_some_and(|e| e == "toml") {
-                    let cfg = Config::load(Some(&path), &[]).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
+                    let cfg = Config::load(Some(&path), &[])
+                        .unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
                     assert!(cfg.train.epochs > 0);
                     n += 1;
                 }
             }
         }
         assert!(n >= 19, "only {n} configs found");
-        let r100 = Config::load(Some(&root.join("recipes/ms1mv2_r100_elasticface_arc_plus.toml")), &[]).unwrap();
+        let r100 = Config::load(
+            Some(&root.join("recipes/ms1mv2_r100_elasticface_arc_plus.toml")),
+            &[],
+        )
+        .unwrap();
         assert_eq!(r100.classifier.num_classes, Some(85742));
         assert_eq!(r100.train.batch_size * r100.train.grad_accumulation, 512);
-        assert_eq!(r100.schedule, ScheduleConfig::Multistep { warmup_steps: 0, milestones: vec![7, 13, 19, 24], gamma: 0.1 });
+        assert_eq!(
+            r100.schedule,
+            ScheduleConfig::Multistep {
+                warmup_steps: 0,
+                milestones: vec![7, 13, 19, 24],
+                gamma: 0.1
+            }
+        );
     }
 }

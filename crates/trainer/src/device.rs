@@ -9,7 +9,10 @@ pub fn parse_device(spec: &str) -> Result<Device> {
         "auto" => Device::cuda_if_available(),
         "cpu" => Device::Cpu,
         "cuda" => Device::Cuda(0),
-        s => match s.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
+        s => match s
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok())
+        {
             Some(n) => Device::Cuda(n),
             None => bail!("unknown device `{s}` (expected auto, cpu, cuda or cuda:N)"),
         },

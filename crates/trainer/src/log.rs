@@ -13,14 +13,27 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 /// Create `<parent>/<name>-<UTC yyyymmdd-hhmmss>` (with a numeric suffix if it exists).
 pub fn new_run_dir(parent: &Path, name: &str) -> Result<PathBuf> {
-    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let (days, rem) = (secs / 86_400, secs % 86_400);
     let (y, m, d) = civil_from_days(days as i64);
-    let stamp = format!("{y:04}{m:02}{d:02}-{:02}{:02}{:02}", rem / 3600, rem / 60 % 60, rem % 60);
+    let stamp = format!(
+        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    );
     for n in 0.. {
-        let dir = if n == 0 { parent.join(format!("{name}-{stamp}")) } else { parent.join(format!("{name}-{stamp}-{n}")) };
+        let dir = if n == 0 {
+            parent.join(format!("{name}-{stamp}"))
+        } else {
+            parent.join(format!("{name}-{stamp}-{n}"))
+        };
         if !dir.exists() {
-            std::fs::create_dir_all(&dir).with_context(|| format!("creating run directory {}", dir.display()))?;
+            std::fs::create_dir_all(&dir)
+                .with_context(|| format!("creating run directory {}", dir.display()))?;
             return Ok(dir);
         }
     }
@@ -45,7 +58,8 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
 }
 
 /// The console progress: a bar on a terminal, nothing otherwise (plain lines come from [`Logger`]).
@@ -65,11 +79,17 @@ impl Progress {
             );
             bar
         });
-        Progress { bar, started: Instant::now() }
+        Progress {
+            bar,
+            started: Instant::now(),
+        }
     }
     /// No bar (ranks other than 0 of a data-parallel run).
     pub fn hidden() -> Self {
-        Progress { bar: None, started: Instant::now() }
+        Progress {
+            bar: None,
+            started: Instant::now(),
+        }
     }
     /// Set the position.
     pub fn set(&mut self, pos: u64) {
@@ -121,7 +141,9 @@ impl Logger {
                 .open(&path)
                 .with_context(|| format!("opening {}", path.display()))
         };
-        Ok(Logger { files: Some((open("training.log")?, open("metrics.jsonl")?)) })
+        Ok(Logger {
+            files: Some((open("training.log")?, open("metrics.jsonl")?)),
+        })
     }
 
     /// A logger that writes and prints nothing (ranks other than 0 of a data-parallel run).
@@ -152,9 +174,20 @@ impl Logger {
 
     /// A training log line from a `kind = "train"` record.
     /// `show_scale`: print the loss scaler's grad scale (mixed precision).
-    pub fn train_line(&mut self, r: &serde_json::Value, total: usize, eta_s: f64, show_scale: bool, progress: &Progress) {
+    pub fn train_line(
+        &mut self,
+        r: &serde_json::Value,
+        total: usize,
+        eta_s: f64,
+        show_scale: bool,
+        progress: &Progress,
+    ) {
         let f = |k: &str| r[k].as_f64().unwrap_or(f64::NAN);
-        let scale = if show_scale { format!(" grad scale {}", f("grad_scale")) } else { String::new() };
+        let scale = if show_scale {
+            format!(" grad scale {}", f("grad_scale"))
+        } else {
+            String::new()
+        };
         let text = format!(
             "epoch {} global step {}/{} loss {:.4} lr {:.6} samples/sec {:.1} data-wait {:.1}%{scale} ETA {}",
             r["epoch"], r["step"], total, f("loss"), f("lr"), f("samples_per_sec"), 100.0 * f("data_wait_fraction"), fmt_duration(eta_s)
@@ -162,7 +195,12 @@ impl Logger {
         if self.files.is_none() {
             return;
         }
-        progress.set_message(format!("loss {:.3} lr {:.4} {:.0} samples/s", f("loss"), f("lr"), f("samples_per_sec")));
+        progress.set_message(format!(
+            "loss {:.3} lr {:.4} {:.0} samples/s",
+            f("loss"),
+            f("lr"),
+            f("samples_per_sec")
+        ));
         progress.println(&text, true);
         self.log_only(&text);
         self.record(r);
@@ -189,14 +227,26 @@ impl Logger {
     pub fn summary(&mut self, s: &RunSummary) {
         self.line(&format!(
             "\ntrained {} steps in {} ({} skipped); final loss {:.4}; run directory {}",
-            s.steps, fmt_duration(s.train_seconds), s.skipped_steps, s.final_loss, s.run_dir.display()
+            s.steps,
+            fmt_duration(s.train_seconds),
+            s.skipped_steps,
+            s.final_loss,
+            s.run_dir.display()
         ));
-        self.line(&format!("{:<22} {:>6} {:>6} {:>18} {:>18}", "target", "ids", "pairs", "model acc ± std", "raw-pixel acc ± std"));
+        self.line(&format!(
+            "{:<22} {:>6} {:>6} {:>18} {:>18}",
+            "target", "ids", "pairs", "model acc ± std", "raw-pixel acc ± std"
+        ));
         for t in &s.targets {
             self.line(&format!(
                 "{:<22} {:>6} {:>6} {:>10.4} ± {:.4} {:>10.4} ± {:.4}",
-                t.name, t.identities, t.model.num_pairs, t.model.accuracy_mean, t.model.accuracy_std,
-                t.raw_pixels.accuracy_mean, t.raw_pixels.accuracy_std
+                t.name,
+                t.identities,
+                t.model.num_pairs,
+                t.model.accuracy_mean,
+                t.model.accuracy_std,
+                t.raw_pixels.accuracy_mean,
+                t.raw_pixels.accuracy_std
             ));
         }
         for name in &s.skipped_targets {

@@ -18,7 +18,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "facerec", about = "Train and evaluate face recognition models on libtorch")]
+#[command(
+    name = "facerec",
+    about = "Train and evaluate face recognition models on libtorch"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -76,13 +79,21 @@ fn main() -> ExitCode {
     };
     let cli = Cli::parse();
     let report_memory = match &cli.command {
-        Command::Train { print_config, dry_run, .. } => !print_config && !dry_run,
+        Command::Train {
+            print_config,
+            dry_run,
+            ..
+        } => !print_config && !dry_run,
         Command::Eval(_) | Command::Cluster(_) | Command::Compare(_) => true,
         _ => false,
     };
     let result = run(cli);
     if report_memory {
-        eprintln!("{}; {}", facerec_process::peak_rss_line(), settings.describe());
+        eprintln!(
+            "{}; {}",
+            facerec_process::peak_rss_line(),
+            settings.describe()
+        );
     }
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -95,7 +106,14 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Train { config, overrides, print_config, resume, dry_run, nproc } => {
+        Command::Train {
+            config,
+            overrides,
+            print_config,
+            resume,
+            dry_run,
+            nproc,
+        } => {
             let config = match &resume {
                 Some(dir) => Some(dir.join("config.toml")),
                 None => config,
@@ -108,7 +126,13 @@ fn run(cli: Cli) -> Result<()> {
             if dry_run {
                 return facerec_trainer::commands::dry_run::run(&cfg, nproc.unwrap_or(1));
             }
-            train(&cfg, &RunOptions { resume, ..RunOptions::default() })?;
+            train(
+                &cfg,
+                &RunOptions {
+                    resume,
+                    ..RunOptions::default()
+                },
+            )?;
             Ok(())
         }
         Command::Prep(args) => facerec_trainer::commands::prep::run(args),

@@ -37,7 +37,12 @@ fn gib(bytes: u128) -> String {
 
 /// Fail naming `classifier.num_classes` (and where the count came from: `origin`) when the classifier
 /// of `cfg` over `num_classes` classes cannot fit on `device`.
-pub fn check_classifier_fits(cfg: &Config, num_classes: usize, device: Device, origin: &str) -> Result<()> {
+pub fn check_classifier_fits(
+    cfg: &Config,
+    num_classes: usize,
+    device: Device,
+    origin: &str,
+) -> Result<()> {
     let spec = ClassifierSpec::of(cfg, num_classes as i64);
     let d = cfg.model.embedding_size();
     let need = spec.total_bytes(d);
@@ -50,7 +55,9 @@ pub fn check_classifier_fits(cfg: &Config, num_classes: usize, device: Device, o
     };
     match device {
         Device::Cpu => {
-            let Some(avail) = cpu_available_bytes() else { return Ok(()) };
+            let Some(avail) = cpu_available_bytes() else {
+                return Ok(());
+            };
             if need > avail as u128 {
                 bail!(
                     "{}, more than the {} of memory available (MemAvailable in /proc/meminfo); the class count comes from {origin}. Check the data (`facerec prep check` for a .rec) or set classifier.num_classes",
@@ -81,7 +88,10 @@ pub fn class_count_origin(cfg: &Config) -> String {
         return "the config (classifier.num_classes)".into();
     }
     let what = match &cfg.data {
-        S::Rec { path, .. } => format!("the RecordIO set {} (its property file, else its header record, else its labels)", path.display()),
+        S::Rec { path, .. } => format!(
+            "the RecordIO set {} (its property file, else its header record, else its labels)",
+            path.display()
+        ),
         S::ImageFolder { root, .. } => format!("the class folders of {}", root.display()),
         S::Orl { .. } => "the ORL identities".into(),
         S::Synthetic { identities, .. } => format!("data.identities = {identities}"),
@@ -111,7 +121,15 @@ mod tests {
             eprintln!("SKIPPED the refusal: no /proc/meminfo here");
             return;
         }
-        let err = check_classifier_fits(&cfg, 999_999_616, Device::Cpu, "the header record of x.rec").unwrap_err().to_string();
-        assert!(err.contains("classifier.num_classes") && err.contains("999999616 classes") && err.contains("x.rec"), "{err}");
+        let err =
+            check_classifier_fits(&cfg, 999_999_616, Device::Cpu, "the header record of x.rec")
+                .unwrap_err()
+                .to_string();
+        assert!(
+            err.contains("classifier.num_classes")
+                && err.contains("999999616 classes")
+                && err.contains("x.rec"),
+            "{err}"
+        );
     }
 }

@@ -21,8 +21,18 @@ pub struct Model<'a> {
 
 impl<'a> Model<'a> {
     /// The modules of a run in `precision`.
-    pub fn new(backbone: &'a Backbone, classifier: &'a Classifier, num_classes: i64, precision: Precision) -> Self {
-        Model { backbone, classifier, num_classes, precision }
+    pub fn new(
+        backbone: &'a Backbone,
+        classifier: &'a Classifier,
+        num_classes: i64,
+        precision: Precision,
+    ) -> Self {
+        Model {
+            backbone,
+            classifier,
+            num_classes,
+            precision,
+        }
     }
 
     /// The precision every method runs in.
@@ -35,7 +45,8 @@ impl<'a> Model<'a> {
     /// # Shapes
     /// `x [B, 3, S, S]` normalised images; output `[B, D]` in the parameter kind.
     pub fn embed(&self, x: &Tensor, train: bool) -> Tensor {
-        self.backbone.forward_amp(x, train, self.precision.autocast_kind())
+        self.backbone
+            .forward_amp(x, train, self.precision.autocast_kind())
     }
 
     /// The flattened trunk features of `x` in train mode, before dropout and neck.
@@ -43,7 +54,8 @@ impl<'a> Model<'a> {
     /// # Shapes
     /// `x [B, 3, S, S]`; output `[B, F]` with `F = backbone.trunk_width()`.
     pub fn trunk(&self, x: &Tensor) -> Tensor {
-        self.backbone.forward_trunk_amp(x, true, self.precision.autocast_kind())
+        self.backbone
+            .forward_trunk_amp(x, true, self.precision.autocast_kind())
     }
 
     /// The embedding neck on trunk features in train mode (fp32; no dropout).

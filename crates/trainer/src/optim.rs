@@ -33,7 +33,11 @@ pub struct ParamGroup {
 impl ParamGroup {
     /// A group without a row mask.
     pub fn new(params: Vec<Tensor>, weight_decay: f64) -> Self {
-        ParamGroup { params, weight_decay, row_mask: None }
+        ParamGroup {
+            params,
+            weight_decay,
+            row_mask: None,
+        }
     }
 }
 
@@ -83,8 +87,21 @@ impl Optimizer {
     /// Build the optimiser over `groups`.
     pub fn new(groups: Vec<ParamGroup>, rule: Rule) -> Self {
         let n = rule.slots().len();
-        let state = groups.iter().map(|g| g.params.iter().map(|_| (0..n).map(|_| None).collect()).collect()).collect();
-        Optimizer { groups, rule, state, steps: 0 }
+        let state = groups
+            .iter()
+            .map(|g| {
+                g.params
+                    .iter()
+                    .map(|_| (0..n).map(|_| None).collect())
+                    .collect()
+            })
+            .collect();
+        Optimizer {
+            groups,
+            rule,
+            state,
+            steps: 0,
+        }
     }
 
     /// SGD (kept for callers that only want SGD).
@@ -138,18 +155,35 @@ impl Optimizer {
                     continue;
                 }
                 // A row mask shaped for this variable: [R, 1, ...] broadcasting over the rest.
-                let mask = group.row_mask.as_ref().filter(|m| p.dim() > 0 && p.size()[0] == m.size()[0]).map(|m| {
-                    let mut shape = vec![m.size()[0]];
-                    shape.resize(p.dim(), 1);
-                    m.to_kind(p.kind()).view(shape.as_slice())
-                });
+                let mask = group
+                    .row_mask
+                    .as_ref()
+                    .filter(|m| p.dim() > 0 && p.size()[0] == m.size()[0])
+                    .map(|m| {
+                        let mut shape = vec![m.size()[0]];
+                        shape.resize(p.dim(), 1);
+                        m.to_kind(p.kind()).view(shape.as_slice())
+                    });
                 let update = match self.rule {
-                    Rule::Sgd { momentum, nesterov } => {
-                        sgd_update(p, &grad, group.weight_decay, momentum, nesterov, slots, mask.as_ref())
-                    }
-                    Rule::AdamW { beta1, beta2, eps } => {
-                        adamw_update(p, &grad, lr, group.weight_decay, (beta1, beta2, eps), t, slots, mask.as_ref())
-                    }
+                    Rule::Sgd { momentum, nesterov } => sgd_update(
+                        p,
+                        &grad,
+                        group.weight_decay,
+                        momentum,
+                        nesterov,
+                        slots,
+                        mask.as_ref(),
+                    ),
+                    Rule::AdamW { beta1, beta2, eps } => adamw_update(
+                        p,
+                        &grad,
+                        lr,
+                        group.weight_decay,
+                        (beta1, beta2, eps),
+                        t,
+                        slots,
+                        mask.as_ref(),
+                    ),
                 };
                 let update = match &mask {
                     Some(m) => update * m,
@@ -176,7 +210,8 @@ impl Optimizer {
                 [lo.to_kind(Kind::Float), hi.to_kind(Kind::Float)]
             })
             .collect();
-        extremes.is_empty() || bool::try_from(Tensor::stack(&extremes, 0).isfinite().all()).unwrap_or(false)
+        extremes.is_empty()
+            || bool::try_from(Tensor::stack(&extremes, 0).isfinite().all()).unwrap_or(false)
     }
 
     /// The state as named tensors (`g{group}.p{index}.{slot}` plus `steps`), for a checkpoint.
@@ -199,7 +234,9 @@ impl Optimizer {
     /// variable's shape; unknown names are an error (the checkpoint belongs to another model or
     /// optimiser).
     pub fn load_state(&mut self, mut named: HashMap<String, Tensor>) -> Result<()> {
-        let steps = named.remove("steps").context("optimizer state has no `steps` entry")?;
+        let steps = named
+            .remove("steps")
+            .context("optimizer state has no `steps` entry")?;
         let names = self.rule.slots();
         for (gi, (group, states)) in self.groups.iter().zip(&mut self.state).enumerate() {
             for (pi, (p, slots)) in group.params.iter().zip(states.iter_mut()).enumerate() {
@@ -207,14 +244,23 @@ impl Optimizer {
                     let key = format!("g{gi}.p{pi}.{name}");
                     *slot = match named.remove(&key) {
                         None => None,
-                        Some(t) if t.size() == p.size() => Some(t.to_kind(p.kind()).to_device(p.device())),
-                        Some(t) => bail!("optimizer state `{key}` has shape {:?}, the variable has {:?}", t.size(), p.size()),
+                        Some(t) if t.size() == p.size() => {
+                            Some(t.to_kind(p.kind()).to_device(p.device()))
+                        }
+                        Some(t) => bail!(
+                            "optimizer state `{key}` has shape {:?}, the variable has {:?}",
+                            t.size(),
+                            p.size()
+                        ),
                     };
                 }
             }
         }
         if let Some(extra) = named.keys().next() {
-            bail!("optimizer state has an entry `{extra}` that this optimiser ({:?}) does not have", self.rule);
+            bail!(
+                "optimizer state has an entry `{extra}` that this optimiser ({:?}) does not have",
+                self.rule
+            );
         }
         self.steps = i64::try_from(&steps).context("optimizer `steps`")? as u64;
         Ok(())
@@ -222,10 +268,22 @@ impl Optimizer {
 }
 
 /// SGD: updates the momentum buffer (masked rows keep theirs) and returns the step direction.
-fn sgd_update(p: &Tensor, grad: &Tensor, wd: f64, momentum: f64, nesterov: bool, slots: &mut [Option<Tensor>], mask: Option<&Tensor>) -> Tensor {
+fn sgd_update(
+    p: &Tensor,
+    grad: &Tensor,
+    wd: f64,
+    momentum: f64,
+    nesterov: bool,
+    slots: &mut [Option<Tensor>],
+    mask: Option<&Tensor>,
+) -> Tensor {
     // `d` is only read or replaced below (never changed in place), so without decay it may alias
     // the gradient; the first momentum buffer copies it.
-    let mut d = if wd != 0.0 { grad + p * wd } else { grad.shallow_clone() };
+    let mut d = if wd != 0.0 {
+        grad + p * wd
+    } else {
+        grad.shallow_clone()
+    };
     if let Some(m) = mask {
         d = d * m;
     }
@@ -256,7 +314,16 @@ fn sgd_update(p: &Tensor, grad: &Tensor, wd: f64, momentum: f64, nesterov: bool,
 /// AdamW: decays the weight in place, updates both moments (masked rows keep theirs) and returns
 /// the step direction to be multiplied by `lr`.
 #[allow(clippy::too_many_arguments)]
-fn adamw_update(p: &mut Tensor, grad: &Tensor, lr: f64, wd: f64, (b1, b2, eps): (f64, f64, f64), t: i32, slots: &mut [Option<Tensor>], mask: Option<&Tensor>) -> Tensor {
+fn adamw_update(
+    p: &mut Tensor,
+    grad: &Tensor,
+    lr: f64,
+    wd: f64,
+    (b1, b2, eps): (f64, f64, f64),
+    t: i32,
+    slots: &mut [Option<Tensor>],
+    mask: Option<&Tensor>,
+) -> Tensor {
     if wd != 0.0 {
         let decay = match mask {
             Some(m) => &*p * m * (lr * wd),
@@ -286,7 +353,11 @@ fn adamw_update(p: &mut Tensor, grad: &Tensor, lr: f64, wd: f64, (b1, b2, eps): 
 /// (`torch.nn.utils.clip_grad_norm_`). Returns the norm before clipping.
 pub fn clip_grad_norm(params: &[Tensor], max_norm: f64) -> f64 {
     let _guard = tch::no_grad_guard();
-    let grads: Vec<Tensor> = params.iter().map(|p| p.grad()).filter(|g| g.defined()).collect();
+    let grads: Vec<Tensor> = params
+        .iter()
+        .map(|p| p.grad())
+        .filter(|g| g.defined())
+        .collect();
     if grads.is_empty() {
         return 0.0;
     }
@@ -310,7 +381,11 @@ mod tests {
     fn matches_pytorch_sgd_formula() {
         for nesterov in [false, true] {
             let w = Tensor::from_slice(&[1.0f64, -2.0]).set_requires_grad(true);
-            let mut opt = Optimizer::sgd(vec![ParamGroup::new(vec![w.shallow_clone()], 0.1)], 0.9, nesterov);
+            let mut opt = Optimizer::sgd(
+                vec![ParamGroup::new(vec![w.shallow_clone()], 0.1)],
+                0.9,
+                nesterov,
+            );
             let (lr, mu, wd) = (0.5, 0.9, 0.1);
             let mut w_ref = [1.0f64, -2.0];
             let mut buf = [0.0f64; 2];
@@ -327,7 +402,10 @@ mod tests {
                 }
                 let got: Vec<f64> = Vec::try_from(&w).unwrap();
                 for i in 0..2 {
-                    assert!((got[i] - w_ref[i]).abs() <= 1e-12 * w_ref[i].abs().max(1.0), "step {step} nesterov {nesterov}: {got:?} vs {w_ref:?}");
+                    assert!(
+                        (got[i] - w_ref[i]).abs() <= 1e-12 * w_ref[i].abs().max(1.0),
+                        "step {step} nesterov {nesterov}: {got:?} vs {w_ref:?}"
+                    );
                 }
             }
         }
@@ -336,8 +414,14 @@ mod tests {
     /// Partial FC: rows outside the mask keep weight and momentum; sampled rows follow the formula.
     #[test]
     fn row_mask_freezes_unsampled_rows() {
-        let w = Tensor::from_slice(&[1.0f64, 2.0, 3.0, 4.0, 5.0, 6.0]).view([3, 2]).set_requires_grad(true);
-        let mut opt = Optimizer::sgd(vec![ParamGroup::new(vec![w.shallow_clone()], 0.1)], 0.9, false);
+        let w = Tensor::from_slice(&[1.0f64, 2.0, 3.0, 4.0, 5.0, 6.0])
+            .view([3, 2])
+            .set_requires_grad(true);
+        let mut opt = Optimizer::sgd(
+            vec![ParamGroup::new(vec![w.shallow_clone()], 0.1)],
+            0.9,
+            false,
+        );
         let loss = |w: &Tensor| (w * w).sum(Kind::Double);
         // Step 1, all rows: buf = 2w + 0.1w = 2.1w, w -= 0.5 * buf.
         opt.zero_grad();
@@ -358,7 +442,11 @@ mod tests {
             let buf1 = 2.1 * w0;
             let buf2 = 0.9 * buf1 + 2.1 * after1[i];
             let expect = after1[i] - 0.5 * buf2;
-            assert!((after2[i] - expect).abs() < 1e-12, "{i}: {} vs {expect}", after2[i]);
+            assert!(
+                (after2[i] - expect).abs() < 1e-12,
+                "{i}: {} vs {expect}",
+                after2[i]
+            );
         }
     }
 
@@ -377,7 +465,11 @@ mod tests {
     fn nonfinite_gradient_is_detected() {
         let w = Tensor::from_slice(&[0.0f32]).set_requires_grad(true);
         w.sqrt().sum(Kind::Float).backward(); // d sqrt(x)/dx at 0 = inf
-        let opt = Optimizer::sgd(vec![ParamGroup::new(vec![w.shallow_clone()], 0.0)], 0.9, false);
+        let opt = Optimizer::sgd(
+            vec![ParamGroup::new(vec![w.shallow_clone()], 0.0)],
+            0.9,
+            false,
+        );
         assert!(!opt.grads_finite());
     }
 
@@ -392,7 +484,11 @@ mod tests {
             let coef = Tensor::from_slice(&[1.0f32, bad, -4.0]);
             ((&a * 3.0).sum(Kind::Float) + (&b * &coef).sum(Kind::Float)).backward();
             let opt = Optimizer::sgd(vec![ParamGroup::new(vec![a, b, unused], 0.0)], 0.9, false);
-            assert_eq!(opt.grads_finite(), bad.is_finite(), "gradient element {bad}");
+            assert_eq!(
+                opt.grads_finite(),
+                bad.is_finite(),
+                "gradient element {bad}"
+            );
         }
     }
 
@@ -401,7 +497,14 @@ mod tests {
     fn matches_pytorch_adamw_formula() {
         let w = Tensor::from_slice(&[1.0f64, -2.0]).set_requires_grad(true);
         let (lr, wd, b1, b2, eps) = (0.01, 0.05, 0.9, 0.999, 1e-8);
-        let mut opt = Optimizer::new(vec![ParamGroup::new(vec![w.shallow_clone()], wd)], Rule::AdamW { beta1: b1, beta2: b2, eps });
+        let mut opt = Optimizer::new(
+            vec![ParamGroup::new(vec![w.shallow_clone()], wd)],
+            Rule::AdamW {
+                beta1: b1,
+                beta2: b2,
+                eps,
+            },
+        );
         let mut w_ref = [1.0f64, -2.0];
         let (mut m, mut v) = ([0.0f64; 2], [0.0f64; 2]);
         for t in 1..=3 {
@@ -418,7 +521,10 @@ mod tests {
             }
             let got: Vec<f64> = Vec::try_from(&w).unwrap();
             for i in 0..2 {
-                assert!((got[i] - w_ref[i]).abs() <= 1e-12, "step {t}: {got:?} vs {w_ref:?}");
+                assert!(
+                    (got[i] - w_ref[i]).abs() <= 1e-12,
+                    "step {t}: {got:?} vs {w_ref:?}"
+                );
             }
         }
     }
@@ -426,21 +532,40 @@ mod tests {
     /// AdamW with a row mask: unsampled rows keep weight (no decay) and both moments.
     #[test]
     fn adamw_row_mask_freezes_rows() {
-        let w = Tensor::from_slice(&[1.0f64, 2.0, 3.0, 4.0]).view([2, 2]).set_requires_grad(true);
-        let mut opt = Optimizer::new(vec![ParamGroup::new(vec![w.shallow_clone()], 0.1)], Rule::AdamW { beta1: 0.9, beta2: 0.99, eps: 1e-8 });
+        let w = Tensor::from_slice(&[1.0f64, 2.0, 3.0, 4.0])
+            .view([2, 2])
+            .set_requires_grad(true);
+        let mut opt = Optimizer::new(
+            vec![ParamGroup::new(vec![w.shallow_clone()], 0.1)],
+            Rule::AdamW {
+                beta1: 0.9,
+                beta2: 0.99,
+                eps: 1e-8,
+            },
+        );
         for _ in 0..2 {
             opt.zero_grad();
             (&w * &w).sum(Kind::Double).backward();
             opt.step(0.1);
         }
         let before: Vec<f64> = Vec::try_from(w.flatten(0, -1)).unwrap();
-        let state_before: Vec<Vec<f64>> = opt.state_tensors().iter().skip(1).map(|(_, t)| Vec::try_from(t.flatten(0, -1)).unwrap()).collect();
+        let state_before: Vec<Vec<f64>> = opt
+            .state_tensors()
+            .iter()
+            .skip(1)
+            .map(|(_, t)| Vec::try_from(t.flatten(0, -1)).unwrap())
+            .collect();
         opt.set_row_mask(0, Some(Tensor::from_slice(&[0.0f64, 1.0])));
         opt.zero_grad();
         (&w * &w).sum(Kind::Double).backward();
         opt.step(0.1);
         let after: Vec<f64> = Vec::try_from(w.flatten(0, -1)).unwrap();
-        let state_after: Vec<Vec<f64>> = opt.state_tensors().iter().skip(1).map(|(_, t)| Vec::try_from(t.flatten(0, -1)).unwrap()).collect();
+        let state_after: Vec<Vec<f64>> = opt
+            .state_tensors()
+            .iter()
+            .skip(1)
+            .map(|(_, t)| Vec::try_from(t.flatten(0, -1)).unwrap())
+            .collect();
         assert_eq!(&after[..2], &before[..2]);
         assert!(after[2] != before[2] && after[3] != before[3]);
         for (a, b) in state_after.iter().zip(&state_before) {
@@ -452,14 +577,32 @@ mod tests {
     /// Saving the state and loading it into a fresh optimiser continues bit-identically.
     #[test]
     fn state_round_trip_continues_identically() {
-        for rule in [Rule::Sgd { momentum: 0.9, nesterov: true }, Rule::AdamW { beta1: 0.9, beta2: 0.999, eps: 1e-8 }] {
+        for rule in [
+            Rule::Sgd {
+                momentum: 0.9,
+                nesterov: true,
+            },
+            Rule::AdamW {
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+            },
+        ] {
             let run = |split: bool| -> Vec<f64> {
                 let w = Tensor::from_slice(&[0.5f64, -1.5, 2.0]).set_requires_grad(true);
-                let mut opt = Optimizer::new(vec![ParamGroup::new(vec![w.shallow_clone()], 0.01)], rule);
+                let mut opt =
+                    Optimizer::new(vec![ParamGroup::new(vec![w.shallow_clone()], 0.01)], rule);
                 for step in 0..6 {
                     if split && step == 3 {
-                        let saved: HashMap<String, Tensor> = opt.state_tensors().into_iter().map(|(k, t)| (k, t.copy())).collect();
-                        opt = Optimizer::new(vec![ParamGroup::new(vec![w.shallow_clone()], 0.01)], rule);
+                        let saved: HashMap<String, Tensor> = opt
+                            .state_tensors()
+                            .into_iter()
+                            .map(|(k, t)| (k, t.copy()))
+                            .collect();
+                        opt = Optimizer::new(
+                            vec![ParamGroup::new(vec![w.shallow_clone()], 0.01)],
+                            rule,
+                        );
                         opt.load_state(saved).unwrap();
                     }
                     opt.zero_grad();
@@ -475,11 +618,21 @@ mod tests {
     #[test]
     fn state_from_another_model_is_rejected() {
         let w = Tensor::zeros([3], (Kind::Double, tch::Device::Cpu)).set_requires_grad(true);
-        let mut opt = Optimizer::sgd(vec![ParamGroup::new(vec![w.shallow_clone()], 0.0)], 0.9, false);
+        let mut opt = Optimizer::sgd(
+            vec![ParamGroup::new(vec![w.shallow_clone()], 0.0)],
+            0.9,
+            false,
+        );
         let mut bad = HashMap::new();
         bad.insert("steps".to_string(), Tensor::from(2i64));
-        bad.insert("g0.p0.momentum_buffer".to_string(), Tensor::zeros([4], (Kind::Double, tch::Device::Cpu)));
+        bad.insert(
+            "g0.p0.momentum_buffer".to_string(),
+            Tensor::zeros([4], (Kind::Double, tch::Device::Cpu)),
+        );
         let err = opt.load_state(bad).unwrap_err().to_string();
-        assert!(err.contains("g0.p0.momentum_buffer") && err.contains("[4]"), "{err}");
+        assert!(
+            err.contains("g0.p0.momentum_buffer") && err.contains("[4]"),
+            "{err}"
+        );
     }
 }

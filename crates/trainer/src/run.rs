@@ -38,7 +38,11 @@ pub struct RunOptions {
 
 impl Default for RunOptions {
     fn default() -> Self {
-        RunOptions { workspace: default_workspace(), echo_config: true, resume: None }
+        RunOptions {
+            workspace: default_workspace(),
+            echo_config: true,
+            resume: None,
+        }
     }
 }
 
@@ -68,8 +72,16 @@ pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
 fn threads_and_workers(cfg: &Config, device: Device, world: &World) -> (usize, usize) {
     let cores = (facerec_data::cores() / world.local_size()).max(1);
     let split = thread_split(cores, device.is_cuda());
-    let threads = if cfg.train.threads > 0 { cfg.train.threads } else { split.torch_threads };
-    let workers = if cfg.loader.workers > 0 { cfg.loader.workers } else { split.decode_workers };
+    let threads = if cfg.train.threads > 0 {
+        cfg.train.threads
+    } else {
+        split.torch_threads
+    };
+    let workers = if cfg.loader.workers > 0 {
+        cfg.loader.workers
+    } else {
+        split.decode_workers
+    };
     (threads, workers)
 }
 
@@ -111,10 +123,24 @@ impl<'a> Trainer<'a> {
         tch::set_num_threads(threads as i32);
         tch::manual_seed(cfg.seed as i64);
 
-        let source = open_source(&cfg.data, size, cfg.input.fit, &opts.workspace, cfg.seed, "data", true)?.expect("a required source is always opened");
+        let source = open_source(
+            &cfg.data,
+            size,
+            cfg.input.fit,
+            &opts.workspace,
+            cfg.seed,
+            "data",
+            true,
+        )?
+        .expect("a required source is always opened");
         let num_classes = cfg.classifier.num_classes.unwrap_or(source.num_classes());
         check_labels(source.as_ref(), num_classes)?;
-        crate::memory::check_classifier_fits(cfg, num_classes, device, &crate::memory::class_count_origin(cfg))?;
+        crate::memory::check_classifier_fits(
+            cfg,
+            num_classes,
+            device,
+            &crate::memory::class_count_origin(cfg),
+        )?;
         let loader = Rc::new(training_loader(cfg, source.clone(), workers));
         let batches_per_epoch = loader.batches_per_epoch();
         let accumulation = cfg.train.grad_accumulation;
@@ -127,7 +153,13 @@ impl<'a> Trainer<'a> {
                 source.len()
             );
         }
-        let facts = RunFacts { cfg, num_classes, images: source.len(), batches_per_epoch, world_size: world.size() };
+        let facts = RunFacts {
+            cfg,
+            num_classes,
+            images: source.len(),
+            batches_per_epoch,
+            world_size: world.size(),
+        };
         let resume = match &opts.resume {
             Some(run_dir) => Some(find_resume_point(&facts, &loader, run_dir)?),
             None => None,
@@ -161,7 +193,13 @@ impl<'a> Trainer<'a> {
             for note in &r.notes {
                 logger.line(note);
             }
-            logger.line(&format!("resumed from {} at global step {} (epoch {}, batch {})", r.dir.display(), r.meta.step, r.meta.epoch, r.meta.batch_in_epoch));
+            logger.line(&format!(
+                "resumed from {} at global step {} (epoch {}, batch {})",
+                r.dir.display(),
+                r.meta.step,
+                r.meta.epoch,
+                r.meta.batch_in_epoch
+            ));
             if r.meta.consecutive_bad > 0 {
                 logger.line(&format!(
                     "the checkpoint ends {} consecutive non-finite steps; the count starts again from 0 (train.max_nonfinite_steps = {} more allowed)",
@@ -172,21 +210,43 @@ impl<'a> Trainer<'a> {
         if let Some(line) = &init_line {
             logger.line(line);
         }
-        logger.line(&format!("training data: {} images of {} identities; classifier over {num_classes} classes", source.len(), source.num_classes()));
-        let (eval_sets, skipped_targets) = if world.is_main() { eval_sets::load(cfg, size, &opts.workspace, &mut logger)? } else { (Vec::new(), Vec::new()) };
+        logger.line(&format!(
+            "training data: {} images of {} identities; classifier over {num_classes} classes",
+            source.len(),
+            source.num_classes()
+        ));
+        let (eval_sets, skipped_targets) = if world.is_main() {
+            eval_sets::load(cfg, size, &opts.workspace, &mut logger)?
+        } else {
+            (Vec::new(), Vec::new())
+        };
         st.best.resize(eval_sets.len(), 0.0);
 
         let total_steps = steps_per_epoch * cfg.train.epochs;
-        let schedule = Schedule::new(cfg.schedule.clone(), cfg.optim.lr(), total_steps, steps_per_epoch);
+        let schedule = Schedule::new(
+            cfg.schedule.clone(),
+            cfg.optim.lr(),
+            total_steps,
+            steps_per_epoch,
+        );
         let n_params: i64 = st.backbone_params.iter().map(|t| t.numel() as i64).sum();
         logger.line(&format!(
             "backbone: {n_params} trainable parameters; {steps_per_epoch} steps per epoch ({batches_per_epoch} batches, accumulation {accumulation}), {total_steps} steps in all; optimizer {}",
             optimizer_name(cfg)
         ));
-        let mut progress = if world.is_main() { Progress::new(total_steps as u64) } else { Progress::hidden() };
+        let mut progress = if world.is_main() {
+            Progress::new(total_steps as u64)
+        } else {
+            Progress::hidden()
+        };
         progress.set(st.step as u64);
         let start_step = st.step;
-        let training_set = SourceSet { source, size, threads: facerec_data::cores(), device };
+        let training_set = SourceSet {
+            source,
+            size,
+            threads: facerec_data::cores(),
+            device,
+        };
         Ok(Trainer {
             cfg,
             facts,
@@ -217,9 +277,17 @@ impl<'a> Trainer<'a> {
     fn run_epoch(&mut self) -> Result<()> {
         let epoch = self.st.epoch;
         let r0 = Instant::now();
-        let model = self.st.model(self.cfg.train.precision, self.facts.num_classes);
-        if let Some(note) = self.objective.begin_epoch(epoch, &model, &self.training_set)? {
-            self.logger.line(&format!("epoch {epoch}: {note} ({:.1} s)", r0.elapsed().as_secs_f64()));
+        let model = self
+            .st
+            .model(self.cfg.train.precision, self.facts.num_classes);
+        if let Some(note) = self
+            .objective
+            .begin_epoch(epoch, &model, &self.training_set)?
+        {
+            self.logger.line(&format!(
+                "epoch {epoch}: {note} ({:.1} s)",
+                r0.elapsed().as_secs_f64()
+            ));
         }
         let loader = Rc::clone(&self.loader);
         let mut batches = loader.epoch_shard(epoch, self.st.batch_in_epoch, self.world.shard());
@@ -228,8 +296,19 @@ impl<'a> Trainer<'a> {
         let usable = self.steps_per_epoch * self.cfg.train.grad_accumulation * self.world.size();
         loop {
             let lr = self.schedule.lr(self.st.step);
-            let plan = StepPlan { cfg: self.cfg, num_classes: self.facts.num_classes, device: self.device, world: &self.world };
-            let outcome = plan.run(&mut self.st, self.objective.as_mut(), &mut batches, lr, &mut self.window)?;
+            let plan = StepPlan {
+                cfg: self.cfg,
+                num_classes: self.facts.num_classes,
+                device: self.device,
+                world: &self.world,
+            };
+            let outcome = plan.run(
+                &mut self.st,
+                self.objective.as_mut(),
+                &mut batches,
+                lr,
+                &mut self.window,
+            )?;
             if self.st.batch_in_epoch >= usable {
                 self.st.epoch += 1;
                 self.st.batch_in_epoch = 0;
@@ -253,10 +332,15 @@ impl<'a> Trainer<'a> {
         }
         let every = self.cfg.checkpoint.every_steps;
         let epoch_done = self.st.batch_in_epoch == 0;
-        if self.st.step < self.total_steps && ((every > 0 && self.st.step % every == 0) || (every == 0 && epoch_done)) {
+        if self.st.step < self.total_steps
+            && ((every > 0 && self.st.step % every == 0) || (every == 0 && epoch_done))
+        {
             self.save_checkpoint()?;
         }
-        if self.cfg.eval.every_steps > 0 && self.st.step % self.cfg.eval.every_steps == 0 && self.st.step < self.total_steps {
+        if self.cfg.eval.every_steps > 0
+            && self.st.step % self.cfg.eval.every_steps == 0
+            && self.st.step < self.total_steps
+        {
             let e0 = Instant::now();
             self.evaluate();
             self.eval_seconds += e0.elapsed().as_secs_f64();
@@ -271,7 +355,11 @@ impl<'a> Trainer<'a> {
             return Ok(());
         }
         let st = &self.st;
-        let scale = if st.scaler.enabled() { format!("; grad scale now {}", st.scaler.scale()) } else { String::new() };
+        let scale = if st.scaler.enabled() {
+            format!("; grad scale now {}", st.scaler.scale())
+        } else {
+            String::new()
+        };
         self.logger.line(&format!(
             "step {}: non-finite loss or gradient (loss {}); step skipped, weights, optimiser and BatchNorm statistics left as they were{scale}",
             st.step - 1,
@@ -282,9 +370,15 @@ impl<'a> Trainer<'a> {
         }
         let dir = self.save_checkpoint()?;
         let why = if outcome.collapsed {
-            format!("the fp16 loss scale fell to train.scaler.min_scale ({})", self.cfg.train.scaler.min_scale)
+            format!(
+                "the fp16 loss scale fell to train.scaler.min_scale ({})",
+                self.cfg.train.scaler.min_scale
+            )
         } else {
-            format!("{} consecutive non-finite steps (train.max_nonfinite_steps)", self.st.consecutive_bad)
+            format!(
+                "{} consecutive non-finite steps (train.max_nonfinite_steps)",
+                self.st.consecutive_bad
+            )
         };
         self.logger.line(&format!("stopping: {why}"));
         bail!("{why}; stopped at global step {}; the last good state is checkpointed in {} (lower optim.lr or check the data, then --resume)", self.st.step, dir.display());
@@ -311,8 +405,17 @@ impl<'a> Trainer<'a> {
         for (k, v) in &outcome.metrics {
             record[*k] = serde_json::json!(v);
         }
-        let eta = self.progress.eta_seconds((st.step - self.start_step) as u64, (self.total_steps - self.start_step) as u64);
-        self.logger.train_line(&record, self.total_steps, eta, st.scaler.enabled(), &self.progress);
+        let eta = self.progress.eta_seconds(
+            (st.step - self.start_step) as u64,
+            (self.total_steps - self.start_step) as u64,
+        );
+        self.logger.train_line(
+            &record,
+            self.total_steps,
+            eta,
+            st.scaler.enabled(),
+            &self.progress,
+        );
     }
 
     /// Write a checkpoint of the current state (atomically; the newest `checkpoint.keep` kept).
@@ -323,7 +426,15 @@ impl<'a> Trainer<'a> {
         let order_fp = checkpoint::fingerprint(&self.loader.epoch_order(self.st.epoch));
         let parent = self.run_dir.join("checkpoints");
         let saved = if self.world.is_main() {
-            checkpoint::save(&parent, &self.facts.meta(&self.st, order_fp), &self.st.backbone_vs, &self.st.head_vs, &self.st.opt, &self.objective.state(), self.cfg.checkpoint.keep)?
+            checkpoint::save(
+                &parent,
+                &self.facts.meta(&self.st, order_fp),
+                &self.st.backbone_vs,
+                &self.st.head_vs,
+                &self.st.opt,
+                &self.objective.state(),
+                self.cfg.checkpoint.keep,
+            )?
         } else {
             checkpoint::step_dir(&parent, self.st.step)
         };
@@ -333,7 +444,12 @@ impl<'a> Trainer<'a> {
 
     /// Verify on every evaluation set, log it and keep the best accuracies.
     fn evaluate(&mut self) -> Vec<crate::eval_sets::TargetResult> {
-        let results = eval_sets::evaluate(&self.st.backbone, self.device, &self.eval_sets, self.cfg.eval.batch_size);
+        let results = eval_sets::evaluate(
+            &self.st.backbone,
+            self.device,
+            &self.eval_sets,
+            self.cfg.eval.batch_size,
+        );
         for (r, b) in results.iter().zip(self.st.best.iter_mut()) {
             *b = b.max(r.model.accuracy_mean);
             self.logger.eval_line(self.st.step, r, *b, &self.progress);
@@ -352,10 +468,24 @@ impl<'a> Trainer<'a> {
         let targets = self.evaluate();
         self.save_checkpoint()?;
         if !self.world.is_main() {
-            return Ok(RunSummary { run_dir: self.run_dir.clone(), steps: self.st.step, skipped_steps: self.st.skipped, train_seconds, final_loss: self.final_loss, targets, skipped_targets: Vec::new() });
+            return Ok(RunSummary {
+                run_dir: self.run_dir.clone(),
+                steps: self.st.step,
+                skipped_steps: self.st.skipped,
+                train_seconds,
+                final_loss: self.final_loss,
+                targets,
+                skipped_targets: Vec::new(),
+            });
         }
-        checkpoint::save_varstore(&self.st.backbone_vs, &self.run_dir.join("model.safetensors"))?;
-        checkpoint::save_varstore(&self.st.head_vs, &self.run_dir.join("classifier.safetensors"))?;
+        checkpoint::save_varstore(
+            &self.st.backbone_vs,
+            &self.run_dir.join("model.safetensors"),
+        )?;
+        checkpoint::save_varstore(
+            &self.st.head_vs,
+            &self.run_dir.join("classifier.safetensors"),
+        )?;
         let summary = RunSummary {
             run_dir: self.run_dir.clone(),
             steps: self.st.step,
@@ -365,7 +495,10 @@ impl<'a> Trainer<'a> {
             targets,
             skipped_targets: std::mem::take(&mut self.skipped_targets),
         };
-        crate::log::write_atomic(&self.run_dir.join("summary.json"), serde_json::to_string_pretty(&summary)?.as_bytes())?;
+        crate::log::write_atomic(
+            &self.run_dir.join("summary.json"),
+            serde_json::to_string_pretty(&summary)?.as_bytes(),
+        )?;
         self.logger.summary(&summary);
         Ok(summary)
     }
@@ -387,14 +520,19 @@ fn join_world(cfg: &Config) -> Result<(Device, World)> {
 /// The run directory and its logger. Rank 0 creates it (or reopens a resumed run's) and writes
 /// `config.toml`; the other ranks of a data-parallel run only need its path (checkpoints) and log
 /// nothing.
-fn open_run_dir(cfg: &Config, resume: Option<&ResumePoint>, world: &World) -> Result<(PathBuf, Logger)> {
+fn open_run_dir(
+    cfg: &Config,
+    resume: Option<&ResumePoint>,
+    world: &World,
+) -> Result<(PathBuf, Logger)> {
     if !world.is_main() {
         let dir = world.share_from_main("facerec/run_dir", "")?;
         return Ok((PathBuf::from(dir), Logger::null()));
     }
     let run_dir = match resume {
         Some(r) => r.run_dir.clone(),
-        None => crate::log::new_run_dir(&cfg.output_dir, &cfg.run_name).context("config key `output_dir`")?,
+        None => crate::log::new_run_dir(&cfg.output_dir, &cfg.run_name)
+            .context("config key `output_dir`")?,
     };
     world.share_from_main("facerec/run_dir", &run_dir.to_string_lossy())?;
     let logger = Logger::open(&run_dir, resume.is_some())?;
@@ -415,10 +553,17 @@ fn find_resume_point(facts: &RunFacts, loader: &Loader, run_dir: &Path) -> Resul
         eprintln!("{n}");
     }
     let meta = checkpoint::read_meta(&dir)?;
-    facts.check(&meta, &dir, |e| checkpoint::fingerprint(&loader.epoch_order(e)))?;
+    facts.check(&meta, &dir, |e| {
+        checkpoint::fingerprint(&loader.epoch_order(e))
+    })?;
     if let Some(warning) = checkpoint::verify(&dir, &meta)? {
         eprintln!("{warning}");
         notes.push(warning);
     }
-    Ok(ResumePoint { run_dir: run_dir.to_path_buf(), dir, meta, notes })
+    Ok(ResumePoint {
+        run_dir: run_dir.to_path_buf(),
+        dir,
+        meta,
+        notes,
+    })
 }

@@ -4,7 +4,10 @@
 
 use crate::config::{Config, SourceConfig};
 use anyhow::{bail, Context, Result};
-use facerec_data::{shared_data, Fit, ImageFolder, Loader, RecOptions, RecordIo, Source, SyntheticConfig, SyntheticFaces};
+use facerec_data::{
+    shared_data, Fit, ImageFolder, Loader, RecOptions, RecordIo, Source, SyntheticConfig,
+    SyntheticFaces,
+};
 use facerec_evaluation::images::{decode_all, normalize};
 use std::path::Path;
 use std::sync::Arc;
@@ -13,9 +16,21 @@ use tch::{Device, Tensor};
 /// Open a source for images of side `size`, fitted by `fit` (the config's `input.fit`). `Ok(None)`
 /// when shared data is absent and `required` is false. Errors name `key`, the config key of the
 /// source.
-pub fn open_source(cfg: &SourceConfig, size: usize, fit: Fit, workspace: &Path, seed: u64, key: &str, required: bool) -> Result<Option<Arc<dyn Source>>> {
+pub fn open_source(
+    cfg: &SourceConfig,
+    size: usize,
+    fit: Fit,
+    workspace: &Path,
+    seed: u64,
+    key: &str,
+    required: bool,
+) -> Result<Option<Arc<dyn Source>>> {
     Ok(Some(match cfg {
-        SourceConfig::Synthetic { identities, images_per_identity, first_identity } => Arc::new(
+        SourceConfig::Synthetic {
+            identities,
+            images_per_identity,
+            first_identity,
+        } => Arc::new(
             SyntheticFaces::new(SyntheticConfig {
                 identities: *identities,
                 images_per_identity: *images_per_identity,
@@ -25,12 +40,28 @@ pub fn open_source(cfg: &SourceConfig, size: usize, fit: Fit, workspace: &Path, 
             })
             .with_context(|| format!("config key `{key}`"))?,
         ),
-        SourceConfig::ImageFolder { root, classes } => {
-            Arc::new(ImageFolder::open(root, size, classes.as_deref()).with_context(|| format!("config key `{key}.root`"))?.with_fit(fit))
-        }
-        SourceConfig::Rec { path, policy, size_policy, max_skipped_fraction } => Arc::new(
-            RecordIo::open(path, size, RecOptions { policy: *policy, size: *size_policy, fit, max_skipped_fraction: *max_skipped_fraction })
-                .with_context(|| format!("config key `{key}` (path, policy, max_skipped_fraction)"))?,
+        SourceConfig::ImageFolder { root, classes } => Arc::new(
+            ImageFolder::open(root, size, classes.as_deref())
+                .with_context(|| format!("config key `{key}.root`"))?
+                .with_fit(fit),
+        ),
+        SourceConfig::Rec {
+            path,
+            policy,
+            size_policy,
+            max_skipped_fraction,
+        } => Arc::new(
+            RecordIo::open(
+                path,
+                size,
+                RecOptions {
+                    policy: *policy,
+                    size: *size_policy,
+                    fit,
+                    max_skipped_fraction: *max_skipped_fraction,
+                },
+            )
+            .with_context(|| format!("config key `{key}` (path, policy, max_skipped_fraction)"))?,
         ),
         SourceConfig::Bin { .. } | SourceConfig::LfwPairs { .. } => {
             bail!("config key `{key}`: a pair list cannot be opened as a labelled source")
@@ -41,8 +72,17 @@ pub fn open_source(cfg: &SourceConfig, size: usize, fit: Fit, workspace: &Path, 
                 None if required => bail!("config key `{key}`: the ORL archive was not found (set `data_dir`, FACEREC_SHARED_DATA, or put ../shared/data beside the workspace)"),
                 None => return Ok(None),
             };
-            let root = shared_data::unpack(&dir, "orl_faces.tar.gz", &workspace.join("target/shared-data")).with_context(|| format!("config key `{key}`"))?;
-            Arc::new(ImageFolder::open(&root, size, classes.as_deref()).with_context(|| format!("config key `{key}.classes`"))?.with_fit(fit))
+            let root = shared_data::unpack(
+                &dir,
+                "orl_faces.tar.gz",
+                &workspace.join("target/shared-data"),
+            )
+            .with_context(|| format!("config key `{key}`"))?;
+            Arc::new(
+                ImageFolder::open(&root, size, classes.as_deref())
+                    .with_context(|| format!("config key `{key}.classes`"))?
+                    .with_fit(fit),
+            )
         }
     }))
 }
@@ -65,7 +105,10 @@ pub fn check_labels(source: &dyn Source, num_classes: usize) -> Result<()> {
 /// The loader of the training batches: `[loader]`'s options, `train.batch_size`, `workers`
 /// decoding threads (resolved), the run's seed.
 pub fn training_loader(cfg: &Config, source: Arc<dyn Source>, workers: usize) -> Loader {
-    Loader::new(source, cfg.loader.config(cfg.train.batch_size, cfg.seed, workers))
+    Loader::new(
+        source,
+        cfg.loader.config(cfg.train.batch_size, cfg.seed, workers),
+    )
 }
 
 /// The training source as objectives see it (decoded without augmentation).
@@ -88,7 +131,13 @@ impl crate::objective::TrainingSet for SourceSet {
         self.source.label(i)
     }
     fn images(&self, idx: &[usize]) -> Result<Tensor> {
-        let u8 = decode_all(idx.len(), self.size, self.threads, &|k| self.source.load(idx[k]), &|| {})?;
+        let u8 = decode_all(
+            idx.len(),
+            self.size,
+            self.threads,
+            &|k| self.source.load(idx[k]),
+            &|| {},
+        )?;
         Ok(normalize(&u8.to_device(self.device)))
     }
 }

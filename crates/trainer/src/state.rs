@@ -53,42 +53,88 @@ impl State {
         let backbone_vs = nn::VarStore::new(device);
         let backbone = facerec_backbone::build(&backbone_vs.root(), &cfg.model);
         let head_vs = nn::VarStore::new(device);
-        let classifier = Classifier::new(&head_vs.root(), cfg.head.classifier_kind(), num_classes as i64, cfg.model.embedding_size());
+        let classifier = Classifier::new(
+            &head_vs.root(),
+            cfg.head.classifier_kind(),
+            num_classes as i64,
+            cfg.model.embedding_size(),
+        );
         let (wd_backbone, wd_classifier) = cfg.optim.weight_decays();
         let backbone_params = backbone_vs.trainable_variables();
         let opt = Optimizer::new(
             vec![
-                ParamGroup::new(backbone_params.iter().map(|t| t.shallow_clone()).collect(), wd_backbone),
+                ParamGroup::new(
+                    backbone_params.iter().map(|t| t.shallow_clone()).collect(),
+                    wd_backbone,
+                ),
                 ParamGroup::new(head_vs.trainable_variables(), wd_classifier),
             ],
             cfg.optim.rule(),
         );
         let scaler = GradScaler::new(cfg.train.scaler, cfg.train.precision == Precision::Fp16);
-        State { backbone_vs, head_vs, backbone, classifier, opt, scaler, backbone_params, step: 0, epoch: 0, batch_in_epoch: 0, skipped: 0, consecutive_bad: 0, best: Vec::new() }
+        State {
+            backbone_vs,
+            head_vs,
+            backbone,
+            classifier,
+            opt,
+            scaler,
+            backbone_params,
+            step: 0,
+            epoch: 0,
+            batch_in_epoch: 0,
+            skipped: 0,
+            consecutive_bad: 0,
+            best: Vec::new(),
+        }
     }
 
     /// Continue from the checkpoint in `dir` (whose `meta` has been checked): weights, optimiser,
     /// scaler, counters and the objective's state.
-    pub fn restore(&mut self, dir: &Path, meta: &Meta, objective: &mut dyn Objective) -> Result<()> {
-        objective.load_state(checkpoint::read_objective(dir)?).with_context(|| format!("{}", dir.join("objective.safetensors").display()))?;
-        checkpoint::load_exact(&self.backbone_vs, &dir.join("model.safetensors"), "checkpoint's backbone")?;
-        checkpoint::load_exact(&self.head_vs, &dir.join("classifier.safetensors"), "checkpoint's classifier")?;
-        self.opt.load_state(checkpoint::read_optimizer(dir)?).with_context(|| format!("{}", dir.join("optimizer.safetensors").display()))?;
+    pub fn restore(
+        &mut self,
+        dir: &Path,
+        meta: &Meta,
+        objective: &mut dyn Objective,
+    ) -> Result<()> {
+        objective
+            .load_state(checkpoint::read_objective(dir)?)
+            .with_context(|| format!("{}", dir.join("objective.safetensors").display()))?;
+        checkpoint::load_exact(
+            &self.backbone_vs,
+            &dir.join("model.safetensors"),
+            "checkpoint's backbone",
+        )?;
+        checkpoint::load_exact(
+            &self.head_vs,
+            &dir.join("classifier.safetensors"),
+            "checkpoint's classifier",
+        )?;
+        self.opt
+            .load_state(checkpoint::read_optimizer(dir)?)
+            .with_context(|| format!("{}", dir.join("optimizer.safetensors").display()))?;
         self.scaler.load_state(meta.scaler);
         (self.step, self.epoch, self.batch_in_epoch) = (meta.step, meta.epoch, meta.batch_in_epoch);
         // A resumed run starts a new count of consecutive non-finite steps: the user resumes after
         // changing something (a lower optim.lr), and the count of the old settings would stop the
         // new ones after a single bad step. The total of skipped steps carries on.
-        (self.skipped, self.consecutive_bad, self.best) = (meta.skipped_steps, 0, meta.best.clone());
+        (self.skipped, self.consecutive_bad, self.best) =
+            (meta.skipped_steps, 0, meta.best.clone());
         Ok(())
     }
 
     /// Fine-tuning: the backbone (and with `init.classifier` the classifier) from `init.from`.
     /// Returns the line to log, `None` without `init.from`.
     pub fn initialise(&mut self, cfg: &Config) -> Result<Option<String>> {
-        let Some(from) = &cfg.init.from else { return Ok(None) };
+        let Some(from) = &cfg.init.from else {
+            return Ok(None);
+        };
         let report = checkpoint::init_backbone(&self.backbone_vs, from, cfg.init.strict)?;
-        let mut line = format!("backbone initialised from {}: {}", from.display(), report.describe());
+        let mut line = format!(
+            "backbone initialised from {}: {}",
+            from.display(),
+            report.describe()
+        );
         if cfg.init.classifier {
             checkpoint::init_classifier(&self.head_vs, from)?;
             line.push_str("\nclassifier initialised from the same folder (init.classifier)");
@@ -123,7 +169,12 @@ impl State {
 
     /// The modules in `precision`, for the objective and the evaluation.
     pub fn model(&self, precision: Precision, num_classes: usize) -> Model<'_> {
-        Model::new(&self.backbone, &self.classifier, num_classes as i64, precision)
+        Model::new(
+            &self.backbone,
+            &self.classifier,
+            num_classes as i64,
+            precision,
+        )
     }
 }
 
@@ -151,7 +202,11 @@ impl RunFacts<'_> {
             batch_in_epoch: s.batch_in_epoch,
             seed: self.cfg.seed,
             num_classes: self.num_classes,
-            data: DataOrder { images: self.images, batches_per_epoch: self.batches_per_epoch, order_fingerprint },
+            data: DataOrder {
+                images: self.images,
+                batches_per_epoch: self.batches_per_epoch,
+                order_fingerprint,
+            },
             model: model_toml(self.cfg),
             optimizer: optimizer_name(self.cfg).into(),
             scaler: s.scaler.state(),
@@ -165,7 +220,12 @@ impl RunFacts<'_> {
     }
 
     /// Refuse a checkpoint written for another model, class count, optimiser or data.
-    pub fn check(&self, meta: &Meta, dir: &Path, fingerprint_of: impl Fn(usize) -> u64) -> Result<()> {
+    pub fn check(
+        &self,
+        meta: &Meta,
+        dir: &Path,
+        fingerprint_of: impl Fn(usize) -> u64,
+    ) -> Result<()> {
         let at = dir.display();
         if meta.num_classes != self.num_classes {
             bail!(
@@ -210,7 +270,9 @@ impl RunFacts<'_> {
                 self.cfg.train.epochs
             );
         }
-        if meta.batch_in_epoch > self.batches_per_epoch || meta.step != meta.epoch * steps_per_epoch + meta.batch_in_epoch / per_step {
+        if meta.batch_in_epoch > self.batches_per_epoch
+            || meta.step != meta.epoch * steps_per_epoch + meta.batch_in_epoch / per_step
+        {
             bail!(
                 "{}: step {} does not match epoch {} and batch {} ({steps_per_epoch} steps per epoch); the file was edited or belongs to another run",
                 file.display(),
@@ -219,7 +281,10 @@ impl RunFacts<'_> {
                 meta.batch_in_epoch
             );
         }
-        if meta.data.images != self.images || meta.data.batches_per_epoch != self.batches_per_epoch || meta.data.order_fingerprint != fingerprint_of(meta.epoch) {
+        if meta.data.images != self.images
+            || meta.data.batches_per_epoch != self.batches_per_epoch
+            || meta.data.order_fingerprint != fingerprint_of(meta.epoch)
+        {
             bail!(
                 "config key `data`: the training data changed since the checkpoint {at} ({} images, {} batches per epoch then; {} images, {} batches now, or another order); resuming would not continue the same run",
                 meta.data.images,
@@ -248,7 +313,10 @@ pub struct ResumePoint {
 /// `train.grad_accumulation` of a checkpoint's resolved config (1 when absent).
 fn accumulation_of(config_toml: &str) -> usize {
     let value: Option<toml::Value> = toml::from_str(config_toml).ok();
-    value.as_ref().and_then(|v| v.get("train")?.get("grad_accumulation")?.as_integer()).map_or(1, |n| n.max(1) as usize)
+    value
+        .as_ref()
+        .and_then(|v| v.get("train")?.get("grad_accumulation")?.as_integer())
+        .map_or(1, |n| n.max(1) as usize)
 }
 
 fn model_toml(cfg: &Config) -> String {

@@ -64,16 +64,38 @@ pub struct StepPlan<'a> {
 impl StepPlan<'_> {
     /// Take optimiser step `st.step` at learning rate `lr`, reading its micro-batches from
     /// `batches`; advances the step and batch counters (not the epoch).
-    pub fn run(&self, st: &mut State, objective: &mut dyn Objective, batches: &mut EpochIter, lr: f64, window: &mut Window) -> Result<StepOutcome> {
+    pub fn run(
+        &self,
+        st: &mut State,
+        objective: &mut dyn Objective,
+        batches: &mut EpochIter,
+        lr: f64,
+        window: &mut Window,
+    ) -> Result<StepOutcome> {
         let buffers = self.begin(st, objective);
         let (loss, row_mask, metrics) = self.forward_backward(st, objective, batches, window)?;
-        self.finish(st, objective, buffers, (loss, row_mask, metrics), lr, window)
+        self.finish(
+            st,
+            objective,
+            buffers,
+            (loss, row_mask, metrics),
+            lr,
+            window,
+        )
     }
 
     /// The same step on one given micro-batch `x [B, 3, S, S]`, `y [B]` (dataset indices
     /// `images`), without a loader: what `bench-train` times, so the bench runs the trainer's own
     /// step. Counts as `train.grad_accumulation = 1`.
-    pub fn run_on(&self, st: &mut State, objective: &mut dyn Objective, x: &Tensor, y: &Tensor, images: &[usize], lr: f64) -> Result<StepOutcome> {
+    pub fn run_on(
+        &self,
+        st: &mut State,
+        objective: &mut dyn Objective,
+        x: &Tensor,
+        y: &Tensor,
+        images: &[usize],
+        lr: f64,
+    ) -> Result<StepOutcome> {
         let buffers = self.begin(st, objective);
         let micro = self.micro_batch(st, objective, x, y, images, 1);
         self.finish(st, objective, buffers, micro, lr, &mut Window::default())
@@ -91,7 +113,15 @@ impl StepPlan<'_> {
     }
 
     /// After the micro-batches: synchronise, apply, restore the buffers of a skipped step, count.
-    fn finish(&self, st: &mut State, objective: &mut dyn Objective, mut buffers: Vec<(Tensor, Tensor)>, micro: (f64, Option<Tensor>, Vec<(&'static str, f64)>), lr: f64, window: &mut Window) -> Result<StepOutcome> {
+    fn finish(
+        &self,
+        st: &mut State,
+        objective: &mut dyn Objective,
+        mut buffers: Vec<(Tensor, Tensor)>,
+        micro: (f64, Option<Tensor>, Vec<(&'static str, f64)>),
+        lr: f64,
+        window: &mut Window,
+    ) -> Result<StepOutcome> {
         let (loss, row_mask, metrics) = micro;
         let t1 = Instant::now();
         let (loss, row_mask) = self.synchronise(st, loss, row_mask)?;
@@ -106,24 +136,40 @@ impl StepPlan<'_> {
         }
         st.step += 1;
         window.busy += t1.elapsed().as_secs_f64();
-        Ok(StepOutcome { lr, loss, finite, collapsed, metrics })
+        Ok(StepOutcome {
+            lr,
+            loss,
+            finite,
+            collapsed,
+            metrics,
+        })
     }
 
     /// Forward and backward of the step's `train.grad_accumulation` micro-batches, each loss
     /// divided by their count (gradients sum to the mean). Returns the summed loss, the union of
     /// the classifier rows the micro-batches may change, and the last micro-batch's metrics.
-    fn forward_backward(&self, st: &mut State, objective: &mut dyn Objective, batches: &mut EpochIter, window: &mut Window) -> Result<(f64, Option<Tensor>, Vec<(&'static str, f64)>)> {
+    fn forward_backward(
+        &self,
+        st: &mut State,
+        objective: &mut dyn Objective,
+        batches: &mut EpochIter,
+        window: &mut Window,
+    ) -> Result<(f64, Option<Tensor>, Vec<(&'static str, f64)>)> {
         let accumulation = self.cfg.train.grad_accumulation;
         let mut loss_v = 0.0;
         let mut row_mask: Option<Tensor> = None;
         let mut metrics = Vec::new();
         for _ in 0..accumulation {
             let wait_start = Instant::now();
-            let batch = batches.next().context("the loader ended early")?.with_context(|| format!("loading a batch in epoch {}", st.epoch))?;
+            let batch = batches
+                .next()
+                .context("the loader ended early")?
+                .with_context(|| format!("loading a batch in epoch {}", st.epoch))?;
             let t0 = Instant::now();
             window.wait += (t0 - wait_start).as_secs_f64();
             let (x, y) = batch.to_tensors(self.device);
-            let (loss, mask, m) = self.micro_batch(st, objective, &x, &y, &batch.indices, accumulation);
+            let (loss, mask, m) =
+                self.micro_batch(st, objective, &x, &y, &batch.indices, accumulation);
             loss_v += loss;
             row_mask = match (row_mask.take(), mask) {
                 (Some(a), Some(b)) => Some(a.maximum(&b)),
@@ -140,18 +186,35 @@ impl StepPlan<'_> {
 
     /// Forward and backward of one micro-batch, its loss divided by `accumulation`: that loss, the
     /// classifier rows it may change and the objective's metrics.
-    fn micro_batch(&self, st: &mut State, objective: &mut dyn Objective, x: &Tensor, y: &Tensor, images: &[usize], accumulation: usize) -> (f64, Option<Tensor>, Vec<(&'static str, f64)>) {
+    fn micro_batch(
+        &self,
+        st: &mut State,
+        objective: &mut dyn Objective,
+        x: &Tensor,
+        y: &Tensor,
+        images: &[usize],
+        accumulation: usize,
+    ) -> (f64, Option<Tensor>, Vec<(&'static str, f64)>) {
         objective.set_batch_images(images);
         let micro = objective.loss(&st.model(self.cfg.train.precision, self.num_classes), x, y);
         let loss = micro.loss / accumulation as f64;
         st.scaler.scale_loss(&loss).backward();
-        (f64::try_from(&loss).unwrap_or(f64::NAN), micro.row_mask, micro.metrics)
+        (
+            f64::try_from(&loss).unwrap_or(f64::NAN),
+            micro.row_mask,
+            micro.metrics,
+        )
     }
 
     /// Data parallel: average the gradients and the loss over the ranks and unite their Partial FC
     /// rows, so that every rank clips the global gradient and takes the same step (nothing is
     /// communicated in a world of one).
-    fn synchronise(&self, st: &State, loss: f64, row_mask: Option<Tensor>) -> Result<(f64, Option<Tensor>)> {
+    fn synchronise(
+        &self,
+        st: &State,
+        loss: f64,
+        row_mask: Option<Tensor>,
+    ) -> Result<(f64, Option<Tensor>)> {
         if self.world.size() == 1 {
             return Ok((loss, row_mask));
         }

@@ -31,19 +31,40 @@ pub struct World {
 impl World {
     /// A world of one process, without a process group.
     pub fn single() -> Self {
-        World { group: None, rank: 0, size: 1, local_rank: 0, local_size: 1 }
+        World {
+            group: None,
+            rank: 0,
+            size: 1,
+            local_rank: 0,
+            local_size: 1,
+        }
     }
 
     /// Join the group the environment describes; a world of one when it describes none.
     /// `device` selects the backend (NCCL for CUDA when compiled in, else Gloo).
     pub fn from_env(device: Device) -> Result<Self> {
-        let rv = Rendezvous::from_env().context("reading the data-parallel environment (RANK, WORLD_SIZE, ...)")?;
+        let rv = Rendezvous::from_env()
+            .context("reading the data-parallel environment (RANK, WORLD_SIZE, ...)")?;
         if rv.world_size == 1 {
             return Ok(World::single());
         }
-        let local_size = std::env::var("LOCAL_WORLD_SIZE").ok().and_then(|v| v.parse().ok()).unwrap_or(rv.world_size);
-        let group = ProcessGroup::new(&rv, Backend::for_device(device)).with_context(|| format!("rank {} of {}: joining the process group at {}:{}", rv.rank, rv.world_size, rv.master_addr, rv.master_port))?;
-        Ok(World { rank: rv.rank, size: rv.world_size, local_rank: rv.local_rank, local_size, group: Some(group) })
+        let local_size = std::env::var("LOCAL_WORLD_SIZE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(rv.world_size);
+        let group = ProcessGroup::new(&rv, Backend::for_device(device)).with_context(|| {
+            format!(
+                "rank {} of {}: joining the process group at {}:{}",
+                rv.rank, rv.world_size, rv.master_addr, rv.master_port
+            )
+        })?;
+        Ok(World {
+            rank: rv.rank,
+            size: rv.world_size,
+            local_rank: rv.local_rank,
+            local_size,
+            group: Some(group),
+        })
     }
 
     /// This rank.
@@ -73,7 +94,10 @@ impl World {
 
     /// The batches this rank reads.
     pub fn shard(&self) -> Shard {
-        Shard { rank: self.rank, world: self.size }
+        Shard {
+            rank: self.rank,
+            world: self.size,
+        }
     }
 
     /// Copy rank 0's variables (parameters and buffers) of every store to all ranks.
@@ -83,7 +107,8 @@ impl World {
             let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
             vars.sort_by(|a, b| a.0.cmp(&b.0));
             for (name, mut t) in vars {
-                pg.broadcast(&mut t, 0).with_context(|| format!("broadcasting `{name}` from rank 0"))?;
+                pg.broadcast(&mut t, 0)
+                    .with_context(|| format!("broadcasting `{name}` from rank 0"))?;
             }
         }
         Ok(())
@@ -93,41 +118,55 @@ impl World {
     /// a gradient are left out (the same on every rank: the model is the same).
     pub fn average_gradients(&self, params: &[Tensor]) -> Result<()> {
         let Some(pg) = &self.group else { return Ok(()) };
-        let mut grads: Vec<Tensor> = params.iter().map(Tensor::grad).filter(Tensor::defined).collect();
-        pg.all_reduce_bucketed(&mut grads, ReduceOp::Avg, BUCKET_BYTES).context("averaging the gradients")
+        let mut grads: Vec<Tensor> = params
+            .iter()
+            .map(Tensor::grad)
+            .filter(Tensor::defined)
+            .collect();
+        pg.all_reduce_bucketed(&mut grads, ReduceOp::Avg, BUCKET_BYTES)
+            .context("averaging the gradients")
     }
 
     /// The mean of `v` over all ranks (a NaN anywhere makes it NaN everywhere).
     pub fn mean(&self, v: f64) -> Result<f64> {
         let Some(pg) = &self.group else { return Ok(v) };
         let mut t = Tensor::from_slice(&[v]);
-        pg.all_reduce(&mut t, ReduceOp::Sum).context("summing the step's loss")?;
+        pg.all_reduce(&mut t, ReduceOp::Sum)
+            .context("summing the step's loss")?;
         Ok(f64::try_from(&t)? / self.size as f64)
     }
 
     /// The union over ranks of the classifier rows a step may change (element-wise max of the
     /// masks; `None` = every row, on any rank).
     pub fn union_rows(&self, mask: Option<Tensor>) -> Result<Option<Tensor>> {
-        let Some(pg) = &self.group else { return Ok(mask) };
+        let Some(pg) = &self.group else {
+            return Ok(mask);
+        };
         // Every rank must issue the same collective: an absent mask counts as all rows.
         let any_all = self.mean(if mask.is_none() { 1.0 } else { 0.0 })? > 0.0;
         if any_all {
             return Ok(None);
         }
         let mut m = mask.expect("no rank has an absent mask").contiguous();
-        pg.all_reduce(&mut m, ReduceOp::Max).context("uniting the Partial FC row masks")?;
+        pg.all_reduce(&mut m, ReduceOp::Max)
+            .context("uniting the Partial FC row masks")?;
         Ok(Some(m))
     }
 
     /// Rank 0's `value` on every rank (through the rendezvous store; `value` is read on rank 0
     /// only). Used for the run directory, whose name only rank 0 knows.
     pub fn share_from_main(&self, key: &str, value: &str) -> Result<String> {
-        let Some(pg) = &self.group else { return Ok(value.to_string()) };
+        let Some(pg) = &self.group else {
+            return Ok(value.to_string());
+        };
         if self.is_main() {
-            pg.store_set(key, value.as_bytes()).with_context(|| format!("publishing `{key}`"))?;
+            pg.store_set(key, value.as_bytes())
+                .with_context(|| format!("publishing `{key}`"))?;
             return Ok(value.to_string());
         }
-        let bytes = pg.store_get(key).with_context(|| format!("waiting for rank 0's `{key}`"))?;
+        let bytes = pg
+            .store_get(key)
+            .with_context(|| format!("waiting for rank 0's `{key}`"))?;
         String::from_utf8(bytes).with_context(|| format!("rank 0's `{key}` is not UTF-8"))
     }
 

@@ -12,7 +12,10 @@ fn train(args: &[&str], out: &Path) -> (bool, String) {
         .args(args.iter().flat_map(|a| ["--set", a]))
         .output()
         .expect("running facerec");
-    (output.status.success(), String::from_utf8_lossy(&output.stderr).into_owned())
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
 }
 
 #[test]
@@ -24,7 +27,11 @@ fn unknown_config_key_is_named() {
 
     // The same through a config file, with a typo in a nested table.
     let cfg = out.path().join("typo.toml");
-    std::fs::write(&cfg, "extends = \"default\"\n[train]\nepochs = 1\nbatch_sise = 8\n").unwrap();
+    std::fs::write(
+        &cfg,
+        "extends = \"default\"\n[train]\nepochs = 1\nbatch_sise = 8\n",
+    )
+    .unwrap();
     let output = Command::new(env!("CARGO_BIN_EXE_facerec"))
         .args(["train", "--config"])
         .arg(&cfg)
@@ -39,7 +46,13 @@ fn unknown_config_key_is_named() {
 fn missing_data_folder_is_named() {
     let out = tempfile::tempdir().unwrap();
     let missing = out.path().join("no-such-faces");
-    let (ok, err) = train(&["data.type=image_folder", &format!("data.root={}", missing.display())], out.path());
+    let (ok, err) = train(
+        &[
+            "data.type=image_folder",
+            &format!("data.root={}", missing.display()),
+        ],
+        out.path(),
+    );
     assert!(!ok);
     assert!(err.contains("no-such-faces"), "{err}");
     assert!(err.contains("data.root"), "{err}");
@@ -52,20 +65,33 @@ fn label_outside_class_range_is_rejected() {
     for class in ["a", "b", "c"] {
         std::fs::create_dir_all(root.join(class)).unwrap();
         for i in 0..2u8 {
-            let img = image::GrayImage::from_fn(20, 20, |x, y| image::Luma([(x as u8 * 7) ^ (y as u8 * 3) ^ (i * 50)]));
+            let img = image::GrayImage::from_fn(20, 20, |x, y| {
+                image::Luma([(x as u8 * 7) ^ (y as u8 * 3) ^ (i * 50)])
+            });
             img.save(root.join(class).join(format!("{i}.png"))).unwrap();
         }
     }
     let (ok, err) = train(
-        &["data.type=image_folder", &format!("data.root={}", root.display()), "classifier.num_classes=2"],
+        &[
+            "data.type=image_folder",
+            &format!("data.root={}", root.display()),
+            "classifier.num_classes=2",
+        ],
         out.path(),
     );
     assert!(!ok);
     assert!(err.contains("classifier.num_classes"), "{err}");
     assert!(err.contains("label 2"), "{err}");
-    assert!(err.contains(&root.join("c").display().to_string()), "the error names the file: {err}");
+    assert!(
+        err.contains(&root.join("c").display().to_string()),
+        "the error names the file: {err}"
+    );
     // Nothing was trained, so no run directory was created.
-    let runs: Vec<_> = std::fs::read_dir(out.path()).unwrap().filter_map(|e| e.ok()).filter(|e| e.file_name() != "faces").collect();
+    let runs: Vec<_> = std::fs::read_dir(out.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name() != "faces")
+        .collect();
     assert!(runs.is_empty(), "{runs:?}");
 }
 
@@ -85,7 +111,10 @@ fn zero_eval_batch_size_is_named_not_a_panic() {
     let out = tempfile::tempdir().unwrap();
     let (ok, err) = train(&["eval.batch_size=0"], out.path());
     assert!(!ok);
-    assert!(err.contains("eval.batch_size") && !err.contains("panicked"), "{err}");
+    assert!(
+        err.contains("eval.batch_size") && !err.contains("panicked"),
+        "{err}"
+    );
 }
 
 /// Issue 19: a classifier that cannot fit (here 999,999,616 classes, the class count of a corrupt
@@ -94,10 +123,15 @@ fn zero_eval_batch_size_is_named_not_a_panic() {
 #[test]
 fn classifier_that_cannot_fit_is_refused() {
     let out = tempfile::tempdir().unwrap();
-    let (ok, err) = train(&["classifier.num_classes=999999616", "train.device=cpu"], out.path());
+    let (ok, err) = train(
+        &["classifier.num_classes=999999616", "train.device=cpu"],
+        out.path(),
+    );
     assert!(!ok);
     assert!(
-        err.contains("classifier.num_classes") && err.contains("999999616 classes") && err.contains("MemAvailable"),
+        err.contains("classifier.num_classes")
+            && err.contains("999999616 classes")
+            && err.contains("MemAvailable"),
         "{err}"
     );
     assert!(!err.contains("panicked"), "{err}");
@@ -112,7 +146,9 @@ fn truncated_rec_under_skip_stops_above_the_ceiling() {
     for class in 0..4u8 {
         std::fs::create_dir_all(images.join(format!("c{class}"))).unwrap();
         for i in 0..5u8 {
-            let img = image::RgbImage::from_fn(24, 24, |x, y| image::Rgb([(x as u8 * 9) ^ (i * 40), (y as u8 * 5) ^ (class * 60), 70]));
+            let img = image::RgbImage::from_fn(24, 24, |x, y| {
+                image::Rgb([(x as u8 * 9) ^ (i * 40), (y as u8 * 5) ^ (class * 60), 70])
+            });
             img.save(images.join(format!("c{class}/{i}.png"))).unwrap();
         }
     }
@@ -123,17 +159,27 @@ fn truncated_rec_under_skip_stops_above_the_ceiling() {
         .arg(&rec)
         .output()
         .unwrap();
-    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
     // Cut the .rec in the middle of the images: about half of them are gone.
     let bytes = std::fs::read(rec.join("train.rec")).unwrap();
     std::fs::write(rec.join("train.rec"), &bytes[..bytes.len() / 2]).unwrap();
-    let data = ["data.type=rec".to_string(), format!("data.path={}", rec.display()), "data.policy=skip".into()];
+    let data = [
+        "data.type=rec".to_string(),
+        format!("data.path={}", rec.display()),
+        "data.policy=skip".into(),
+    ];
     let small = ["train.epochs=1", "train.batch_size=4", "train.device=cpu"];
     let args: Vec<&str> = data.iter().map(String::as_str).chain(small).collect();
     let (ok, err) = train(&args, out.path());
     assert!(!ok, "a run on half a .rec must not succeed: {err}");
     assert!(
-        err.contains("train.rec") && err.contains("image records are unreadable") && err.contains("max_skipped_fraction"),
+        err.contains("train.rec")
+            && err.contains("image records are unreadable")
+            && err.contains("max_skipped_fraction"),
         "{err}"
     );
 }

@@ -64,7 +64,11 @@ const SGD: &str = "[optim]\ntype = \"sgd\"\nlr = 0.1";
 const ADAMW: &str = "[optim]\ntype = \"adamw\"\nlr = 0.003";
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Children killed when dropped (a failing assertion never leaves a rank behind).
@@ -128,17 +132,30 @@ impl Ranks {
 /// Run `world` ranks to completion; panics naming the rank that failed.
 fn train(world: usize, args: &[String]) {
     let outs = if world == 1 {
-        vec![Command::new(env!("CARGO_BIN_EXE_facerec")).arg("train").args(args).output().unwrap()]
+        vec![Command::new(env!("CARGO_BIN_EXE_facerec"))
+            .arg("train")
+            .args(args)
+            .output()
+            .unwrap()]
     } else {
         Ranks::start(world, free_port(), args, 60).wait(Duration::from_secs(300))
     };
     for (r, o) in outs.iter().enumerate() {
-        assert!(o.status.success(), "rank {r} failed: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "rank {r} failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
     }
 }
 
 fn args(cfg: &Path, out: &Path, sets: &[&str]) -> Vec<String> {
-    let mut a = vec!["--config".to_string(), cfg.display().to_string(), "--set".into(), format!("output_dir={}", out.display())];
+    let mut a = vec![
+        "--config".to_string(),
+        cfg.display().to_string(),
+        "--set".into(),
+        format!("output_dir={}", out.display()),
+    ];
     for s in sets {
         a.push("--set".into());
         a.push(s.to_string());
@@ -147,17 +164,31 @@ fn args(cfg: &Path, out: &Path, sets: &[&str]) -> Vec<String> {
 }
 
 fn only_run_dir(parent: &Path) -> PathBuf {
-    let dirs: Vec<PathBuf> = std::fs::read_dir(parent).unwrap().map(|e| e.unwrap().path()).filter(|p| p.is_dir()).collect();
-    assert_eq!(dirs.len(), 1, "expected one run directory in {}: {dirs:?}", parent.display());
+    let dirs: Vec<PathBuf> = std::fs::read_dir(parent)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir())
+        .collect();
+    assert_eq!(
+        dirs.len(),
+        1,
+        "expected one run directory in {}: {dirs:?}",
+        parent.display()
+    );
     dirs[0].clone()
 }
 
 fn tensors(path: &Path) -> HashMap<String, Tensor> {
-    Tensor::read_safetensors(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).into_iter().collect()
+    Tensor::read_safetensors(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .into_iter()
+        .collect()
 }
 
 fn is_running_stat(key: &str) -> bool {
-    key.ends_with("running_mean") || key.ends_with("running_var") || key.ends_with("num_batches_tracked")
+    key.ends_with("running_mean")
+        || key.ends_with("running_var")
+        || key.ends_with("num_batches_tracked")
 }
 
 /// Largest `|a - b| / (1 + |b|)` over the trainable tensors of two weight files.
@@ -177,7 +208,12 @@ fn assert_bitwise_equal(a: &Path, b: &Path) {
     let (ta, tb) = (tensors(a), tensors(b));
     assert_eq!(ta.len(), tb.len());
     for (k, x) in &ta {
-        assert!(x.equal(&tb[k]), "`{k}` differs between {} and {}", a.display(), b.display());
+        assert!(
+            x.equal(&tb[k]),
+            "`{k}` differs between {} and {}",
+            a.display(),
+            b.display()
+        );
     }
 }
 
@@ -191,12 +227,25 @@ fn equivalence(optim: &str) {
     for file in ["model.safetensors", "classifier.safetensors"] {
         let d = max_rel_diff(&r2.join(file), &r1.join(file));
         eprintln!("{optim:?} {file}: max |2 proc - 1 proc| / (1 + |1 proc|) = {d:.3e}");
-        assert!(d <= 2e-5, "{file}: 2 processes differ from 1 process by {d:.3e}");
+        assert!(
+            d <= 2e-5,
+            "{file}: 2 processes differ from 1 process by {d:.3e}"
+        );
     }
     // The metrics report the global batch and the same step count.
     let m2 = std::fs::read_to_string(r2.join("metrics.jsonl")).unwrap();
     assert!(m2.contains("\"global_batch\":16"), "{m2}");
-    let steps = |d: &Path| std::fs::read_to_string(d.join("summary.json")).unwrap().split("\"steps\": ").nth(1).unwrap().split(',').next().unwrap().to_string();
+    let steps = |d: &Path| {
+        std::fs::read_to_string(d.join("summary.json"))
+            .unwrap()
+            .split("\"steps\": ")
+            .nth(1)
+            .unwrap()
+            .split(',')
+            .next()
+            .unwrap()
+            .to_string()
+    };
     assert_eq!(steps(&r1), steps(&r2));
     assert_eq!(steps(&r2), "12");
 }
@@ -213,13 +262,20 @@ fn two_processes_equal_one_with_accumulation_adamw() {
 
 /// Highest step checkpointed so far under `parent` (any run directory).
 fn checkpointed_step(parent: &Path) -> usize {
-    let Ok(runs) = std::fs::read_dir(parent) else { return 0 };
+    let Ok(runs) = std::fs::read_dir(parent) else {
+        return 0;
+    };
     let mut best = 0;
     for run in runs.flatten() {
-        let Ok(ck) = std::fs::read_dir(run.path().join("checkpoints")) else { continue };
+        let Ok(ck) = std::fs::read_dir(run.path().join("checkpoints")) else {
+            continue;
+        };
         for e in ck.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(n) = name.strip_prefix("step-").and_then(|n| n.parse::<usize>().ok()) {
+            if let Some(n) = name
+                .strip_prefix("step-")
+                .and_then(|n| n.parse::<usize>().ok())
+            {
                 best = best.max(n);
             }
         }
@@ -235,7 +291,10 @@ fn killed_two_process_run_resumes_bitwise() {
     train(2, &args(&cfg, &whole, &[]));
 
     let killed = dir.path().join("killed");
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as usize;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as usize;
     let kill_after = 2 + nanos % 6;
     let ranks = Ranks::start(2, free_port(), &args(&cfg, &killed, &[]), 60);
     let t0 = Instant::now();
@@ -245,7 +304,10 @@ fn killed_two_process_run_resumes_bitwise() {
     }
     drop(ranks); // SIGKILL to both ranks
     let run_dir = only_run_dir(&killed);
-    assert!(!run_dir.join("model.safetensors").exists(), "the run had finished before the kill");
+    assert!(
+        !run_dir.join("model.safetensors").exists(),
+        "the run had finished before the kill"
+    );
     let resume = vec!["--resume".to_string(), run_dir.display().to_string()];
     train(2, &resume);
     let (a, b) = (only_run_dir(&whole), run_dir);
@@ -267,7 +329,18 @@ fn resume_on_another_world_size(from: usize, to: usize) {
     train(from, &args(&cfg, &split, &[&acc(from), "train.epochs=1"]));
     let run_dir = only_run_dir(&split);
     // Without the matching accumulation the resume is refused with the value to use.
-    let refused = Command::new(env!("CARGO_BIN_EXE_facerec")).args(["train", "--resume", run_dir.to_str().unwrap(), "--set", "train.epochs=2", "--set", "train.grad_accumulation=4"]).output().unwrap();
+    let refused = Command::new(env!("CARGO_BIN_EXE_facerec"))
+        .args([
+            "train",
+            "--resume",
+            run_dir.to_str().unwrap(),
+            "--set",
+            "train.epochs=2",
+            "--set",
+            "train.grad_accumulation=4",
+        ])
+        .output()
+        .unwrap();
     if to == 1 {
         assert!(!refused.status.success());
         let err = String::from_utf8_lossy(&refused.stderr);
@@ -282,7 +355,10 @@ fn resume_on_another_world_size(from: usize, to: usize) {
     for file in ["model.safetensors", "classifier.safetensors"] {
         let d = max_rel_diff(&run_dir.join(file), &only_run_dir(&whole).join(file));
         eprintln!("{from} -> {to} processes, {file}: {d:.3e}");
-        assert!(d <= 2e-5, "{file}: resumed on {to} processes differs by {d:.3e}");
+        assert!(
+            d <= 2e-5,
+            "{file}: resumed on {to} processes differs by {d:.3e}"
+        );
     }
 }
 
@@ -313,9 +389,19 @@ fn a_killed_rank_stops_the_other_naming_it() {
     let survivor = ranks.0.remove(0);
     let outs = Ranks(vec![survivor]).wait(Duration::from_secs(60));
     let err = String::from_utf8_lossy(&outs[0].stderr);
-    assert!(!outs[0].status.success(), "rank 0 went on after its peer died");
-    assert!(t_kill.elapsed() < Duration::from_secs(40), "rank 0 took {:?} to notice", t_kill.elapsed());
-    assert!(err.contains("rank 1"), "rank 0's error does not name rank 1: {err}");
+    assert!(
+        !outs[0].status.success(),
+        "rank 0 went on after its peer died"
+    );
+    assert!(
+        t_kill.elapsed() < Duration::from_secs(40),
+        "rank 0 took {:?} to notice",
+        t_kill.elapsed()
+    );
+    assert!(
+        err.contains("rank 1"),
+        "rank 0's error does not name rank 1: {err}"
+    );
 }
 
 #[test]
@@ -336,6 +422,13 @@ fn no_store_is_a_clear_error() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(t0.elapsed() < Duration::from_secs(30), "took {:?}", t0.elapsed());
-    assert!(err.contains("rank 1 of 2") && err.contains("127.0.0.1"), "{err}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        t0.elapsed()
+    );
+    assert!(
+        err.contains("rank 1 of 2") && err.contains("127.0.0.1"),
+        "{err}"
+    );
 }

@@ -26,7 +26,8 @@ fn write_lfw_style_set(dir: &Path) -> usize {
         let (id, n) = (faces.label(i), i % IMAGES + 1);
         std::fs::create_dir_all(dir.join(name(id))).unwrap();
         let img = image::RgbImage::from_raw(56, 56, faces.load(i).unwrap()).unwrap();
-        img.save(dir.join(name(id)).join(format!("{}_{n:04}.png", name(id)))).unwrap();
+        img.save(dir.join(name(id)).join(format!("{}_{n:04}.png", name(id))))
+            .unwrap();
     }
     // View 1 layout: N, then N matched lines, then N mismatched lines.
     let mut matched = Vec::new();
@@ -54,31 +55,56 @@ fn bin_and_pairs_targets_are_verified_during_training() {
     let images = dir.path().join("images");
     let num_pairs = write_lfw_style_set(&images);
     let bin = dir.path().join("set.bin");
-    facerec_trainer::commands::prep::pack_lfw(&images, &images.join("pairs.txt"), &bin, 95, None).unwrap();
+    facerec_trainer::commands::prep::pack_lfw(&images, &images.join("pairs.txt"), &bin, 95, None)
+        .unwrap();
     // insightface scores a pack with contiguous folds: every fold must hold both kinds of pair
     // (the View 1 file lists all matched pairs first).
     let pack = facerec_evaluation::BinPack::read(&bin).unwrap();
     for fold in facerec_evaluation::verification::kfold(pack.issame.len(), 10) {
         let kinds = &pack.issame[fold];
-        assert!(kinds.contains(&true) && kinds.contains(&false), "a fold of one kind: {kinds:?}");
+        assert!(
+            kinds.contains(&true) && kinds.contains(&false),
+            "a fold of one kind: {kinds:?}"
+        );
     }
 
     let mut cfg = Config::load(
         None,
-        &["data.identities=20", "data.images_per_identity=4", "train.epochs=1", "train.batch_size=16", "eval.every_steps=0"]
-            .map(String::from),
+        &[
+            "data.identities=20",
+            "data.images_per_identity=4",
+            "train.epochs=1",
+            "train.batch_size=16",
+            "eval.every_steps=0",
+        ]
+        .map(String::from),
     )
     .unwrap();
     cfg.output_dir = dir.path().join("runs");
     cfg.eval.targets = vec![
-        EvalTarget { name: "bin".into(), source: SourceConfig::Bin { path: bin }, required: true },
+        EvalTarget {
+            name: "bin".into(),
+            source: SourceConfig::Bin { path: bin },
+            required: true,
+        },
         EvalTarget {
             name: "pairs".into(),
-            source: SourceConfig::LfwPairs { pairs: images.join("pairs.txt"), images: images.clone() },
+            source: SourceConfig::LfwPairs {
+                pairs: images.join("pairs.txt"),
+                images: images.clone(),
+            },
             required: true,
         },
     ];
-    let summary = train(&cfg, &RunOptions { workspace: dir.path().into(), echo_config: false, resume: None }).unwrap();
+    let summary = train(
+        &cfg,
+        &RunOptions {
+            workspace: dir.path().into(),
+            echo_config: false,
+            resume: None,
+        },
+    )
+    .unwrap();
     assert_eq!(summary.targets.len(), 2);
     for t in &summary.targets {
         assert_eq!(t.model.num_pairs, num_pairs, "{}", t.name);
@@ -86,8 +112,16 @@ fn bin_and_pairs_targets_are_verified_during_training() {
     }
     // The same images and pairs (JPEG-compressed in the pack): raw-pixel verification must agree
     // closely between the two readers.
-    let (a, b) = (&summary.targets[0].raw_pixels, &summary.targets[1].raw_pixels);
-    assert!((a.accuracy_mean - b.accuracy_mean).abs() <= 0.15, "bin {} vs pairs {}", a.accuracy_mean, b.accuracy_mean);
+    let (a, b) = (
+        &summary.targets[0].raw_pixels,
+        &summary.targets[1].raw_pixels,
+    );
+    assert!(
+        (a.accuracy_mean - b.accuracy_mean).abs() <= 0.15,
+        "bin {} vs pairs {}",
+        a.accuracy_mean,
+        b.accuracy_mean
+    );
 }
 
 #[test]
@@ -135,32 +169,61 @@ fn pair_lists_keep_their_sets_as_folds_in_training_and_in_eval() {
         let person = format!("Person_{}", 5_000 + id);
         std::fs::create_dir_all(images.join(&person)).unwrap();
         let img = image::RgbImage::from_raw(56, 56, faces.load(i).unwrap()).unwrap();
-        img.save(images.join(&person).join(format!("{person}_{n:04}.png"))).unwrap();
+        img.save(images.join(&person).join(format!("{person}_{n:04}.png")))
+            .unwrap();
     }
-    let (p5, p10) = (dir.path().join("pairs5.txt"), dir.path().join("pairs10.txt"));
+    let (p5, p10) = (
+        dir.path().join("pairs5.txt"),
+        dir.path().join("pairs10.txt"),
+    );
     std::fs::write(&p5, sets_pairs_file(5, 2)).unwrap();
     std::fs::write(&p10, sets_pairs_file(10, 1)).unwrap();
 
     let mut cfg = Config::load(
         None,
-        &["data.identities=20", "data.images_per_identity=4", "train.epochs=1", "train.batch_size=16", "eval.every_steps=0"]
-            .map(String::from),
+        &[
+            "data.identities=20",
+            "data.images_per_identity=4",
+            "train.epochs=1",
+            "train.batch_size=16",
+            "eval.every_steps=0",
+        ]
+        .map(String::from),
     )
     .unwrap();
     cfg.output_dir = dir.path().join("runs");
     cfg.eval.targets = [("five", &p5), ("ten", &p10)]
         .map(|(name, pairs)| EvalTarget {
             name: name.into(),
-            source: SourceConfig::LfwPairs { pairs: pairs.clone(), images: images.clone() },
+            source: SourceConfig::LfwPairs {
+                pairs: pairs.clone(),
+                images: images.clone(),
+            },
             required: true,
         })
         .to_vec();
-    let summary = train(&cfg, &RunOptions { workspace: dir.path().into(), echo_config: false, resume: None }).unwrap();
+    let summary = train(
+        &cfg,
+        &RunOptions {
+            workspace: dir.path().into(),
+            echo_config: false,
+            resume: None,
+        },
+    )
+    .unwrap();
     let (five, ten) = (&summary.targets[0], &summary.targets[1]);
     assert_eq!(five.model.num_pairs, 20);
-    assert_eq!(five.model.fold_accuracies.len(), 5, "the 5 sets are the folds");
+    assert_eq!(
+        five.model.fold_accuracies.len(),
+        5,
+        "the 5 sets are the folds"
+    );
     assert_eq!(five.raw_pixels.fold_accuracies.len(), 5);
-    assert_eq!(ten.model.fold_accuracies.len(), 10, "the 10 sets are the folds");
+    assert_eq!(
+        ten.model.fold_accuracies.len(),
+        10,
+        "the 10 sets are the folds"
+    );
 
     // The same run through `facerec eval`: the same folds and the same accuracies.
     let out = dir.path().join("eval");
@@ -182,13 +245,34 @@ fn pair_lists_keep_their_sets_as_folds_in_training_and_in_eval() {
         ijb_no_detector_score: false,
     })
     .unwrap();
-    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
-    for (t, ours) in report["targets"].as_array().unwrap().iter().zip([five, ten]) {
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    for (t, ours) in report["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip([five, ten])
+    {
         let v = &t["verification"];
-        let folds: Vec<f64> = v["fold_accuracies"].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
-        assert_eq!(folds.len(), ours.model.fold_accuracies.len(), "{}", ours.name);
+        let folds: Vec<f64> = v["fold_accuracies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        assert_eq!(
+            folds.len(),
+            ours.model.fold_accuracies.len(),
+            "{}",
+            ours.name
+        );
         for (a, b) in folds.iter().zip(&ours.model.fold_accuracies) {
-            assert!((a - b).abs() < 1e-9, "{}: eval {folds:?} vs training {:?}", ours.name, ours.model.fold_accuracies);
+            assert!(
+                (a - b).abs() < 1e-9,
+                "{}: eval {folds:?} vs training {:?}",
+                ours.name,
+                ours.model.fold_accuracies
+            );
         }
     }
 }

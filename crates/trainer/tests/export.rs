@@ -21,7 +21,10 @@ use std::process::Command;
 use tch::nn::{self, ModuleT};
 use tch::{Device, Kind, Tensor};
 
-const ORACLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../data-scripts/backbone_oracle.py");
+const ORACLE: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../data-scripts/backbone_oracle.py"
+);
 const TOL: f64 = 1e-5;
 
 fn small_iresnet() -> BackboneConfig {
@@ -49,7 +52,12 @@ fn arch_args(cfg: &BackboneConfig) -> Vec<String> {
     let list = |v: &[i64]| v.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
     let mut a: Vec<String> = match cfg {
         BackboneConfig::Iresnet(c) => {
-            let mut a = vec!["--arch".into(), "iresnet".into(), "--widths".into(), list(&c.widths)];
+            let mut a = vec![
+                "--arch".into(),
+                "iresnet".into(),
+                "--widths".into(),
+                list(&c.widths),
+            ];
             match (c.depth, c.layers) {
                 (Some(d), _) => a.extend(["--depth".into(), d.to_string()]),
                 (_, Some(l)) => a.extend(["--layers".into(), list(&l.map(|n| n as i64))]),
@@ -96,12 +104,19 @@ fn make_run(dir: &Path, cfg: &BackboneConfig, seed: i64) {
     struct Doc<'a> {
         model: &'a BackboneConfig,
     }
-    std::fs::write(dir.join("config.toml"), toml::to_string(&Doc { model: cfg }).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("config.toml"),
+        toml::to_string(&Doc { model: cfg }).unwrap(),
+    )
+    .unwrap();
     vs.save(dir.join("model.safetensors")).unwrap();
 }
 
 fn facerec(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_facerec")).args(args).output().expect("cannot start facerec")
+    Command::new(env!("CARGO_BIN_EXE_facerec"))
+        .args(args)
+        .output()
+        .expect("cannot start facerec")
 }
 
 fn p(path: &Path) -> &str {
@@ -110,7 +125,12 @@ fn p(path: &Path) -> &str {
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.size(), b.size());
-    f64::try_from((a.to_kind(Kind::Double) - b.to_kind(Kind::Double)).abs().max()).unwrap()
+    f64::try_from(
+        (a.to_kind(Kind::Double) - b.to_kind(Kind::Double))
+            .abs()
+            .max(),
+    )
+    .unwrap()
 }
 
 /// Exports `cfg`'s run to safetensors through the binary and checks the file against the oracle.
@@ -118,18 +138,37 @@ fn check_safetensors(py: &Path, cfg: &BackboneConfig) {
     let dir = tempfile::tempdir().unwrap();
     make_run(dir.path(), cfg, 11);
     let out = dir.path().join("exported.safetensors");
-    let o = facerec(&["export", "--model", p(dir.path()), "--format", "safetensors", "--out", p(&out)]);
-    assert!(o.status.success(), "export failed: {}", String::from_utf8_lossy(&o.stderr));
+    let o = facerec(&[
+        "export",
+        "--model",
+        p(dir.path()),
+        "--format",
+        "safetensors",
+        "--out",
+        p(&out),
+    ]);
+    assert!(
+        o.status.success(),
+        "export failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 
     // The file: arcface_torch buffers with PyTorch's kinds, statistics off their init.
-    let file: BTreeMap<String, Tensor> = Tensor::read_safetensors(&out).unwrap().into_iter().collect();
+    let file: BTreeMap<String, Tensor> = Tensor::read_safetensors(&out)
+        .unwrap()
+        .into_iter()
+        .collect();
     let m = Exportable::load(dir.path(), None).unwrap();
     assert_eq!(file.len(), m.vs.variables().len());
     let mut nbt = 0;
     for (name, t) in &file {
         if name.ends_with("num_batches_tracked") {
             assert_eq!((t.kind(), t.dim()), (Kind::Int64, 0), "{name}");
-            assert_eq!(i64::try_from(t).unwrap(), 3, "{name}: three training passes");
+            assert_eq!(
+                i64::try_from(t).unwrap(),
+                3,
+                "{name}: three training passes"
+            );
             nbt += 1;
         } else {
             assert_eq!(t.kind(), Kind::Float, "{name}");
@@ -141,7 +180,11 @@ fn check_safetensors(py: &Path, cfg: &BackboneConfig) {
     assert!(nbt > 5);
 
     // The independent PyTorch model with these weights gives our embeddings.
-    let x = Tensor::rand([5, 3, cfg.input_size(), cfg.input_size()], (Kind::Float, Device::Cpu)) * 2.0 - 1.0;
+    let x = Tensor::rand(
+        [5, 3, cfg.input_size(), cfg.input_size()],
+        (Kind::Float, Device::Cpu),
+    ) * 2.0
+        - 1.0;
     let (input, result) = (dir.path().join("x.npz"), dir.path().join("o.npz"));
     Tensor::write_npz(&[("input", &x)], &input).unwrap();
     let mut args = vec![ORACLE.to_string(), "embed".into()];
@@ -150,7 +193,11 @@ fn check_safetensors(py: &Path, cfg: &BackboneConfig) {
         args.extend([flag.to_string(), path.display().to_string()]);
     }
     let o = Command::new(py).args(&args).output().unwrap();
-    assert!(o.status.success(), "oracle failed: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "oracle failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let theirs: BTreeMap<String, Tensor> = Tensor::read_npz(&result).unwrap().into_iter().collect();
     let ours = m.embed(&x);
     let diff = max_abs_diff(&ours, &theirs["embedding"]);
@@ -178,10 +225,24 @@ fn check_torchscript(py: &Path, cfg: &BackboneConfig) -> PathBuf {
     make_run(&dir, cfg, 12);
     let out = dir.join("model.pt");
     let o = Command::new(env!("CARGO_BIN_EXE_facerec"))
-        .args(["export", "--model", p(&dir), "--format", "torchscript", "--out", p(&out), "--python", p(py)])
+        .args([
+            "export",
+            "--model",
+            p(&dir),
+            "--format",
+            "torchscript",
+            "--out",
+            p(&out),
+            "--python",
+            p(py),
+        ])
         .output()
         .unwrap();
-    assert!(o.status.success(), "export failed: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "export failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(stdout.contains("max |embedding difference|"), "{stdout}");
 
@@ -212,12 +273,23 @@ fn torchscript_export_matches_our_backbone() {
     // ...and a failed check writes nothing (a negative tolerance makes any module fail).
     let refused = dir.join("refused.pt");
     let o = facerec(&[
-        "export", "--model", p(&dir), "--format", "torchscript", "--out", p(&refused), "--python", p(&py),
+        "export",
+        "--model",
+        p(&dir),
+        "--format",
+        "torchscript",
+        "--out",
+        p(&refused),
+        "--python",
+        p(&py),
         "--tolerance=-1",
     ]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("differ from our backbone") && err.contains("nothing was written"), "{err}");
+    assert!(
+        err.contains("differ from our backbone") && err.contains("nothing was written"),
+        "{err}"
+    );
     assert!(!refused.exists() && !dir.join(".refused.pt.partial").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -236,23 +308,58 @@ fn export_refuses_a_checkpoint_of_another_model() {
         }
     });
     let cfg = dir.path().join("wider.toml");
-    std::fs::write(&cfg, format!("[model]\n{}", toml::to_string(&wider).unwrap())).unwrap();
+    std::fs::write(
+        &cfg,
+        format!("[model]\n{}", toml::to_string(&wider).unwrap()),
+    )
+    .unwrap();
     let out = dir.path().join("x.safetensors");
-    let o = facerec(&["export", "--model", p(dir.path()), "--config", p(&cfg), "--format", "safetensors", "--out", p(&out)]);
+    let o = facerec(&[
+        "export",
+        "--model",
+        p(dir.path()),
+        "--config",
+        p(&cfg),
+        "--format",
+        "safetensors",
+        "--out",
+        p(&out),
+    ]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("model.safetensors") && err.contains("wider.toml"), "{err}");
-    assert!(err.contains("missing keys") && err.contains("layer2.1.conv1.weight"), "{err}");
+    assert!(
+        err.contains("model.safetensors") && err.contains("wider.toml"),
+        "{err}"
+    );
+    assert!(
+        err.contains("missing keys") && err.contains("layer2.1.conv1.weight"),
+        "{err}"
+    );
     assert!(err.contains("layer4.0.conv1.weight: shape"), "{err}");
     assert!(!out.exists());
 
     // A missing run directory is named.
-    let o = facerec(&["export", "--model", "/no/such/run", "--format", "safetensors", "--out", p(&out)]);
+    let o = facerec(&[
+        "export",
+        "--model",
+        "/no/such/run",
+        "--format",
+        "safetensors",
+        "--out",
+        p(&out),
+    ]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("/no/such/run"));
 
     // The input is a named option, as for eval and cluster: the old positional form is refused
     // with the usage naming --model, and writes nothing.
-    let o = facerec(&["export", p(dir.path()), "--format", "safetensors", "--out", p(&out)]);
+    let o = facerec(&[
+        "export",
+        p(dir.path()),
+        "--format",
+        "safetensors",
+        "--out",
+        p(&out),
+    ]);
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("--model"), "{err}");

@@ -10,7 +10,9 @@ use facerec_trainer::Config;
 use std::path::Path;
 
 fn head(recipe: &str) -> (PlusAssignment, f64, f64) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/recipes").join(recipe);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("configs/recipes")
+        .join(recipe);
     let cfg = Config::load(Some(&path), &[]).unwrap_or_else(|e| panic!("{recipe}: {e:#}"));
     let p = match &cfg.head {
         HeadConfig::ElasticArcPlus(c) => c.params(),
@@ -23,37 +25,67 @@ fn head(recipe: &str) -> (PlusAssignment, f64, f64) {
 #[test]
 fn elasticface_plus_recipes_reproduce_the_released_models_or_say_paper() {
     use PlusAssignment::{CodeFaithful, PaperIntent};
-    assert_eq!(head("ms1mv2_r100_elasticface_arc_plus.toml"), (CodeFaithful, 0.5, 0.0175));
-    assert_eq!(head("ms1mv2_r100_elasticface_cos_plus.toml"), (CodeFaithful, 0.35, 0.02));
-    assert_eq!(head("ms1mv2_r100_elasticface_arc_plus_paper.toml"), (PaperIntent, 0.5, 0.0175));
-    assert_eq!(head("ms1mv2_r100_elasticface_cos_plus_paper.toml"), (PaperIntent, 0.35, 0.025));
+    assert_eq!(
+        head("ms1mv2_r100_elasticface_arc_plus.toml"),
+        (CodeFaithful, 0.5, 0.0175)
+    );
+    assert_eq!(
+        head("ms1mv2_r100_elasticface_cos_plus.toml"),
+        (CodeFaithful, 0.35, 0.02)
+    );
+    assert_eq!(
+        head("ms1mv2_r100_elasticface_arc_plus_paper.toml"),
+        (PaperIntent, 0.5, 0.0175)
+    );
+    assert_eq!(
+        head("ms1mv2_r100_elasticface_cos_plus_paper.toml"),
+        (PaperIntent, 0.35, 0.025)
+    );
 }
 
 fn load_error(overrides: &[&str]) -> String {
     let o: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
-    format!("{:#}", Config::load(None, &o).expect_err("an invalid config"))
+    format!(
+        "{:#}",
+        Config::load(None, &o).expect_err("an invalid config")
+    )
 }
 
 #[test]
 fn sphereface_s_works_with_a_fixed_scale_and_is_an_error_otherwise() {
     use facerec_loss_heads::SphereFaceScale;
-    let ok = |o: &[&str]| Config::load(None, &o.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+    let ok = |o: &[&str]| {
+        Config::load(None, &o.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap()
+    };
     let cfg = ok(&["head.type=sphereface"]);
-    let HeadConfig::Sphereface(c) = &cfg.head else { panic!("{:?}", cfg.head) };
+    let HeadConfig::Sphereface(c) = &cfg.head else {
+        panic!("{:?}", cfg.head)
+    };
     assert_eq!((c.scale, c.s), (SphereFaceScale::FeatureNorm, 64.0));
     let cfg = ok(&["head.type=sphereface", "head.scale=fixed", "head.s=30.0"]);
-    let HeadConfig::Sphereface(c) = &cfg.head else { panic!("{:?}", cfg.head) };
+    let HeadConfig::Sphereface(c) = &cfg.head else {
+        panic!("{:?}", cfg.head)
+    };
     assert_eq!((c.scale, c.s), (SphereFaceScale::Fixed, 30.0));
     let e = load_error(&["head.type=sphereface", "head.s=30.0"]);
-    assert!(e.starts_with("config key `head.s`:") && e.contains("scale = \"fixed\""), "{e}");
+    assert!(
+        e.starts_with("config key `head.s`:") && e.contains("scale = \"fixed\""),
+        "{e}"
+    );
 }
 
 #[test]
 fn library_validation_errors_name_the_config_key() {
     let e = load_error(&["head.m=3.5"]);
-    assert!(e.starts_with("config key `head.m`: must be in [0, π)"), "{e}");
+    assert!(
+        e.starts_with("config key `head.m`: must be in [0, π)"),
+        "{e}"
+    );
     let e = load_error(&["partial_fc.sample_rate=1.5"]);
-    assert!(e.starts_with("config key `partial_fc.sample_rate`: must be in (0, 1]"), "{e}");
+    assert!(
+        e.starts_with("config key `partial_fc.sample_rate`: must be in (0, 1]"),
+        "{e}"
+    );
     let e = load_error(&["head.type=elastic_cos", "head.sigma=0.5"]);
     assert!(e.starts_with("config key `head.sigma`: must be"), "{e}");
 }
@@ -61,7 +93,10 @@ fn library_validation_errors_name_the_config_key() {
 #[test]
 fn cluster_guided_rejects_head_values_it_would_ignore() {
     // The default config's head is ArcFace with s = 32: the cluster-guided margin must agree.
-    let base = ["cluster_guided.refresh_every_epochs=1", "cluster_guided.margin.s=32.0"];
+    let base = [
+        "cluster_guided.refresh_every_epochs=1",
+        "cluster_guided.margin.s=32.0",
+    ];
     let ok: Vec<String> = base.iter().map(|s| s.to_string()).collect();
     Config::load(None, &ok).unwrap();
     for (extra, key) in [

@@ -26,7 +26,15 @@ fn short_run_in(dir: &std::path::Path, extra: &[&str]) -> facerec_trainer::RunSu
     overrides.extend(extra.iter().map(|s| s.to_string()));
     let mut cfg = Config::load(None, &overrides).unwrap();
     cfg.output_dir = dir.to_path_buf();
-    let summary = train(&cfg, &RunOptions { workspace: dir.into(), echo_config: false, resume: None }).unwrap();
+    let summary = train(
+        &cfg,
+        &RunOptions {
+            workspace: dir.into(),
+            echo_config: false,
+            resume: None,
+        },
+    )
+    .unwrap();
     let metrics = std::fs::read_to_string(summary.run_dir.join("metrics.jsonl")).unwrap();
     let losses: Vec<f64> = metrics
         .lines()
@@ -34,8 +42,14 @@ fn short_run_in(dir: &std::path::Path, extra: &[&str]) -> facerec_trainer::RunSu
         .filter(|v| v["kind"] == "train")
         .map(|v| v["loss"].as_f64().unwrap())
         .collect();
-    assert!(losses.iter().all(|l| l.is_finite()), "{extra:?}: {losses:?}");
-    assert!(losses.last() < losses.first(), "{extra:?}: loss did not go down: {losses:?}");
+    assert!(
+        losses.iter().all(|l| l.is_finite()),
+        "{extra:?}: {losses:?}"
+    );
+    assert!(
+        losses.last() < losses.first(),
+        "{extra:?}: loss did not go down: {losses:?}"
+    );
     assert_eq!(summary.skipped_steps, 0, "{extra:?}");
     summary
 }
@@ -48,7 +62,13 @@ fn every_head_trains() {
         &["head.type=sphereface"],
         &["head.type=cosface", "head.s=16.0"],
         &["head.type=arcface", "head.s=16.0", "head.gradient=detached"],
-        &["head.type=combined", "head.s=16.0", "head.m1=1.0", "head.m2=0.3", "head.m3=0.2"],
+        &[
+            "head.type=combined",
+            "head.s=16.0",
+            "head.m1=1.0",
+            "head.m2=0.3",
+            "head.m3=0.2",
+        ],
         &["head.type=elastic_arc", "head.s=16.0"],
         &["head.type=elastic_cos_plus", "head.s=16.0"],
     ] {
@@ -68,7 +88,10 @@ fn partial_fc_sampling_trains() {
 /// (once per step under gradient accumulation: `tests/curricular_adaface.rs` in loss-heads).
 #[test]
 fn curricularface_and_adaface_train_and_checkpoint_their_state() {
-    for (head, key, initial) in [("curricularface", "head.t", 0.0), ("adaface", "head.norm_mean", 20.0)] {
+    for (head, key, initial) in [
+        ("curricularface", "head.t", 0.0),
+        ("adaface", "head.norm_mean", 20.0),
+    ] {
         for extra in [&[][..], &["partial_fc.sample_rate=0.5"]] {
             let dir = tempfile::tempdir().unwrap();
             let mut args = vec![format!("head.type={head}"), "head.s=16.0".to_string()];
@@ -78,9 +101,15 @@ fn curricularface_and_adaface_train_and_checkpoint_their_state() {
             let state = find_file(&summary.run_dir, "objective.safetensors")
                 .unwrap_or_else(|| panic!("{head} {extra:?}: no objective.safetensors"));
             let named = tch::Tensor::read_safetensors(&state).unwrap();
-            let v = named.iter().find(|(k, _)| k == key).unwrap_or_else(|| panic!("{head}: no {key} in {named:?}"));
+            let v = named
+                .iter()
+                .find(|(k, _)| k == key)
+                .unwrap_or_else(|| panic!("{head}: no {key} in {named:?}"));
             let v = v.1.double_value(&[]);
-            assert!(v.is_finite() && v != initial, "{head} {extra:?}: {key} = {v}");
+            assert!(
+                v.is_finite() && v != initial,
+                "{head} {extra:?}: {key} = {v}"
+            );
         }
     }
 }
@@ -105,8 +134,17 @@ fn find_file(dir: &std::path::Path, name: &str) -> Option<std::path::PathBuf> {
 /// pair with themselves; the loop hands it the images' indices).
 #[test]
 fn gce_pairwise_trains_on_identity_balanced_batches() {
-    short_run(&["head.type=gce", "head.s=16.0", "loader.images_per_identity=4"]);
-    short_run(&["head.type=gce", "head.s=16.0", "head.pairwise.rate=0.5", "loader.images_per_identity=8"]);
+    short_run(&[
+        "head.type=gce",
+        "head.s=16.0",
+        "loader.images_per_identity=4",
+    ]);
+    short_run(&[
+        "head.type=gce",
+        "head.s=16.0",
+        "head.pairwise.rate=0.5",
+        "loader.images_per_identity=8",
+    ]);
 }
 
 fn train_records(summary: &facerec_trainer::RunSummary) -> Vec<serde_json::Value> {
@@ -126,28 +164,44 @@ fn train_records(summary: &facerec_trainer::RunSummary) -> Vec<serde_json::Value
 #[test]
 fn coreface_margin_moves_once_per_optimiser_step() {
     let dir = tempfile::tempdir().unwrap();
-    let summary = short_run_in(dir.path(), &[
-        "model.dropout=0.0",
-        "head.s=16.0",
-        "coreface.start_epoch=0",
-        "coreface.s=16.0",
-        "train.batch_size=8",
-        "train.grad_accumulation=2",
-        "train.log_every=1",
-    ]);
+    let summary = short_run_in(
+        dir.path(),
+        &[
+            "model.dropout=0.0",
+            "head.s=16.0",
+            "coreface.start_epoch=0",
+            "coreface.s=16.0",
+            "train.batch_size=8",
+            "train.grad_accumulation=2",
+            "train.log_every=1",
+        ],
+    );
     let records = train_records(&summary);
     assert_eq!(records.len(), summary.steps);
-    let f = |r: &serde_json::Value, k: &str| r[k].as_f64().unwrap_or_else(|| panic!("{k} missing in {r}"));
+    let f = |r: &serde_json::Value, k: &str| {
+        r[k].as_f64()
+            .unwrap_or_else(|| panic!("{k} missing in {r}"))
+    };
     let mut prev = 0.0;
     for r in &records {
         let (m, gap) = (f(r, "coreface_margin"), f(r, "coreface_batch_gap"));
-        let (pos, neg) = (f(r, "coreface_positive_cos"), f(r, "coreface_hardest_negative_cos"));
+        let (pos, neg) = (
+            f(r, "coreface_positive_cos"),
+            f(r, "coreface_hardest_negative_cos"),
+        );
         assert!((gap - (pos - neg)).abs() < 1e-5, "{r}");
-        assert!((m - (0.99 * gap + 0.01 * prev)).abs() < 1e-5, "step {}: margin {m}, gap {gap}, previous {prev}", r["step"]);
+        assert!(
+            (m - (0.99 * gap + 0.01 * prev)).abs() < 1e-5,
+            "step {}: margin {m}, gap {gap}, previous {prev}",
+            r["step"]
+        );
         prev = m;
     }
     let ckpt = facerec_trainer::checkpoint::latest(&summary.run_dir).unwrap();
     let state = facerec_trainer::checkpoint::read_objective(&ckpt).unwrap();
     let stored = f64::try_from(&state["coreface.margin"]).unwrap();
-    assert_eq!(stored as f32, prev as f32, "the checkpoint holds the last step's margin");
+    assert_eq!(
+        stored as f32, prev as f32,
+        "the checkpoint holds the last step's margin"
+    );
 }

@@ -17,7 +17,11 @@ const STEPS: usize = 18;
 /// A small, fast config: 16 synthetic identities x 6 images, batch 16 -> 6 steps an epoch.
 /// `train_extra` goes into `[train]`, `extra` at the end.
 fn write_config(dir: &Path, train_extra: &str, extra: &str) -> PathBuf {
-    let train_extra = if train_extra.is_empty() { "batch_size = 16" } else { train_extra };
+    let train_extra = if train_extra.is_empty() {
+        "batch_size = 16"
+    } else {
+        train_extra
+    };
     let text = format!(
         r#"extends = "default"
 run_name = "resume"
@@ -63,32 +67,60 @@ fn facerec() -> Command {
 
 /// `facerec train` to completion; returns (success, stderr).
 fn run(args: &[&str]) -> (bool, String) {
-    let out = facerec().arg("train").args(args).output().expect("running facerec");
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    let out = facerec()
+        .arg("train")
+        .args(args)
+        .output()
+        .expect("running facerec");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn only_run_dir(parent: &Path) -> PathBuf {
-    let dirs: Vec<PathBuf> = std::fs::read_dir(parent).unwrap().map(|e| e.unwrap().path()).filter(|p| p.is_dir()).collect();
-    assert_eq!(dirs.len(), 1, "expected one run directory in {}: {dirs:?}", parent.display());
+    let dirs: Vec<PathBuf> = std::fs::read_dir(parent)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_dir())
+        .collect();
+    assert_eq!(
+        dirs.len(),
+        1,
+        "expected one run directory in {}: {dirs:?}",
+        parent.display()
+    );
     dirs[0].clone()
 }
 
 fn tensors(path: &Path) -> HashMap<String, Tensor> {
-    Tensor::read_safetensors(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).into_iter().collect()
+    Tensor::read_safetensors(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .into_iter()
+        .collect()
 }
 
 fn assert_bitwise_equal(a: &Path, b: &Path) {
     let (ta, tb) = (tensors(a), tensors(b));
     assert_eq!(ta.len(), tb.len(), "{} vs {}", a.display(), b.display());
     for (k, x) in &ta {
-        let y = tb.get(k).unwrap_or_else(|| panic!("{k} missing in {}", b.display()));
-        assert!(x.equal(y), "`{k}` differs between {} and {}", a.display(), b.display());
+        let y = tb
+            .get(k)
+            .unwrap_or_else(|| panic!("{k} missing in {}", b.display()));
+        assert!(
+            x.equal(y),
+            "`{k}` differs between {} and {}",
+            a.display(),
+            b.display()
+        );
     }
 }
 
 /// Highest "global step N/" in the run's training.log.
 fn logged_step(run_parent: &Path) -> usize {
-    let Ok(entries) = std::fs::read_dir(run_parent) else { return 0 };
+    let Ok(entries) = std::fs::read_dir(run_parent) else {
+        return 0;
+    };
     let mut best = 0;
     for e in entries.flatten() {
         let text = std::fs::read_to_string(e.path().join("training.log")).unwrap_or_default();
@@ -107,18 +139,35 @@ fn logged_step(run_parent: &Path) -> usize {
 fn kill_and_resume_matches_uninterrupted(train_extra: &str, extra: &str, sets: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config(dir.path(), train_extra, extra);
-    let set_args: Vec<String> = sets.iter().flat_map(|s| ["--set".to_string(), s.to_string()]).collect();
+    let set_args: Vec<String> = sets
+        .iter()
+        .flat_map(|s| ["--set".to_string(), s.to_string()])
+        .collect();
     let whole = dir.path().join("whole");
-    let mut args = vec!["--config".to_string(), cfg.display().to_string(), "--set".into(), format!("output_dir={}", whole.display())];
+    let mut args = vec![
+        "--config".to_string(),
+        cfg.display().to_string(),
+        "--set".into(),
+        format!("output_dir={}", whole.display()),
+    ];
     args.extend(set_args.iter().cloned());
     let (ok, err) = run(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert!(ok, "uninterrupted run failed: {err}");
 
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as usize;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as usize;
     let kill_at = 3 + nanos % (STEPS - 6);
     let killed = dir.path().join("killed");
     let mut child = facerec()
-        .args(["train", "--config", cfg.to_str().unwrap(), "--set", &format!("output_dir={}", killed.display())])
+        .args([
+            "train",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--set",
+            &format!("output_dir={}", killed.display()),
+        ])
         .args(&set_args)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -126,14 +175,20 @@ fn kill_and_resume_matches_uninterrupted(train_extra: &str, extra: &str, sets: &
         .unwrap();
     let t0 = Instant::now();
     while logged_step(&killed) < kill_at {
-        assert!(child.try_wait().unwrap().is_none(), "the run ended before step {kill_at}");
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before step {kill_at}"
+        );
         assert!(t0.elapsed() < Duration::from_secs(600), "no progress");
         std::thread::sleep(Duration::from_millis(5));
     }
     child.kill().unwrap(); // SIGKILL on Unix
     child.wait().unwrap();
     let run_dir = only_run_dir(&killed);
-    assert!(!run_dir.join("summary.json").exists(), "killed at step {kill_at} but the run had finished");
+    assert!(
+        !run_dir.join("summary.json").exists(),
+        "killed at step {kill_at} but the run had finished"
+    );
     assert!(!run_dir.join("model.safetensors").exists());
     let (ok, err) = run(&["--resume", run_dir.to_str().unwrap()]);
     assert!(ok, "resume after SIGKILL at step {kill_at} failed: {err}");
@@ -145,13 +200,23 @@ fn kill_and_resume_matches_uninterrupted(train_extra: &str, extra: &str, sets: &
         assert_bitwise_equal(&whole_dir.join(f), &run_dir.join(f));
     }
     let last = format!("checkpoints/step-{STEPS:08}");
-    for f in ["model.safetensors", "classifier.safetensors", "optimizer.safetensors", "objective.safetensors"] {
+    for f in [
+        "model.safetensors",
+        "classifier.safetensors",
+        "optimizer.safetensors",
+        "objective.safetensors",
+    ] {
         if whole_dir.join(&last).join(f).exists() {
             assert_bitwise_equal(&whole_dir.join(&last).join(f), &run_dir.join(&last).join(f));
         }
     }
     // keep = 2: older checkpoints were pruned.
-    assert_eq!(std::fs::read_dir(run_dir.join("checkpoints")).unwrap().count(), 2);
+    assert_eq!(
+        std::fs::read_dir(run_dir.join("checkpoints"))
+            .unwrap()
+            .count(),
+        2
+    );
 }
 
 #[test]
@@ -179,7 +244,15 @@ fn curricularface_and_adaface_resume_after_sigkill_is_bitwise_exact() {
 /// CoReFace from epoch 1: the adaptive margin is objective state and must continue exactly.
 #[test]
 fn coreface_resume_after_sigkill_is_bitwise_exact() {
-    kill_and_resume_matches_uninterrupted("", "", &["model.dropout=0.0", "coreface.start_epoch=1", "coreface.s=16.0"]);
+    kill_and_resume_matches_uninterrupted(
+        "",
+        "",
+        &[
+            "model.dropout=0.0",
+            "coreface.start_epoch=1",
+            "coreface.s=16.0",
+        ],
+    );
 }
 
 /// Cluster-guided ArcFace refreshing every epoch: margins, centres and the refresh epoch are
@@ -189,7 +262,13 @@ fn cluster_guided_resume_after_sigkill_is_bitwise_exact() {
     kill_and_resume_matches_uninterrupted(
         "",
         "",
-        &["head.type=arcface", "head.s=16.0", "cluster_guided.refresh_every_epochs=1", "cluster_guided.margin.s=16.0", "cluster_guided.align.mode=both"],
+        &[
+            "head.type=arcface",
+            "head.s=16.0",
+            "cluster_guided.refresh_every_epochs=1",
+            "cluster_guided.margin.s=16.0",
+            "cluster_guided.align.mode=both",
+        ],
     );
 }
 
@@ -202,20 +281,44 @@ fn coreface_init_from_loads_backbone_and_classifier() {
     let cfg = write_config(dir.path(), "", "");
     let source = short_run(&dir.path().join("src"), &cfg, &[]);
     let from = format!("coreface.init_from={}", source.display());
-    let sets = [from.as_str(), "model.dropout=0.0", "coreface.start_epoch=0", "coreface.s=16.0", "optim.lr=1e-30"];
+    let sets = [
+        from.as_str(),
+        "model.dropout=0.0",
+        "coreface.start_epoch=0",
+        "coreface.s=16.0",
+        "optim.lr=1e-30",
+    ];
     let tuned = short_run(&dir.path().join("cf"), &cfg, &sets);
     let log = std::fs::read_to_string(tuned.join("training.log")).unwrap();
-    assert!(log.contains("backbone initialised from") && log.contains("classifier initialised"), "{log}");
-    assert_bitwise_equal(&source.join("classifier.safetensors"), &tuned.join("classifier.safetensors"));
-    let (a, b) = (tensors(&source.join("model.safetensors")), tensors(&tuned.join("model.safetensors")));
-    let weights: Vec<&String> = a.keys().filter(|k| !k.contains("running_") && !k.contains("num_batches")).collect();
+    assert!(
+        log.contains("backbone initialised from") && log.contains("classifier initialised"),
+        "{log}"
+    );
+    assert_bitwise_equal(
+        &source.join("classifier.safetensors"),
+        &tuned.join("classifier.safetensors"),
+    );
+    let (a, b) = (
+        tensors(&source.join("model.safetensors")),
+        tensors(&tuned.join("model.safetensors")),
+    );
+    let weights: Vec<&String> = a
+        .keys()
+        .filter(|k| !k.contains("running_") && !k.contains("num_batches"))
+        .collect();
     assert!(weights.len() > 10);
     for k in weights {
-        assert!(a[k].equal(&b[k]), "`{k}` was not initialised from the source run");
+        assert!(
+            a[k].equal(&b[k]),
+            "`{k}` was not initialised from the source run"
+        );
     }
     // Without the key the classifier starts fresh (the check above can fail).
     let fresh = short_run(&dir.path().join("fresh"), &cfg, &sets[1..]);
-    let (a, c) = (tensors(&source.join("classifier.safetensors")), tensors(&fresh.join("classifier.safetensors")));
+    let (a, c) = (
+        tensors(&source.join("classifier.safetensors")),
+        tensors(&fresh.join("classifier.safetensors")),
+    );
     assert!(a.iter().any(|(k, x)| !x.equal(&c[k])));
 }
 
@@ -236,7 +339,14 @@ fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
 
 /// One finished short run (1 epoch, 6 steps) in `parent`; returns its run directory.
 fn short_run(parent: &Path, cfg: &Path, sets: &[&str]) -> PathBuf {
-    let mut args = vec!["--config".to_string(), cfg.display().to_string(), "--set".into(), format!("output_dir={}", parent.display()), "--set".into(), "train.epochs=1".into()];
+    let mut args = vec![
+        "--config".to_string(),
+        cfg.display().to_string(),
+        "--set".into(),
+        format!("output_dir={}", parent.display()),
+        "--set".into(),
+        "train.epochs=1".into(),
+    ];
     for s in sets {
         args.push("--set".into());
         args.push(s.to_string());
@@ -255,16 +365,32 @@ fn checkpoint_faults_give_clear_errors_and_damage_nothing() {
     let before = snapshot(&run_dir.join("checkpoints"));
 
     // Resuming with another number of classes.
-    let (ok, err) = run(&["--resume", run_dir.to_str().unwrap(), "--set", "classifier.num_classes=20"]);
+    let (ok, err) = run(&[
+        "--resume",
+        run_dir.to_str().unwrap(),
+        "--set",
+        "classifier.num_classes=20",
+    ]);
     assert!(!ok);
-    assert!(err.contains("classifier.num_classes") && err.contains("16") && err.contains("20"), "{err}");
+    assert!(
+        err.contains("classifier.num_classes") && err.contains("16") && err.contains("20"),
+        "{err}"
+    );
 
     // A checkpoint from another model put in place of the newest one.
-    let other = short_run(&dir.path().join("b"), &cfg, &["model.widths=[8, 8, 16, 32]"]);
+    let other = short_run(
+        &dir.path().join("b"),
+        &cfg,
+        &["model.widths=[8, 8, 16, 32]"],
+    );
     let other_ckpt = other.join("checkpoints/step-00000006");
     let foreign_parent = dir.path().join("foreign");
     std::fs::create_dir_all(foreign_parent.join("checkpoints")).unwrap();
-    std::fs::copy(run_dir.join("config.toml"), foreign_parent.join("config.toml")).unwrap();
+    std::fs::copy(
+        run_dir.join("config.toml"),
+        foreign_parent.join("config.toml"),
+    )
+    .unwrap();
     let dst = foreign_parent.join("checkpoints/step-00000006");
     std::fs::create_dir_all(&dst).unwrap();
     for e in std::fs::read_dir(&other_ckpt).unwrap().flatten() {
@@ -272,45 +398,89 @@ fn checkpoint_faults_give_clear_errors_and_damage_nothing() {
     }
     let (ok, err) = run(&["--resume", foreign_parent.to_str().unwrap()]);
     assert!(!ok);
-    assert!(err.contains("config key `model`") && err.contains("another backbone"), "{err}");
+    assert!(
+        err.contains("config key `model`") && err.contains("another backbone"),
+        "{err}"
+    );
 
     // The same foreign tensors under a matching description: their checksums differ from the
     // recorded ones, so the file is named as corrupt.
-    let meta = std::fs::read_to_string(run_dir.join("checkpoints/step-00000006/meta.json")).unwrap();
+    let meta =
+        std::fs::read_to_string(run_dir.join("checkpoints/step-00000006/meta.json")).unwrap();
     std::fs::write(dst.join("meta.json"), &meta).unwrap();
     let (ok, err) = run(&["--resume", foreign_parent.to_str().unwrap()]);
     assert!(!ok);
-    assert!(err.contains("step-00000006/") && err.contains(".safetensors: corrupt checkpoint file"), "{err}");
+    assert!(
+        err.contains("step-00000006/") && err.contains(".safetensors: corrupt checkpoint file"),
+        "{err}"
+    );
     // Without checksums (a checkpoint from before them), the tensor check names the keys.
     let mut value: serde_json::Value = serde_json::from_str(&meta).unwrap();
     value.as_object_mut().unwrap().remove("checksums");
-    std::fs::write(dst.join("meta.json"), serde_json::to_string(&value).unwrap()).unwrap();
+    std::fs::write(
+        dst.join("meta.json"),
+        serde_json::to_string(&value).unwrap(),
+    )
+    .unwrap();
     let (ok, err) = run(&["--resume", foreign_parent.to_str().unwrap()]);
     assert!(!ok);
-    assert!(err.contains("model.safetensors") && err.contains("in the file") && err.contains("in the model"), "{err}");
+    assert!(
+        err.contains("model.safetensors")
+            && err.contains("in the file")
+            && err.contains("in the model"),
+        "{err}"
+    );
 
     // A truncated weight file: named, and nothing else is touched.
     let corrupt_parent = dir.path().join("corrupt");
     std::fs::create_dir_all(corrupt_parent.join("checkpoints/step-00000006")).unwrap();
-    std::fs::copy(run_dir.join("config.toml"), corrupt_parent.join("config.toml")).unwrap();
-    for e in std::fs::read_dir(run_dir.join("checkpoints/step-00000006")).unwrap().flatten() {
-        std::fs::copy(e.path(), corrupt_parent.join("checkpoints/step-00000006").join(e.file_name())).unwrap();
+    std::fs::copy(
+        run_dir.join("config.toml"),
+        corrupt_parent.join("config.toml"),
+    )
+    .unwrap();
+    for e in std::fs::read_dir(run_dir.join("checkpoints/step-00000006"))
+        .unwrap()
+        .flatten()
+    {
+        std::fs::copy(
+            e.path(),
+            corrupt_parent
+                .join("checkpoints/step-00000006")
+                .join(e.file_name()),
+        )
+        .unwrap();
     }
     let victim = corrupt_parent.join("checkpoints/step-00000006/model.safetensors");
     let bytes = std::fs::read(&victim).unwrap();
     std::fs::write(&victim, &bytes[..bytes.len() / 2]).unwrap();
     let (ok, err) = run(&["--resume", corrupt_parent.to_str().unwrap()]);
     assert!(!ok);
-    assert!(err.contains("model.safetensors") && err.contains("corrupt"), "{err}");
+    assert!(
+        err.contains("model.safetensors") && err.contains("corrupt"),
+        "{err}"
+    );
 
-    assert_eq!(snapshot(&run_dir.join("checkpoints")), before, "a failed resume changed a checkpoint");
+    assert_eq!(
+        snapshot(&run_dir.join("checkpoints")),
+        before,
+        "a failed resume changed a checkpoint"
+    );
 
     // An output directory that cannot be created.
     let file = dir.path().join("not-a-folder");
     std::fs::write(&file, "x").unwrap();
-    let (ok, err) = run(&["--config", cfg.to_str().unwrap(), "--set", &format!("output_dir={}", file.join("runs").display())]);
+    let (ok, err) = run(&[
+        "--config",
+        cfg.to_str().unwrap(),
+        "--set",
+        &format!("output_dir={}", file.join("runs").display()),
+    ]);
     assert!(!ok);
-    assert!(err.contains("output_dir") && err.contains("not-a-folder"), "{err}");
+    assert!(
+        err.contains("output_dir") && err.contains("not-a-folder"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -332,11 +502,20 @@ fn nan_guard_stops_with_a_checkpoint_of_the_last_good_state() {
         "train.max_nonfinite_steps=2",
     ]);
     assert!(!ok);
-    assert!(err.contains("consecutive non-finite steps") && err.contains("checkpoint"), "{err}");
+    assert!(
+        err.contains("consecutive non-finite steps") && err.contains("checkpoint"),
+        "{err}"
+    );
     let run_dir = only_run_dir(&out);
     let log = std::fs::read_to_string(run_dir.join("training.log")).unwrap();
-    assert!(log.contains("non-finite loss or gradient") && log.contains("step skipped"), "{log}");
-    let ckpts: Vec<_> = std::fs::read_dir(run_dir.join("checkpoints")).unwrap().flatten().collect();
+    assert!(
+        log.contains("non-finite loss or gradient") && log.contains("step skipped"),
+        "{log}"
+    );
+    let ckpts: Vec<_> = std::fs::read_dir(run_dir.join("checkpoints"))
+        .unwrap()
+        .flatten()
+        .collect();
     assert!(!ckpts.is_empty());
 }
 
@@ -345,9 +524,19 @@ fn init_from_loads_the_backbone_and_rejects_another_shape() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config(dir.path(), "", "");
     let source = short_run(&dir.path().join("src"), &cfg, &[]);
-    let tuned = short_run(&dir.path().join("ft"), &cfg, &[&format!("init.from={}", source.display()), "data.identities=12"]);
+    let tuned = short_run(
+        &dir.path().join("ft"),
+        &cfg,
+        &[
+            &format!("init.from={}", source.display()),
+            "data.identities=12",
+        ],
+    );
     let log = std::fs::read_to_string(tuned.join("training.log")).unwrap();
-    assert!(log.contains("backbone initialised from") && log.contains("all keys match"), "{log}");
+    assert!(
+        log.contains("backbone initialised from") && log.contains("all keys match"),
+        "{log}"
+    );
     // Classifier too: 16 classes in the source run, so 12 identities do not fit it.
     let (ok, err) = run(&[
         "--config",
@@ -362,7 +551,10 @@ fn init_from_loads_the_backbone_and_rejects_another_shape() {
         "data.identities=12",
     ]);
     assert!(!ok);
-    assert!(err.contains("init.classifier") && err.contains("classifier.safetensors"), "{err}");
+    assert!(
+        err.contains("init.classifier") && err.contains("classifier.safetensors"),
+        "{err}"
+    );
 
     let (ok, err) = run(&[
         "--config",
@@ -375,5 +567,8 @@ fn init_from_loads_the_backbone_and_rejects_another_shape() {
         "model.embedding_size=24",
     ]);
     assert!(!ok);
-    assert!(err.contains("init.from") && err.contains("fc.weight") && err.contains("in the file"), "{err}");
+    assert!(
+        err.contains("init.from") && err.contains("fc.weight") && err.contains("in the file"),
+        "{err}"
+    );
 }

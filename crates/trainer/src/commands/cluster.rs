@@ -90,7 +90,11 @@ pub struct Args {
 /// Opens `dir` as identity folders, or (no sub-folders) as one unlabelled set. Returns the set and
 /// whether labels are known.
 fn open_images(dir: &Path, size: usize, classes: Option<&[String]>) -> Result<(ImageFolder, bool)> {
-    ensure!(dir.is_dir(), "image folder {} does not exist", dir.display());
+    ensure!(
+        dir.is_dir(),
+        "image folder {} does not exist",
+        dir.display()
+    );
     let has_subdirs = std::fs::read_dir(dir)
         .with_context(|| format!("reading {}", dir.display()))?
         .filter_map(|e| e.ok())
@@ -98,7 +102,9 @@ fn open_images(dir: &Path, size: usize, classes: Option<&[String]>) -> Result<(I
     if has_subdirs || classes.is_some() {
         return Ok((ImageFolder::open(dir, size, classes)?, true));
     }
-    let dir = dir.canonicalize().with_context(|| format!("resolving {}", dir.display()))?;
+    let dir = dir
+        .canonicalize()
+        .with_context(|| format!("resolving {}", dir.display()))?;
     let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) else {
         bail!("image folder {} has no parent folder", dir.display());
     };
@@ -110,11 +116,18 @@ pub fn run(args: Args) -> Result<()> {
     ensure!(args.batch_size > 0, "--batch-size must be at least 1");
     let (device, threads) = super::init_device(&args.device, args.threads)?;
     let m = LoadedModel::load(&args.model, args.config.as_deref(), device)?;
-    let (set, labelled) =
-        open_images(&args.images, m.input_size() as usize, args.classes.as_deref())?;
+    let (set, labelled) = open_images(
+        &args.images,
+        m.input_size() as usize,
+        args.classes.as_deref(),
+    )?;
     // The geometry the model was trained with (`[input] fit` of its config).
     let set = set.with_fit(m.fit);
-    ensure!(set.len() >= 2, "{}: need at least 2 images to cluster", args.images.display());
+    ensure!(
+        set.len() >= 2,
+        "{}: need at least 2 images to cluster",
+        args.images.display()
+    );
 
     let t0 = Instant::now();
     let (images, labels) = load_all(&set, threads)?;
@@ -143,12 +156,29 @@ pub fn run(args: Args) -> Result<()> {
                 None if labelled => num_ids,
                 None => bail!("--method kmeans needs --k on an unlabelled folder"),
             };
-            ensure!(k >= 1 && k <= set.len(), "--k {k}: must be in 1..={}", set.len());
-            let r = cosine_kmeans(&emb, &KMeansConfig { k, seed: args.seed, ..Default::default() });
-            (r.assignments, format!("cosine k-means, k = {k}, {} iterations", r.iterations))
+            ensure!(
+                k >= 1 && k <= set.len(),
+                "--k {k}: must be in 1..={}",
+                set.len()
+            );
+            let r = cosine_kmeans(
+                &emb,
+                &KMeansConfig {
+                    k,
+                    seed: args.seed,
+                    ..Default::default()
+                },
+            );
+            (
+                r.assignments,
+                format!("cosine k-means, k = {k}, {} iterations", r.iterations),
+            )
         }
         Method::Finch => {
-            let cfg = FinchConfig { threshold: args.threshold, ..Default::default() };
+            let cfg = FinchConfig {
+                threshold: args.threshold,
+                ..Default::default()
+            };
             let parts = finch(&emb, &cfg);
             let sizes: Vec<usize> = parts
                 .iter()
@@ -172,15 +202,25 @@ pub fn run(args: Args) -> Result<()> {
                 ),
                 (None, None) => (
                     select(&parts, FinchSelect::Level(args.level)).to_vec(),
-                    format!("FINCH levels {sizes:?}, level {}", args.level.min(parts.len() - 1)),
+                    format!(
+                        "FINCH levels {sizes:?}, level {}",
+                        args.level.min(parts.len() - 1)
+                    ),
                 ),
             }
         }
         Method::Graph => {
             let threshold = args.threshold.unwrap_or(0.5);
-            let cfg = GraphConfig { k: args.knn, threshold, ..Default::default() };
+            let cfg = GraphConfig {
+                k: args.knn,
+                threshold,
+                ..Default::default()
+            };
             cfg.validate().context("--knn / --threshold")?;
-            (knn_graph_clusters(&emb, &cfg), format!("kNN graph, k = {}, threshold {threshold}", args.knn))
+            (
+                knn_graph_clusters(&emb, &cfg),
+                format!("kNN graph, k = {}, threshold {threshold}", args.knn),
+            )
         }
     };
     let t_cluster = t1.elapsed().as_secs_f64();
@@ -237,7 +277,11 @@ mod tests {
             let sub = images.join(format!("p{id}"));
             std::fs::create_dir_all(&sub).unwrap();
             let img = RgbImage::from_fn(40, 40, |x, y| {
-                Rgb([((x * (id + 3) + y * 7 * id) % 251) as u8, (y * 5 + id * 40) as u8, (x * 11) as u8])
+                Rgb([
+                    ((x * (id + 3) + y * 7 * id) % 251) as u8,
+                    (y * 5 + id * 40) as u8,
+                    (x * 11) as u8,
+                ])
             });
             for k in 0..4 {
                 img.save(sub.join(format!("{k}.png"))).unwrap();
@@ -292,7 +336,10 @@ mod tests {
             run(a).unwrap();
             let rows = read(&out);
             assert_eq!(rows.len(), 12);
-            let truth: Vec<i64> = rows.iter().map(|(p, _)| p.contains("/p1/") as i64 + 2 * p.contains("/p2/") as i64).collect();
+            let truth: Vec<i64> = rows
+                .iter()
+                .map(|(p, _)| p.contains("/p1/") as i64 + 2 * p.contains("/p2/") as i64)
+                .collect();
             let pred: Vec<i64> = rows.iter().map(|r| r.1).collect();
             let m = evaluate(&pred, &truth).unwrap();
             assert_eq!(m.pairwise_f, 1.0, "{method:?}: {m}");
@@ -303,7 +350,13 @@ mod tests {
         run(args(&run_dir, &flat, Method::Graph, &out)).unwrap();
         assert!(read(&out).iter().all(|r| r.1 == 0));
         // Bad input names the folder.
-        let e = run(args(&run_dir, &dir.path().join("missing"), Method::Graph, &out)).unwrap_err();
+        let e = run(args(
+            &run_dir,
+            &dir.path().join("missing"),
+            Method::Graph,
+            &out,
+        ))
+        .unwrap_err();
         assert!(format!("{e:#}").contains("missing"), "{e:#}");
     }
 }

@@ -43,7 +43,10 @@ struct Cell {
 fn mean_std(v: &[f64]) -> (f64, f64) {
     let n = v.len().max(1) as f64;
     let m = v.iter().sum::<f64>() / n;
-    (m, (v.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / n).sqrt())
+    (
+        m,
+        (v.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / n).sqrt(),
+    )
 }
 
 /// Run the comparison.
@@ -56,9 +59,16 @@ pub fn run(args: Args) -> Result<()> {
         for &seed in &args.seeds {
             let mut overrides = args.overrides.clone();
             overrides.push(format!("seed={seed}"));
-            let cfg = Config::load(Some(path), &overrides).with_context(|| format!("config {}", path.display()))?;
+            let cfg = Config::load(Some(path), &overrides)
+                .with_context(|| format!("config {}", path.display()))?;
             println!("== {} seed {seed}", path.display());
-            let summary = train(&cfg, &RunOptions { echo_config: false, ..RunOptions::default() })?;
+            let summary = train(
+                &cfg,
+                &RunOptions {
+                    echo_config: false,
+                    ..RunOptions::default()
+                },
+            )?;
             for t in summary.targets {
                 let cell = cells.entry((ci, t.name.clone())).or_default();
                 cell.accuracy.push(t.model.accuracy_mean);
@@ -72,7 +82,10 @@ pub fn run(args: Args) -> Result<()> {
         "| config | target | accuracy (mean over seeds) | std over seeds | mean fold std | raw pixels | seeds | train s/run |\n|---|---|---:|---:|---:|---:|---:|---:|\n",
     );
     for ((ci, target), c) in &cells {
-        let stem = args.configs[*ci].file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let stem = args.configs[*ci]
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let (m, s) = mean_std(&c.accuracy);
         let (fs, _) = mean_std(&c.fold_std);
         let (secs, _) = mean_std(&c.seconds);

@@ -63,7 +63,10 @@ impl Meter {
     }
 
     fn depthwise(&mut self, d: &DepthWise, x: &Tensor) -> Tensor {
-        let y = d.units.iter().fold(x.shallow_clone(), |y, u| self.unit(u, &y));
+        let y = d
+            .units
+            .iter()
+            .fold(x.shallow_clone(), |y, u| self.unit(u, &y));
         if d.residual {
             self.keep(y + x)
         } else {
@@ -130,7 +133,13 @@ pub fn walk_layers(backbone: &Backbone, x: &Tensor) -> (Tensor, ActivationCount)
         Backbone::IResNet(m) => meter.iresnet(m, x),
         Backbone::MobileFaceNet(m) => meter.mobilefacenet(m, x),
     };
-    (out, ActivationCount { total: meter.total, trunk })
+    (
+        out,
+        ActivationCount {
+            total: meter.total,
+            trunk,
+        },
+    )
 }
 
 /// Parameter and buffer counts of a backbone's variables.
@@ -146,7 +155,11 @@ pub struct ParamCount {
 
 /// Counts the variables of `vs` by their arcface_torch names.
 pub fn count_params(vs: &nn::VarStore) -> ParamCount {
-    let mut c = ParamCount { trainable: 0, frozen: 0, buffers: 0 };
+    let mut c = ParamCount {
+        trainable: 0,
+        frozen: 0,
+        buffers: 0,
+    };
     for (name, t) in vs.variables() {
         let n = t.numel() as i64;
         let leaf = name.rsplit('.').next().unwrap_or("");
@@ -218,7 +231,11 @@ impl DryRun {
     /// Values averaged over the processes at every step: the trainable backbone parameters' and
     /// the classifier's gradients, plus the loss, plus (with Partial FC) the `[C, 1]` row mask.
     pub fn reduced_values_per_step(&self) -> i64 {
-        let mask = if self.classifier.sample_rate < 1.0 { self.classifier.num_classes } else { 0 };
+        let mask = if self.classifier.sample_rate < 1.0 {
+            self.classifier.num_classes
+        } else {
+            0
+        };
         self.backbone.trainable + self.classifier_params + 1 + mask
     }
     /// Bytes each process sends (and receives) per step for the gradient all-reduce, as a ring
@@ -239,7 +256,10 @@ impl DryRun {
 /// # Panics
 /// If `model` does not pass [`BackboneConfig::validate`], or a count is negative.
 pub fn estimate(model: &BackboneConfig, classifier: ClassifierSpec, batch_size: i64) -> DryRun {
-    assert!(classifier.num_classes > 0 && batch_size > 0, "classes and batch size must be positive");
+    assert!(
+        classifier.num_classes > 0 && batch_size > 0,
+        "classes and batch size must be positive"
+    );
     let vs = nn::VarStore::new(Device::Cpu);
     let backbone = facerec_backbone::build(&vs.root(), model);
     let s = model.input_size();
@@ -293,9 +313,17 @@ pub fn from_config(cfg: &Config) -> Result<DryRun> {
         None => {
             let size = cfg.model.input_size() as usize;
             let workspace = crate::run::default_workspace();
-            crate::sources::open_source(&cfg.data, size, cfg.input.fit, &workspace, cfg.seed, "data", true)?
-                .context("the training source")?
-                .num_classes()
+            crate::sources::open_source(
+                &cfg.data,
+                size,
+                cfg.input.fit,
+                &workspace,
+                cfg.seed,
+                "data",
+                true,
+            )?
+            .context("the training source")?
+            .num_classes()
         }
     };
     let spec = ClassifierSpec::of(cfg, num_classes as i64);
@@ -340,8 +368,18 @@ fn mem(bytes: i64) -> String {
 impl fmt::Display for DryRun {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (b, c) = (&self.backbone, &self.classifier);
-        writeln!(f, "dry run: nothing is trained and no run directory is created")?;
-        writeln!(f, "model: {}", toml::to_string(&self.model).unwrap_or_default().replace('\n', "; ").trim_end_matches("; "))?;
+        writeln!(
+            f,
+            "dry run: nothing is trained and no run directory is created"
+        )?;
+        writeln!(
+            f,
+            "model: {}",
+            toml::to_string(&self.model)
+                .unwrap_or_default()
+                .replace('\n', "; ")
+                .trim_end_matches("; ")
+        )?;
         writeln!(
             f,
             "backbone parameters: {} trainable, {} frozen, {} in all; {} BN buffer values",
@@ -350,7 +388,11 @@ impl fmt::Display for DryRun {
             thousands(b.trainable + b.frozen),
             thousands(b.buffers)
         )?;
-        let head = if c.bias { "linear (softmax head), with bias" } else { "cosine, no bias" };
+        let head = if c.bias {
+            "linear (softmax head), with bias"
+        } else {
+            "cosine, no bias"
+        };
         writeln!(
             f,
             "classifier parameters: {} ({} classes x {} embedding, {head})",
@@ -390,7 +432,12 @@ impl fmt::Display for DryRun {
             mem(self.activation_bytes_amp())
         )?;
         let s = self.model.input_size();
-        writeln!(f, "input batch: {} in fp32 ([{}, 3, {s}, {s}])", mem(self.batch_size * 3 * s * s * F32), self.batch_size)?;
+        writeln!(
+            f,
+            "input batch: {} in fp32 ([{}, 3, {s}, {s}])",
+            mem(self.batch_size * 3 * s * s * F32),
+            self.batch_size
+        )?;
         if self.processes > 1 {
             let n = self.processes;
             writeln!(
@@ -433,7 +480,12 @@ mod tests {
                 dropout: 0.0,
                 input_size: 24,
             }),
-            BackboneConfig::Mobilefacenet(MobileFaceNetConfig { blocks: [2, 1, 1, 1], scale: 1, input_size: 32, ..Default::default() }),
+            BackboneConfig::Mobilefacenet(MobileFaceNetConfig {
+                blocks: [2, 1, 1, 1],
+                scale: 1,
+                input_size: 32,
+                ..Default::default()
+            }),
         ];
         for cfg in cfgs {
             let vs = nn::VarStore::new(Device::Cpu);
@@ -467,14 +519,21 @@ mod tests {
         let stem = 3 * 512;
         // block (c_in, c_out, side in -> side out): bn1 on the input, conv1/bn2/prelu at c_out x
         // side_in^2, conv2/bn3/downsample conv/downsample bn/add at c_out x side_out^2.
-        let block = |ci: i64, co: i64, si: i64, so: i64| ci * si * si + 3 * co * si * si + 5 * co * so * so;
-        let stages = block(2, 2, 16, 8) + block(2, 4, 8, 4) + block(4, 8, 4, 2) + block(8, 16, 2, 1);
+        let block =
+            |ci: i64, co: i64, si: i64, so: i64| ci * si * si + 3 * co * si * si + 5 * co * so * so;
+        let stages =
+            block(2, 2, 16, 8) + block(2, 4, 8, 4) + block(4, 8, 4, 2) + block(8, 16, 2, 1);
         assert_eq!(stages, 2688 + 1216 + 608 + 304);
         // bn2 (16 x 1 x 1), then fc (8) and features (8).
         let trunk = stem + stages + 16;
         let total = trunk + 8 + 8;
         assert_eq!(total, 6384);
-        let spec = ClassifierSpec { num_classes: 10, bias: false, sample_rate: 1.0, state_buffers: 1 };
+        let spec = ClassifierSpec {
+            num_classes: 10,
+            bias: false,
+            sample_rate: 1.0,
+            state_buffers: 1,
+        };
         let r = estimate(&cfg, spec, 32);
         assert_eq!(r.activations_per_image, ActivationCount { total, trunk });
         assert_eq!(r.activation_bytes_fp32(), 6384 * 32 * 4);
@@ -484,7 +543,12 @@ mod tests {
     #[test]
     fn softmax_bias_and_sampling() {
         let cfg = tiny();
-        let spec = ClassifierSpec { num_classes: 1001, bias: true, sample_rate: 0.1, state_buffers: 2 };
+        let spec = ClassifierSpec {
+            num_classes: 1001,
+            bias: true,
+            sample_rate: 0.1,
+            state_buffers: 2,
+        };
         let r = estimate(&cfg, spec, 4);
         assert_eq!(r.classifier_params, 1001 * 8 + 1001);
         assert_eq!(r.sampled_classes, 100);
@@ -493,7 +557,11 @@ mod tests {
         let vs = nn::VarStore::new(Device::Cpu);
         let head = facerec_loss_heads::HeadConfig::Softmax(Default::default());
         let _c = facerec_loss_heads::Classifier::new(&vs.root(), head.classifier_kind(), 1001, 8);
-        let n: i64 = vs.trainable_variables().iter().map(|t| t.numel() as i64).sum();
+        let n: i64 = vs
+            .trainable_variables()
+            .iter()
+            .map(|t| t.numel() as i64)
+            .sum();
         assert_eq!(n, r.classifier_params);
     }
 }
@@ -516,16 +584,29 @@ mod data_parallel_tests {
             dropout: 0.0,
             input_size: 16,
         });
-        let spec = ClassifierSpec { num_classes: 10, bias: false, sample_rate: 1.0, state_buffers: 1 };
+        let spec = ClassifierSpec {
+            num_classes: 10,
+            bias: false,
+            sample_rate: 1.0,
+            state_buffers: 1,
+        };
         let mut r = estimate(&cfg, spec, 32);
-        assert_eq!(r.allreduce_bytes_per_rank(), 0, "one process communicates nothing");
+        assert_eq!(
+            r.allreduce_bytes_per_rank(),
+            0,
+            "one process communicates nothing"
+        );
         let v = r.backbone.trainable + 10 * 8 + 1;
         r.processes = 2;
         assert_eq!(r.allreduce_bytes_per_rank(), 2 * v * 4 / 2);
         r.processes = 4;
         assert_eq!(r.allreduce_bytes_per_rank(), 2 * 3 * v * 4 / 4);
         r.classifier.sample_rate = 0.5;
-        assert_eq!(r.reduced_values_per_step(), v + 10, "the Partial FC row mask is united too");
+        assert_eq!(
+            r.reduced_values_per_step(),
+            v + 10,
+            "the Partial FC row mask is united too"
+        );
         assert!(r.to_string().contains("data parallel: 4 processes"));
     }
 }

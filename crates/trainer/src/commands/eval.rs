@@ -14,17 +14,16 @@ use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
 use facerec_backbone::{Backbone, BackboneConfig};
+use facerec_data::Fit;
 use facerec_evaluation::ijb::{self, IjbMeta, IjbOptions};
 use facerec_evaluation::images::normalize;
 use facerec_evaluation::report::{EvalReport, FileRef, TargetReport};
 use facerec_evaluation::roc::{cosine_from_squared_distance, Roc, FAR_TARGETS};
-use facerec_data::Fit;
 use facerec_evaluation::{
     embed_with_flip, pair_distances, verify_distances, BinPack, LfwPairs, PairSet,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use tch::{nn, nn::ModuleT, Device, Tensor};
-
 
 /// `facerec eval` options.
 #[derive(clap::Args, Debug, Clone, serde::Serialize)]

@@ -87,7 +87,11 @@ impl Exportable {
     /// Int64 `num_batches_tracked`. Parameters are cast to float32.
     pub fn load(model: &Path, config: Option<&Path>) -> Result<Self> {
         let (weights, config_file) = super::model_files(model, config);
-        ensure!(weights.is_file(), "model checkpoint {} does not exist", weights.display());
+        ensure!(
+            weights.is_file(),
+            "model checkpoint {} does not exist",
+            weights.display()
+        );
         let cfg = super::read_model_config(&config_file)?;
         let mut vs = nn::VarStore::new(Device::Cpu);
         let backbone = facerec_backbone::build(&vs.root(), &cfg);
@@ -108,13 +112,28 @@ impl Exportable {
         for (k, t) in &ours {
             let Some(f) = file.get(k) else { continue };
             if f.size() != t.size() {
-                problems.push(format!("{k}: shape {:?} in the file, {:?} in the model", f.size(), t.size()));
+                problems.push(format!(
+                    "{k}: shape {:?} in the file, {:?} in the model",
+                    f.size(),
+                    t.size()
+                ));
             }
             let int_buffer = k.ends_with("num_batches_tracked");
-            let kind_ok = if int_buffer { f.kind() == Kind::Int64 } else { f.is_floating_point() };
+            let kind_ok = if int_buffer {
+                f.kind() == Kind::Int64
+            } else {
+                f.is_floating_point()
+            };
             if !kind_ok {
-                let want = if int_buffer { "Int64" } else { "floating point" };
-                problems.push(format!("{k}: kind {:?} in the file, {want} expected", f.kind()));
+                let want = if int_buffer {
+                    "Int64"
+                } else {
+                    "floating point"
+                };
+                problems.push(format!(
+                    "{k}: kind {:?} in the file, {want} expected",
+                    f.kind()
+                ));
             }
         }
         if !problems.is_empty() {
@@ -129,7 +148,13 @@ impl Exportable {
         vs.load(&weights)
             .with_context(|| format!("loading {}", weights.display()))?;
         vs.float();
-        Ok(Exportable { backbone, config: cfg, weights, config_file, vs })
+        Ok(Exportable {
+            backbone,
+            config: cfg,
+            weights,
+            config_file,
+            vs,
+        })
     }
 
     /// The `state_dict` as written: every variable, sorted by name.
@@ -150,7 +175,10 @@ impl Exportable {
 
 /// A temporary sibling of `out` with the same extension, and the rename into place.
 fn tmp_sibling(out: &Path) -> PathBuf {
-    let name = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     out.with_file_name(format!(".{name}.partial"))
 }
 
@@ -168,10 +196,22 @@ pub fn write_safetensors(m: &Exportable, out: &Path) -> Result<()> {
         .with_context(|| format!("reading back {}", tmp.display()))?
         .into_iter()
         .collect();
-    ensure!(back.len() == sd.len(), "{}: {} tensors written, {} read back", tmp.display(), sd.len(), back.len());
+    ensure!(
+        back.len() == sd.len(),
+        "{}: {} tensors written, {} read back",
+        tmp.display(),
+        sd.len(),
+        back.len()
+    );
     for (k, t) in &sd {
-        let b = back.get(k).with_context(|| format!("{}: {k} was not written", tmp.display()))?;
-        ensure!(b.kind() == t.kind() && b.equal(t), "{}: {k} differs after reading back", tmp.display());
+        let b = back
+            .get(k)
+            .with_context(|| format!("{}: {k} was not written", tmp.display()))?;
+        ensure!(
+            b.kind() == t.kind() && b.equal(t),
+            "{}: {k} differs after reading back",
+            tmp.display()
+        );
     }
     rename_into_place(&tmp, out)
 }
@@ -219,8 +259,16 @@ pub fn torchscript_max_abs_diff(path: &Path, m: &Exportable) -> Result<f64> {
         ours.size()
     );
     let finite = |t: &Tensor| bool::try_from(t.isfinite().all()).unwrap_or(false);
-    ensure!(finite(&ours) && finite(&theirs), "{}: non-finite embeddings", path.display());
-    Ok(f64::try_from((theirs.to_kind(Kind::Double) - ours.to_kind(Kind::Double)).abs().max())?)
+    ensure!(
+        finite(&ours) && finite(&theirs),
+        "{}: non-finite embeddings",
+        path.display()
+    );
+    Ok(f64::try_from(
+        (theirs.to_kind(Kind::Double) - ours.to_kind(Kind::Double))
+            .abs()
+            .max(),
+    )?)
 }
 
 /// Script the model with PyTorch (see the module docs), verify it against our backbone, then move
@@ -249,7 +297,12 @@ pub fn write_torchscript(m: &Exportable, out: &Path, python: &Path, tolerance: f
         .arg("--out")
         .arg(&tmp)
         .output()
-        .with_context(|| format!("starting {} (set --python or FACEREC_PYTHON)", python.display()))?;
+        .with_context(|| {
+            format!(
+                "starting {} (set --python or FACEREC_PYTHON)",
+                python.display()
+            )
+        })?;
     if !output.status.success() {
         let _ = std::fs::remove_file(&tmp);
         bail!(
@@ -282,7 +335,11 @@ pub fn write_torchscript(m: &Exportable, out: &Path, python: &Path, tolerance: f
 pub fn run(args: Args) -> Result<()> {
     let m = Exportable::load(&args.model, args.config.as_deref())?;
     if let Some(parent) = args.out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        ensure!(parent.is_dir(), "the output folder {} does not exist", parent.display());
+        ensure!(
+            parent.is_dir(),
+            "the output folder {} does not exist",
+            parent.display()
+        );
     }
     let n: i64 = m.vs.variables().values().map(|t| t.numel() as i64).sum();
     match args.format {

@@ -1,8 +1,8 @@
 //! `facerec` subcommands other than `train`: one file each, with a clap `Args` struct and `run(args)`.
 //! (`dry_run` is the `train --dry-run` report, called from `train`'s arguments.)
 
-pub mod compare;
 pub mod cluster;
+pub mod compare;
 pub mod dry_run;
 pub mod eval;
 pub mod export;
@@ -21,7 +21,10 @@ pub fn model_files(model: &Path, config: Option<&Path>) -> (PathBuf, PathBuf) {
         let dir = model.parent().unwrap_or(Path::new("."));
         (model.to_path_buf(), dir.join("config.toml"))
     };
-    (weights, config.map(Path::to_path_buf).unwrap_or(default_cfg))
+    (
+        weights,
+        config.map(Path::to_path_buf).unwrap_or(default_cfg),
+    )
 }
 
 /// Read the `[model]` table of a config file.

@@ -47,7 +47,9 @@ pub struct Curves {
 fn number(rec: &serde_json::Map<String, serde_json::Value>, key: &str) -> Result<f64, String> {
     match rec.get(key) {
         None | Some(serde_json::Value::Null) => Ok(f64::NAN),
-        Some(v) => v.as_f64().ok_or_else(|| format!("`{key}` is {v}, not a number")),
+        Some(v) => v
+            .as_f64()
+            .ok_or_else(|| format!("`{key}` is {v}, not a number")),
     }
 }
 
@@ -84,7 +86,10 @@ pub fn parse_metrics(text: &str, origin: &Path) -> Result<Curves> {
                 .get("target")
                 .and_then(|t| t.as_str())
                 .with_context(|| format!("{}: an `eval` record needs a string `target`", at()))?;
-            c.accuracy.entry(target.to_string()).or_default().push((step, field("accuracy")?));
+            c.accuracy
+                .entry(target.to_string())
+                .or_default()
+                .push((step, field("accuracy")?));
         }
     }
     Ok(c)
@@ -99,8 +104,22 @@ pub fn draw(c: &Curves, out: &Path) -> Result<Vec<PathBuf>> {
         written.push(path);
         Ok(())
     };
-    one("loss.png", "TRAINING LOSS", &[Series { name: "loss", points: &c.loss }])?;
-    one("lr.png", "LEARNING RATE", &[Series { name: "lr", points: &c.lr }])?;
+    one(
+        "loss.png",
+        "TRAINING LOSS",
+        &[Series {
+            name: "loss",
+            points: &c.loss,
+        }],
+    )?;
+    one(
+        "lr.png",
+        "LEARNING RATE",
+        &[Series {
+            name: "lr",
+            points: &c.lr,
+        }],
+    )?;
     if !c.accuracy.is_empty() {
         let series: Vec<Series> = c
             .accuracy
@@ -110,7 +129,14 @@ pub fn draw(c: &Curves, out: &Path) -> Result<Vec<PathBuf>> {
         one("accuracy.png", "VERIFICATION ACCURACY", &series)?;
     }
     if c.grad_scale.iter().any(|p| p.1.is_finite()) {
-        one("grad_scale.png", "GRAD SCALE", &[Series { name: "grad scale", points: &c.grad_scale }])?;
+        one(
+            "grad_scale.png",
+            "GRAD SCALE",
+            &[Series {
+                name: "grad scale",
+                points: &c.grad_scale,
+            }],
+        )?;
     }
     Ok(written)
 }
@@ -169,9 +195,17 @@ mod tests {
 
     #[test]
     fn malformed_lines_name_file_and_line() {
-        let err = |text: &str| format!("{:#}", parse_metrics(text, Path::new("/r/metrics.jsonl")).unwrap_err());
+        let err = |text: &str| {
+            format!(
+                "{:#}",
+                parse_metrics(text, Path::new("/r/metrics.jsonl")).unwrap_err()
+            )
+        };
         let e = err("{\"kind\":\"train\",\"step\":1,\"loss\":1,\"lr\":0.1}\n{\"kind\":\"train\",\"step\":2,\"lo");
-        assert!(e.contains("/r/metrics.jsonl line 2") && e.contains("not valid JSON"), "{e}");
+        assert!(
+            e.contains("/r/metrics.jsonl line 2") && e.contains("not valid JSON"),
+            "{e}"
+        );
         let e = err("[1, 2]\n");
         assert!(e.contains("line 1") && e.contains("JSON object"), "{e}");
         let e = err("{\"kind\":\"train\",\"loss\":1}\n");

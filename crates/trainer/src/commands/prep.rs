@@ -206,7 +206,9 @@ fn check(
     let origin = match set.class_origin() {
         ClassOrigin::Property => "from property",
         ClassOrigin::Header => "from the header record",
-        ClassOrigin::IdentityRecords => "from the .idx identity records; the header record's count was refused",
+        ClassOrigin::IdentityRecords => {
+            "from the .idx identity records; the header record's count was refused"
+        }
         ClassOrigin::Labels => "from the largest label",
     };
     println!(
@@ -219,7 +221,9 @@ fn check(
     let mut bad = set.bad_records().to_vec();
     bad.extend(set.check_all(workers));
     let how = match size_policy {
-        SizePolicy::Resize => format!("other sizes fitted by {fit}, as training with size_policy = \"resize\""),
+        SizePolicy::Resize => {
+            format!("other sizes fitted by {fit}, as training with size_policy = \"resize\"")
+        }
         SizePolicy::Strict => "other sizes are bad records (size policy: strict)".to_string(),
     };
     println!(
@@ -315,10 +319,27 @@ mod tests {
         }
         let s = |p: &PathBuf| p.to_str().unwrap().to_string();
         prep(&["pack", "--images", &s(&images), "--out", &s(&out)]).unwrap();
-        assert_eq!(std::fs::read_to_string(out.join("property")).unwrap().trim(), "2,28,23");
+        assert_eq!(
+            std::fs::read_to_string(out.join("property"))
+                .unwrap()
+                .trim(),
+            "2,28,23"
+        );
         prep(&["check", "--rec", &s(&out)]).unwrap();
-        prep(&["check", "--rec", &s(&out), "--fit", "center_crop", "--size", "16"]).unwrap();
-        let err = format!("{:#}", prep(&["check", "--rec", &s(&out), "--size-policy", "strict"]).unwrap_err());
+        prep(&[
+            "check",
+            "--rec",
+            &s(&out),
+            "--fit",
+            "center_crop",
+            "--size",
+            "16",
+        ])
+        .unwrap();
+        let err = format!(
+            "{:#}",
+            prep(&["check", "--rec", &s(&out), "--size-policy", "strict"]).unwrap_err()
+        );
         assert!(err.contains("4 bad records"), "{err}");
     }
 
@@ -345,7 +366,10 @@ mod tests {
         rec[36..40].copy_from_slice(&(id_start + 999_999_616.0).to_le_bytes());
         std::fs::write(out.join("train.rec"), rec).unwrap();
         std::fs::remove_file(out.join("property")).unwrap();
-        let err = format!("{:#}", prep(&["check", "--rec", &s(&out), "--size", "8"]).unwrap_err());
+        let err = format!(
+            "{:#}",
+            prep(&["check", "--rec", &s(&out), "--size", "8"]).unwrap_err()
+        );
         assert!(err.contains("1 bad records"), "{err}");
     }
 }
@@ -371,6 +395,7 @@ pub fn pack_lfw(
     let set = list
         .resolve_with_folds(images, folds)
         .with_context(|| format!("pairs file {}", pairs_file.display()))?;
-    let pairs: Vec<(usize, usize, bool)> = set.pairs.pairs.iter().map(|p| (p.a, p.b, p.same)).collect();
+    let pairs: Vec<(usize, usize, bool)> =
+        set.pairs.pairs.iter().map(|p| (p.a, p.b, p.same)).collect();
     pack_pairs(&set.images, &pairs, out, quality, size)
 }

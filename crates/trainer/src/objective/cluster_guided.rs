@@ -23,7 +23,10 @@ use anyhow::{bail, Context, Result};
 use facerec_clustering::cluster_guided::{
     align_loss, cluster_statistics, reimprint, scc_loss, stratified_subset, ClusterCentres,
 };
-use facerec_loss_heads::{cross_entropy, margins_from_hardness, ClusterGuidedArcFace, MarginHead, PartialFc, PartialFcConfig};
+use facerec_loss_heads::{
+    cross_entropy, margins_from_hardness, ClusterGuidedArcFace, MarginHead, PartialFc,
+    PartialFcConfig,
+};
 use std::collections::HashMap;
 use tch::{Device, Kind, Tensor};
 
@@ -42,7 +45,13 @@ pub struct ClusterGuidedObjective {
 
 impl ClusterGuidedObjective {
     /// Tables for `num_classes` identities and `dim`-dimensional embeddings on `device`.
-    pub fn new(cfg: &ClusterGuidedConfig, partial_fc: &PartialFcConfig, num_classes: i64, dim: i64, device: Device) -> Self {
+    pub fn new(
+        cfg: &ClusterGuidedConfig,
+        partial_fc: &PartialFcConfig,
+        num_classes: i64,
+        dim: i64,
+        device: Device,
+    ) -> Self {
         let margins = Tensor::full([num_classes], cfg.margin.m0, (Kind::Float, device));
         let centres = ClusterCentres::from_tensors(
             Tensor::zeros([num_classes, dim], (Kind::Float, device)),
@@ -63,30 +72,51 @@ impl ClusterGuidedObjective {
 
     fn refresh(&mut self, epoch: usize, model: &Model, data: &dyn TrainingSet) -> Result<String> {
         let labels: Vec<i64> = (0..data.len()).map(|i| data.label(i) as i64).collect();
-        let idx = stratified_subset(&labels, self.cfg.samples_per_class, self.cfg.subset_seed ^ epoch as u64);
+        let idx = stratified_subset(
+            &labels,
+            self.cfg.samples_per_class,
+            self.cfg.subset_seed ^ epoch as u64,
+        );
         let emb = {
             let _guard = tch::no_grad_guard();
             let mut parts = Vec::new();
             for chunk in idx.chunks(REFRESH_BATCH) {
-                let x = data.images(chunk).context("embedding the training set for the cluster refresh")?;
+                let x = data
+                    .images(chunk)
+                    .context("embedding the training set for the cluster refresh")?;
                 let emb = model.embed(&x, false);
                 parts.push(emb.to_kind(Kind::Float));
             }
             Tensor::cat(&parts, 0)
         };
         let sub_labels: Vec<i64> = idx.iter().map(|&i| labels[i]).collect();
-        let stats = cluster_statistics(&emb, &sub_labels, model.num_classes as usize, self.cfg.clustering, self.cfg.hardness);
+        let stats = cluster_statistics(
+            &emb,
+            &sub_labels,
+            model.num_classes as usize,
+            self.cfg.clustering,
+            self.cfg.hardness,
+        );
         let margins = margins_from_hardness(&stats.hardness, &self.cfg.margin);
         self.head.set_margins(&margins);
         self.centres.set(&stats);
         let reimprinted = if self.cfg.align.uses_reimprint() {
-            reimprint(model.classifier.weight(), &self.centres, self.cfg.align.beta, self.cfg.align.norm)
+            reimprint(
+                model.classifier.weight(),
+                &self.centres,
+                self.cfg.align.beta,
+                self.cfg.align.norm,
+            )
         } else {
             0
         };
         self.last_refresh = epoch as i64;
         let seen = stats.class_sizes.iter().filter(|&&n| n > 0).count();
-        let (lo, hi) = margins.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &m| (a.min(m), b.max(m)));
+        let (lo, hi) = margins
+            .iter()
+            .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), &m| {
+                (a.min(m), b.max(m))
+            });
         let mean = margins.iter().sum::<f64>() / margins.len().max(1) as f64;
         Ok(format!(
             "cluster refresh: {} images embedded, {seen} identities with a centre, mean hardness {:.4}, margins min {lo:.4} mean {mean:.4} max {hi:.4}, {reimprinted} classifier rows re-imprinted",
@@ -108,7 +138,10 @@ impl Objective for ClusterGuidedObjective {
         let (sampled, row_mask) = sample_classes(self.partial_fc.as_mut(), y, model.num_classes);
         let (emb, scores) = model.scores(emb, sampled.as_ref());
         let (logits, labels) = match &sampled {
-            Some(s) => (self.head.logits_for_classes(&scores, &s.labels, y), s.labels.shallow_clone()),
+            Some(s) => (
+                self.head.logits_for_classes(&scores, &s.labels, y),
+                s.labels.shallow_clone(),
+            ),
             None => (self.head.logits(&scores, y), y.shallow_clone()),
         };
         let ce = cross_entropy(&logits, &labels);
@@ -116,8 +149,13 @@ impl Objective for ClusterGuidedObjective {
         let mut metrics = Vec::new();
         if self.refreshed() {
             if self.cfg.scc.weight > 0.0 {
-                let extra = (self.cfg.scc.extra_negatives > 0)
-                    .then(|| Tensor::randint(model.num_classes, [self.cfg.scc.extra_negatives as i64], (Kind::Int64, y.device())));
+                let extra = (self.cfg.scc.extra_negatives > 0).then(|| {
+                    Tensor::randint(
+                        model.num_classes,
+                        [self.cfg.scc.extra_negatives as i64],
+                        (Kind::Int64, y.device()),
+                    )
+                });
                 let scc = scc_loss(&emb, y, &self.centres, self.cfg.scc.scale, extra.as_ref());
                 metrics.push(("loss_scc", f64::try_from(&scc).unwrap_or(f64::NAN)));
                 loss = loss + scc * self.cfg.scc.weight;
@@ -132,10 +170,19 @@ impl Objective for ClusterGuidedObjective {
             }
             metrics.push(("loss_cls", f64::try_from(&ce).unwrap_or(f64::NAN)));
         }
-        MicroLoss { loss, row_mask, metrics }
+        MicroLoss {
+            loss,
+            row_mask,
+            metrics,
+        }
     }
 
-    fn begin_epoch(&mut self, epoch: usize, model: &Model, data: &dyn TrainingSet) -> Result<Option<String>> {
+    fn begin_epoch(
+        &mut self,
+        epoch: usize,
+        model: &Model,
+        data: &dyn TrainingSet,
+    ) -> Result<Option<String>> {
         let due = epoch > 0 && epoch % self.cfg.refresh_every_epochs == 0;
         if !due || self.last_refresh == epoch as i64 {
             return Ok(None);
@@ -146,20 +193,38 @@ impl Objective for ClusterGuidedObjective {
     fn state(&self) -> Vec<(String, Tensor)> {
         vec![
             ("cluster_guided.margins".into(), self.head.margins().copy()),
-            ("cluster_guided.centres".into(), self.centres.centres().copy()),
+            (
+                "cluster_guided.centres".into(),
+                self.centres.centres().copy(),
+            ),
             ("cluster_guided.valid".into(), self.centres.valid().copy()),
-            ("cluster_guided.last_refresh".into(), Tensor::from(self.last_refresh)),
+            (
+                "cluster_guided.last_refresh".into(),
+                Tensor::from(self.last_refresh),
+            ),
         ]
     }
 
     fn load_state(&mut self, mut state: HashMap<String, Tensor>) -> Result<()> {
-        let mut take = |k: &str| state.remove(k).with_context(|| format!("objective state lacks `{k}` (a checkpoint of another objective?)"));
+        let mut take = |k: &str| {
+            state.remove(k).with_context(|| {
+                format!("objective state lacks `{k}` (a checkpoint of another objective?)")
+            })
+        };
         let margins = take("cluster_guided.margins")?;
         let centres = take("cluster_guided.centres")?;
         let valid = take("cluster_guided.valid")?;
         let last = take("cluster_guided.last_refresh")?;
-        if margins.size() != self.head.margins().size() || centres.size() != self.centres.centres().size() {
-            bail!("cluster_guided state has shapes {:?} / {:?}, the model needs {:?} / {:?}", margins.size(), centres.size(), self.head.margins().size(), self.centres.centres().size());
+        if margins.size() != self.head.margins().size()
+            || centres.size() != self.centres.centres().size()
+        {
+            bail!(
+                "cluster_guided state has shapes {:?} / {:?}, the model needs {:?} / {:?}",
+                margins.size(),
+                centres.size(),
+                self.head.margins().size(),
+                self.centres.centres().size()
+            );
         }
         let dev = self.head.margins().device();
         let margins_v: Vec<f64> = Vec::try_from(margins.to_kind(Kind::Double))?;

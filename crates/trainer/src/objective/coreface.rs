@@ -11,7 +11,9 @@
 
 use super::{margin_softmax::MarginSoftmax, MicroLoss, Model, Objective};
 use anyhow::{Context, Result};
-use facerec_contrastive_regularizer::{dropout_views, CoReFace, CoReFaceConfig, ContrastiveRegularizer};
+use facerec_contrastive_regularizer::{
+    dropout_views, CoReFace, CoReFaceConfig, ContrastiveRegularizer,
+};
 use std::collections::HashMap;
 use tch::{Device, Kind, Tensor};
 
@@ -29,7 +31,12 @@ impl CoReFaceObjective {
     /// # Panics
     /// If `cfg` does not validate (the config check runs first).
     pub fn new(base: MarginSoftmax, cfg: &CoReFaceConfig) -> Self {
-        CoReFaceObjective { cfg: cfg.clone(), base, reg: CoReFace::standalone(cfg, Device::Cpu, Kind::Float), epoch: 0 }
+        CoReFaceObjective {
+            cfg: cfg.clone(),
+            base,
+            reg: CoReFace::standalone(cfg, Device::Cpu, Kind::Float),
+            epoch: 0,
+        }
     }
 }
 
@@ -52,10 +59,16 @@ impl Objective for CoReFaceObjective {
         if !self.cfg.is_contrastive(self.epoch) {
             let emb = model.neck(&h.dropout(self.cfg.warmup_dropout, true));
             let (loss, row_mask) = self.base.loss_of(model, emb, y);
-            return MicroLoss { loss, row_mask, metrics: Vec::new() };
+            return MicroLoss {
+                loss,
+                row_mask,
+                metrics: Vec::new(),
+            };
         }
         let (e1, e2) = dropout_views(&h, self.cfg.dropout, |f| model.neck(f));
-        let (losses, row_mask) = self.base.losses_of_views(model, vec![e1.shallow_clone(), e2.shallow_clone()], y);
+        let (losses, row_mask) =
+            self.base
+                .losses_of_views(model, vec![e1.shallow_clone(), e2.shallow_clone()], y);
         let out = self.reg.forward_micro_batch(&e1, &e2, y);
         let loss = self.cfg.total_loss(&losses[0], &losses[1], &out.loss);
         let metrics = vec![
@@ -65,9 +78,16 @@ impl Objective for CoReFaceObjective {
             ("coreface_margin", scalar(&out.margin)),
             ("coreface_batch_gap", scalar(&out.batch_gap)),
             ("coreface_positive_cos", scalar(&out.positive_cos)),
-            ("coreface_hardest_negative_cos", scalar(&out.hardest_negative_cos)),
+            (
+                "coreface_hardest_negative_cos",
+                scalar(&out.hardest_negative_cos),
+            ),
         ];
-        MicroLoss { loss, row_mask, metrics }
+        MicroLoss {
+            loss,
+            row_mask,
+            metrics,
+        }
     }
 
     fn end_step(&mut self) {
@@ -85,7 +105,8 @@ impl Objective for CoReFaceObjective {
         // A checkpoint of a plain margin-softmax run (e.g. the ArcFace warm phase) has no margin
         // yet: the regularizer starts from 0, as in a fresh contrastive phase.
         if let Some(m) = state.remove("coreface.margin") {
-            self.reg.set_margin(f64::try_from(&m).context("coreface.margin")?);
+            self.reg
+                .set_margin(f64::try_from(&m).context("coreface.margin")?);
         }
         // The rest is the margin head's (`head.*`).
         if let Some(k) = state.keys().find(|k| !k.starts_with("head.")) {

@@ -4,7 +4,9 @@
 
 use super::{MicroLoss, Model, Objective};
 use anyhow::Context;
-use facerec_loss_heads::{margin_cross_entropy_with_norms, HeadConfig, MarginHead, PartialFc, PartialFcConfig};
+use facerec_loss_heads::{
+    margin_cross_entropy_with_norms, HeadConfig, MarginHead, PartialFc, PartialFcConfig,
+};
 use std::collections::HashMap;
 use tch::Tensor;
 
@@ -17,21 +19,37 @@ pub struct MarginSoftmax {
 impl MarginSoftmax {
     /// From the `[head]` and `[partial_fc]` tables.
     pub fn new(head: &HeadConfig, partial_fc: &PartialFcConfig) -> Self {
-        MarginSoftmax { head: head.build(), partial_fc: (partial_fc.sample_rate < 1.0).then(|| PartialFc::new(partial_fc)) }
+        MarginSoftmax {
+            head: head.build(),
+            partial_fc: (partial_fc.sample_rate < 1.0).then(|| PartialFc::new(partial_fc)),
+        }
     }
 
     /// The head's logits and the cross-entropy for embeddings `emb_bd` (already through the
     /// backbone); used by objectives that add terms to the margin softmax.
-    pub fn loss_of(&mut self, model: &Model, emb_bd: Tensor, y: &Tensor) -> (Tensor, Option<Tensor>) {
+    pub fn loss_of(
+        &mut self,
+        model: &Model,
+        emb_bd: Tensor,
+        y: &Tensor,
+    ) -> (Tensor, Option<Tensor>) {
         let (mut losses, mask) = self.losses_of_views(model, vec![emb_bd], y);
         (losses.remove(0), mask)
     }
 
     /// [`MarginSoftmax::loss_of`] for several views of the same images: one Partial FC sample
     /// serves every view.
-    pub fn losses_of_views(&mut self, model: &Model, views: Vec<Tensor>, y: &Tensor) -> (Vec<Tensor>, Option<Tensor>) {
+    pub fn losses_of_views(
+        &mut self,
+        model: &Model,
+        views: Vec<Tensor>,
+        y: &Tensor,
+    ) -> (Vec<Tensor>, Option<Tensor>) {
         let (sampled, mask) = super::sample_classes(self.partial_fc.as_mut(), y, model.num_classes);
-        let labels = sampled.as_ref().map(|s| s.labels.shallow_clone()).unwrap_or_else(|| y.shallow_clone());
+        let labels = sampled
+            .as_ref()
+            .map(|s| s.labels.shallow_clone())
+            .unwrap_or_else(|| y.shallow_clone());
         let losses = views
             .into_iter()
             .map(|emb| {
@@ -70,7 +88,11 @@ impl Objective for MarginSoftmax {
 
     /// The head's state, as `head.<name>`.
     fn state(&self) -> Vec<(String, Tensor)> {
-        self.head.state().into_iter().map(|(k, v)| (format!("head.{k}"), v)).collect()
+        self.head
+            .state()
+            .into_iter()
+            .map(|(k, v)| (format!("head.{k}"), v))
+            .collect()
     }
 
     fn load_state(&mut self, state: HashMap<String, Tensor>) -> anyhow::Result<()> {
@@ -78,14 +100,22 @@ impl Objective for MarginSoftmax {
         for (k, v) in state {
             match k.strip_prefix("head.") {
                 Some(name) => head.insert(name.to_string(), v),
-                None => anyhow::bail!("objective state has an entry `{k}` this objective does not have"),
+                None => {
+                    anyhow::bail!("objective state has an entry `{k}` this objective does not have")
+                }
             };
         }
-        self.head.load_state(head).context("objective state `head.*`")
+        self.head
+            .load_state(head)
+            .context("objective state `head.*`")
     }
 
     fn loss(&mut self, model: &Model, x: &Tensor, y: &Tensor) -> MicroLoss {
         let (loss, row_mask) = self.loss_of(model, model.embed(x, true), y);
-        MicroLoss { loss, row_mask, metrics: Vec::new() }
+        MicroLoss {
+            loss,
+            row_mask,
+            metrics: Vec::new(),
+        }
     }
 }

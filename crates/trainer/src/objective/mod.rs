@@ -23,7 +23,13 @@ use tch::Tensor;
 /// The objective a config asks for.
 pub fn build(cfg: &crate::Config, num_classes: i64, device: tch::Device) -> Box<dyn Objective> {
     if let Some(cg) = &cfg.cluster_guided {
-        return Box::new(cluster_guided::ClusterGuidedObjective::new(cg, &cfg.partial_fc, num_classes, cfg.model.embedding_size(), device));
+        return Box::new(cluster_guided::ClusterGuidedObjective::new(
+            cg,
+            &cfg.partial_fc,
+            num_classes,
+            cfg.model.embedding_size(),
+            device,
+        ));
     }
     let base = margin_softmax::MarginSoftmax::new(&cfg.head, &cfg.partial_fc);
     match &cfg.coreface {
@@ -67,7 +73,12 @@ pub trait Objective {
 
     /// Called at the start of every epoch (also the first one after a resume). Objectives that
     /// refresh tables from the training set do it here and return a line for the log.
-    fn begin_epoch(&mut self, _epoch: usize, _model: &Model, _data: &dyn TrainingSet) -> Result<Option<String>> {
+    fn begin_epoch(
+        &mut self,
+        _epoch: usize,
+        _model: &Model,
+        _data: &dyn TrainingSet,
+    ) -> Result<Option<String>> {
         Ok(None)
     }
 
@@ -101,8 +112,14 @@ pub trait TrainingSet {
 
 /// This micro-batch's Partial FC sample (when `pfc` is configured) and the classifier rows it may
 /// change: `(sample, row mask)`, both `None` without Partial FC.
-pub fn sample_classes(pfc: Option<&mut PartialFc>, y: &Tensor, num_classes: i64) -> (Option<Sampled>, Option<Tensor>) {
+pub fn sample_classes(
+    pfc: Option<&mut PartialFc>,
+    y: &Tensor,
+    num_classes: i64,
+) -> (Option<Sampled>, Option<Tensor>) {
     let sampled = pfc.map(|pfc| pfc.sample(y, num_classes));
-    let mask = sampled.as_ref().map(|s| s.row_mask(num_classes, tch::Kind::Float));
+    let mask = sampled
+        .as_ref()
+        .map(|s| s.row_mask(num_classes, tch::Kind::Float));
     (sampled, mask)
 }
