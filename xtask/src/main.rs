@@ -319,6 +319,21 @@ fn find_or_provision() -> Result<Torch> {
     find_or_provision_torch()
 }
 
+/// The first `name` on `PATH`, as an absolute path.
+fn find_on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+        .map(|p| {
+            if p.is_absolute() {
+                p
+            } else {
+                std::env::current_dir().map(|d| d.join(&p)).unwrap_or(p)
+            }
+        })
+}
+
 fn find_or_provision_torch() -> Result<Torch> {
     if let Some(dir) = std::env::var_os("LIBTORCH") {
         let dir = PathBuf::from(dir);
@@ -331,10 +346,9 @@ fn find_or_provision_torch() -> Result<Torch> {
         if version == TORCH_VERSION {
             let venv = std::env::var_os("VIRTUAL_ENV").map(PathBuf::from);
             // torch-sys runs `python` when VIRTUAL_ENV is set, `python3` otherwise.
-            return Ok(Torch::Python {
-                python: "python3".into(),
-                venv,
-            });
+            // The oracles' interpreter must be a path the tests can check (`FACEREC_PYTHON`).
+            let python = find_on_path("python3").unwrap_or_else(|| "python3".into());
+            return Ok(Torch::Python { python, venv });
         }
         eprintln!(
             "xtask: python3 has torch {version}, but tch 0.26 needs exactly {TORCH_VERSION}; \

@@ -77,7 +77,10 @@ pub unsafe fn take_error(err: *mut c_char) -> Result<(), String> {
     }
     // SAFETY: the caller guarantees `err` is a live, NUL-terminated string from the shim, freed
     // once here.
-    let text = unsafe { CStr::from_ptr(err) }.to_string_lossy().trim().to_string();
+    let text = unsafe { CStr::from_ptr(err) }
+        .to_string_lossy()
+        .trim()
+        .to_string();
     unsafe { fdist_free_string(err) };
     Err(text)
 }
