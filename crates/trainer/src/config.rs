@@ -666,6 +666,21 @@ impl Config {
         at_key("head", self.head.validate())?;
         check_sphereface_scale(&self.head)?;
         at_key("partial_fc", self.partial_fc.validate())?;
+        self.validate_train()?;
+        self.optim.validate()?;
+        self.validate_methods()?;
+        check_source(&self.data, "data")?;
+        if self.data.is_pair_list() {
+            bail!("config key `data.type`: a pair list (bin, lfw_pairs) has no identity labels to train on; use it in [[eval.targets]]");
+        }
+        for (i, t) in self.eval.targets.iter().enumerate() {
+            check_source(&t.source, &format!("eval.targets[{i}].source"))?;
+        }
+        Ok(())
+    }
+
+    /// `[train]`, `[loader]`, `[checkpoint]`, `[eval]` sizes and `classifier.num_classes`.
+    fn validate_train(&self) -> Result<()> {
         let t = &self.train;
         if t.epochs == 0 {
             bail!("config key `train.epochs`: must be at least 1");
@@ -686,7 +701,39 @@ impl Config {
             bail!("config key `train.grad_clip`: must be a finite number >= 0");
         }
         crate::device::parse_device(&t.device).context("config key `train.device`")?;
-        self.optim.validate()?;
+        if t.grad_accumulation == 0 {
+            bail!("config key `train.grad_accumulation`: must be at least 1");
+        }
+        if t.max_nonfinite_steps == 0 {
+            bail!("config key `train.max_nonfinite_steps`: must be at least 1 (the number of consecutive non-finite steps after which the run stops)");
+        }
+        let sc = &t.scaler;
+        if !(sc.init_scale >= sc.min_scale
+            && sc.min_scale > 0.0
+            && sc.growth_factor > 1.0
+            && sc.backoff_factor > 0.0
+            && sc.backoff_factor < 1.0
+            && sc.growth_interval > 0)
+        {
+            bail!("config key `train.scaler`: need init_scale >= min_scale > 0, growth_factor > 1, 0 < backoff_factor < 1, growth_interval >= 1");
+        }
+        if self.checkpoint.keep == 0 {
+            bail!("config key `checkpoint.keep`: must be at least 1 (the newest checkpoint is what --resume needs)");
+        }
+        if self.eval.batch_size == 0 {
+            bail!("config key `eval.batch_size`: must be at least 1");
+        }
+        if self.loader.prefetch == 0 {
+            bail!("config key `loader.prefetch`: must be at least 1 (batches decoded ahead)");
+        }
+        if let Some(0) = self.classifier.num_classes {
+            bail!("config key `classifier.num_classes`: must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// The methods' own tables and how they combine with `[head]` and `[model]`.
+    fn validate_methods(&self) -> Result<()> {
         if let Some(cg) = &self.cluster_guided {
             cg.validate()?;
             if self.coreface.is_some() {
@@ -722,41 +769,6 @@ impl Config {
                     pw.min_count
                 );
             }
-        }
-        if t.grad_accumulation == 0 {
-            bail!("config key `train.grad_accumulation`: must be at least 1");
-        }
-        if t.max_nonfinite_steps == 0 {
-            bail!("config key `train.max_nonfinite_steps`: must be at least 1 (the number of consecutive non-finite steps after which the run stops)");
-        }
-        let sc = &t.scaler;
-        if !(sc.init_scale >= sc.min_scale
-            && sc.min_scale > 0.0
-            && sc.growth_factor > 1.0
-            && sc.backoff_factor > 0.0
-            && sc.backoff_factor < 1.0
-            && sc.growth_interval > 0)
-        {
-            bail!("config key `train.scaler`: need init_scale >= min_scale > 0, growth_factor > 1, 0 < backoff_factor < 1, growth_interval >= 1");
-        }
-        if self.checkpoint.keep == 0 {
-            bail!("config key `checkpoint.keep`: must be at least 1 (the newest checkpoint is what --resume needs)");
-        }
-        if self.eval.batch_size == 0 {
-            bail!("config key `eval.batch_size`: must be at least 1");
-        }
-        if self.loader.prefetch == 0 {
-            bail!("config key `loader.prefetch`: must be at least 1 (batches decoded ahead)");
-        }
-        if let Some(0) = self.classifier.num_classes {
-            bail!("config key `classifier.num_classes`: must be at least 1");
-        }
-        check_source(&self.data, "data")?;
-        if self.data.is_pair_list() {
-            bail!("config key `data.type`: a pair list (bin, lfw_pairs) has no identity labels to train on; use it in [[eval.targets]]");
-        }
-        for (i, t) in self.eval.targets.iter().enumerate() {
-            check_source(&t.source, &format!("eval.targets[{i}].source"))?;
         }
         Ok(())
     }

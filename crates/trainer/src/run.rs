@@ -19,9 +19,10 @@ use crate::step::{StepOutcome, StepPlan, Window};
 use crate::summary::RunSummary;
 use crate::world::World;
 use anyhow::{bail, Context, Result};
-use facerec_data::{thread_split, Loader};
+use facerec_data::{thread_split, Loader, Source};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::Instant;
 use tch::Device;
 
@@ -118,55 +119,23 @@ impl<'a> Trainer<'a> {
         if cfg.train.precision.is_reduced() && !device.is_cuda() {
             bail!("config key `train.precision`: fp16/bf16 autocast needs a CUDA device (train.device resolved to {device:?}); use \"off\" on CPU");
         }
-        let size = cfg.model.input_size() as usize;
         let (threads, workers) = threads_and_workers(cfg, device, &world);
         tch::set_num_threads(threads as i32);
         tch::manual_seed(cfg.seed as i64);
-
-        let source = open_source(
-            &cfg.data,
-            size,
-            cfg.input.fit,
-            &opts.workspace,
-            cfg.seed,
-            "data",
-            true,
-        )?
-        .expect("a required source is always opened");
-        let num_classes = cfg.classifier.num_classes.unwrap_or(source.num_classes());
-        check_labels(source.as_ref(), num_classes)?;
-        crate::memory::check_classifier_fits(
-            cfg,
-            num_classes,
-            device,
-            &crate::memory::class_count_origin(cfg),
-        )?;
-        let loader = Rc::new(training_loader(cfg, source.clone(), workers));
-        let batches_per_epoch = loader.batches_per_epoch();
-        let accumulation = cfg.train.grad_accumulation;
-        let steps_per_epoch = batches_per_epoch / (accumulation * world.size());
-        if steps_per_epoch == 0 {
-            bail!(
-                "config key `train.batch_size`: {} x train.grad_accumulation {accumulation} x {} processes is larger than the training set ({} images)",
-                cfg.train.batch_size,
-                world.size(),
-                source.len()
-            );
-        }
+        let data = TrainingData::open(cfg, opts, device, &world, workers)?;
         let facts = RunFacts {
             cfg,
-            num_classes,
-            images: source.len(),
-            batches_per_epoch,
+            num_classes: data.num_classes,
+            images: data.source.len(),
+            batches_per_epoch: data.loader.batches_per_epoch(),
             world_size: world.size(),
         };
         let resume = match &opts.resume {
-            Some(run_dir) => Some(find_resume_point(&facts, &loader, run_dir)?),
+            Some(run_dir) => Some(find_resume_point(&facts, &data.loader, run_dir)?),
             None => None,
         };
-
-        let mut st = State::new(cfg, num_classes, device);
-        let mut objective = crate::objective::build(cfg, num_classes as i64, device);
+        let mut st = State::new(cfg, data.num_classes, device);
+        let mut objective = crate::objective::build(cfg, data.num_classes as i64, device);
         let init_line = match &resume {
             Some(r) => {
                 st.restore(&r.dir, &r.meta, objective.as_mut())?;
@@ -176,64 +145,14 @@ impl<'a> Trainer<'a> {
         };
         world.broadcast_from_main(&[&st.backbone_vs, &st.head_vs])?;
 
-        let (run_dir, mut logger) = open_run_dir(cfg, resume.as_ref(), &world)?;
-        if opts.echo_config {
-            logger.line(&format!("resolved config:\n{}", cfg.to_toml()));
-        }
-        logger.line(&format!("run directory {}; device {device:?}; {threads} libtorch threads, {workers} data workers", run_dir.display()));
-        if world.size() > 1 {
-            logger.line(&format!(
-                "data parallel: {} processes; global batch {} ({} per process x accumulation {accumulation})",
-                world.size(),
-                world.size() * cfg.train.batch_size * accumulation,
-                cfg.train.batch_size
-            ));
-        }
-        if let Some(r) = &resume {
-            for note in &r.notes {
-                logger.line(note);
-            }
-            logger.line(&format!(
-                "resumed from {} at global step {} (epoch {}, batch {})",
-                r.dir.display(),
-                r.meta.step,
-                r.meta.epoch,
-                r.meta.batch_in_epoch
-            ));
-            if r.meta.consecutive_bad > 0 {
-                logger.line(&format!(
-                    "the checkpoint ends {} consecutive non-finite steps; the count starts again from 0 (train.max_nonfinite_steps = {} more allowed)",
-                    r.meta.consecutive_bad, cfg.train.max_nonfinite_steps
-                ));
-            }
-        }
-        if let Some(line) = &init_line {
-            logger.line(line);
-        }
-        logger.line(&format!(
-            "training data: {} images of {} identities; classifier over {num_classes} classes",
-            source.len(),
-            source.num_classes()
-        ));
-        let (eval_sets, skipped_targets) = if world.is_main() {
-            eval_sets::load(cfg, size, &opts.workspace, &mut logger)?
-        } else {
-            (Vec::new(), Vec::new())
-        };
-        st.best.resize(eval_sets.len(), 0.0);
-
-        let total_steps = steps_per_epoch * cfg.train.epochs;
+        let (run_dir, logger) = open_run_dir(cfg, resume.as_ref(), &world)?;
+        let total_steps = data.steps_per_epoch * cfg.train.epochs;
         let schedule = Schedule::new(
             cfg.schedule.clone(),
             cfg.optim.lr(),
             total_steps,
-            steps_per_epoch,
+            data.steps_per_epoch,
         );
-        let n_params: i64 = st.backbone_params.iter().map(|t| t.numel() as i64).sum();
-        logger.line(&format!(
-            "backbone: {n_params} trainable parameters; {steps_per_epoch} steps per epoch ({batches_per_epoch} batches, accumulation {accumulation}), {total_steps} steps in all; optimizer {}",
-            optimizer_name(cfg)
-        ));
         let mut progress = if world.is_main() {
             Progress::new(total_steps as u64)
         } else {
@@ -241,35 +160,125 @@ impl<'a> Trainer<'a> {
         };
         progress.set(st.step as u64);
         let start_step = st.step;
+        let size = cfg.model.input_size() as usize;
         let training_set = SourceSet {
-            source,
+            source: data.source.clone(),
             size,
             threads: facerec_data::cores(),
             device,
         };
-        Ok(Trainer {
+        let mut trainer = Trainer {
             cfg,
             facts,
             device,
             world,
-            loader,
+            loader: data.loader,
             training_set,
             st,
             objective,
             schedule,
             total_steps,
-            steps_per_epoch,
+            steps_per_epoch: data.steps_per_epoch,
             run_dir,
             logger,
             progress,
-            eval_sets,
-            skipped_targets,
+            eval_sets: Vec::new(),
+            skipped_targets: Vec::new(),
             window: Window::default(),
             final_loss: f64::NAN,
             started: Instant::now(),
             eval_seconds: 0.0,
             start_step,
-        })
+        };
+        trainer.log_start(
+            opts,
+            resume.as_ref(),
+            init_line.as_deref(),
+            (threads, workers),
+        );
+        trainer.load_eval_sets(&opts.workspace)?;
+        trainer.started = Instant::now();
+        Ok(trainer)
+    }
+
+    /// The run's opening lines: the config, where it runs, what it continues from, the data.
+    fn log_start(
+        &mut self,
+        opts: &RunOptions,
+        resume: Option<&ResumePoint>,
+        init_line: Option<&str>,
+        (threads, workers): (usize, usize),
+    ) {
+        let (cfg, log) = (self.cfg, &mut self.logger);
+        if opts.echo_config {
+            log.line(&format!("resolved config:\n{}", cfg.to_toml()));
+        }
+        log.line(&format!(
+            "run directory {}; device {:?}; {threads} libtorch threads, {workers} data workers",
+            self.run_dir.display(),
+            self.device
+        ));
+        let (world, accumulation) = (self.world.size(), cfg.train.grad_accumulation);
+        if world > 1 {
+            log.line(&format!(
+                "data parallel: {world} processes; global batch {} ({} per process x accumulation {accumulation})",
+                world * cfg.train.batch_size * accumulation,
+                cfg.train.batch_size
+            ));
+        }
+        if let Some(r) = resume {
+            for note in &r.notes {
+                log.line(note);
+            }
+            log.line(&format!(
+                "resumed from {} at global step {} (epoch {}, batch {})",
+                r.dir.display(),
+                r.meta.step,
+                r.meta.epoch,
+                r.meta.batch_in_epoch
+            ));
+            if r.meta.consecutive_bad > 0 {
+                log.line(&format!(
+                    "the checkpoint ends {} consecutive non-finite steps; the count starts again from 0 (train.max_nonfinite_steps = {} more allowed)",
+                    r.meta.consecutive_bad, cfg.train.max_nonfinite_steps
+                ));
+            }
+        }
+        if let Some(line) = init_line {
+            log.line(line);
+        }
+        let source = &self.training_set.source;
+        log.line(&format!(
+            "training data: {} images of {} identities; classifier over {} classes",
+            source.len(),
+            source.num_classes(),
+            self.facts.num_classes
+        ));
+    }
+
+    /// The evaluation sets (rank 0 only), then the run's size in the log.
+    fn load_eval_sets(&mut self, workspace: &Path) -> Result<()> {
+        if self.world.is_main() {
+            let size = self.cfg.model.input_size() as usize;
+            (self.eval_sets, self.skipped_targets) =
+                eval_sets::load(self.cfg, size, workspace, &mut self.logger)?;
+        }
+        self.st.best.resize(self.eval_sets.len(), 0.0);
+        let n_params: i64 = self
+            .st
+            .backbone_params
+            .iter()
+            .map(|t| t.numel() as i64)
+            .sum();
+        self.logger.line(&format!(
+            "backbone: {n_params} trainable parameters; {} steps per epoch ({} batches, accumulation {}), {} steps in all; optimizer {}",
+            self.steps_per_epoch,
+            self.facts.batches_per_epoch,
+            self.cfg.train.grad_accumulation,
+            self.total_steps,
+            optimizer_name(self.cfg)
+        ));
+        Ok(())
     }
 
     /// The steps of the current epoch (from where a resumed run stopped), each followed by
@@ -501,6 +510,62 @@ impl<'a> Trainer<'a> {
         )?;
         self.logger.summary(&summary);
         Ok(summary)
+    }
+}
+
+/// The training data of a run, opened and checked before anything is written: a bad config or
+/// dataset never leaves a run directory behind.
+struct TrainingData {
+    source: Arc<dyn Source>,
+    num_classes: usize,
+    loader: Rc<Loader>,
+    steps_per_epoch: usize,
+}
+
+impl TrainingData {
+    fn open(
+        cfg: &Config,
+        opts: &RunOptions,
+        device: Device,
+        world: &World,
+        workers: usize,
+    ) -> Result<Self> {
+        let size = cfg.model.input_size() as usize;
+        let source = open_source(
+            &cfg.data,
+            size,
+            cfg.input.fit,
+            &opts.workspace,
+            cfg.seed,
+            "data",
+            true,
+        )?
+        .expect("a required source is always opened");
+        let num_classes = cfg.classifier.num_classes.unwrap_or(source.num_classes());
+        check_labels(source.as_ref(), num_classes)?;
+        crate::memory::check_classifier_fits(
+            cfg,
+            num_classes,
+            device,
+            &crate::memory::class_count_origin(cfg),
+        )?;
+        let loader = Rc::new(training_loader(cfg, source.clone(), workers));
+        let accumulation = cfg.train.grad_accumulation;
+        let steps_per_epoch = loader.batches_per_epoch() / (accumulation * world.size());
+        if steps_per_epoch == 0 {
+            bail!(
+                "config key `train.batch_size`: {} x train.grad_accumulation {accumulation} x {} processes is larger than the training set ({} images)",
+                cfg.train.batch_size,
+                world.size(),
+                source.len()
+            );
+        }
+        Ok(TrainingData {
+            source,
+            num_classes,
+            loader,
+            steps_per_epoch,
+        })
     }
 }
 

@@ -13,12 +13,13 @@
 //! - Faults: a rank killed mid-run makes the other exit non-zero within the timeout, naming the
 //!   dead rank; a store nobody listens on is a clear error, no hang.
 
-use std::collections::HashMap;
+mod common;
+use common::*;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
-use tch::Tensor;
 
 /// 16 synthetic identities x 6 images, batch 8: 12 micro-batches an epoch.
 fn write_config(dir: &Path, optim: &str) -> PathBuf {
@@ -149,72 +150,17 @@ fn train(world: usize, args: &[String]) {
     }
 }
 
-fn args(cfg: &Path, out: &Path, sets: &[&str]) -> Vec<String> {
-    let mut a = vec![
-        "--config".to_string(),
-        cfg.display().to_string(),
-        "--set".into(),
-        format!("output_dir={}", out.display()),
-    ];
-    for s in sets {
-        a.push("--set".into());
-        a.push(s.to_string());
-    }
-    a
-}
-
-fn only_run_dir(parent: &Path) -> PathBuf {
-    let dirs: Vec<PathBuf> = std::fs::read_dir(parent)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.is_dir())
-        .collect();
-    assert_eq!(
-        dirs.len(),
-        1,
-        "expected one run directory in {}: {dirs:?}",
-        parent.display()
-    );
-    dirs[0].clone()
-}
-
-fn tensors(path: &Path) -> HashMap<String, Tensor> {
-    Tensor::read_safetensors(path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .into_iter()
-        .collect()
-}
-
-fn is_running_stat(key: &str) -> bool {
-    key.ends_with("running_mean")
-        || key.ends_with("running_var")
-        || key.ends_with("num_batches_tracked")
-}
-
 /// Largest `|a - b| / (1 + |b|)` over the trainable tensors of two weight files.
 fn max_rel_diff(a: &Path, b: &Path) -> f64 {
     let (ta, tb) = (tensors(a), tensors(b));
     assert_eq!(ta.len(), tb.len());
     let mut worst = 0f64;
-    for (k, x) in ta.iter().filter(|(k, _)| !is_running_stat(k)) {
+    for (k, x) in ta.iter().filter(|(k, _)| !is_buffer(k)) {
         let y = &tb[k];
         let d = (x - y).abs() / (y.abs() + 1.0);
         worst = worst.max(d.max().double_value(&[]));
     }
     worst
-}
-
-fn assert_bitwise_equal(a: &Path, b: &Path) {
-    let (ta, tb) = (tensors(a), tensors(b));
-    assert_eq!(ta.len(), tb.len());
-    for (k, x) in &ta {
-        assert!(
-            x.equal(&tb[k]),
-            "`{k}` differs between {} and {}",
-            a.display(),
-            b.display()
-        );
-    }
 }
 
 fn equivalence(optim: &str) {

@@ -2,10 +2,12 @@
 //! checkpoints the last good state (BatchNorm running statistics included), and a resumed run
 //! counts its consecutive non-finite steps afresh.
 
-use std::collections::HashMap;
+mod common;
+use common::*;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use tch::{Kind, Tensor};
+use tch::Kind;
 
 /// 16 synthetic identities x 6 images, batch 16 -> 6 steps an epoch, 18 in all; a checkpoint
 /// after every step (all kept).
@@ -53,48 +55,6 @@ fn train(args: &[String]) -> (bool, String) {
         out.status.success(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
-}
-
-fn args(cfg: &Path, out: &Path, sets: &[&str]) -> Vec<String> {
-    let mut a = vec![
-        "--config".to_string(),
-        cfg.display().to_string(),
-        "--set".into(),
-        format!("output_dir={}", out.display()),
-    ];
-    for s in sets {
-        a.push("--set".into());
-        a.push(s.to_string());
-    }
-    a
-}
-
-fn only_run_dir(parent: &Path) -> PathBuf {
-    let dirs: Vec<PathBuf> = std::fs::read_dir(parent)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.is_dir())
-        .collect();
-    assert_eq!(
-        dirs.len(),
-        1,
-        "expected one run directory in {}: {dirs:?}",
-        parent.display()
-    );
-    dirs[0].clone()
-}
-
-fn tensors(path: &Path) -> HashMap<String, Tensor> {
-    Tensor::read_safetensors(path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .into_iter()
-        .collect()
-}
-
-fn is_buffer(key: &str) -> bool {
-    key.ends_with("running_mean")
-        || key.ends_with("running_var")
-        || key.ends_with("num_batches_tracked")
 }
 
 /// The global step the error message says the run stopped at.

@@ -6,11 +6,12 @@
 //! exercises every source of randomness the trainer has: shuffling, flips and shifts, dropout,
 //! ElasticFace margins and Partial FC sampling (and AdamW with gradient accumulation in the second).
 
-use std::collections::HashMap;
+mod common;
+use common::*;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use tch::Tensor;
 
 const STEPS: usize = 18;
 
@@ -76,44 +77,6 @@ fn run(args: &[&str]) -> (bool, String) {
         out.status.success(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
-}
-
-fn only_run_dir(parent: &Path) -> PathBuf {
-    let dirs: Vec<PathBuf> = std::fs::read_dir(parent)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.is_dir())
-        .collect();
-    assert_eq!(
-        dirs.len(),
-        1,
-        "expected one run directory in {}: {dirs:?}",
-        parent.display()
-    );
-    dirs[0].clone()
-}
-
-fn tensors(path: &Path) -> HashMap<String, Tensor> {
-    Tensor::read_safetensors(path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .into_iter()
-        .collect()
-}
-
-fn assert_bitwise_equal(a: &Path, b: &Path) {
-    let (ta, tb) = (tensors(a), tensors(b));
-    assert_eq!(ta.len(), tb.len(), "{} vs {}", a.display(), b.display());
-    for (k, x) in &ta {
-        let y = tb
-            .get(k)
-            .unwrap_or_else(|| panic!("{k} missing in {}", b.display()));
-        assert!(
-            x.equal(y),
-            "`{k}` differs between {} and {}",
-            a.display(),
-            b.display()
-        );
-    }
 }
 
 /// Highest "global step N/" in the run's training.log.

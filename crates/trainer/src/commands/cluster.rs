@@ -149,7 +149,32 @@ pub fn run(args: Args) -> Result<()> {
 
     let t1 = Instant::now();
     let num_ids = set.num_classes();
-    let (assign, what): (Vec<i64>, String) = match args.method {
+    let (assign, what) = assign_clusters(&args, &emb, set.len(), labelled, num_ids)?;
+    let t_cluster = t1.elapsed().as_secs_f64();
+    let clusters = assign.iter().max().map_or(0, |&x| x as usize + 1);
+
+    write_csv(&args.out, &assign, |i| set.path(i).display().to_string())?;
+    println!(
+        "{} images -> {clusters} clusters ({what}); embedding {t_embed:.1} s, clustering {t_cluster:.2} s; wrote {}",
+        set.len(),
+        args.out.display()
+    );
+    if labelled {
+        let truth: Vec<i64> = labels.iter().map(|&l| l as i64).collect();
+        println!("{}", evaluate(&assign, &truth)?);
+    }
+    Ok(())
+}
+
+/// Cluster the embeddings `emb` as `--method` says: the assignments and a line describing them.
+fn assign_clusters(
+    args: &Args,
+    emb: &tch::Tensor,
+    n_images: usize,
+    labelled: bool,
+    num_ids: usize,
+) -> Result<(Vec<i64>, String)> {
+    Ok(match args.method {
         Method::Kmeans => {
             let k = match args.k {
                 Some(k) => k,
@@ -157,9 +182,9 @@ pub fn run(args: Args) -> Result<()> {
                 None => bail!("--method kmeans needs --k on an unlabelled folder"),
             };
             ensure!(
-                k >= 1 && k <= set.len(),
+                k >= 1 && k <= n_images,
                 "--k {k}: must be in 1..={}",
-                set.len()
+                n_images
             );
             let r = cosine_kmeans(
                 &emb,
@@ -222,31 +247,23 @@ pub fn run(args: Args) -> Result<()> {
                 format!("kNN graph, k = {}, threshold {threshold}", args.knn),
             )
         }
-    };
-    let t_cluster = t1.elapsed().as_secs_f64();
-    let clusters = assign.iter().max().map_or(0, |&x| x as usize + 1);
+    })
+}
 
-    let tmp = args.out.with_extension("csv.tmp");
+/// `path,cluster` rows to `out`, through a temporary file and a rename.
+fn write_csv(out: &std::path::Path, assign: &[i64], path: impl Fn(usize) -> String) -> Result<()> {
+    let tmp = out.with_extension("csv.tmp");
     {
         let mut f = std::io::BufWriter::new(
             std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?,
         );
         writeln!(f, "path,cluster")?;
         for (i, c) in assign.iter().enumerate() {
-            writeln!(f, "{},{c}", set.path(i).display())?;
+            writeln!(f, "{},{c}", path(i))?;
         }
         f.flush()?;
     }
-    std::fs::rename(&tmp, &args.out).with_context(|| format!("writing {}", args.out.display()))?;
-    println!(
-        "{} images -> {clusters} clusters ({what}); embedding {t_embed:.1} s, clustering {t_cluster:.2} s; wrote {}",
-        set.len(),
-        args.out.display()
-    );
-    if labelled {
-        let truth: Vec<i64> = labels.iter().map(|&l| l as i64).collect();
-        println!("{}", evaluate(&assign, &truth)?);
-    }
+    std::fs::rename(&tmp, out).with_context(|| format!("writing {}", out.display()))?;
     Ok(())
 }
 

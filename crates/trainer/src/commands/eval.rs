@@ -194,25 +194,7 @@ fn pick<'a, T>(list: &'a [T], i: usize, what: &str, of: &str) -> Result<&'a T> {
 
 /// Run `facerec eval`.
 pub fn run(args: Args) -> Result<()> {
-    ensure!(
-        !(args.bins.is_empty() && args.pairs.is_empty() && args.ijb.is_empty()),
-        "nothing to evaluate: give --bin FILE.bin, --pairs pairs.txt --images DIR, or --ijb DIR --target IJBC"
-    );
-    ensure!(args.batch_size > 0, "--batch-size must be at least 1");
-    if args.images.len() > 1 && args.images.len() != args.pairs.len() {
-        bail!(
-            "{} --images for {} --pairs: give one for all or one per list",
-            args.images.len(),
-            args.pairs.len()
-        );
-    }
-    if args.targets.len() > 1 && args.targets.len() != args.ijb.len() {
-        bail!(
-            "{} --target for {} --ijb: give one for all or one per folder",
-            args.targets.len(),
-            args.ijb.len()
-        );
-    }
+    check_args(&args)?;
     let (device, threads) = super::init_device(&args.device, args.threads)?;
 
     let mut m = LoadedModel::load(&args.model, args.config.as_deref(), device)?;
@@ -241,6 +223,56 @@ pub fn run(args: Args) -> Result<()> {
     );
     let mut targets = Vec::new();
 
+    eval_bins(&args, &m, threads, &out, &mut targets)?;
+    eval_pairs(&args, &m, threads, &out, &mut targets)?;
+    eval_ijb(&args, &m, threads, &out, &mut targets)?;
+    let config_ref = FileRef::new(&m.config_file).ok();
+    let report = EvalReport {
+        model: FileRef::new(&m.checkpoint)?,
+        model_config: config_ref,
+        options: serde_json::to_value(&args)?,
+        device: format!("{device:?}"),
+        targets,
+    };
+    report.write(&out)?;
+    print!("{}", report.to_text());
+    println!("\nreport: {}", out.join("report.txt").display());
+    Ok(())
+}
+
+/// Refuse argument combinations that cannot be evaluated.
+fn check_args(args: &Args) -> Result<()> {
+    ensure!(
+        !(args.bins.is_empty() && args.pairs.is_empty() && args.ijb.is_empty()),
+        "nothing to evaluate: give --bin FILE.bin, --pairs pairs.txt --images DIR, or --ijb DIR --target IJBC"
+    );
+    ensure!(args.batch_size > 0, "--batch-size must be at least 1");
+    if args.images.len() > 1 && args.images.len() != args.pairs.len() {
+        bail!(
+            "{} --images for {} --pairs: give one for all or one per list",
+            args.images.len(),
+            args.pairs.len()
+        );
+    }
+    if args.targets.len() > 1 && args.targets.len() != args.ijb.len() {
+        bail!(
+            "{} --target for {} --ijb: give one for all or one per folder",
+            args.targets.len(),
+            args.ijb.len()
+        );
+    }
+    Ok(())
+}
+
+/// The `--bin` packs.
+fn eval_bins(
+    args: &Args,
+    m: &LoadedModel,
+    threads: usize,
+    out: &Path,
+    targets: &mut Vec<TargetReport>,
+) -> Result<()> {
+    let size = m.input_size();
     for bin in &args.bins {
         let t0 = Instant::now();
         let name = stem(bin);
@@ -250,7 +282,7 @@ pub fn run(args: Args) -> Result<()> {
             .decode(size, m.fit, threads, &|| pb.inc(1))
             .with_context(|| bin.display().to_string())?;
         pb.finish_and_clear();
-        let (v, xnorm, roc) = verify_set(&m, &images, &pack.pair_set(), args.batch_size, &name)?;
+        let (v, xnorm, roc) = verify_set(m, &images, &pack.pair_set(), args.batch_size, &name)?;
         targets.push(finish(
             &name,
             "bin",
@@ -259,12 +291,24 @@ pub fn run(args: Args) -> Result<()> {
             images.size()[0] as usize,
             Some((v, xnorm)),
             &roc,
-            &out,
+            out,
             t0,
         )?);
-        eprint!("{}", last_text(&targets));
+        eprint!("{}", last_text(targets));
     }
 
+    Ok(())
+}
+
+/// The `--pairs` lists.
+fn eval_pairs(
+    args: &Args,
+    m: &LoadedModel,
+    threads: usize,
+    out: &Path,
+    targets: &mut Vec<TargetReport>,
+) -> Result<()> {
+    let size = m.input_size();
     for (i, pairs_file) in args.pairs.iter().enumerate() {
         let t0 = Instant::now();
         let name = stem(pairs_file);
@@ -276,7 +320,7 @@ pub fn run(args: Args) -> Result<()> {
         let pb = bar(set.images.len() as u64, format!("{name}: decoding"));
         let images = set.decode(size, m.fit, threads, &|| pb.inc(1))?;
         pb.finish_and_clear();
-        let (v, xnorm, roc) = verify_set(&m, &images, &set.pairs, args.batch_size, &name)?;
+        let (v, xnorm, roc) = verify_set(m, &images, &set.pairs, args.batch_size, &name)?;
         targets.push(finish(
             &name,
             "pairs",
@@ -285,12 +329,24 @@ pub fn run(args: Args) -> Result<()> {
             set.images.len(),
             Some((v, xnorm)),
             &roc,
-            &out,
+            out,
             t0,
         )?);
-        eprint!("{}", last_text(&targets));
+        eprint!("{}", last_text(targets));
     }
 
+    Ok(())
+}
+
+/// The `--ijb` folders.
+fn eval_ijb(
+    args: &Args,
+    m: &LoadedModel,
+    threads: usize,
+    out: &Path,
+    targets: &mut Vec<TargetReport>,
+) -> Result<()> {
+    let size = m.input_size();
     let opts = IjbOptions {
         flip: !args.ijb_no_flip,
         norm_score: !args.ijb_no_norm_score,
@@ -326,23 +382,12 @@ pub fn run(args: Args) -> Result<()> {
             res.images,
             None,
             roc,
-            &out,
+            out,
             t0,
         )?);
-        eprint!("{}", last_text(&targets));
+        eprint!("{}", last_text(targets));
     }
 
-    let config_ref = FileRef::new(&m.config_file).ok();
-    let report = EvalReport {
-        model: FileRef::new(&m.checkpoint)?,
-        model_config: config_ref,
-        options: serde_json::to_value(&args)?,
-        device: format!("{device:?}"),
-        targets,
-    };
-    report.write(&out)?;
-    print!("{}", report.to_text());
-    println!("\nreport: {}", out.join("report.txt").display());
     Ok(())
 }
 
