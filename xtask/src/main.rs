@@ -38,6 +38,7 @@ commands:
         --nnodes M --node-rank K --master-addr HOST --master-port P
                                ... as node K of M machines (run the same command on each)
   test [cargo test args]       set up libtorch, then run the whole test suite (release profile)
+  clippy [cargo clippy args]   set up libtorch, then lint every target with warnings as errors (CI)
   run [facerec args]           set up libtorch, then run the `facerec` binary with any subcommand
   bench [criterion args]       set up libtorch, then run the criterion benchmarks
   bench-<name> [args]          set up libtorch, then run benches/src/bin/bench-<name>.rs (ours vs a reference)
@@ -169,6 +170,11 @@ fn run() -> Result<ExitCode> {
                 cmd.arg("--workspace");
             }
             cmd.args(&args);
+        }
+        "clippy" => {
+            cmd.args(["clippy", "--release", "--workspace", "--all-targets"]);
+            cmd.args(&args);
+            cmd.args(["--", "-D", "warnings"]);
         }
         "bench" => {
             cmd.args([

@@ -124,7 +124,7 @@ impl Setup {
 
     fn zero_grad(&mut self) {
         for v in self.vs.trainable_variables().iter_mut() {
-            let _ = v.zero_grad();
+            v.zero_grad();
         }
     }
 

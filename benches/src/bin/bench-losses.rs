@@ -222,6 +222,7 @@ impl Case {
 }
 
 /// What is timed: a margin head followed by the cross-entropy, or a GCE loss.
+#[allow(clippy::large_enum_variant)] // a handful of values, built once per bench row
 enum Loss {
     Head(Box<dyn MarginHead>),
     Gce(Gce),

@@ -194,7 +194,7 @@ fn config(net: &Net, args: &Args, device: Device, precision: Precision) -> Resul
         .get_mut("train")
         .and_then(|t| t.as_table_mut())
         .context("[train]")?;
-    train.insert("batch_size".into(), (net.batch as i64).into());
+    train.insert("batch_size".into(), net.batch.into());
     train.insert("grad_clip".into(), 5.0.into());
     let device_name = match device {
         Device::Cuda(i) => format!("cuda:{i}"),

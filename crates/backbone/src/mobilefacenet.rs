@@ -134,6 +134,8 @@ impl ModuleT for DepthWise {
 }
 
 /// One entry of arcface_torch's `layers` ModuleList.
+// Built once per model and walked in order; boxing the larger variants would only add indirection.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Stage {
     /// A plain `ConvBlock`.

@@ -625,7 +625,7 @@ pub fn reimprint(
         .to_kind(w.kind());
     let mut new = normalize_rows(&(normalize_rows(&w) * (1.0 - beta) + mu * beta));
     if norm == ReimprintNorm::Keep {
-        new = new * w.norm_scalaropt_dim(2, [1], true);
+        new *= w.norm_scalaropt_dim(2, [1], true);
     }
     let mut target = weight_cd.shallow_clone();
     let _ = target.index_copy_(0, &idx, &new);

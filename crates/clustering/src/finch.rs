@@ -106,7 +106,7 @@ pub fn finch(emb_nd: &Tensor, cfg: &FinchConfig) -> Vec<Vec<i64>> {
         .unwrap();
         let mut uf = UnionFind::new(count);
         for (i, (&j, &s)) in nn.iter().zip(&sim).enumerate() {
-            if cfg.threshold.map_or(true, |t| s >= t) {
+            if cfg.threshold.is_none_or(|t| s >= t) {
                 uf.union(i, j as usize);
             }
         }

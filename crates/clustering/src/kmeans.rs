@@ -174,7 +174,7 @@ pub fn cosine_kmeans(emb_nd: &Tensor, cfg: &KMeansConfig) -> KMeansResult {
         let run = lloyd(&x, cfg, cfg.seed.wrapping_add(start));
         if best_run
             .as_ref()
-            .map_or(true, |b| run.mean_cosine > b.mean_cosine)
+            .is_none_or(|b| run.mean_cosine > b.mean_cosine)
         {
             best_run = Some(run);
         }
@@ -192,7 +192,7 @@ fn lloyd(x: &Tensor, cfg: &KMeansConfig, seed: u64) -> KMeansResult {
     let mut iterations = 0;
     for _ in 0..cfg.max_iter {
         iterations += 1;
-        let sums = Tensor::zeros([k, d], (x.kind(), x.device())).index_add(0, &idx, &x);
+        let sums = Tensor::zeros([k, d], (x.kind(), x.device())).index_add(0, &idx, x);
         let counts = idx.bincount(None::<&Tensor>, k);
         let empty: Vec<i64> = Vec::try_from(counts.eq(0).nonzero().view([-1])).unwrap_or_default();
         centres = normalize(&sums);

@@ -172,7 +172,7 @@ impl Loader {
             Sampler::Uniform => Vec::new(),
             Sampler::IdentityBalanced { k } => {
                 assert!(
-                    k > 0 && cfg.batch_size % k == 0,
+                    k > 0 && cfg.batch_size.is_multiple_of(k),
                     "P x K sampler: batch_size {} must be a positive multiple of k = {k}",
                     cfg.batch_size
                 );

@@ -369,7 +369,7 @@ pub fn image_features(
             let x = crate::images::normalize(&images.narrow(0, b0, batch_size.min(n - b0)));
             let mut f = model(&x).to_kind(Kind::Float);
             if opts.flip {
-                f = f + model(&x.flip([3])).to_kind(Kind::Float);
+                f += model(&x.flip([3])).to_kind(Kind::Float);
             }
             feats.push(f.to_device(Device::Cpu));
             tick(x.size()[0] as u64);
@@ -381,7 +381,7 @@ pub fn image_features(
     }
     if opts.detector_score {
         let s: Vec<f32> = meta.faces.iter().map(|f| f.score as f32).collect();
-        f = f * Tensor::from_slice(&s).unsqueeze(1);
+        f *= Tensor::from_slice(&s).unsqueeze(1);
     }
     Ok(f)
 }

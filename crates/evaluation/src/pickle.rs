@@ -250,7 +250,7 @@ impl Machine<'_> {
 
     fn set_items(&mut self, items: Vec<Value>) -> Result<()> {
         ensure!(
-            items.len() % 2 == 0,
+            items.len().is_multiple_of(2),
             "SETITEMS with an odd number ({}) of keys and values",
             items.len()
         );

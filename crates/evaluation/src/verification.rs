@@ -103,7 +103,7 @@ pub fn kfold(n: usize, folds: usize) -> Vec<Range<usize>> {
 /// If `dim == 0` or `emb.len()` is not a multiple of `2 * dim`.
 pub fn squared_distances(emb: &[f32], dim: usize) -> Vec<f64> {
     assert!(
-        dim > 0 && emb.len() % (2 * dim) == 0,
+        dim > 0 && emb.len().is_multiple_of(2 * dim),
         "squared_distances: {} floats do not form pairs of {dim}-dim rows",
         emb.len()
     );

@@ -25,14 +25,14 @@ fn labels_of(sizes: &[usize]) -> Vec<usize> {
     sizes
         .iter()
         .enumerate()
-        .flat_map(|(c, &n)| std::iter::repeat(c).take(n))
+        .flat_map(|(c, &n)| std::iter::repeat_n(c, n))
         .collect()
 }
 
 #[test]
 fn counts_validity_and_determinism() {
     let labels = labels_of(&[3, 2, 4, 1, 5, 5, 6]);
-    let pos = 3 + 1 + 6 + 0 + 10 + 10 + 15;
+    let pos = (3 + 1 + 6) + 10 + 10 + 15;
     let pairs = balanced_pairs(&labels, 7);
     check(&labels, &pairs, pos);
     assert_eq!(pairs, balanced_pairs(&labels, 7));

@@ -212,10 +212,10 @@ fn fused(
     }
     let mut s = cos_bc.reshape([-1]).dot(&gamma_bc.view([-1]));
     if t_b1.requires_grad() {
-        s = s + (&g_y_b1 * &t_b1).sum(kind);
+        s += (&g_y_b1 * &t_b1).sum(kind);
     }
     if let Some(v) = v_b1 {
-        s = s + (v * &r_b1).sum(kind);
+        s += (v * &r_b1).sum(kind);
     }
     loss0 + (&s - s.detach())
 }

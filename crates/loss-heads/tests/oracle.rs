@@ -426,7 +426,8 @@ fn stateful_heads_match_the_oracle() {
     use facerec_loss_heads::{AdaFaceConfig, CurricularFaceConfig};
     use std::collections::HashMap;
     let norms = vec![3.0, 0.5, 12.0, 7.5, 1.25, 20.0];
-    let mut cases: Vec<(String, HeadConfig, Vec<(&str, f64)>, Option<Vec<f64>>)> = Vec::new();
+    type Case<'a> = (String, HeadConfig, Vec<(&'a str, f64)>, Option<Vec<f64>>);
+    let mut cases: Vec<Case> = Vec::new();
     for t in [0.0, 0.4, 0.9] {
         let cfg = HeadConfig::Curricularface(CurricularFaceConfig {
             s: 64.0,

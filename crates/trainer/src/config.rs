@@ -689,7 +689,7 @@ impl Config {
             bail!("config key `train.batch_size`: must be at least 1");
         }
         if self.loader.images_per_identity > 0
-            && t.batch_size % self.loader.images_per_identity != 0
+            && !t.batch_size.is_multiple_of(self.loader.images_per_identity)
         {
             bail!(
                 "config key `loader.images_per_identity`: train.batch_size {} is not a multiple of {}",

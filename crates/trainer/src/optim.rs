@@ -285,7 +285,7 @@ fn sgd_update(
         grad.shallow_clone()
     };
     if let Some(m) = mask {
-        d = d * m;
+        d *= m;
     }
     if momentum == 0.0 {
         return d;

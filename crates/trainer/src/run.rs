@@ -336,18 +336,20 @@ impl<'a> Trainer<'a> {
         self.guard_nonfinite(outcome)?;
         self.window.busy += t.elapsed().as_secs_f64();
         self.progress.set(self.st.step as u64);
-        if self.st.step % self.cfg.train.log_every.max(1) == 0 || self.st.step == self.total_steps {
+        if self.st.step.is_multiple_of(self.cfg.train.log_every.max(1))
+            || self.st.step == self.total_steps
+        {
             self.log_window(epoch, outcome);
         }
         let every = self.cfg.checkpoint.every_steps;
         let epoch_done = self.st.batch_in_epoch == 0;
         if self.st.step < self.total_steps
-            && ((every > 0 && self.st.step % every == 0) || (every == 0 && epoch_done))
+            && ((every > 0 && self.st.step.is_multiple_of(every)) || (every == 0 && epoch_done))
         {
             self.save_checkpoint()?;
         }
         if self.cfg.eval.every_steps > 0
-            && self.st.step % self.cfg.eval.every_steps == 0
+            && self.st.step.is_multiple_of(self.cfg.eval.every_steps)
             && self.st.step < self.total_steps
         {
             let e0 = Instant::now();

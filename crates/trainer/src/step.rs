@@ -14,6 +14,10 @@ use facerec_data::EpochIter;
 use std::time::Instant;
 use tch::{Device, Tensor};
 
+/// Loss, the classifier rows it may change and the objective's metrics, of one or several
+/// micro-batches.
+type MicroResult = (f64, Option<Tensor>, Vec<(&'static str, f64)>);
+
 /// What one optimiser step did.
 pub struct StepOutcome {
     /// Learning rate of the step.
@@ -118,7 +122,7 @@ impl StepPlan<'_> {
         st: &mut State,
         objective: &mut dyn Objective,
         mut buffers: Vec<(Tensor, Tensor)>,
-        micro: (f64, Option<Tensor>, Vec<(&'static str, f64)>),
+        micro: MicroResult,
         lr: f64,
         window: &mut Window,
     ) -> Result<StepOutcome> {
@@ -154,7 +158,7 @@ impl StepPlan<'_> {
         objective: &mut dyn Objective,
         batches: &mut EpochIter,
         window: &mut Window,
-    ) -> Result<(f64, Option<Tensor>, Vec<(&'static str, f64)>)> {
+    ) -> Result<MicroResult> {
         let accumulation = self.cfg.train.grad_accumulation;
         let mut loss_v = 0.0;
         let mut row_mask: Option<Tensor> = None;
@@ -194,7 +198,7 @@ impl StepPlan<'_> {
         y: &Tensor,
         images: &[usize],
         accumulation: usize,
-    ) -> (f64, Option<Tensor>, Vec<(&'static str, f64)>) {
+    ) -> MicroResult {
         objective.set_batch_images(images);
         let micro = objective.loss(&st.model(self.cfg.train.precision, self.num_classes), x, y);
         let loss = micro.loss / accumulation as f64;

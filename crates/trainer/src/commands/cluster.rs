@@ -187,7 +187,7 @@ fn assign_clusters(
                 n_images
             );
             let r = cosine_kmeans(
-                &emb,
+                emb,
                 &KMeansConfig {
                     k,
                     seed: args.seed,
@@ -204,7 +204,7 @@ fn assign_clusters(
                 threshold: args.threshold,
                 ..Default::default()
             };
-            let parts = finch(&emb, &cfg);
+            let parts = finch(emb, &cfg);
             let sizes: Vec<usize> = parts
                 .iter()
                 .map(|p| p.iter().max().map_or(0, |&x| x as usize + 1))
@@ -218,7 +218,7 @@ fn assign_clusters(
                         .find(|p| p.iter().max().map_or(0, |&x| x as usize + 1) >= k)
                         .map(|p| p.as_slice())
                         .unwrap_or_else(|| select(&parts, FinchSelect::Level(0)));
-                    let out = refine_to_k(&emb, start, k);
+                    let out = refine_to_k(emb, start, k);
                     (out, format!("FINCH levels {sizes:?}, refined to k = {k}"))
                 }
                 (None, Some(t)) => (
@@ -243,7 +243,7 @@ fn assign_clusters(
             };
             cfg.validate().context("--knn / --threshold")?;
             (
-                knn_graph_clusters(&emb, &cfg),
+                knn_graph_clusters(emb, &cfg),
                 format!("kNN graph, k = {}, threshold {threshold}", args.knn),
             )
         }

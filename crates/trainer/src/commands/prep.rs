@@ -244,6 +244,32 @@ fn check(
     bail!("{}: {} bad records", set.rec_path().display(), bad.len())
 }
 
+/// `prep lfw`: resolve an LFW pairs file over `images` (View 1 or View 2) into the order whose 10
+/// contiguous folds (how a pack is read) each hold a tenth of the matched and of the mismatched pairs,
+/// and write the pairs as an insightface `.bin` (see `facerec_data::verification_pack`).
+pub fn pack_lfw(
+    images: &Path,
+    pairs_file: &Path,
+    out: &Path,
+    quality: u8,
+    size: Option<usize>,
+) -> Result<LfwPackSummary> {
+    // A pack carries no sets: it is always read with 10 contiguous folds, so the pairs are ordered
+    // for 10 folds that each hold both kinds (View 1 and View 2 files keep their usual order; a list
+    // of 5 sets is interleaved instead of giving folds of one kind).
+    let list = LfwPairs::read(pairs_file)?;
+    let folds = facerec_evaluation::PROTOCOL_FOLDS
+        .min(list.matched())
+        .min(list.pairs.len() - list.matched())
+        .max(1);
+    let set = list
+        .resolve_with_folds(images, folds)
+        .with_context(|| format!("pairs file {}", pairs_file.display()))?;
+    let pairs: Vec<(usize, usize, bool)> =
+        set.pairs.pairs.iter().map(|p| (p.a, p.b, p.same)).collect();
+    pack_pairs(&set.images, &pairs, out, quality, size)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -372,30 +398,4 @@ mod tests {
         );
         assert!(err.contains("1 bad records"), "{err}");
     }
-}
-
-/// `prep lfw`: resolve an LFW pairs file over `images` (View 1 or View 2) into the order whose 10
-/// contiguous folds (how a pack is read) each hold a tenth of the matched and of the mismatched pairs,
-/// and write the pairs as an insightface `.bin` (see `facerec_data::verification_pack`).
-pub fn pack_lfw(
-    images: &Path,
-    pairs_file: &Path,
-    out: &Path,
-    quality: u8,
-    size: Option<usize>,
-) -> Result<LfwPackSummary> {
-    // A pack carries no sets: it is always read with 10 contiguous folds, so the pairs are ordered
-    // for 10 folds that each hold both kinds (View 1 and View 2 files keep their usual order; a list
-    // of 5 sets is interleaved instead of giving folds of one kind).
-    let list = LfwPairs::read(pairs_file)?;
-    let folds = facerec_evaluation::PROTOCOL_FOLDS
-        .min(list.matched())
-        .min(list.pairs.len() - list.matched())
-        .max(1);
-    let set = list
-        .resolve_with_folds(images, folds)
-        .with_context(|| format!("pairs file {}", pairs_file.display()))?;
-    let pairs: Vec<(usize, usize, bool)> =
-        set.pairs.pairs.iter().map(|p| (p.a, p.b, p.same)).collect();
-    pack_pairs(&set.images, &pairs, out, quality, size)
 }

@@ -158,12 +158,12 @@ impl Objective for ClusterGuidedObjective {
                 });
                 let scc = scc_loss(&emb, y, &self.centres, self.cfg.scc.scale, extra.as_ref());
                 metrics.push(("loss_scc", f64::try_from(&scc).unwrap_or(f64::NAN)));
-                loss = loss + scc * self.cfg.scc.weight;
+                loss += scc * self.cfg.scc.weight;
             }
             if self.cfg.align.uses_loss() {
                 let align = align_loss(model.classifier.weight(), y, &self.centres);
                 metrics.push(("loss_align", f64::try_from(&align).unwrap_or(f64::NAN)));
-                loss = loss + align * self.cfg.align.weight;
+                loss += align * self.cfg.align.weight;
             }
             if let Some(alpha) = self.cfg.scc.ema {
                 self.centres.ema_update(&emb, y, alpha);
@@ -183,7 +183,7 @@ impl Objective for ClusterGuidedObjective {
         model: &Model,
         data: &dyn TrainingSet,
     ) -> Result<Option<String>> {
-        let due = epoch > 0 && epoch % self.cfg.refresh_every_epochs == 0;
+        let due = epoch > 0 && epoch.is_multiple_of(self.cfg.refresh_every_epochs);
         if !due || self.last_refresh == epoch as i64 {
             return Ok(None);
         }
