@@ -434,9 +434,9 @@ impl<'a> Trainer<'a> {
     /// one checkpoint once every rank has reached this point, and the others wait for it.
     fn save_checkpoint(&self) -> Result<PathBuf> {
         self.world.barrier()?;
-        let order_fp = checkpoint::fingerprint(&self.loader.epoch_order(self.st.epoch));
         let parent = self.run_dir.join("checkpoints");
         let saved = if self.world.is_main() {
+            let order_fp = checkpoint::fingerprint(&self.loader.epoch_order(self.st.epoch));
             checkpoint::save(
                 &parent,
                 &self.facts.meta(&self.st, order_fp),

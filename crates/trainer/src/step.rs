@@ -224,7 +224,7 @@ impl StepPlan<'_> {
         }
         let params: Vec<Tensor> = st.opt.params().map(Tensor::shallow_clone).collect();
         self.world.average_gradients(&params)?;
-        Ok((self.world.mean(loss)?, self.world.union_rows(row_mask)?))
+        self.world.reduce_loss_and_rows(loss, row_mask)
     }
 
     /// Unscale the gradients, check them, and update: clip the backbone's gradient norm

@@ -127,30 +127,31 @@ impl World {
             .context("averaging the gradients")
     }
 
-    /// The mean of `v` over all ranks (a NaN anywhere makes it NaN everywhere).
-    pub fn mean(&self, v: f64) -> Result<f64> {
-        let Some(pg) = &self.group else { return Ok(v) };
-        let mut t = Tensor::from_slice(&[v]);
+    /// The step's loss averaged over the ranks (a NaN anywhere makes it NaN everywhere) and the
+    /// union of the classifier rows the ranks' micro-batches may change (element-wise max of the
+    /// masks; `None` = every row, when any rank has no mask). One all-reduce carries the loss and
+    /// whether a mask is absent, a second the masks when every rank has one.
+    pub fn reduce_loss_and_rows(
+        &self,
+        loss: f64,
+        mask: Option<Tensor>,
+    ) -> Result<(f64, Option<Tensor>)> {
+        let Some(pg) = &self.group else {
+            return Ok((loss, mask));
+        };
+        let mut t = Tensor::from_slice(&[loss, f64::from(u8::from(mask.is_none()))]);
         pg.all_reduce(&mut t, ReduceOp::Sum)
             .context("summing the step's loss")?;
-        Ok(f64::try_from(&t)? / self.size as f64)
-    }
-
-    /// The union over ranks of the classifier rows a step may change (element-wise max of the
-    /// masks; `None` = every row, on any rank).
-    pub fn union_rows(&self, mask: Option<Tensor>) -> Result<Option<Tensor>> {
-        let Some(pg) = &self.group else {
-            return Ok(mask);
-        };
-        // Every rank must issue the same collective: an absent mask counts as all rows.
-        let any_all = self.mean(if mask.is_none() { 1.0 } else { 0.0 })? > 0.0;
-        if any_all {
-            return Ok(None);
+        let sums: Vec<f64> = Vec::try_from(&t)?;
+        let mean = sums[0] / self.size as f64;
+        // Every rank takes the same branch: the count of absent masks is global.
+        if sums[1] > 0.0 {
+            return Ok((mean, None));
         }
         let mut m = mask.expect("no rank has an absent mask").contiguous();
         pg.all_reduce(&mut m, ReduceOp::Max)
             .context("uniting the Partial FC row masks")?;
-        Ok(Some(m))
+        Ok((mean, Some(m)))
     }
 
     /// Rank 0's `value` on every rank (through the rendezvous store; `value` is read on rank 0
