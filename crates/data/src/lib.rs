@@ -28,12 +28,13 @@ pub mod sampler;
 pub mod shared_data;
 pub mod source;
 pub mod synthetic;
+pub mod threads;
 pub mod verification_pack;
 
 pub use image_folder::{natural_cmp, ImageFolder};
 pub use input::Fit;
 pub use loader::{
-    cores, decode_parallel, load_all, thread_split, Batch, EpochIter, Loader, LoaderConfig, Shard,
+    decode_parallel, load_all, thread_split, Batch, EpochIter, Loader, LoaderConfig, Shard,
     ThreadSplit,
 };
 pub use options::LoaderOptions;
@@ -45,3 +46,4 @@ pub use rec_writer::{pack_image_folder, PackOptions, PackSummary};
 pub use sampler::Sampler;
 pub use source::Source;
 pub use synthetic::{SyntheticConfig, SyntheticFaces};
+pub use threads::cores;

@@ -26,6 +26,7 @@ use tch::{Device, Tensor};
 use crate::input::to_input_tensor;
 use crate::sampler::{group_by_label, pk_chunks, pk_order, Sampler};
 use crate::source::{hash_words, Source};
+use crate::threads::cores;
 
 /// Loader settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,12 +90,6 @@ pub fn thread_split(cores: usize, model_on_gpu: bool) -> ThreadSplit {
     }
 }
 
-/// The processor cores this process may use (`std::thread::available_parallelism`, 1 when
-/// unknown): the one place facerec reads it.
-pub fn cores() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
 impl Default for LoaderConfig {
     fn default() -> Self {
         Self {
@@ -103,8 +98,7 @@ impl Default for LoaderConfig {
             drop_last: true,
             flip: true,
             max_shift: 0,
-            workers: thread_split(crate::rec::default_threads(), tch::Cuda::is_available())
-                .decode_workers,
+            workers: thread_split(cores(), tch::Cuda::is_available()).decode_workers,
             prefetch: 4,
             seed: 2048,
             sampler: Sampler::Uniform,

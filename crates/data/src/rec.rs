@@ -45,6 +45,7 @@ use serde::{Deserialize, Serialize};
 use crate::input::{self, Fit};
 use crate::recordio::{parse_idx, parse_payload, read_record, scan_offsets, IrHeader};
 use crate::source::Source;
+use crate::threads::{cores, par_map};
 
 /// What to do with a record that does not parse, decode or validate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -344,7 +345,7 @@ impl RecordIo {
         };
 
         // Read every image header (in parallel: on a large set this touches one page per record).
-        let headers = par_map(image_keys.len(), default_threads(), |i| {
+        let headers = par_map(image_keys.len(), cores(), |i| {
             let (key, offset) = image_keys[i];
             image_label(&map, offset)
                 .map(|l| (key, offset, l))
@@ -592,25 +593,4 @@ pub(crate) fn log_bad(file: &str, bad: &[BadRecord], what: &str) {
         eprintln!("{file}: ... and {} more bad records", bad.len() - 20);
     }
     eprintln!("{file}: {} bad records {what}", bad.len());
-}
-
-/// Cores available to this process (at least 1).
-pub(crate) fn default_threads() -> usize {
-    crate::loader::cores()
-}
-
-/// `f(0..n)` on `threads` scoped threads (contiguous chunks), results in index order.
-pub(crate) fn par_map<T: Send>(n: usize, threads: usize, f: impl Fn(usize) -> T + Sync) -> Vec<T> {
-    let chunk = n.div_ceil(threads.max(1)).max(1);
-    std::thread::scope(|scope| {
-        let f = &f;
-        let handles: Vec<_> = (0..n)
-            .step_by(chunk)
-            .map(|lo| scope.spawn(move || (lo..(lo + chunk).min(n)).map(f).collect::<Vec<T>>()))
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().expect("a worker thread panicked"))
-            .collect()
-    })
 }

@@ -19,9 +19,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{ensure, Context, Result};
 
 use crate::image_folder::ImageFolder;
-use crate::rec::{default_threads, par_map};
 use crate::recordio::{encode_payload, IrHeader, RecordWriter};
 use crate::source::Source;
+use crate::threads::{cores, par_map};
 
 /// Options of [`pack_image_folder`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,7 +116,7 @@ pub fn pack_image_folder(images: &Path, out: &Path, opts: &PackOptions) -> Resul
     idx.push_str(&format!("0\t{offset}\n"));
 
     let threads = if opts.workers == 0 {
-        default_threads()
+        cores()
     } else {
         opts.workers
     };

@@ -21,8 +21,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{ensure, Context, Result};
 
-use crate::rec::{default_threads, par_map};
 use crate::rec_writer::{encode_jpeg, read_rgb};
+use crate::threads::{cores, par_map};
 
 /// The pickle bytes of `(bins, issame)` (see the module docs).
 pub fn encode_pickle(bins: &[Vec<u8>], issame: &[bool]) -> Vec<u8> {
@@ -82,7 +82,7 @@ pub fn pack_pairs(
         (1..=100).contains(&quality),
         "JPEG quality must be in 1..=100, got {quality}"
     );
-    let encoded = par_map(files.len(), default_threads(), |k| -> Result<Vec<u8>> {
+    let encoded = par_map(files.len(), cores(), |k| -> Result<Vec<u8>> {
         let path = &files[k];
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
         if bytes.starts_with(&[0xFF, 0xD8]) && image_size.is_none() {

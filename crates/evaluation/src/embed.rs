@@ -10,9 +10,6 @@ use tch::{Device, Kind, Tensor};
 use crate::pairs::{Pair, PairSet};
 use crate::verification::{verify_distances, VerificationReport};
 
-/// Number of folds of the insightface protocol.
-pub const PROTOCOL_FOLDS: usize = 10;
-
 /// Embed images with the flip test and normalise: `e = normalize(f(x) + f(flip_w(x)))`.
 ///
 /// `model` maps a `[b, 3, H, W]` batch to `[b, D]` (put the model in eval mode, e.g.

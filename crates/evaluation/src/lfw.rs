@@ -153,7 +153,7 @@ impl LfwPairs {
         if self.sets > 1 {
             self.sets
         } else {
-            crate::embed::PROTOCOL_FOLDS.min(self.per_set)
+            crate::pairs::PROTOCOL_FOLDS.min(self.per_set)
         }
     }
 

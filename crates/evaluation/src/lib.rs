@@ -22,10 +22,10 @@ pub mod roc;
 pub mod verification;
 
 pub use bin_pack::BinPack;
-pub use embed::{embed_with_flip, l2_normalize, pair_distances, verify_images, PROTOCOL_FOLDS};
+pub use embed::{embed_with_flip, l2_normalize, pair_distances, verify_images};
 pub use images::Fit;
 pub use lfw::{LfwPairs, LfwSet};
-pub use pairs::{balanced_pairs, Pair, PairSet};
+pub use pairs::{balanced_pairs, Pair, PairSet, PROTOCOL_FOLDS};
 pub use roc::{Roc, RocReport, TarAtFar, FAR_TARGETS};
 pub use verification::{
     squared_distances, val_at_far, verify, verify_distances, ValFar, VerificationReport,

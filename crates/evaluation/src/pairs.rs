@@ -18,6 +18,9 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+/// Number of folds of the insightface protocol.
+pub const PROTOCOL_FOLDS: usize = 10;
+
 /// One verification pair: item indices `a` and `b` (`a < b` for generated pairs) and whether they share a
 /// label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -40,11 +43,11 @@ pub struct PairSet {
 
 impl PairSet {
     /// A list without sets of its own (a `.bin` pack, [`balanced_pairs`]): insightface's 10 contiguous
-    /// folds ([`crate::PROTOCOL_FOLDS`]).
+    /// folds ([`PROTOCOL_FOLDS`]).
     pub fn contiguous(pairs: Vec<Pair>) -> Self {
         Self {
             pairs,
-            folds: crate::embed::PROTOCOL_FOLDS,
+            folds: PROTOCOL_FOLDS,
         }
     }
 

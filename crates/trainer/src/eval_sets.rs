@@ -4,6 +4,7 @@
 use crate::config::{Config, EvalTarget, SourceConfig};
 use crate::log::Logger;
 use crate::sources::open_source;
+use crate::summary::TargetResult;
 use anyhow::{bail, Context, Result};
 use facerec_backbone::Backbone;
 use facerec_data::Fit;
@@ -11,26 +12,8 @@ use facerec_evaluation::images::{decode_all, normalize};
 use facerec_evaluation::{
     balanced_pairs, verify_images, BinPack, LfwPairs, PairSet, VerificationReport,
 };
-use serde::Serialize;
 use std::path::Path;
 use tch::{nn::ModuleT, Device, Tensor};
-
-/// Verification result of one target.
-#[derive(Debug, Clone, Serialize)]
-pub struct TargetResult {
-    /// The target's name.
-    pub name: String,
-    /// Identities (0 for a fixed pair list, `.bin` or `pairs.txt`, whose identities are not known).
-    pub identities: usize,
-    /// Images.
-    pub images: usize,
-    /// The model's verification.
-    pub model: VerificationReport,
-    /// Mean L2 norm of the un-normalised embeddings.
-    pub xnorm: f64,
-    /// The same pairs verified on raw pixels (cosine of the flattened, flip-summed input).
-    pub raw_pixels: VerificationReport,
-}
 
 /// An evaluation set held in memory: Uint8 images `[N, 3, S, S]` (normalised batch by batch) and
 /// the pairs over them.

@@ -30,6 +30,6 @@ pub mod summary;
 pub mod world;
 
 pub use config::Config;
-pub use eval_sets::TargetResult;
 pub use run::{train, RunOptions};
 pub use summary::RunSummary;
+pub use summary::TargetResult;

@@ -2,8 +2,8 @@
 //! terminal, plain lines otherwise. Vocabulary follows arcface_torch: samples/sec, loss, lr,
 //! epoch, global step, ETA, plus the fraction of step time spent waiting for data.
 
-use crate::eval_sets::TargetResult;
 use crate::summary::RunSummary;
+use crate::summary::TargetResult;
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::fs::File;

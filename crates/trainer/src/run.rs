@@ -13,7 +13,7 @@ use crate::eval_sets::{self, EvalSet};
 use crate::log::{Logger, Progress};
 use crate::objective::Objective;
 use crate::schedule::Schedule;
-use crate::sources::{check_labels, open_source, training_loader, SourceSet};
+use crate::sources::{check_labels, default_workspace, open_source, training_loader, SourceSet};
 use crate::state::{optimizer_name, ResumePoint, RunFacts, State};
 use crate::step::{StepOutcome, StepPlan, Window};
 use crate::summary::RunSummary;
@@ -45,16 +45,6 @@ impl Default for RunOptions {
             resume: None,
         }
     }
-}
-
-/// The workspace: the current directory when `../shared/data` is beside it, else the source tree
-/// this binary was built from.
-pub fn default_workspace() -> PathBuf {
-    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
-    if cwd.join("../shared/data").is_dir() || cwd.join("Cargo.toml").is_file() {
-        return cwd;
-    }
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
 /// Train as `cfg` says (or continue the run in `opts.resume`). Returns the summary; everything is
@@ -454,7 +444,7 @@ impl<'a> Trainer<'a> {
     }
 
     /// Verify on every evaluation set, log it and keep the best accuracies.
-    fn evaluate(&mut self) -> Vec<crate::eval_sets::TargetResult> {
+    fn evaluate(&mut self) -> Vec<crate::summary::TargetResult> {
         let results = eval_sets::evaluate(
             &self.st.backbone,
             self.device,

@@ -9,7 +9,7 @@ use facerec_data::{
     SyntheticFaces,
 };
 use facerec_evaluation::images::{decode_all, normalize};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tch::{Device, Tensor};
 
@@ -140,4 +140,14 @@ impl crate::objective::TrainingSet for SourceSet {
         )?;
         Ok(normalize(&u8.to_device(self.device)))
     }
+}
+
+/// The workspace: the current directory when `../shared/data` is beside it, else the source tree
+/// this binary was built from.
+pub fn default_workspace() -> PathBuf {
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+    if cwd.join("../shared/data").is_dir() || cwd.join("Cargo.toml").is_file() {
+        return cwd;
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }

@@ -1,6 +1,6 @@
 //! What a finished run reports (`summary.json` and the closing table).
 
-use crate::eval_sets::TargetResult;
+use facerec_evaluation::VerificationReport;
 use serde::Serialize;
 use std::path::PathBuf;
 
@@ -21,4 +21,21 @@ pub struct RunSummary {
     pub targets: Vec<TargetResult>,
     /// Targets skipped because their data is missing.
     pub skipped_targets: Vec<String>,
+}
+
+/// Verification result of one target.
+#[derive(Debug, Clone, Serialize)]
+pub struct TargetResult {
+    /// The target's name.
+    pub name: String,
+    /// Identities (0 for a fixed pair list, `.bin` or `pairs.txt`, whose identities are not known).
+    pub identities: usize,
+    /// Images.
+    pub images: usize,
+    /// The model's verification.
+    pub model: VerificationReport,
+    /// Mean L2 norm of the un-normalised embeddings.
+    pub xnorm: f64,
+    /// The same pairs verified on raw pixels (cosine of the flattened, flip-summed input).
+    pub raw_pixels: VerificationReport,
 }

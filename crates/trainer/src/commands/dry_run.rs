@@ -312,7 +312,7 @@ pub fn from_config(cfg: &Config) -> Result<DryRun> {
         Some(n) => n,
         None => {
             let size = cfg.model.input_size() as usize;
-            let workspace = crate::run::default_workspace();
+            let workspace = crate::sources::default_workspace();
             crate::sources::open_source(
                 &cfg.data,
                 size,
