@@ -26,6 +26,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::Instant;
 
+mod imports;
+
 const TORCH_VERSION: &str = "2.13.0";
 const READY_MARKER: &str = ".facerec-ready";
 
@@ -45,6 +47,7 @@ commands:
   <other> [args]               any other `facerec` subcommand, e.g. `cargo xtask eval --model RUN_DIR --bin lfw.bin`,
                                `export --model RUN_DIR --format safetensors --out F`, `plot --run RUN_DIR`
                                (inputs are named options: --model for a model, --run for a run's metrics)
+  imports                      list import circles between the files of each crate (none allowed)
   setup                        only find or provision libtorch, and print where it is
   env                          print the shell exports that plain `cargo` commands need
 
@@ -121,6 +124,18 @@ fn run() -> Result<ExitCode> {
     let mut cmd = Command::new(&cargo);
     cmd.current_dir(&root);
     match command.as_str() {
+        "imports" => {
+            let found = imports::circles(&root)?;
+            for circle in &found {
+                let names: Vec<String> = circle.iter().map(|f| f.display().to_string()).collect();
+                println!("import circle: {}", names.join(" <-> "));
+            }
+            if found.is_empty() {
+                println!("xtask: no import circles between files");
+                return Ok(ExitCode::SUCCESS);
+            }
+            return Ok(ExitCode::FAILURE);
+        }
         "setup" => {
             let torch = find_or_provision()?;
             println!("xtask: using {}", torch.describe());
