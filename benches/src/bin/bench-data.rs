@@ -19,7 +19,8 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use facerec_data::{
-    pack_image_folder, shared_data, Loader, LoaderConfig, PackOptions, RecOptions, RecordIo, Source,
+    pack_image_folder, shared_data, AugmentConfig, Loader, LoaderConfig, PackOptions, RecOptions,
+    RecordIo, Source,
 };
 use tch::Device;
 
@@ -43,6 +44,10 @@ struct Args {
     /// Only our loader.
     #[arg(long)]
     skip_python: bool,
+    /// Also time our loader with each `[augment]` operation at probability 1 (and all of them at
+    /// 0.5), one epoch each, and print the cost against no augmentation.
+    #[arg(long)]
+    augment: bool,
 }
 
 fn main() -> Result<()> {
@@ -84,32 +89,48 @@ fn main() -> Result<()> {
     tch::set_num_threads(1);
     let set = Arc::new(RecordIo::open(&rec_dir, 112, RecOptions::default())?);
     let n = set.len();
-    let loader = Loader::new(
-        set,
-        LoaderConfig {
-            batch_size: args.batch,
-            workers: args.workers,
-            prefetch: 4,
-            ..Default::default()
-        },
-    );
-    let run_epoch = |e: usize| -> Result<usize> {
-        let mut images = 0;
-        for batch in loader.epoch(e, 0) {
-            let (x, _) = batch?.to_tensors(Device::Cpu);
-            images += x.size()[0] as usize;
-        }
-        Ok(images)
+    let base = LoaderConfig {
+        batch_size: args.batch,
+        workers: args.workers,
+        prefetch: 4,
+        ..Default::default()
     };
-    run_epoch(0)?;
-    let t = Instant::now();
-    let images: usize = (1..=args.epochs).map(run_epoch).sum::<Result<usize>>()?;
-    let ours = images as f64 / t.elapsed().as_secs_f64();
+    let images_per_sec = |cfg: LoaderConfig, epochs: usize| -> Result<f64> {
+        let loader = Loader::new(set.clone(), cfg);
+        let run_epoch = |e: usize| -> Result<usize> {
+            let mut images = 0;
+            for batch in loader.epoch(e, 0) {
+                let (x, _) = batch?.to_tensors(Device::Cpu);
+                images += x.size()[0] as usize;
+            }
+            Ok(images)
+        };
+        run_epoch(0)?;
+        let t = Instant::now();
+        let images: usize = (1..=epochs).map(run_epoch).sum::<Result<usize>>()?;
+        Ok(images as f64 / t.elapsed().as_secs_f64())
+    };
+    let ours = images_per_sec(base.clone(), args.epochs)?;
     let cores = facerec_data::cores();
     println!(
         "facerec Loader (zune-jpeg, {} workers, batch {}, {n} images, {cores} cores): {ours:.0} images/s",
         args.workers, args.batch
     );
+    if args.augment {
+        for (name, augment) in augment_cases() {
+            let rate = images_per_sec(
+                LoaderConfig {
+                    augment,
+                    ..base.clone()
+                },
+                1,
+            )?;
+            println!(
+                "  with augment {name:<22} {rate:>6.0} images/s ({:.2}x the time of no augmentation)",
+                ours / rate
+            );
+        }
+    }
     if args.skip_python {
         return Ok(());
     }
@@ -148,6 +169,34 @@ fn main() -> Result<()> {
     );
     println!("ratio facerec / reference: {:.2}x", ours / theirs);
     Ok(())
+}
+
+/// Each augmentation alone at probability 1 (default ranges), then all at 0.5.
+fn augment_cases() -> Vec<(&'static str, AugmentConfig)> {
+    let one = |set: fn(&mut AugmentConfig)| {
+        let mut c = AugmentConfig::default();
+        set(&mut c);
+        c
+    };
+    vec![
+        ("crop_p = 1", one(|c| c.crop_p = 1.0)),
+        ("low_res_p = 1", one(|c| c.low_res_p = 1.0)),
+        ("blur_p = 1", one(|c| c.blur_p = 1.0)),
+        ("color_p = 1", one(|c| c.color_p = 1.0)),
+        ("grayscale_p = 1", one(|c| c.grayscale_p = 1.0)),
+        ("erase_p = 1", one(|c| c.erase_p = 1.0)),
+        (
+            "all at p = 0.5",
+            one(|c| {
+                c.crop_p = 0.5;
+                c.low_res_p = 0.5;
+                c.blur_p = 0.5;
+                c.color_p = 0.5;
+                c.grayscale_p = 0.5;
+                c.erase_p = 0.5;
+            }),
+        ),
+    ]
 }
 
 fn python() -> Result<PathBuf> {

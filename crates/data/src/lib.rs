@@ -17,6 +17,7 @@
 //! See `docs/data.md` for the synthetic face model, the RecordIO layouts and the loader's determinism
 //! rules.
 
+pub mod augment;
 pub mod image_folder;
 pub mod input;
 pub mod loader;
@@ -31,6 +32,7 @@ pub mod synthetic;
 pub mod threads;
 pub mod verification_pack;
 
+pub use augment::AugmentConfig;
 pub use image_folder::{natural_cmp, ImageFolder};
 pub use input::Fit;
 pub use loader::{

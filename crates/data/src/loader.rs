@@ -23,13 +23,14 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use tch::{Device, Tensor};
 
+use crate::augment::AugmentConfig;
 use crate::input::to_input_tensor;
 use crate::sampler::{group_by_label, pk_chunks, pk_order, Sampler};
 use crate::source::{hash_words, Source};
 use crate::threads::cores;
 
 /// Loader settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LoaderConfig {
     /// Images per batch. Default 128 (arcface_torch's per-GPU batch size).
     pub batch_size: usize,
@@ -51,6 +52,9 @@ pub struct LoaderConfig {
     pub seed: u64,
     /// Epoch order: [`Sampler::Uniform`] (default) or identity-balanced P x K.
     pub sampler: Sampler,
+    /// Crop, resampling, blur, colour, grayscale and erasing, drawn per (seed, epoch, image)
+    /// before the flip and the shift. Default: all off.
+    pub augment: AugmentConfig,
 }
 
 /// How many threads decode and how many libtorch uses; see [`thread_split`].
@@ -102,6 +106,7 @@ impl Default for LoaderConfig {
             prefetch: 4,
             seed: 2048,
             sampler: Sampler::Uniform,
+            augment: AugmentConfig::default(),
         }
     }
 }
@@ -293,6 +298,9 @@ impl Loader {
             source: self.source.clone(),
             order,
             augments,
+            augment: self.cfg.augment.clone(),
+            seed: self.cfg.seed,
+            epoch,
             batch_size: self.cfg.batch_size,
             skipped: self.skipped.clone(),
             failed: self.failed.clone(),
@@ -370,6 +378,9 @@ struct Job {
     source: Arc<dyn Source>,
     order: Vec<usize>,
     augments: Vec<Augment>,
+    augment: AugmentConfig,
+    seed: u64,
+    epoch: usize,
     batch_size: usize,
     skipped: Arc<AtomicU64>,
     failed: Arc<Mutex<BTreeSet<usize>>>,
@@ -404,6 +415,11 @@ impl Job {
                     continue;
                 }
                 Err(err) => return Err(err.context(format!("building batch {b}"))),
+            };
+            let image = if self.augment.is_active() {
+                self.augment.apply(image, s, self.seed, self.epoch, index)
+            } else {
+                image
             };
             batch.indices.push(index);
             if aug == Augment::default() {

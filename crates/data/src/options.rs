@@ -58,7 +58,7 @@ impl LoaderOptions {
     }
 
     /// The shuffled, last-batch-dropping training loader of batches of `batch_size` with the
-    /// run's `seed`, decoded by `workers` threads (the resolved count; [`LoaderOptions::workers`]
+    /// run's `seed` (no [`crate::AugmentConfig`] augmentation: the trainer sets its `[augment]`), decoded by `workers` threads (the resolved count; [`LoaderOptions::workers`]
     /// may be 0 = automatic).
     pub fn config(&self, batch_size: usize, seed: u64, workers: usize) -> LoaderConfig {
         LoaderConfig {
@@ -71,6 +71,7 @@ impl LoaderOptions {
             prefetch: self.prefetch,
             seed,
             sampler: self.sampler(),
+            augment: Default::default(),
         }
     }
 }

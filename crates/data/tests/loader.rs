@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Result};
 use facerec_data::{
-    load_all, Batch, Loader, LoaderConfig, Source, SyntheticConfig, SyntheticFaces,
+    load_all, AugmentConfig, Batch, Loader, LoaderConfig, Source, SyntheticConfig, SyntheticFaces,
 };
 use tch::{Device, Kind};
 
@@ -34,6 +34,7 @@ fn cfg(batch_size: usize, workers: usize) -> LoaderConfig {
         prefetch: 2,
         seed: 11,
         sampler: Default::default(),
+        augment: Default::default(),
     }
 }
 
@@ -50,6 +51,33 @@ fn mirror(img: &[u8], s: usize) -> Vec<u8> {
         }
     }
     out
+}
+
+#[test]
+fn augmented_batches_are_the_same_for_any_worker_count_and_on_resume() {
+    let src = synthetic(6, 7);
+    let augment = AugmentConfig {
+        crop_p: 0.5,
+        blur_p: 0.5,
+        color_p: 0.5,
+        erase_p: 0.5,
+        ..Default::default()
+    };
+    let with = |workers| LoaderConfig {
+        augment: augment.clone(),
+        ..cfg(5, workers)
+    };
+    let reference = collect(&Loader::new(src.clone(), with(1)), 1, 0);
+    assert_eq!(collect(&Loader::new(src.clone(), with(3)), 1, 0), reference);
+    // Resuming at batch 4 sees the batches the whole epoch had from there on.
+    assert_eq!(
+        collect(&Loader::new(src.clone(), with(2)), 1, 4),
+        reference[4..].to_vec()
+    );
+    // Same order, other pixels than without augmentation.
+    let plain = collect(&Loader::new(src, cfg(5, 1)), 1, 0);
+    assert_eq!(plain[0].indices, reference[0].indices);
+    assert_ne!(plain[0].images, reference[0].images);
 }
 
 #[test]

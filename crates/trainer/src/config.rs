@@ -54,6 +54,10 @@ pub struct Config {
     /// options type, deserialised as it is).
     #[serde(default)]
     pub loader: facerec_data::LoaderOptions,
+    /// Image augmentation in the data workers: crop, resampling, blur, colour, grayscale,
+    /// erasing (`facerec_data::AugmentConfig`, every probability 0 by default, as arcface_torch).
+    #[serde(default)]
+    pub augment: facerec_data::AugmentConfig,
     /// Verification targets.
     #[serde(default)]
     pub eval: EvalConfig,
@@ -726,6 +730,7 @@ impl Config {
         if self.loader.prefetch == 0 {
             bail!("config key `loader.prefetch`: must be at least 1 (batches decoded ahead)");
         }
+        self.augment.validate().context("config key `augment`")?;
         if let Some(0) = self.classifier.num_classes {
             bail!("config key `classifier.num_classes`: must be at least 1");
         }
@@ -966,6 +971,34 @@ mod tests {
             .to_string();
         assert!(err.contains("train.max_nonfinite_steps"), "{err}");
         assert!(Config::load(None, &["train.max_nonfinite_steps=1".into()]).is_ok());
+    }
+
+    #[test]
+    fn augment_table_reaches_the_loader_and_bad_values_name_the_key() {
+        let cfg = Config::load(
+            None,
+            &[
+                "augment.blur_p=0.3".into(),
+                "augment.crop_scale=[0.5, 1.0]".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(cfg.augment.blur_p, 0.3);
+        assert_eq!(cfg.augment.crop_scale, [0.5, 1.0]);
+        assert!(!Config::load(None, &[]).unwrap().augment.is_active());
+        let err = format!(
+            "{:#}",
+            Config::load(None, &["augment.erase_p=1.5".into()]).unwrap_err()
+        );
+        assert!(
+            err.contains("config key `augment`: erase_p must be a probability"),
+            "{err}"
+        );
+        let err = format!(
+            "{:#}",
+            Config::load(None, &["augment.blurr_p=0.1".into()]).unwrap_err()
+        );
+        assert!(err.contains("blurr_p"), "{err}");
     }
 
     #[test]

@@ -102,13 +102,14 @@ pub fn check_labels(source: &dyn Source, num_classes: usize) -> Result<()> {
     Ok(())
 }
 
-/// The loader of the training batches: `[loader]`'s options, `train.batch_size`, `workers`
-/// decoding threads (resolved), the run's seed.
+/// The loader of the training batches: `[loader]`'s options, `[augment]`, `train.batch_size`,
+/// `workers` decoding threads (resolved), the run's seed.
 pub fn training_loader(cfg: &Config, source: Arc<dyn Source>, workers: usize) -> Loader {
-    Loader::new(
-        source,
-        cfg.loader.config(cfg.train.batch_size, cfg.seed, workers),
-    )
+    let loader = facerec_data::LoaderConfig {
+        augment: cfg.augment.clone(),
+        ..cfg.loader.config(cfg.train.batch_size, cfg.seed, workers)
+    };
+    Loader::new(source, loader)
 }
 
 /// The training source as objectives see it (decoded without augmentation).
