@@ -153,7 +153,9 @@ fn iresnet_r18_r50_keys_and_counts_match_oracle() {
 
 #[test]
 fn mobilefacenet_keys_and_counts_match_oracle() {
-    check_keys(&BackboneConfig::Mobilefacenet(MobileFaceNetConfig::default()));
+    check_keys(&BackboneConfig::Mobilefacenet(
+        MobileFaceNetConfig::default(),
+    ));
     let residual_first = MobileFaceNetConfig {
         blocks: [2, 1, 1, 1],
         ..Default::default()
@@ -194,8 +196,11 @@ fn check_forward(cfg: &BackboneConfig, batch: i64, seed: u64) {
     let s = cfg.input_size();
     let x = randn(seed + 1_000_000, &[batch, 3, s, s]) * 0.5;
     // Deep copies: the train pass updates the BN buffers in place.
-    let before: BTreeMap<String, Tensor> =
-        vs.variables().into_iter().map(|(k, t)| (k, t.copy())).collect();
+    let before: BTreeMap<String, Tensor> = vs
+        .variables()
+        .into_iter()
+        .map(|(k, t)| (k, t.copy()))
+        .collect();
     let (eval_out, train_out) =
         tch::no_grad(|| (model.forward_t(&x, false), model.forward_t(&x, true)));
     let after: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
@@ -248,7 +253,10 @@ fn check_forward(cfg: &BackboneConfig, batch: i64, seed: u64) {
         })
     });
     assert_eq!(eval_out.size(), [batch, cfg.embedding_size()]);
-    assert_eq!(after.len() + 2, answer["entries"].as_u64().unwrap() as usize);
+    assert_eq!(
+        after.len() + 2,
+        answer["entries"].as_u64().unwrap() as usize
+    );
     let as_tensor = |v: &Value| Tensor::from_slice(&floats(v)).view(eval_out.size().as_slice());
     close("eval output", &eval_out, &as_tensor(&answer["eval_out"]));
     close("train output", &train_out, &as_tensor(&answer["train_out"]));
@@ -287,7 +295,10 @@ fn iresnet_forward_matches_oracle() {
 
 #[test]
 fn mobilefacenet_forward_matches_oracle() {
-    for (k, (blocks, scale)) in [([1, 2, 1, 1], 2), ([2, 1, 1, 1], 1)].into_iter().enumerate() {
+    for (k, (blocks, scale)) in [([1, 2, 1, 1], 2), ([2, 1, 1, 1], 1)]
+        .into_iter()
+        .enumerate()
+    {
         let cfg = MobileFaceNetConfig {
             embedding_size: 16,
             blocks,

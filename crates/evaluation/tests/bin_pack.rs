@@ -13,10 +13,10 @@ use std::process::Command;
 use facerec_evaluation::images::{read_rgb, Fit};
 use facerec_evaluation::BinPack;
 use facerec_testkit::{oracle, oracle_with};
-use serde_json::{json, Value};
 use image::{ImageFormat, RgbImage};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use serde_json::{json, Value};
 
 fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data-scripts/make_bin_pack.py")
@@ -46,7 +46,11 @@ fn write_images(dir: &Path, pairs: usize) -> (Vec<String>, Vec<bool>) {
 
 /// `bytes` as latin-1 text encoded in UTF-8 (how pickle protocol 2 stores Python 3 `bytes`).
 fn latin1_utf8(bytes: &[u8]) -> Vec<u8> {
-    bytes.iter().map(|&b| b as char).collect::<String>().into_bytes()
+    bytes
+        .iter()
+        .map(|&b| b as char)
+        .collect::<String>()
+        .into_bytes()
 }
 
 /// The first occurrence of `needle` in `hay` at or after `from`, looking at most 4 KiB ahead.
@@ -109,7 +113,11 @@ fn rebuild(t: &Value, images: &[Vec<u8>]) -> Vec<u8> {
             }
         }
     }
-    assert_eq!(out.len() as u64, t["len"].as_u64().unwrap(), "template: length");
+    assert_eq!(
+        out.len() as u64,
+        t["len"].as_u64().unwrap(),
+        "template: length"
+    );
     out
 }
 
@@ -118,7 +126,12 @@ fn rebuild(t: &Value, images: &[Vec<u8>]) -> Vec<u8> {
 fn pack_bytes(dir: &Path, variant: &str, files: &[Vec<u8>]) -> Vec<u8> {
     let all: Vec<u8> = files
         .iter()
-        .flat_map(|f| (f.len() as u64).to_le_bytes().into_iter().chain(f.iter().copied()))
+        .flat_map(|f| {
+            (f.len() as u64)
+                .to_le_bytes()
+                .into_iter()
+                .chain(f.iter().copied())
+        })
         .collect();
     let list = std::fs::read(dir.join("list.txt")).unwrap();
     let issame = std::fs::read(dir.join("issame.txt")).unwrap();
@@ -140,7 +153,10 @@ fn pack_bytes(dir: &Path, variant: &str, files: &[Vec<u8>]) -> Vec<u8> {
         assert!(status.success(), "make_bin_pack.py {variant} failed");
         let pack = std::fs::read(&out).unwrap();
         let t = template(&pack, files);
-        assert!(rebuild(&t, files) == pack, "{variant}: the template does not rebuild the pack");
+        assert!(
+            rebuild(&t, files) == pack,
+            "{variant}: the template does not rebuild the pack"
+        );
         t
     });
     rebuild(&t, files)

@@ -6,9 +6,9 @@ use std::process::Command;
 
 use facerec_evaluation::{val_at_far, verification::squared_distances, verify};
 use facerec_testkit::{oracle, oracle_with};
-use serde_json::json;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use serde_json::json;
 
 fn unit(v: Vec<f32>) -> Vec<f32> {
     let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();

@@ -8,9 +8,9 @@ use std::process::Command;
 
 use facerec_evaluation::roc::{Roc, FAR_TARGETS};
 use facerec_testkit::{oracle, oracle_with};
-use serde_json::json;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use serde_json::json;
 
 /// The oracle's answer for one case, live or frozen (`testkit::oracle_with`, keyed by the digests
 /// of the inputs). The long FPR / TPR arrays are kept as exact fingerprints.
@@ -35,7 +35,9 @@ fn roc_oracle(scores: &[f64], labels: &[bool], fars: &[f64]) -> serde_json::Valu
         .unwrap();
         std::fs::write(&l, &label_bytes).unwrap();
         let mut cmd = Command::new(py);
-        cmd.arg(oracle::script_path("roc_oracle.py")).arg(&s).arg(&l);
+        cmd.arg(oracle::script_path("roc_oracle.py"))
+            .arg(&s)
+            .arg(&l);
         for f in fars {
             cmd.arg(format!("{f:e}"));
         }
@@ -97,8 +99,16 @@ fn matches_numpy_oracle() {
     for (k, (s, g)) in cases.iter().enumerate() {
         let roc = Roc::new(s, g).unwrap();
         let o = roc_oracle(s, g, &fars);
-        oracle::assert_bits_fingerprint(&format!("case {k}: fpr"), &to_bits(&roc.fpr), &o["fpr_bits"]);
-        oracle::assert_bits_fingerprint(&format!("case {k}: tpr"), &to_bits(&roc.tpr), &o["tpr_bits"]);
+        oracle::assert_bits_fingerprint(
+            &format!("case {k}: fpr"),
+            &to_bits(&roc.fpr),
+            &o["fpr_bits"],
+        );
+        oracle::assert_bits_fingerprint(
+            &format!("case {k}: tpr"),
+            &to_bits(&roc.tpr),
+            &o["tpr_bits"],
+        );
         let rep = roc.report(&fars);
         let got = |f: fn(&facerec_evaluation::roc::TarAtFar) -> f64| -> Vec<u64> {
             rep.tar_at_far.iter().map(|t| f(t).to_bits()).collect()

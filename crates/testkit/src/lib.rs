@@ -80,7 +80,9 @@ pub fn fill_seeded(vs: &tch::nn::VarStore, seed: u64) {
                 let std = (2.0 / fan_in).sqrt();
                 z.iter().map(|z| z * std).collect()
             };
-            let src = Tensor::from_slice(&values).view(size.as_slice()).to_kind(t.kind());
+            let src = Tensor::from_slice(&values)
+                .view(size.as_slice())
+                .to_kind(t.kind());
             t.copy_(&src);
         }
     });

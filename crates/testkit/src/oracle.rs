@@ -171,7 +171,12 @@ pub fn tensor_digest(t: &Tensor) -> String {
 
 /// [`digest`] of `f64`s (little-endian bytes).
 pub fn f64_digest(values: &[f64]) -> String {
-    digest(&values.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())
+    digest(
+        &values
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect::<Vec<u8>>(),
+    )
 }
 
 /// A compact, exact stand-in for a long array of bit patterns (e.g. `f64::to_bits`): its length,
@@ -213,8 +218,7 @@ pub fn assert_bits_fingerprint(what: &str, ours: &[u64], frozen: &Value) {
 /// blob that compresses well (e.g. a pickle with its images cut out). The inverse is [`unpacked`].
 pub fn packed(bytes: &[u8]) -> String {
     use std::io::Write as _;
-    let mut enc =
-        flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+    let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
     enc.write_all(bytes).expect("deflating into memory");
     base64(&enc.finish().expect("deflating into memory"))
 }
@@ -225,7 +229,9 @@ const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz012
 fn base64(bytes: &[u8]) -> String {
     let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
     for c in bytes.chunks(3) {
-        let n = (c[0] as u32) << 16 | (*c.get(1).unwrap_or(&0) as u32) << 8 | *c.get(2).unwrap_or(&0) as u32;
+        let n = (c[0] as u32) << 16
+            | (*c.get(1).unwrap_or(&0) as u32) << 8
+            | *c.get(2).unwrap_or(&0) as u32;
         for k in 0..4 {
             if k <= c.len() {
                 out.push(B64[(n >> (18 - 6 * k) & 63) as usize] as char);
@@ -303,7 +309,11 @@ pub fn sketch(values: &[f64]) -> Value {
 /// On a length mismatch or a bound exceeded, naming `what`.
 pub fn assert_sketch(what: &str, ours: &[f64], frozen: &Value, tol: f64) {
     let n = frozen["n"].as_u64().expect("sketch n") as usize;
-    assert_eq!(ours.len(), n, "{what}: length (ours vs the oracle's sketch)");
+    assert_eq!(
+        ours.len(),
+        n,
+        "{what}: length (ours vs the oracle's sketch)"
+    );
     let theirs_max = frozen["max_abs"].as_f64().expect("sketch max_abs");
     let bound = tol * theirs_max.max(1.0);
     let mine = sketch(ours);
@@ -316,7 +326,11 @@ pub fn assert_sketch(what: &str, ours: &[f64], frozen: &Value, tol: f64) {
     let my_proj = crate::floats(&mine["proj"]);
     assert_eq!(frozen_proj.len(), SKETCH_PROJECTIONS, "{what}: sketch size");
     for (j, (a, b)) in my_proj.iter().zip(&frozen_proj).enumerate() {
-        let l2: f64 = sketch_weights(j, n).iter().map(|w| w * w).sum::<f64>().sqrt();
+        let l2: f64 = sketch_weights(j, n)
+            .iter()
+            .map(|w| w * w)
+            .sum::<f64>()
+            .sqrt();
         let limit = 6.0 * bound * l2;
         assert!(
             (a - b).abs() <= limit,
@@ -515,7 +529,13 @@ mod tests {
     #[test]
     fn packed_bytes_round_trip_and_base64_is_standard() {
         // RFC 4648 test vectors.
-        for (raw, text) in [("", ""), ("f", "Zg=="), ("fo", "Zm8="), ("foo", "Zm9v"), ("foobar", "Zm9vYmFy")] {
+        for (raw, text) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foobar", "Zm9vYmFy"),
+        ] {
             assert_eq!(base64(raw.as_bytes()), text);
             assert_eq!(unbase64(text).unwrap(), raw.as_bytes());
         }
@@ -532,7 +552,10 @@ mod tests {
         assert_sketch("same", &w, &sketch(&v), 1e-9);
         w[1234] += 1e-3;
         let caught = std::panic::catch_unwind(|| assert_sketch("off", &w, &sketch(&v), 1e-9));
-        assert!(caught.is_err(), "a change of 1e-3 in one of 2000 elements went unseen");
+        assert!(
+            caught.is_err(),
+            "a change of 1e-3 in one of 2000 elements went unseen"
+        );
         let bits: Vec<u64> = v.iter().map(|x| x.to_bits()).collect();
         let mut other = bits.clone();
         assert_bits_fingerprint("same", &other, &bits_fingerprint(&bits));

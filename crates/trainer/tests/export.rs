@@ -19,8 +19,8 @@
 
 use facerec_backbone::{build, BackboneConfig, IResNetConfig, MobileFaceNetConfig};
 use facerec_testkit::{fill_seeded, floats, oracle, oracle_with, python, randn};
-use serde_json::{json, Value};
 use facerec_trainer::commands::export::{self, Exportable};
+use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -200,7 +200,8 @@ fn check_safetensors(cfg: &BackboneConfig) {
     let ours = m.embed(&x);
     let mut args = vec!["embed".to_string()];
     args.extend(arch_args(cfg));
-    let request = json!({"args": args, "weights": file_digests(&out), "input": oracle::tensor_digest(&x)});
+    let request =
+        json!({"args": args, "weights": file_digests(&out), "input": oracle::tensor_digest(&x)});
     let answer = oracle_with("backbone_oracle.py", &request, |py| {
         let (input, result) = (dir.path().join("x.npz"), dir.path().join("o.npz"));
         Tensor::write_npz(&[("input", &x)], &input).unwrap();
