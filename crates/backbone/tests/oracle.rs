@@ -1,10 +1,14 @@
 //! Parity with the independent PyTorch oracle `data-scripts/backbone_oracle.py` (written from SPEC
 //! 1(d) and docs/backbones.md): parameter names and shapes equal the oracle's `state_dict` keys
 //! (`num_batches_tracked` included), trainable counts agree, and with the same weights the forward
-//! pass (eval and train mode) and the updated BN buffers agree in float64.
+//! pass (eval and train mode) and the updated BN buffers agree in float64. Without
+//! `FACEREC_PYTHON` the oracle's frozen answers (`data-scripts/fixtures/backbone_oracle-*.json`)
+//! are used: key lists as digests, the state after a train pass as a sketch
+//! (`testkit::oracle::sketch`).
 
 use facerec_backbone::{build, BackboneConfig, IResNetConfig, MobileFaceNetConfig};
-use facerec_testkit::python;
+use facerec_testkit::{fill_seeded, floats, oracle, oracle_with, randn};
+use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
@@ -77,35 +81,57 @@ fn our_keys(vs: &nn::VarStore) -> (BTreeMap<String, Vec<i64>>, i64) {
     (keys, trainable)
 }
 
+/// `name[d0,d1,...]` lines, sorted: the key list as one text, for its digest.
+fn keys_text(keys: &BTreeMap<String, Vec<i64>>) -> String {
+    keys.iter().map(|(k, s)| format!("{k}{s:?}\n")).collect()
+}
+
 /// Asserts names, shapes and trainable count equal the oracle's; returns the trainable count.
-fn check_keys(py: &Path, cfg: &BackboneConfig) -> i64 {
+/// The oracle's answer is live (compared key by key, then reduced) or frozen (`testkit::
+/// oracle_with`): the key list is kept as a count and a digest of [`keys_text`].
+fn check_keys(cfg: &BackboneConfig) -> i64 {
     let vs = nn::VarStore::new(Device::Cpu);
     let _model = build(&vs.root(), cfg);
     let (ours, trainable) = our_keys(&vs);
     let mut args = vec!["keys".to_string()];
     args.extend(arch_args(cfg));
-    let j: serde_json::Value = serde_json::from_str(&run_oracle(py, &args)).unwrap();
-    let theirs: BTreeMap<String, Vec<i64>> = j["keys"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|kv| {
-            let shape = kv[1]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|d| d.as_i64().unwrap())
-                .collect();
-            (kv[0].as_str().unwrap().to_string(), shape)
+    let request = json!({"args": args});
+    let j = oracle_with("backbone_oracle.py", &request, |py| {
+        let j: Value = serde_json::from_str(&run_oracle(py, &args)).unwrap();
+        let theirs: BTreeMap<String, Vec<i64>> = j["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|kv| {
+                let shape = kv[1]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|d| d.as_i64().unwrap())
+                    .collect();
+                (kv[0].as_str().unwrap().to_string(), shape)
+            })
+            .collect();
+        let missing: Vec<_> = theirs.keys().filter(|k| !ours.contains_key(*k)).collect();
+        let extra: Vec<_> = ours.keys().filter(|k| !theirs.contains_key(*k)).collect();
+        assert!(
+            missing.is_empty() && extra.is_empty(),
+            "missing {missing:?}\nextra {extra:?}"
+        );
+        assert_eq!(ours, theirs, "shapes differ");
+        json!({
+            "keys": theirs.len(),
+            "keys_fnv": oracle::digest(keys_text(&theirs).as_bytes()),
+            "trainable": j["trainable"],
+            "total": j["total"],
         })
-        .collect();
-    let missing: Vec<_> = theirs.keys().filter(|k| !ours.contains_key(*k)).collect();
-    let extra: Vec<_> = ours.keys().filter(|k| !theirs.contains_key(*k)).collect();
-    assert!(
-        missing.is_empty() && extra.is_empty(),
-        "missing {missing:?}\nextra {extra:?}"
+    });
+    assert_eq!(ours.len() as u64, j["keys"].as_u64().unwrap(), "key count");
+    assert_eq!(
+        oracle::digest(keys_text(&ours).as_bytes()),
+        j["keys_fnv"].as_str().unwrap(),
+        "names or shapes differ from the oracle's (run with FACEREC_PYTHON for the list)"
     );
-    assert_eq!(ours, theirs, "shapes differ");
     assert_eq!(
         trainable,
         j["trainable"].as_i64().unwrap(),
@@ -116,9 +142,8 @@ fn check_keys(py: &Path, cfg: &BackboneConfig) -> i64 {
 
 #[test]
 fn iresnet_r18_r50_keys_and_counts_match_oracle() {
-    let Some(py) = python() else { return };
-    check_keys(&py, &BackboneConfig::Iresnet(IResNetConfig::r18()));
-    let r50 = check_keys(&py, &BackboneConfig::Iresnet(IResNetConfig::r50()));
+    check_keys(&BackboneConfig::Iresnet(IResNetConfig::r18()));
+    let r50 = check_keys(&BackboneConfig::Iresnet(IResNetConfig::r50()));
     // Published arcface_torch figure: iResNet-50 has 43.6M parameters.
     assert!(
         (r50 as f64 - 43.6e6).abs() < 0.05e6,
@@ -128,85 +153,134 @@ fn iresnet_r18_r50_keys_and_counts_match_oracle() {
 
 #[test]
 fn mobilefacenet_keys_and_counts_match_oracle() {
-    let Some(py) = python() else { return };
-    check_keys(
-        &py,
-        &BackboneConfig::Mobilefacenet(MobileFaceNetConfig::default()),
-    );
+    check_keys(&BackboneConfig::Mobilefacenet(
+        MobileFaceNetConfig::default(),
+    ));
     let residual_first = MobileFaceNetConfig {
         blocks: [2, 1, 1, 1],
         ..Default::default()
     };
-    check_keys(&py, &BackboneConfig::Mobilefacenet(residual_first));
+    check_keys(&BackboneConfig::Mobilefacenet(residual_first));
+}
+
+/// `|a − b| ≤ 1e-9 · max(1, max |b|)` element-wise, naming `what`.
+fn close(what: &str, a: &Tensor, b: &Tensor) {
+    assert_eq!(a.size(), b.size(), "{what}: shape");
+    let err = f64::try_from((a - b).abs().max()).unwrap();
+    let scale = f64::try_from(b.abs().max()).unwrap().max(1.0);
+    assert!(
+        err <= 1e-9 * scale,
+        "{what}: max |diff| {err:e} (scale {scale})"
+    );
+}
+
+/// The float entries of a state, concatenated in name order (`num_batches_tracked` left out).
+fn state_values(state: &BTreeMap<String, Tensor>) -> Vec<f64> {
+    state
+        .iter()
+        .filter(|(k, _)| !k.ends_with("num_batches_tracked"))
+        .flat_map(|(_, t)| Vec::<f64>::try_from(t.to_kind(Kind::Double).flatten(0, -1)).unwrap())
+        .collect()
 }
 
 /// Same weights in both frameworks: eval output, train output and BN buffers after one train pass.
-fn check_forward(py: &Path, cfg: &BackboneConfig, batch: i64) {
-    tch::manual_seed(7);
+/// Weights and input are seeded draws (`testkit::fill_seeded`, `testkit::randn`), BN buffers and
+/// the frozen `features.weight` off their init. The oracle's answer is live (compared tensor by
+/// tensor, then reduced) or frozen (`testkit::oracle_with`, keyed by the digests of weights and
+/// input): the outputs in full, the state after the train pass as a sketch.
+fn check_forward(cfg: &BackboneConfig, batch: i64, seed: u64) {
     let mut vs = nn::VarStore::new(Device::Cpu);
     let model = build(&vs.root(), cfg);
     vs.double();
-    // Move BN buffers and the frozen `features.weight` off their init so the check sees them.
-    tch::no_grad(|| {
-        for (_, mut t) in vs.variables() {
-            if t.is_floating_point() && !t.requires_grad() {
-                let _ = t.g_add_(&(Tensor::rand_like(&t) * 0.5));
-            } else if t.dim() == 1 {
-                // BN weights/biases, PReLU slopes, fc bias.
-                let _ = t.g_add_(&(Tensor::randn_like(&t) * 0.1));
-            }
-        }
-    });
+    fill_seeded(&vs, seed);
     let s = cfg.input_size();
-    let x = Tensor::rand([batch, 3, s, s], (Kind::Double, Device::Cpu)) * 2.0 - 1.0;
-    let dir = tempfile::tempdir().unwrap();
-    let (params, input, out) = (
-        dir.path().join("p.npz"),
-        dir.path().join("x.npz"),
-        dir.path().join("o.npz"),
-    );
-    let before: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
-    Tensor::write_npz(&before, &params).unwrap();
-    Tensor::write_npz(&[("input", &x)], &input).unwrap();
-
+    let x = randn(seed + 1_000_000, &[batch, 3, s, s]) * 0.5;
+    // Deep copies: the train pass updates the BN buffers in place.
+    let before: BTreeMap<String, Tensor> = vs
+        .variables()
+        .into_iter()
+        .map(|(k, t)| (k, t.copy()))
+        .collect();
     let (eval_out, train_out) =
         tch::no_grad(|| (model.forward_t(&x, false), model.forward_t(&x, true)));
+    let after: BTreeMap<String, Tensor> = vs.variables().into_iter().collect();
+
     let mut args = vec!["forward".to_string()];
     args.extend(arch_args(cfg));
-    for (flag, p) in [("--params", &params), ("--input", &input), ("--out", &out)] {
-        args.extend([flag.to_string(), p.display().to_string()]);
-    }
-    run_oracle(py, &args);
-    let theirs: BTreeMap<String, Tensor> = Tensor::read_npz(&out).unwrap().into_iter().collect();
-
-    let close = |what: &str, a: &Tensor, b: &Tensor| {
-        assert_eq!(a.size(), b.size(), "{what}: shape");
-        let err = f64::try_from((a - b).abs().max()).unwrap();
-        let scale = f64::try_from(b.abs().max()).unwrap().max(1.0);
-        assert!(
-            err <= 1e-9 * scale,
-            "{what}: max |diff| {err:e} (scale {scale})"
+    let params: serde_json::Map<String, Value> = before
+        .iter()
+        .map(|(k, t)| (k.clone(), Value::String(oracle::tensor_digest(t))))
+        .collect();
+    let request = json!({"args": args, "params": params, "input": oracle::tensor_digest(&x)});
+    let answer = oracle_with("backbone_oracle.py", &request, |py| {
+        let dir = tempfile::tempdir().unwrap();
+        let (params, input, out) = (
+            dir.path().join("p.npz"),
+            dir.path().join("x.npz"),
+            dir.path().join("o.npz"),
         );
-    };
-    assert_eq!(eval_out.size(), [batch, cfg.embedding_size()]);
-    close("eval output", &eval_out, &theirs["eval_out"]);
-    close("train output", &train_out, &theirs["train_out"]);
-    let after = vs.variables();
-    assert_eq!(after.len() + 2, theirs.len());
-    for (name, ours) in &after {
-        let want = &theirs[&format!("state/{name}")];
-        if name.ends_with("num_batches_tracked") {
-            assert_eq!(i64::try_from(ours).unwrap(), 1, "{name}");
-            assert_eq!(i64::try_from(want).unwrap(), 1, "{name} (oracle)");
-        } else {
-            close(name, ours, want);
+        let named: Vec<(&String, &Tensor)> = before.iter().collect();
+        Tensor::write_npz(&named, &params).unwrap();
+        Tensor::write_npz(&[("input", &x)], &input).unwrap();
+        let mut args = args.clone();
+        for (flag, p) in [("--params", &params), ("--input", &input), ("--out", &out)] {
+            args.extend([flag.to_string(), p.display().to_string()]);
         }
-    }
+        run_oracle(py, &args);
+        let theirs: BTreeMap<String, Tensor> =
+            Tensor::read_npz(&out).unwrap().into_iter().collect();
+        close("eval output", &eval_out, &theirs["eval_out"]);
+        close("train output", &train_out, &theirs["train_out"]);
+        let state: BTreeMap<String, Tensor> = theirs
+            .iter()
+            .filter_map(|(k, t)| Some((k.strip_prefix("state/")?.to_string(), t.shallow_clone())))
+            .collect();
+        for (name, ours) in &after {
+            close(name, ours, &state[name]);
+        }
+        let nbt: Vec<i64> = state
+            .iter()
+            .filter(|(k, _)| k.ends_with("num_batches_tracked"))
+            .map(|(_, t)| i64::try_from(t).unwrap())
+            .collect();
+        let flat = |t: &Tensor| Vec::<f64>::try_from(t.flatten(0, -1)).unwrap();
+        json!({
+            "entries": theirs.len(),
+            "eval_out": flat(&theirs["eval_out"]),
+            "train_out": flat(&theirs["train_out"]),
+            "state": oracle::sketch(&state_values(&state)),
+            "num_batches_tracked": nbt,
+        })
+    });
+    assert_eq!(eval_out.size(), [batch, cfg.embedding_size()]);
+    assert_eq!(
+        after.len() + 2,
+        answer["entries"].as_u64().unwrap() as usize
+    );
+    let as_tensor = |v: &Value| Tensor::from_slice(&floats(v)).view(eval_out.size().as_slice());
+    close("eval output", &eval_out, &as_tensor(&answer["eval_out"]));
+    close("train output", &train_out, &as_tensor(&answer["train_out"]));
+    oracle::assert_sketch(
+        "state after the train pass",
+        &state_values(&after),
+        &answer["state"],
+        1e-9,
+    );
+    let ours_nbt: Vec<i64> = after
+        .iter()
+        .filter(|(k, _)| k.ends_with("num_batches_tracked"))
+        .map(|(_, t)| i64::try_from(t).unwrap())
+        .collect();
+    assert!(ours_nbt.iter().all(|&n| n == 1), "{ours_nbt:?}");
+    assert_eq!(
+        answer["num_batches_tracked"],
+        json!(ours_nbt),
+        "num_batches_tracked (oracle)"
+    );
 }
 
 #[test]
 fn iresnet_forward_matches_oracle() {
-    let Some(py) = python() else { return };
     // Two blocks in layer1 (identity shortcut), odd side 40 -> 20 -> 10 -> 5 -> 3.
     let cfg = IResNetConfig {
         depth: None,
@@ -216,19 +290,21 @@ fn iresnet_forward_matches_oracle() {
         dropout: 0.0,
         input_size: 40,
     };
-    check_forward(&py, &BackboneConfig::Iresnet(cfg), 4);
+    check_forward(&BackboneConfig::Iresnet(cfg), 4, 7);
 }
 
 #[test]
 fn mobilefacenet_forward_matches_oracle() {
-    let Some(py) = python() else { return };
-    for (blocks, scale) in [([1, 2, 1, 1], 2), ([2, 1, 1, 1], 1)] {
+    for (k, (blocks, scale)) in [([1, 2, 1, 1], 2), ([2, 1, 1, 1], 1)]
+        .into_iter()
+        .enumerate()
+    {
         let cfg = MobileFaceNetConfig {
             embedding_size: 16,
             blocks,
             scale,
             input_size: 64,
         };
-        check_forward(&py, &BackboneConfig::Mobilefacenet(cfg), 3);
+        check_forward(&BackboneConfig::Mobilefacenet(cfg), 3, 17 + 1000 * k as u64);
     }
 }

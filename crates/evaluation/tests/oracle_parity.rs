@@ -1,13 +1,14 @@
 //! Parity of `verify` with the independent numpy oracle `data-scripts/verification_oracle.py` on random
-//! embeddings (several seeds, pair counts divisible by 10 and not).
+//! embeddings (several seeds, pair counts divisible by 10 and not). Without `FACEREC_PYTHON` the
+//! oracle's frozen answers (`data-scripts/fixtures/verification_oracle-*.json`) are used.
 
-use std::path::Path;
 use std::process::Command;
 
 use facerec_evaluation::{val_at_far, verification::squared_distances, verify};
-use facerec_testkit::python;
+use facerec_testkit::{oracle, oracle_with};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use serde_json::json;
 
 fn unit(v: Vec<f32>) -> Vec<f32> {
     let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
@@ -61,37 +62,36 @@ fn ties_case(pairs: usize, seed: u64) -> (Vec<f32>, Vec<bool>) {
     (emb, issame)
 }
 
-fn run_oracle(
-    py: &Path,
-    dir: &Path,
-    emb: &[f32],
-    issame: &[bool],
-    dim: usize,
-    folds: usize,
-) -> serde_json::Value {
-    let (e, s) = (dir.join("emb.f32"), dir.join("issame.u8"));
-    std::fs::write(
-        &e,
-        emb.iter()
-            .flat_map(|x| x.to_le_bytes())
-            .collect::<Vec<u8>>(),
-    )
-    .unwrap();
-    std::fs::write(&s, issame.iter().map(|&b| u8::from(b)).collect::<Vec<u8>>()).unwrap();
-    let script =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data-scripts/verification_oracle.py");
-    let out = Command::new(py)
-        .arg(&script)
-        .args([e.as_os_str(), s.as_os_str()])
-        .args([dim.to_string(), "--folds".into(), folds.to_string()])
-        .output()
-        .expect("run oracle");
-    assert!(
-        out.status.success(),
-        "oracle failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("oracle JSON")
+/// The oracle's answer (small: fold values and means), live or frozen (`testkit::oracle_with`,
+/// keyed by the digests of the inputs).
+fn run_oracle(emb: &[f32], issame: &[bool], dim: usize, folds: usize) -> serde_json::Value {
+    let emb_bytes: Vec<u8> = emb.iter().flat_map(|x| x.to_le_bytes()).collect();
+    let same_bytes: Vec<u8> = issame.iter().map(|&b| u8::from(b)).collect();
+    let request = json!({
+        "emb": oracle::digest(&emb_bytes),
+        "issame": oracle::digest(&same_bytes),
+        "pairs": issame.len(),
+        "dim": dim,
+        "folds": folds,
+    });
+    oracle_with("verification_oracle.py", &request, |py| {
+        let dir = tempfile::tempdir().unwrap();
+        let (e, s) = (dir.path().join("emb.f32"), dir.path().join("issame.u8"));
+        std::fs::write(&e, &emb_bytes).unwrap();
+        std::fs::write(&s, &same_bytes).unwrap();
+        let out = Command::new(py)
+            .arg(oracle::script_path("verification_oracle.py"))
+            .args([e.as_os_str(), s.as_os_str()])
+            .args([dim.to_string(), "--folds".into(), folds.to_string()])
+            .output()
+            .expect("run oracle");
+        assert!(
+            out.status.success(),
+            "oracle failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("oracle JSON")
+    })
 }
 
 fn bits(v: &serde_json::Value, key: &str) -> Vec<f64> {
@@ -105,8 +105,6 @@ fn bits(v: &serde_json::Value, key: &str) -> Vec<f64> {
 
 #[test]
 fn verify_matches_numpy_oracle() {
-    let Some(py) = python() else { return };
-    let dir = tempfile::tempdir().unwrap();
     // (pairs, dim, seed, folds)
     let cases = [
         (600, 8, 1, 10),
@@ -128,7 +126,7 @@ fn verify_matches_numpy_oracle() {
         };
         let ours = verify(&emb, dim, &issame, folds);
         let vf = val_at_far(&squared_distances(&emb, dim), &issame, folds, 1e-3);
-        let or = run_oracle(&py, dir.path(), &emb, &issame, dim, folds);
+        let or = run_oracle(&emb, &issame, dim, folds);
         let ctx = format!("pairs {pairs} dim {dim} seed {seed} folds {folds} ties {ties}");
         assert_eq!(
             or["num_pairs"].as_u64().unwrap() as usize,

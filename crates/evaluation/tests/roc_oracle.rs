@@ -1,40 +1,58 @@
 //! Parity of the ROC / TAR@FAR / AUC / EER code with the independent numpy oracle
 //! `data-scripts/roc_oracle.py` on random score sets (with and without tied scores, balanced and very
-//! imbalanced classes).
+//! imbalanced classes). Without `FACEREC_PYTHON` the oracle's frozen answers
+//! (`data-scripts/fixtures/roc_oracle-*.json`) are used; the ROC arrays are kept there as exact
+//! fingerprints (length, FNV digest of the bit patterns, samples).
 
-use std::path::Path;
 use std::process::Command;
 
 use facerec_evaluation::roc::{Roc, FAR_TARGETS};
-use facerec_testkit::python;
+use facerec_testkit::{oracle, oracle_with};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use serde_json::json;
 
-fn oracle(py: &Path, scores: &[f64], labels: &[bool], fars: &[f64]) -> serde_json::Value {
-    let dir = tempfile::tempdir().unwrap();
-    let (s, l) = (dir.path().join("s.f64"), dir.path().join("l.u8"));
-    std::fs::write(
-        &s,
-        scores
-            .iter()
-            .flat_map(|x| x.to_le_bytes())
-            .collect::<Vec<u8>>(),
-    )
-    .unwrap();
-    std::fs::write(&l, labels.iter().map(|&b| b as u8).collect::<Vec<u8>>()).unwrap();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../data-scripts/roc_oracle.py");
-    let mut cmd = Command::new(py);
-    cmd.arg(script).arg(&s).arg(&l);
-    for f in fars {
-        cmd.arg(format!("{f:e}"));
-    }
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "oracle failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+/// The oracle's answer for one case, live or frozen (`testkit::oracle_with`, keyed by the digests
+/// of the inputs). The long FPR / TPR arrays are kept as exact fingerprints.
+fn roc_oracle(scores: &[f64], labels: &[bool], fars: &[f64]) -> serde_json::Value {
+    let label_bytes: Vec<u8> = labels.iter().map(|&b| b as u8).collect();
+    let request = json!({
+        "scores": oracle::f64_digest(scores),
+        "labels": oracle::digest(&label_bytes),
+        "n": scores.len(),
+        "fars": fars,
+    });
+    oracle_with("roc_oracle.py", &request, |py| {
+        let dir = tempfile::tempdir().unwrap();
+        let (s, l) = (dir.path().join("s.f64"), dir.path().join("l.u8"));
+        std::fs::write(
+            &s,
+            scores
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect::<Vec<u8>>(),
+        )
+        .unwrap();
+        std::fs::write(&l, &label_bytes).unwrap();
+        let mut cmd = Command::new(py);
+        cmd.arg(oracle::script_path("roc_oracle.py"))
+            .arg(&s)
+            .arg(&l);
+        for f in fars {
+            cmd.arg(format!("{f:e}"));
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "oracle failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        for key in ["fpr_bits", "tpr_bits"] {
+            v[key] = oracle::bits_fingerprint(&bits(&v[key]));
+        }
+        v
+    })
 }
 
 fn bits(v: &serde_json::Value) -> Vec<u64> {
@@ -70,7 +88,6 @@ fn case(n: usize, p_genuine: f64, shift: f64, levels: f64, seed: u64) -> (Vec<f6
 
 #[test]
 fn matches_numpy_oracle() {
-    let Some(py) = python() else { return };
     let fars: Vec<f64> = FAR_TARGETS.iter().copied().chain([0.3, 0.5]).collect();
     let cases = [
         case(300, 0.5, 1.5, 0.0, 1),
@@ -81,9 +98,17 @@ fn matches_numpy_oracle() {
     ];
     for (k, (s, g)) in cases.iter().enumerate() {
         let roc = Roc::new(s, g).unwrap();
-        let o = oracle(&py, s, g, &fars);
-        assert_eq!(to_bits(&roc.fpr), bits(&o["fpr_bits"]), "case {k}: fpr");
-        assert_eq!(to_bits(&roc.tpr), bits(&o["tpr_bits"]), "case {k}: tpr");
+        let o = roc_oracle(s, g, &fars);
+        oracle::assert_bits_fingerprint(
+            &format!("case {k}: fpr"),
+            &to_bits(&roc.fpr),
+            &o["fpr_bits"],
+        );
+        oracle::assert_bits_fingerprint(
+            &format!("case {k}: tpr"),
+            &to_bits(&roc.tpr),
+            &o["tpr_bits"],
+        );
         let rep = roc.report(&fars);
         let got = |f: fn(&facerec_evaluation::roc::TarAtFar) -> f64| -> Vec<u64> {
             rep.tar_at_far.iter().map(|t| f(t).to_bits()).collect()

@@ -6,7 +6,8 @@
 //! - [`gradcheck`]: the finite-difference gradient checker in f64 that every head and
 //!   regularizer is tested with.
 //! - [`randn`], [`randn_vec`]: standard-normal draws from a seeded ChaCha stream (independent of
-//!   libtorch's global generator, which parallel tests share).
+//!   libtorch's global generator, which parallel tests share); [`fill_seeded`] gives a whole
+//!   `VarStore` such weights, so inputs sent to an oracle are the same bits on every machine.
 //! - [`require`] / [`python`]: the policy for tests that need something from outside the crate:
 //!   under CI (`CI=true`) a missing resource fails the test loudly; elsewhere the test prints a
 //!   clear skip note and returns.
@@ -14,7 +15,7 @@
 pub mod gradcheck;
 pub mod oracle;
 
-pub use oracle::oracle;
+pub use oracle::{oracle, oracle_with};
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -36,6 +37,55 @@ pub fn randn(seed: u64, shape: &[i64]) -> Tensor {
     let n: i64 = shape.iter().product();
     let n = usize::try_from(n).expect("a non-negative shape");
     Tensor::from_slice(&randn_vec(seed, n)).view(shape)
+}
+
+/// Overwrites every floating-point variable of `vs` with seeded draws, the `k`-th name in sorted
+/// order from [`randn_vec`]`(seed + k, numel)` (values z), so that a model's weights depend
+/// neither on libtorch's global generator (shared by parallel tests) nor on libtorch's arithmetic,
+/// and an oracle request naming them (by [`oracle::tensor_digest`]) is the same on every machine:
+///
+/// - `…running_var`: `exp(0.3 z)`; `…running_mean`: `0.1 z`;
+/// - other 1-d tensors: `b + 0.1 z`, with `b` = 0.25 for PReLU slopes (a name containing
+///   `prelu`), 1 for the other `…weight`s (BN scales), 0 for biases;
+/// - the rest (convolution and linear weights): `z · sqrt(2 / fan_in)`, `fan_in = numel / size[0]`.
+///
+/// Integer buffers (`num_batches_tracked`) are left alone. Values are computed in f64 and rounded
+/// once to the variable's kind.
+pub fn fill_seeded(vs: &tch::nn::VarStore, seed: u64) {
+    let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    tch::no_grad(|| {
+        for (k, (name, mut t)) in vars.into_iter().enumerate() {
+            if !t.is_floating_point() {
+                continue;
+            }
+            let size = t.size();
+            let numel = t.numel();
+            let z = randn_vec(seed.wrapping_add(k as u64), numel);
+            let values: Vec<f64> = if name.ends_with("running_var") {
+                z.iter().map(|z| (0.3 * z).exp()).collect()
+            } else if name.ends_with("running_mean") {
+                z.iter().map(|z| 0.1 * z).collect()
+            } else if size.len() == 1 {
+                let base = if name.contains("prelu") {
+                    0.25
+                } else if name.ends_with("weight") {
+                    1.0
+                } else {
+                    0.0
+                };
+                z.iter().map(|z| base + 0.1 * z).collect()
+            } else {
+                let fan_in = numel as f64 / size[0].max(1) as f64;
+                let std = (2.0 / fan_in).sqrt();
+                z.iter().map(|z| z * std).collect()
+            };
+            let src = Tensor::from_slice(&values)
+                .view(size.as_slice())
+                .to_kind(t.kind());
+            t.copy_(&src);
+        }
+    });
 }
 
 /// Apply the CI policy to a resource lookup: `Some` passes through; `None` panics on CI and prints

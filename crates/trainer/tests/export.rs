@@ -11,10 +11,16 @@
 //!
 //! Also: the export refuses a checkpoint of another model, and a TorchScript module that does not
 //! reproduce our embeddings is not written.
+//!
+//! Without `FACEREC_PYTHON` the two parity checks use the frozen answers (the oracle's and the
+//! TorchScript module's embeddings, `data-scripts/fixtures/{backbone_oracle,export_model}-*.json`,
+//! keyed by the digests of the weights and the input); only the refusal test, which needs a module
+//! file that Python writes, is skipped.
 
 use facerec_backbone::{build, BackboneConfig, IResNetConfig, MobileFaceNetConfig};
-use facerec_testkit::python;
+use facerec_testkit::{fill_seeded, floats, oracle, oracle_with, python, randn};
 use facerec_trainer::commands::export::{self, Exportable};
+use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -80,26 +86,19 @@ fn arch_args(cfg: &BackboneConfig) -> Vec<String> {
 }
 
 /// A run directory as `facerec train` writes it (config.toml with `[model]`, model.safetensors)
-/// holding a random model whose BN statistics and PReLU slopes are off their init: a few
-/// training-mode passes over random batches, then perturbed weights, biases and statistics.
-fn make_run(dir: &Path, cfg: &BackboneConfig, seed: i64) {
-    tch::manual_seed(seed);
+/// holding a random model whose BN statistics and PReLU slopes are off their init: three
+/// training-mode passes (so `num_batches_tracked` is 3), then every float variable replaced by
+/// seeded draws (`testkit::fill_seeded`: the same bits on every machine, whatever the order the
+/// tests run in, so the oracle's answer can be frozen under the weights' digests).
+fn make_run(dir: &Path, cfg: &BackboneConfig, seed: u64) {
     let vs = nn::VarStore::new(Device::Cpu);
     let model = build(&vs.root(), cfg);
     let s = cfg.input_size();
-    for _ in 0..3 {
-        let x = Tensor::rand([6, 3, s, s], (Kind::Float, Device::Cpu)) * 2.0 - 1.0;
+    for k in 0..3 {
+        let x = input(seed + 100 + k, 6, s);
         let _ = tch::no_grad(|| model.forward_t(&x, true));
     }
-    tch::no_grad(|| {
-        for (name, mut t) in vs.variables() {
-            if name.ends_with("running_var") {
-                let _ = t.g_mul_(&(Tensor::rand_like(&t) + 0.5));
-            } else if name.ends_with("running_mean") || (t.dim() == 1 && t.is_floating_point()) {
-                let _ = t.g_add_(&(Tensor::randn_like(&t) * 0.1));
-            }
-        }
-    });
+    fill_seeded(&vs, seed);
     #[derive(serde::Serialize)]
     struct Doc<'a> {
         model: &'a BackboneConfig,
@@ -110,6 +109,22 @@ fn make_run(dir: &Path, cfg: &BackboneConfig, seed: i64) {
     )
     .unwrap();
     vs.save(dir.join("model.safetensors")).unwrap();
+}
+
+/// A float32 batch `[n, 3, s, s]` of seeded draws, `0.5 z`.
+fn input(seed: u64, n: i64, s: i64) -> Tensor {
+    (randn(seed, &[n, 3, s, s]) * 0.5).to_kind(Kind::Float)
+}
+
+/// Digests of a safetensors file's tensors, by name.
+fn file_digests(path: &Path) -> Value {
+    let mut file = Tensor::read_safetensors(path).unwrap();
+    file.sort_by(|a, b| a.0.cmp(&b.0));
+    Value::Object(
+        file.iter()
+            .map(|(k, t)| (k.clone(), Value::String(oracle::tensor_digest(t))))
+            .collect(),
+    )
 }
 
 fn facerec(args: &[&str]) -> std::process::Output {
@@ -134,7 +149,7 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
 }
 
 /// Exports `cfg`'s run to safetensors through the binary and checks the file against the oracle.
-fn check_safetensors(py: &Path, cfg: &BackboneConfig) {
+fn check_safetensors(cfg: &BackboneConfig) {
     let dir = tempfile::tempdir().unwrap();
     make_run(dir.path(), cfg, 11);
     let out = dir.path().join("exported.safetensors");
@@ -179,56 +194,73 @@ fn check_safetensors(py: &Path, cfg: &BackboneConfig) {
     }
     assert!(nbt > 5);
 
-    // The independent PyTorch model with these weights gives our embeddings.
-    let x = Tensor::rand(
-        [5, 3, cfg.input_size(), cfg.input_size()],
-        (Kind::Float, Device::Cpu),
-    ) * 2.0
-        - 1.0;
-    let (input, result) = (dir.path().join("x.npz"), dir.path().join("o.npz"));
-    Tensor::write_npz(&[("input", &x)], &input).unwrap();
-    let mut args = vec![ORACLE.to_string(), "embed".into()];
-    args.extend(arch_args(cfg));
-    for (flag, path) in [("--weights", &out), ("--input", &input), ("--out", &result)] {
-        args.extend([flag.to_string(), path.display().to_string()]);
-    }
-    let o = Command::new(py).args(&args).output().unwrap();
-    assert!(
-        o.status.success(),
-        "oracle failed: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let theirs: BTreeMap<String, Tensor> = Tensor::read_npz(&result).unwrap().into_iter().collect();
+    // The independent PyTorch model with these weights gives our embeddings (live, or frozen
+    // under the digests of the exported file and the input).
+    let x = input(21, 5, cfg.input_size());
     let ours = m.embed(&x);
-    let diff = max_abs_diff(&ours, &theirs["embedding"]);
+    let mut args = vec!["embed".to_string()];
+    args.extend(arch_args(cfg));
+    let request =
+        json!({"args": args, "weights": file_digests(&out), "input": oracle::tensor_digest(&x)});
+    let answer = oracle_with("backbone_oracle.py", &request, |py| {
+        let (input, result) = (dir.path().join("x.npz"), dir.path().join("o.npz"));
+        Tensor::write_npz(&[("input", &x)], &input).unwrap();
+        let mut args = vec![ORACLE.to_string()];
+        args.extend(args_of(&request));
+        for (flag, path) in [("--weights", &out), ("--input", &input), ("--out", &result)] {
+            args.extend([flag.to_string(), path.display().to_string()]);
+        }
+        let o = Command::new(py).args(&args).output().unwrap();
+        assert!(
+            o.status.success(),
+            "oracle failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let theirs: BTreeMap<String, Tensor> =
+            Tensor::read_npz(&result).unwrap().into_iter().collect();
+        json!({"embedding": floats_of(&theirs["embedding"])})
+    });
+    let theirs = Tensor::from_slice(&floats(&answer["embedding"])).view(ours.size().as_slice());
+    let diff = max_abs_diff(&ours, &theirs);
     let scale = f64::try_from(ours.abs().max()).unwrap();
     eprintln!("{cfg:?}: safetensors max |diff| {diff:e} (embedding scale {scale:.3})");
     assert!(scale > 0.1, "degenerate embeddings");
     assert!(diff <= TOL, "PyTorch oracle vs ours: max |diff| {diff:e}");
 }
 
+/// The `args` of a request, as strings.
+fn args_of(request: &Value) -> Vec<String> {
+    request["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// A tensor's values as f64, row-major.
+fn floats_of(t: &Tensor) -> Vec<f64> {
+    Vec::<f64>::try_from(t.to_kind(Kind::Double).flatten(0, -1)).unwrap()
+}
+
 #[test]
 fn safetensors_export_loads_into_independent_pytorch_iresnet() {
-    let Some(py) = python() else { return };
-    check_safetensors(&py, &small_iresnet());
+    check_safetensors(&small_iresnet());
 }
 
 #[test]
 fn safetensors_export_loads_into_independent_pytorch_mobilefacenet() {
-    let Some(py) = python() else { return };
-    check_safetensors(&py, &small_mbf());
+    check_safetensors(&small_mbf());
 }
 
-/// TorchScript through the binary, then checked here with CModule on a new batch size.
-fn check_torchscript(py: &Path, cfg: &BackboneConfig) -> PathBuf {
-    let dir = tempfile::tempdir().unwrap().keep();
-    make_run(&dir, cfg, 12);
+/// TorchScript through the binary (which needs `py`) into `dir/model.pt`.
+fn export_torchscript(py: &Path, dir: &Path) -> PathBuf {
     let out = dir.join("model.pt");
     let o = Command::new(env!("CARGO_BIN_EXE_facerec"))
         .args([
             "export",
             "--model",
-            p(&dir),
+            p(dir),
             "--format",
             "torchscript",
             "--out",
@@ -245,37 +277,62 @@ fn check_torchscript(py: &Path, cfg: &BackboneConfig) -> PathBuf {
     );
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(stdout.contains("max |embedding difference|"), "{stdout}");
+    out
+}
 
-    let m = Exportable::load(&dir, None).unwrap();
-    let mut module = tch::CModule::load(&out).unwrap();
-    module.set_eval();
-    let s = cfg.input_size();
-    let x = Tensor::rand([7, 3, s, s], (Kind::Float, Device::Cpu)) * 2.0 - 1.0;
-    let theirs = tch::no_grad(|| module.forward_ts(&[&x]).unwrap());
-    let diff = max_abs_diff(&m.embed(&x), &theirs);
+/// TorchScript through the binary, then checked here with CModule on a new batch size: live, or
+/// the module's embeddings frozen under the digests of the run's weights and the input.
+fn check_torchscript(cfg: &BackboneConfig) {
+    let dir = tempfile::tempdir().unwrap();
+    make_run(dir.path(), cfg, 12);
+    let m = Exportable::load(dir.path(), None).unwrap();
+    let x = input(22, 7, cfg.input_size());
+    let ours = m.embed(&x);
+    let request = json!({
+        "args": arch_args(cfg),
+        "weights": file_digests(&dir.path().join("model.safetensors")),
+        "input": oracle::tensor_digest(&x),
+    });
+    let answer = oracle_with("export_model.py", &request, |py| {
+        let out = export_torchscript(py, dir.path());
+        let mut module = tch::CModule::load(&out).unwrap();
+        module.set_eval();
+        let theirs = tch::no_grad(|| module.forward_ts(&[&x]).unwrap());
+        json!({"embedding": floats_of(&theirs)})
+    });
+    let theirs = Tensor::from_slice(&floats(&answer["embedding"])).view(ours.size().as_slice());
+    let diff = max_abs_diff(&ours, &theirs);
     eprintln!("{cfg:?}: TorchScript max |diff| {diff:e}");
     assert!(diff <= TOL, "TorchScript vs ours: max |diff| {diff:e}");
-    dir
 }
 
 #[test]
 fn torchscript_export_matches_our_backbone() {
+    check_torchscript(&small_iresnet());
+    check_torchscript(&small_mbf());
+}
+
+/// The exporter's own check and its refusal need the module file, which only Python writes (the
+/// TorchScript format is a runtime dependency on Python, not an oracle): skipped without it.
+#[test]
+fn torchscript_export_refuses_a_module_that_differs() {
     let Some(py) = python() else { return };
-    let dir = check_torchscript(&py, &small_iresnet());
-    check_torchscript(&py, &small_mbf());
+    let dir = tempfile::tempdir().unwrap();
+    make_run(dir.path(), &small_iresnet(), 12);
+    let module = export_torchscript(&py, dir.path());
 
     // A module of other weights is caught by the exporter's own check...
     let other = tempfile::tempdir().unwrap();
     make_run(other.path(), &small_iresnet(), 99);
     let m_other = Exportable::load(other.path(), None).unwrap();
-    let diff = export::torchscript_max_abs_diff(&dir.join("model.pt"), &m_other).unwrap();
+    let diff = export::torchscript_max_abs_diff(&module, &m_other).unwrap();
     assert!(diff > 1e-3, "different weights, yet max |diff| {diff:e}");
     // ...and a failed check writes nothing (a negative tolerance makes any module fail).
-    let refused = dir.join("refused.pt");
+    let refused = dir.path().join("refused.pt");
     let o = facerec(&[
         "export",
         "--model",
-        p(&dir),
+        p(dir.path()),
         "--format",
         "torchscript",
         "--out",
@@ -290,8 +347,7 @@ fn torchscript_export_matches_our_backbone() {
         err.contains("differ from our backbone") && err.contains("nothing was written"),
         "{err}"
     );
-    assert!(!refused.exists() && !dir.join(".refused.pt.partial").exists());
-    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!refused.exists() && !dir.path().join(".refused.pt.partial").exists());
 }
 
 #[test]
