@@ -34,8 +34,8 @@ fn cmc_and_tpir_match_the_oracle() {
         }
     }
     let (mut p, mut pl) = (Vec::new(), Vec::new());
-    for i in 0..probes {
-        let id = ((pick[i].abs() * 1e4) as usize) % ids;
+    for (i, r) in pick.iter().enumerate() {
+        let id = ((r.abs() * 1e4) as usize) % ids;
         p.extend(emb(id, ids * per + i));
         pl.push(id as i64);
     }

@@ -288,6 +288,23 @@ fn prep_align_keeps_rgb_writes_folder_and_rec_and_refuses_bad_input() {
     let bytes = rec.load(2).unwrap();
     let back = RgbImage::from_raw(112, 112, bytes).unwrap();
     assert_marks_on_template(&back, ".rec (JPEG)");
+    // `facerec embed` reads the packed .rec through its training source: one row per record.
+    run_dir(&d.join("run"));
+    embed::run(embed_args(
+        &d.join("run"),
+        &d.join("packed/faces.rec"),
+        &d.join("rec.npy"),
+    ))
+    .unwrap();
+    let (shape, _) = read_npy(&d.join("rec.npy"));
+    assert_eq!(shape, [3, 16]);
+    let labels: Vec<String> = std::fs::read_to_string(d.join("rec.csv"))
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| l.rsplit(',').next().unwrap().to_string())
+        .collect();
+    assert_eq!(labels, ["0", "0", "1"]);
     // An existing output is refused.
     assert!(align::run(align_args(&lmf, &d.join("src"), &d.join("aligned"))).is_err());
 

@@ -164,9 +164,15 @@ impl Items {
             if line.trim().is_empty() || line.starts_with('#') {
                 continue;
             }
-            let (path, label) = match line.split_once('\t').or_else(|| line.rsplit_once(' ')) {
+            // `path<TAB>label`; without a tab, a line naming an existing file is a bare path (spaces
+            // allowed), otherwise the last space separates the label.
+            let (path, label) = match line.split_once('\t') {
                 Some((p, l)) => (p.trim(), l.trim()),
-                None => (line.trim(), ""),
+                None if base.join(line.trim()).is_file() => (line.trim(), ""),
+                None => match line.rsplit_once(' ') {
+                    Some((p, l)) => (p.trim(), l.trim()),
+                    None => (line.trim(), ""),
+                },
             };
             let p = base.join(path);
             ensure!(
@@ -275,7 +281,7 @@ fn partial(path: &Path) -> PathBuf {
 }
 
 /// Quote a CSV field when it holds a comma, a quote or a line break.
-fn csv_field(s: &str) -> String {
+pub(crate) fn csv_field(s: &str) -> String {
     if s.contains([',', '"', '\n', '\r']) {
         format!("\"{}\"", s.replace('"', "\"\""))
     } else {

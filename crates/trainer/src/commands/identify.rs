@@ -19,7 +19,7 @@ use facerec_evaluation::report::{FileRef, TargetReport};
 use facerec_evaluation::{IdentificationReport, CMC_RANKS, FPIR_TARGETS};
 use tch::Kind;
 
-use super::embed::{bar, Items};
+use super::embed::{bar, csv_field, Items};
 use super::eval::LoadedModel;
 
 /// Embed one labelled side (flip test, normalised).
@@ -68,8 +68,11 @@ pub fn evaluate(
     let mut csv = String::from("probe,label,rank1_identity,rank1_score\n");
     for (i, name) in p_items.names.iter().enumerate() {
         csv.push_str(&format!(
-            "{name},{},{},{:.6}\n",
-            p_items.labels[i], labels[arg[i] as usize], best[i]
+            "{},{},{},{:.6}\n",
+            csv_field(name),
+            csv_field(&p_items.labels[i]),
+            csv_field(&labels[arg[i] as usize]),
+            best[i]
         ));
     }
     let csv_path = out.join("identification.csv");
