@@ -16,7 +16,8 @@
 //! Why stretch is the default: it is what training has always done, so every shipped recipe keeps its
 //! numbers; aligned face crops (insightface's 112 x 112) are square and unaffected by either rule; and a
 //! non-square set such as ORL (92 x 112) keeps the chin and forehead that a centre crop would cut.
-//! Face alignment from landmarks (IJB, `facerec_evaluation::ijb`) is a warp of its own, not a fit.
+//! Face alignment from landmarks ([`crate::align`]: IJB, `facerec prep align`) is a warp of its own,
+//! not a fit.
 
 use std::path::Path;
 

@@ -17,6 +17,7 @@
 //! See `docs/data.md` for the synthetic face model, the RecordIO layouts and the loader's determinism
 //! rules.
 
+pub mod align;
 pub mod augment;
 pub mod image_folder;
 pub mod input;

@@ -24,21 +24,14 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
-use image::RgbImage;
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
 use crate::images::decode_all;
 use crate::roc::{Roc, RocReport, FAR_TARGETS};
 
-/// The 112 x 112 ArcFace alignment template (x, y): eyes, nose tip, mouth corners.
-pub const ARCFACE_TEMPLATE: [[f64; 2]; 5] = [
-    [38.2946, 51.6963],
-    [73.5318, 51.5014],
-    [56.0252, 71.7366],
-    [41.5493, 92.3655],
-    [70.7299, 92.2041],
-];
+/// The alignment lives in the data crate (`facerec prep align` uses it too); re-exported here.
+pub use facerec_data::align::{align, umeyama, warp_affine, ARCFACE_TEMPLATE};
 
 /// One face image of the metadata.
 #[derive(Debug, Clone, PartialEq)]
@@ -230,94 +223,6 @@ fn read_rows(path: &Path, fields: usize) -> Result<Vec<(usize, Vec<String>)>> {
     Ok(rows)
 }
 
-/// Least-squares similarity transform (rotation, uniform scale, translation) mapping `src` onto `dst`
-/// (Umeyama, "Least-squares estimation of transformation parameters between two point patterns", TPAMI
-/// 1991, with the reflection correction), as the 2 x 3 matrix `[[a, -b, tx], [b, a, ty]]`.
-///
-/// Returns `None` when the source points are degenerate (all equal).
-pub fn umeyama(src: &[[f64; 2]], dst: &[[f64; 2]]) -> Option<[[f64; 3]; 2]> {
-    let n = src.len() as f64;
-    let mean = |p: &[[f64; 2]]| {
-        let s = p.iter().fold([0.0, 0.0], |a, q| [a[0] + q[0], a[1] + q[1]]);
-        [s[0] / n, s[1] / n]
-    };
-    let (ms, md) = (mean(src), mean(dst));
-    // Covariance dst^T src / n and the source variance.
-    let (mut c, mut var) = ([[0.0f64; 2]; 2], 0.0);
-    for (s, d) in src.iter().zip(dst) {
-        let (xs, ys) = (s[0] - ms[0], s[1] - ms[1]);
-        let (xd, yd) = (d[0] - md[0], d[1] - md[1]);
-        c[0][0] += xd * xs;
-        c[0][1] += xd * ys;
-        c[1][0] += yd * xs;
-        c[1][1] += yd * ys;
-        var += xs * xs + ys * ys;
-    }
-    if var <= 0.0 {
-        return None;
-    }
-    // For 2-D the optimal rotation (det +1) has cos ~ (c00 + c11), sin ~ (c10 - c01); the scale is the
-    // trace of S D over the variance, which equals that vector's length over var.
-    let (p, q) = (c[0][0] + c[1][1], c[1][0] - c[0][1]);
-    let r = (p * p + q * q).sqrt();
-    if r == 0.0 {
-        return None;
-    }
-    let scale = r / var;
-    let (a, b) = (scale * p / r, scale * q / r);
-    let tx = md[0] - (a * ms[0] - b * ms[1]);
-    let ty = md[1] - (b * ms[0] + a * ms[1]);
-    Some([[a, -b, tx], [b, a, ty]])
-}
-
-/// `cv2.warpAffine(img, m, (size, size))` with bilinear sampling and a black border: output pixel
-/// `(x, y)` samples `img` at `m^-1 (x, y)` (integer pixel centres, no half-pixel shift). Samples
-/// outside the image count as 0.
-///
-/// # Panics
-/// If `m` is singular.
-pub fn warp_affine(img: &RgbImage, m: &[[f64; 3]; 2], size: u32) -> RgbImage {
-    let [[a, b, tx], [c, d, ty]] = *m;
-    let det = a * d - b * c;
-    assert!(det != 0.0, "warp_affine: singular transform");
-    // Inverse of [[a, b], [c, d]] and its translation.
-    let (ia, ib, ic, id) = (d / det, -b / det, -c / det, a / det);
-    let (w, h) = (img.width() as i64, img.height() as i64);
-    let px = |x: i64, y: i64, ch: usize| -> f64 {
-        if x < 0 || y < 0 || x >= w || y >= h {
-            0.0
-        } else {
-            img.get_pixel(x as u32, y as u32)[ch] as f64
-        }
-    };
-    RgbImage::from_fn(size, size, |x, y| {
-        let (u, v) = (x as f64 - tx, y as f64 - ty);
-        let (sx, sy) = (ia * u + ib * v, ic * u + id * v);
-        let (x0, y0) = (sx.floor(), sy.floor());
-        let (fx, fy) = (sx - x0, sy - y0);
-        let (x0, y0) = (x0 as i64, y0 as i64);
-        let mut out = [0u8; 3];
-        for (ch, o) in out.iter_mut().enumerate() {
-            let top = px(x0, y0, ch) * (1.0 - fx) + px(x0 + 1, y0, ch) * fx;
-            let bottom = px(x0, y0 + 1, ch) * (1.0 - fx) + px(x0 + 1, y0 + 1, ch) * fx;
-            *o = (top * (1.0 - fy) + bottom * fy).round().clamp(0.0, 255.0) as u8;
-        }
-        image::Rgb(out)
-    })
-}
-
-/// Align one loose crop to `size x size`: similarity from its landmarks to the ArcFace template scaled
-/// by `size / 112`, then [`warp_affine`].
-pub fn align(img: &RgbImage, landmarks: &[[f64; 2]; 5], size: u32) -> Result<RgbImage> {
-    let k = size as f64 / 112.0;
-    let dst: Vec<[f64; 2]> = ARCFACE_TEMPLATE
-        .iter()
-        .map(|p| [p[0] * k, p[1] * k])
-        .collect();
-    let m = umeyama(landmarks, &dst).context("degenerate landmarks (all points equal)")?;
-    Ok(warp_affine(img, &m, size))
-}
-
 /// Per-image features: `f(x)` (+ `f(flip(x))` with `opts.flip`), L2-normalised unless `opts.norm_score`,
 /// times the detector score with `opts.detector_score`. Images are read, aligned and embedded in chunks
 /// of `chunk` images; `tick` is called once per embedded image.
@@ -488,39 +393,3 @@ pub fn evaluate(
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn umeyama_recovers_a_similarity() {
-        let (s, th, tx, ty) = (1.7f64, 0.3f64, 12.0, -5.0);
-        let (a, b) = (s * th.cos(), s * th.sin());
-        let dst: Vec<[f64; 2]> = ARCFACE_TEMPLATE
-            .iter()
-            .map(|p| [a * p[0] - b * p[1] + tx, b * p[0] + a * p[1] + ty])
-            .collect();
-        let m = umeyama(&ARCFACE_TEMPLATE, &dst).unwrap();
-        let want = [[a, -b, tx], [b, a, ty]];
-        for r in 0..2 {
-            for c in 0..3 {
-                assert!((m[r][c] - want[r][c]).abs() < 1e-9, "{m:?} vs {want:?}");
-            }
-        }
-        assert!(umeyama(&[[1.0, 1.0]; 5], &ARCFACE_TEMPLATE).is_none());
-    }
-
-    #[test]
-    fn warp_identity_and_shift() {
-        let img = RgbImage::from_fn(4, 4, |x, y| image::Rgb([(10 * x + y) as u8; 3]));
-        let id = warp_affine(&img, &[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], 4);
-        assert_eq!(id, img);
-        // Shift right by one: column 0 samples x = -1 (outside, 0), column 1 samples x = 0.
-        let sh = warp_affine(&img, &[[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]], 4);
-        assert_eq!(sh.get_pixel(0, 2)[0], 0);
-        assert_eq!(sh.get_pixel(1, 2)[0], img.get_pixel(0, 2)[0]);
-        // Half-pixel shift: the mean of two neighbours.
-        let half = warp_affine(&img, &[[1.0, 0.0, -0.5], [0.0, 1.0, 0.0]], 4);
-        assert_eq!(half.get_pixel(1, 0)[0], 15);
-    }
-}

@@ -11,7 +11,9 @@
 
 pub mod bin_pack;
 pub mod embed;
+pub mod identification;
 pub mod ijb;
+pub mod ijb_1n;
 pub mod images;
 pub mod lfw;
 pub mod pairs;
@@ -23,6 +25,7 @@ pub mod verification;
 
 pub use bin_pack::BinPack;
 pub use embed::{embed_with_flip, l2_normalize, pair_distances, verify_images};
+pub use identification::{identify, IdentificationReport, CMC_RANKS, FPIR_TARGETS};
 pub use images::Fit;
 pub use lfw::{LfwPairs, LfwSet};
 pub use pairs::{balanced_pairs, Pair, PairSet, PROTOCOL_FOLDS};

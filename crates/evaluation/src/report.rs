@@ -63,6 +63,9 @@ pub struct TargetReport {
     pub roc: Option<RocReport>,
     /// The ROC plot written for this target.
     pub plot: Option<PathBuf>,
+    /// 1:N identification metrics (`facerec eval --gallery --probes`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identification: Option<crate::identification::IdentificationReport>,
     /// Wall time, seconds.
     pub seconds: f64,
 }
@@ -126,6 +129,9 @@ impl EvalReport {
             }
             if let Some(x) = t.xnorm {
                 let _ = writeln!(s, "  XNorm {x:.5}");
+            }
+            if let Some(r) = &t.identification {
+                s.push_str(&r.to_text());
             }
             if let Some(r) = &t.roc {
                 let _ = writeln!(

@@ -59,6 +59,8 @@ enum Command {
     Compare(facerec_trainer::commands::compare::Args),
     /// Evaluate a trained model: `--model RUN_DIR` with `--bin FILE.bin`, `--pairs pairs.txt --images DIR`, or `--ijb DIR --target IJBC`.
     Eval(facerec_trainer::commands::eval::Args),
+    /// Embed images with a trained model: `--model RUN_DIR --input DIR|FILE.rec|LIST --out FILE.npy|FILE.safetensors`.
+    Embed(facerec_trainer::commands::embed::Args),
     /// Cluster a folder of faces: `--model RUN_DIR --images DIR [--method kmeans|finch|graph] --out FILE.csv`.
     Cluster(facerec_trainer::commands::cluster::Args),
     /// Export a run's backbone: `--model RUN_DIR --format safetensors|torchscript --out FILE`.
@@ -139,6 +141,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Eval(args) => facerec_trainer::commands::eval::run(args),
         Command::Compare(args) => facerec_trainer::commands::compare::run(args),
         Command::Cluster(args) => facerec_trainer::commands::cluster::run(args),
+        Command::Embed(args) => facerec_trainer::commands::embed::run(args),
         Command::Export(args) => facerec_trainer::commands::export::run(args),
         Command::Plot(args) => facerec_trainer::commands::plot::run(args),
     }

@@ -66,6 +66,18 @@ pub struct Args {
     /// Output folder. Default: `<run dir>/eval-<UTC time>`, or `eval-<UTC time>` in the current folder.
     #[arg(long)]
     pub out: Option<PathBuf>,
+    /// 1:N identification: the gallery, one sub-folder per identity (or a `path<TAB>label` list);
+    /// with --probes.
+    #[arg(long, value_name = "DIR", requires = "probes")]
+    pub gallery: Option<PathBuf>,
+    /// 1:N identification: the probes, labelled as the gallery; identities absent from the gallery
+    /// are the open-set non-mated searches.
+    #[arg(long, value_name = "DIR", requires = "gallery")]
+    pub probes: Option<PathBuf>,
+    /// IJB: the 1:N identification protocol (galleries G1, G2 against the mixed-media probes)
+    /// instead of 1:1 verification.
+    #[arg(long)]
+    pub ijb_1n: bool,
     /// IJB: do not add the flipped image's embedding.
     #[arg(long)]
     pub ijb_no_flip: bool,
@@ -226,6 +238,10 @@ pub fn run(args: Args) -> Result<()> {
     eval_bins(&args, &m, threads, &out, &mut targets)?;
     eval_pairs(&args, &m, threads, &out, &mut targets)?;
     eval_ijb(&args, &m, threads, &out, &mut targets)?;
+    if let (Some(g), Some(p)) = (&args.gallery, &args.probes) {
+        targets.push(super::identify::evaluate(&m, g, p, args.batch_size, threads, &out)?);
+        eprint!("{}", targets.last().and_then(|t| t.identification.as_ref()).map(|r| r.to_text()).unwrap_or_default());
+    }
     let config_ref = FileRef::new(&m.config_file).ok();
     let report = EvalReport {
         model: FileRef::new(&m.checkpoint)?,
@@ -243,8 +259,8 @@ pub fn run(args: Args) -> Result<()> {
 /// Refuse argument combinations that cannot be evaluated.
 fn check_args(args: &Args) -> Result<()> {
     ensure!(
-        !(args.bins.is_empty() && args.pairs.is_empty() && args.ijb.is_empty()),
-        "nothing to evaluate: give --bin FILE.bin, --pairs pairs.txt --images DIR, or --ijb DIR --target IJBC"
+        !(args.bins.is_empty() && args.pairs.is_empty() && args.ijb.is_empty() && args.gallery.is_none()),
+        "nothing to evaluate: give --bin FILE.bin, --pairs pairs.txt --images DIR, --ijb DIR --target IJBC, or --gallery DIR --probes DIR"
     );
     ensure!(args.batch_size > 0, "--batch-size must be at least 1");
     if args.images.len() > 1 && args.images.len() != args.pairs.len() {
@@ -355,6 +371,15 @@ fn eval_ijb(
     for (i, dir) in args.ijb.iter().enumerate() {
         let t0 = Instant::now();
         let target = pick(&args.targets, i, "a --target (IJBB or IJBC)", "--ijb")?;
+        if args.ijb_1n {
+            let reports =
+                super::identify::evaluate_ijb_1n(m, dir, target, &opts, args.batch_size, threads)?;
+            for r in reports {
+                eprint!("{}: {}", r.name, r.identification.as_ref().map(|i| i.to_text()).unwrap_or_default());
+                targets.push(r);
+            }
+            continue;
+        }
         let meta = IjbMeta::load(dir, target)?;
         let pb = bar(meta.faces.len() as u64, format!("{target}: align + embed"));
         let model = |x: &Tensor| m.embed(x);
@@ -445,6 +470,7 @@ fn finish(
         roc: Some(roc.report(&FAR_TARGETS)),
         plot: Some(plot),
         seconds: t0.elapsed().as_secs_f64(),
+        identification: None,
     })
 }
 
@@ -534,6 +560,9 @@ mod tests {
             device: "cpu".into(),
             threads: 1,
             out: Some(d.join("out")),
+            gallery: None,
+            probes: None,
+            ijb_1n: false,
             ijb_no_flip: false,
             ijb_no_norm_score: false,
             ijb_no_detector_score: false,

@@ -1,11 +1,14 @@
 //! `facerec` subcommands other than `train`: one file each, with a clap `Args` struct and `run(args)`.
 //! (`dry_run` is the `train --dry-run` report, called from `train`'s arguments.)
 
+pub mod align;
 pub mod cluster;
 pub mod compare;
 pub mod dry_run;
+pub mod embed;
 pub mod eval;
 pub mod export;
+pub mod identify;
 pub mod plot;
 pub mod prep;
 

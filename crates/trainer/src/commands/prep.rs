@@ -33,6 +33,8 @@ pub struct Args {
 
 #[derive(Subcommand, Debug)]
 enum Prep {
+    /// Align faces to the 112 x 112 ArcFace template from a landmark file (see `commands::align`).
+    Align(super::align::Args),
     /// Pack an image folder (one sub-folder per identity) into train.rec, train.idx and property.
     Pack {
         /// Folder holding one sub-folder per identity.
@@ -100,6 +102,7 @@ pub enum CheckSizePolicy {
 pub fn run(args: Args) -> Result<()> {
     let start = Instant::now();
     match args.command {
+        Prep::Align(a) => super::align::run(a)?,
         Prep::Pack {
             images,
             out,
