@@ -152,7 +152,7 @@ pub fn run(args: Args) -> Result<()> {
         .with_context(|| format!("creating a temporary folder in {}", parent.display()))?;
     let aligned = tmp.path().join("aligned");
     std::fs::create_dir_all(&aligned)?;
-    let pb = super::embed::bar(entries.len() as u64, "aligning".into());
+    let pb = super::progress_bar(entries.len() as u64, "aligning".into());
     align_into(
         &entries,
         &args.images,

@@ -21,7 +21,7 @@ use facerec_data::{load_all, ImageFolder, Source};
 use facerec_evaluation::embed_with_flip;
 use tch::nn::ModuleT;
 
-use super::eval::LoadedModel;
+use super::loaded_model::LoadedModel;
 
 /// Clustering algorithm of `facerec cluster`.
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]

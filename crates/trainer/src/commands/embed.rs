@@ -18,10 +18,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
 use facerec_data::{Fit, ImageFolder, RecOptions, RecordIo, Source};
-use indicatif::{ProgressBar, ProgressStyle};
 use tch::{Kind, Tensor};
 
-use super::eval::LoadedModel;
+use super::loaded_model::LoadedModel;
+use super::progress_bar as bar;
 
 /// `facerec embed` options.
 #[derive(clap::Args, Debug, Clone)]
@@ -56,18 +56,6 @@ pub struct Args {
     /// Decoding and libtorch threads; 0 = all cores.
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
-}
-
-/// A progress bar in the style of `facerec eval`.
-pub(crate) fn bar(len: u64, msg: String) -> ProgressBar {
-    let b = ProgressBar::new(len);
-    b.set_style(
-        ProgressStyle::with_template("{msg:<28} [{bar:30}] {pos}/{len} {per_sec} eta {eta}")
-            .expect("a valid template")
-            .progress_chars("=> "),
-    );
-    b.set_message(msg);
-    b
 }
 
 /// A list of images with names and labels, decoded to the model input on demand.

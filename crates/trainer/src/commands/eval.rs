@@ -12,18 +12,17 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use super::loaded_model::LoadedModel;
+use super::progress_bar as bar;
 use anyhow::{bail, ensure, Context, Result};
-use facerec_backbone::{Backbone, BackboneConfig};
 use facerec_data::Fit;
 use facerec_evaluation::ijb::{self, IjbMeta, IjbOptions};
-use facerec_evaluation::images::normalize;
 use facerec_evaluation::report::{EvalReport, FileRef, TargetReport};
 use facerec_evaluation::roc::{cosine_from_squared_distance, Roc, FAR_TARGETS};
 use facerec_evaluation::{
     embed_with_flip, pair_distances, verify_distances, BinPack, LfwPairs, PairSet,
 };
-use indicatif::{ProgressBar, ProgressStyle};
-use tch::{nn, nn::ModuleT, Device, Tensor};
+use tch::Tensor;
 
 /// `facerec eval` options.
 #[derive(clap::Args, Debug, Clone, serde::Serialize)]
@@ -87,77 +86,6 @@ pub struct Args {
     /// IJB: do not weight image features by the detector score.
     #[arg(long)]
     pub ijb_no_detector_score: bool,
-}
-
-/// A loaded backbone with what it was loaded from.
-pub struct LoadedModel {
-    pub backbone: Backbone,
-    pub config: BackboneConfig,
-    /// The fit rule the model was trained with (`[input] fit` of its config).
-    pub fit: Fit,
-    pub checkpoint: PathBuf,
-    pub config_file: PathBuf,
-    pub device: Device,
-    _vs: nn::VarStore,
-}
-
-impl LoadedModel {
-    /// Build the backbone from the `[model]` table of the config and load the weights.
-    pub fn load(model: &Path, config: Option<&Path>, device: Device) -> Result<Self> {
-        let (checkpoint, config_file) = super::model_files(model, config);
-        ensure!(
-            checkpoint.is_file(),
-            "model checkpoint {} does not exist",
-            checkpoint.display()
-        );
-        let cfg = super::read_model_config(&config_file)?;
-        let fit = super::read_input_fit(&config_file)?;
-        let mut vs = nn::VarStore::new(device);
-        let backbone = facerec_backbone::build(&vs.root(), &cfg);
-        vs.load(&checkpoint).with_context(|| {
-            format!(
-                "loading {} into a backbone built from {}",
-                checkpoint.display(),
-                config_file.display()
-            )
-        })?;
-        Ok(Self {
-            backbone,
-            config: cfg,
-            fit,
-            checkpoint,
-            config_file,
-            device,
-            _vs: vs,
-        })
-    }
-
-    /// Side of the model's square input.
-    pub fn input_size(&self) -> u32 {
-        self.config.input_size() as u32
-    }
-
-    /// Eval-mode forward of a Uint8 `[b, 3, S, S]` batch (normalised here) on the model's device; the
-    /// embeddings come back on the CPU.
-    ///
-    /// # Shapes
-    /// `x`: `[b, 3, S, S]`; returns `[b, D]` Float.
-    pub fn embed(&self, x: &Tensor) -> Tensor {
-        self.backbone
-            .forward_t(&normalize(&x.to_device(self.device)), false)
-            .to_device(Device::Cpu)
-    }
-}
-
-fn bar(len: u64, msg: String) -> ProgressBar {
-    let b = ProgressBar::new(len);
-    b.set_style(
-        ProgressStyle::with_template("{msg:<28} [{bar:30}] {pos}/{len} {per_sec} eta {eta}")
-            .expect("a valid template")
-            .progress_chars("=> "),
-    );
-    b.set_message(msg);
-    b
 }
 
 /// Embed (flip test), verify with the pair set's folds, and compute the ROC of the cosine scores.
@@ -239,8 +167,22 @@ pub fn run(args: Args) -> Result<()> {
     eval_pairs(&args, &m, threads, &out, &mut targets)?;
     eval_ijb(&args, &m, threads, &out, &mut targets)?;
     if let (Some(g), Some(p)) = (&args.gallery, &args.probes) {
-        targets.push(super::identify::evaluate(&m, g, p, args.batch_size, threads, &out)?);
-        eprint!("{}", targets.last().and_then(|t| t.identification.as_ref()).map(|r| r.to_text()).unwrap_or_default());
+        targets.push(super::identify::evaluate(
+            &m,
+            g,
+            p,
+            args.batch_size,
+            threads,
+            &out,
+        )?);
+        eprint!(
+            "{}",
+            targets
+                .last()
+                .and_then(|t| t.identification.as_ref())
+                .map(|r| r.to_text())
+                .unwrap_or_default()
+        );
     }
     let config_ref = FileRef::new(&m.config_file).ok();
     let report = EvalReport {
@@ -375,7 +317,14 @@ fn eval_ijb(
             let reports =
                 super::identify::evaluate_ijb_1n(m, dir, target, &opts, args.batch_size, threads)?;
             for r in reports {
-                eprint!("{}: {}", r.name, r.identification.as_ref().map(|i| i.to_text()).unwrap_or_default());
+                eprint!(
+                    "{}: {}",
+                    r.name,
+                    r.identification
+                        .as_ref()
+                        .map(|i| i.to_text())
+                        .unwrap_or_default()
+                );
                 targets.push(r);
             }
             continue;
@@ -477,7 +426,9 @@ fn finish(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use facerec_backbone::BackboneConfig;
     use image::{Rgb, RgbImage};
+    use tch::{nn, Device};
 
     /// A tiny run directory: config.toml with a small iResNet and its random weights.
     fn run_dir(dir: &Path) {

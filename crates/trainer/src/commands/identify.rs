@@ -19,8 +19,9 @@ use facerec_evaluation::report::{FileRef, TargetReport};
 use facerec_evaluation::{IdentificationReport, CMC_RANKS, FPIR_TARGETS};
 use tch::Kind;
 
-use super::embed::{bar, csv_field, Items};
-use super::eval::LoadedModel;
+use super::embed::{csv_field, Items};
+use super::loaded_model::LoadedModel;
+use super::progress_bar as bar;
 
 /// Embed one labelled side (flip test, normalised).
 fn embed_side(

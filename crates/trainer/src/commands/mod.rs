@@ -9,11 +9,13 @@ pub mod embed;
 pub mod eval;
 pub mod export;
 pub mod identify;
+pub mod loaded_model;
 pub mod plot;
 pub mod prep;
 
 use anyhow::{Context, Result};
 use facerec_backbone::BackboneConfig;
+use indicatif::{ProgressBar, ProgressStyle};
 use std::path::{Path, PathBuf};
 
 /// The checkpoint and config paths for a run directory or a `.safetensors` file.
@@ -78,4 +80,16 @@ pub fn init_device(spec: &str, threads: usize) -> Result<(tch::Device, usize)> {
     };
     tch::set_num_threads(threads as i32);
     Ok((device, threads))
+}
+
+/// The progress bar of the commands that walk a set of images (`{msg} [bar] pos/len rate eta`).
+pub(crate) fn progress_bar(len: u64, msg: String) -> ProgressBar {
+    let b = ProgressBar::new(len);
+    b.set_style(
+        ProgressStyle::with_template("{msg:<28} [{bar:30}] {pos}/{len} {per_sec} eta {eta}")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    b.set_message(msg);
+    b
 }
