@@ -263,18 +263,45 @@ impl ViT {
     /// # Panics
     /// On a wrong input shape.
     pub fn forward_trunk_amp(&self, xs: &Tensor, train: bool, autocast: Option<Kind>) -> Tensor {
+        let noise = (train && self.mask_ratio > 0.0).then(|| {
+            let b = xs.size()[0];
+            Tensor::rand([b, self.num_patches], (Kind::Float, xs.device()))
+        });
+        self.forward_trunk_masked(xs, noise.as_ref(), train, autocast)
+    }
+
+    /// [`ViT::forward_trunk_amp`] with the masking noise given: with `Some(noise)` each image keeps
+    /// its [`ViT::kept_tokens`] positions of smallest noise (in that order through the blocks), as
+    /// arcface_torch's random masking does with its own uniform draw; `None` masks nothing.
+    /// `train` switches drop path on (the trunk has no batch statistics).
+    ///
+    /// # Shapes
+    /// `xs`: `[B, 3, S, S]`; `noise`: `[B, L]`; output `[B, L * D]`.
+    ///
+    /// # Panics
+    /// On a wrong input or noise shape.
+    pub fn forward_trunk_masked(
+        &self,
+        xs: &Tensor,
+        noise: Option<&Tensor>,
+        train: bool,
+        autocast: Option<Kind>,
+    ) -> Tensor {
         let x = self.embed_patches(xs);
         let (b, l, d) = x.size3().expect("tokens [B, L, D]");
-        let masked = train && self.mask_ratio > 0.0;
-        let (mut x, restore) = if masked {
-            let keep = self.kept_tokens();
-            let noise = Tensor::rand([b, l], (Kind::Float, x.device()));
-            let shuffle = noise.argsort(1, false);
-            let restore = shuffle.argsort(1, false);
-            let idx = shuffle.narrow(1, 0, keep).unsqueeze(-1).expand([b, keep, d], true);
-            (x.gather(1, &idx, false), Some(restore))
-        } else {
-            (x, None)
+        let (mut x, restore) = match noise {
+            Some(noise) => {
+                assert_eq!(noise.size(), [b, l], "masking noise [B, L]");
+                let keep = self.kept_tokens();
+                let shuffle = noise.argsort(1, false);
+                let restore = shuffle.argsort(1, false);
+                let idx = shuffle
+                    .narrow(1, 0, keep)
+                    .unsqueeze(-1)
+                    .expand([b, keep, d], true);
+                (x.gather(1, &idx, false), Some(restore))
+            }
+            None => (x, None),
         };
         for block in &self.blocks {
             x = block.forward_amp(&x, train, autocast);
@@ -284,7 +311,7 @@ impl ViT {
             let kept = x.size()[1];
             let fill = self.mask_token.expand([b, l - kept, d], true);
             let idx = restore.unsqueeze(-1).expand([b, l, d], true);
-            x = Tensor::cat(&[x, fill.to_kind(self.mask_token.kind())], 1).gather(1, &idx, false);
+            x = Tensor::cat(&[x, fill], 1).gather(1, &idx, false);
         }
         x.reshape([b, l * d])
     }
