@@ -17,7 +17,9 @@ Reads one JSON request on stdin, writes one JSON answer on stdout:
       in the head's BatchNorms; drop path must be 0 in ARCH); train mode with the masking noise
       `noise` ([B, L], the kept tokens are the smallest-noise ones).
 ARCH: {"embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size", "input_size",
-       "embedding_size", "qkv_bias", "mask_ratio"}
+       "embedding_size", "qkv_bias", "mask_ratio"[, "drop_path_rate" (default 0)]}
+The bench reference (bench_train_reference.py, via backbone_oracle.build_from_model_table) builds
+`FaceViT` from a `[model] type = "vit"` table, with drop path and random masking in training.
 """
 import json
 import sys
@@ -55,17 +57,24 @@ class FeedForward(nn.Module):
 
 
 class EncoderBlock(nn.Module):
-    def __init__(self, dim, heads, hidden, qkv_bias):
+    def __init__(self, dim, heads, hidden, qkv_bias, drop=0.0):
         super().__init__()
+        self.drop = drop
         self.norm1 = nn.LayerNorm(dim, eps=1e-5)
         self.attn = SelfAttention(dim, heads, qkv_bias)
         self.norm2 = nn.LayerNorm(dim, eps=1e-5)
         self.mlp = FeedForward(dim, hidden)
 
+    def branch(self, y):
+        """Stochastic depth: in training, zero a whole image's branch with probability `drop`."""
+        if not self.training or self.drop == 0.0:
+            return y
+        keep = torch.empty(y.shape[0], 1, 1, dtype=y.dtype, device=y.device).bernoulli_(1 - self.drop)
+        return y * keep / (1 - self.drop)
+
     def forward(self, x):
-        # Drop path is identity here (the tests use rate 0 in train mode).
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        x = x + self.branch(self.attn(self.norm1(x)))
+        return x + self.branch(self.mlp(self.norm2(x)))
 
 
 class PatchEmbedding(nn.Module):
@@ -88,8 +97,11 @@ class FaceViT(nn.Module):
         hidden = int(d * a["mlp_ratio"])
         self.patch_embed = PatchEmbedding(a["patch_size"], d)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.tokens, d))
+        depth = a["depth"]
+        rate = float(a.get("drop_path_rate", 0.0))
+        drops = [rate * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList(
-            [EncoderBlock(d, a["num_heads"], hidden, a["qkv_bias"]) for _ in range(a["depth"])]
+            [EncoderBlock(d, a["num_heads"], hidden, a["qkv_bias"], p) for p in drops]
         )
         self.norm = nn.LayerNorm(d, eps=1e-5)
         e = a["embedding_size"]
@@ -102,20 +114,21 @@ class FaceViT(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
 
     def forward(self, x, noise=None):
+        """`noise` [B, N] selects the kept tokens; in training without it (the benchmark) and with
+        a mask ratio, a uniform draw does."""
         t = self.patch_embed(x) + self.pos_embed
         b, n, d = t.shape
+        if noise is None and self.training and self.keep_ratio < 1.0:
+            noise = torch.rand(b, n, device=t.device)
         if noise is not None:
             kept = int(n * self.keep_ratio)
-            order = torch.sort(noise, dim=1).indices  # positions by increasing noise
-            t = torch.stack([t[i, order[i, :kept]] for i in range(b)])
+            order = torch.sort(noise, dim=1).indices[:, :kept, None].expand(b, kept, d)
+            t = torch.gather(t, 1, order)  # kept positions by increasing noise
         for blk in self.blocks:
             t = blk(t)
         t = self.norm(t)
         if noise is not None:
-            full = self.mask_token.expand(b, n, d).clone()
-            for i in range(b):
-                full[i, order[i, :kept]] = t[i]
-            t = full
+            t = self.mask_token.expand(b, n, d).to(t.dtype).scatter(1, order, t)
         return self.feature(t.reshape(b, n * d))
 
 
@@ -147,10 +160,18 @@ def main():
         model.eval()
         eval_out = model(x)
         model.train()
-        train_out = model(x)
         masked_out = model(x, noise)
+        model.keep_ratio = 1.0
+        train_out = model(x)
     json.dump({"eval_out": flat(eval_out), "train_out": flat(train_out),
                "masked_out": flat(masked_out)}, sys.stdout)
+
+
+def from_model_table(t):
+    """The oracle ViT for a resolved `[model] type = "vit"` table (every field present)."""
+    keys = ["embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size", "input_size",
+            "embedding_size", "qkv_bias", "mask_ratio", "drop_path_rate"]
+    return FaceViT({k: t[k] for k in keys})
 
 
 if __name__ == "__main__":
