@@ -48,7 +48,10 @@ fn vit_of(model: &Backbone) -> &facerec_backbone::ViT {
 #[test]
 fn presets_and_toml() {
     let t = ViTConfig::vit_t();
-    assert_eq!((t.embed_dim, t.depth, t.num_heads, t.patch_size), (256, 12, 8, 9));
+    assert_eq!(
+        (t.embed_dim, t.depth, t.num_heads, t.patch_size),
+        (256, 12, 8, 9)
+    );
     assert_eq!((t.num_patches(), t.mlp_hidden()), (144, 1024));
     assert_eq!((t.drop_path_rate, t.mask_ratio), (0.1, 0.1));
     let b = ViTConfig::vit_b();
@@ -74,11 +77,17 @@ fn presets_and_toml() {
 
     let err = |s: &str| format!("{:#}", toml_cfg(s).unwrap_err());
     let e = err("[model]\ntype = \"vit\"\npreset = \"vit_q\"\n");
-    assert!(e.contains("model.preset: `vit_q` is not one of vit_t"), "{e}");
+    assert!(
+        e.contains("model.preset: `vit_q` is not one of vit_t"),
+        "{e}"
+    );
     let e = err("[model]\ntype = \"vit\"\nembed_dmi = 3\n");
     assert!(e.contains("embed_dmi"), "{e}");
     let e = err("[model]\ntype = \"vit\"\nnum_heads = 7\n");
-    assert!(e.contains("model.num_heads: 7 must divide model.embed_dim 256"), "{e}");
+    assert!(
+        e.contains("model.num_heads: 7 must divide model.embed_dim 256"),
+        "{e}"
+    );
     let e = err("[model]\ntype = \"vit\"\nmask_ratio = 1.0\n");
     assert!(e.contains("model.mask_ratio"), "{e}");
     let e = err("[model]\ntype = \"vit\"\npatch_size = 200\n");
@@ -102,15 +111,24 @@ fn masking_fills_the_dropped_positions_with_the_mask_token() {
     let is_mask = out.eq_tensor(&m.mask_token).all_dim(-1, false); // [B, L]
     let dropped = noise.argsort(1, true).narrow(1, 0, l - m.kept_tokens());
     for i in 0..b {
-        assert_eq!(i64::try_from(is_mask.get(i).sum(Kind::Int64)).unwrap(), l - 17);
+        assert_eq!(
+            i64::try_from(is_mask.get(i).sum(Kind::Int64)).unwrap(),
+            l - 17
+        );
         let at = is_mask.get(i).index_select(0, &dropped.get(i));
-        assert!(bool::try_from(at.all()).unwrap(), "image {i}: masked where the noise is largest");
+        assert!(
+            bool::try_from(at.all()).unwrap(),
+            "image {i}: masked where the noise is largest"
+        );
     }
     let eval = tch::no_grad(|| m.forward_trunk_amp(&x, false, None)).view([b, l, d]);
     assert!(!bool::try_from(eval.eq_tensor(&m.mask_token).all_dim(-1, false).any()).unwrap());
     // The random trunk masks the same count.
     let train = tch::no_grad(|| m.forward_trunk_amp(&x, true, None)).view([b, l, d]);
-    let n = train.eq_tensor(&m.mask_token).all_dim(-1, false).sum(Kind::Int64);
+    let n = train
+        .eq_tensor(&m.mask_token)
+        .all_dim(-1, false)
+        .sum(Kind::Int64);
     assert_eq!(i64::try_from(n).unwrap(), b * (l - 17));
 }
 
@@ -121,7 +139,12 @@ fn drop_path_per_image() {
     let x = Tensor::ones([4000, 3, 2], (Kind::Double, Device::Cpu));
     let y = drop_path(&x, 0.25, true);
     let per_image = y.amin(&[1i64, 2][..], false);
-    assert!(y.eq_tensor(&per_image.view([-1, 1, 1]).expand_as(&y)).all().int64_value(&[]) == 1);
+    assert!(
+        y.eq_tensor(&per_image.view([-1, 1, 1]).expand_as(&y))
+            .all()
+            .int64_value(&[])
+            == 1
+    );
     let kept = f64::try_from(per_image.gt(0.0).to_kind(Kind::Double).mean(Kind::Double)).unwrap();
     assert!((kept - 0.75).abs() < 0.03, "kept fraction {kept}");
     let values: Vec<f64> = Vec::try_from(per_image.unique_dim(0, true, false, false).0).unwrap();
@@ -143,30 +166,51 @@ fn preset_keys_and_counts_match_oracle() {
     for cfg in [ViTConfig::vit_t(), ViTConfig::vit_s(), ViTConfig::vit_b()] {
         let vs = nn::VarStore::new(Device::Cpu);
         let _m = build(&vs.root(), &BackboneConfig::Vit(cfg.clone()));
-        let ours: BTreeMap<String, Vec<i64>> =
-            vs.variables().into_iter().map(|(k, t)| (k, t.size())).collect();
-        let trainable: i64 = vs.trainable_variables().iter().map(|t| t.numel() as i64).sum();
+        let ours: BTreeMap<String, Vec<i64>> = vs
+            .variables()
+            .into_iter()
+            .map(|(k, t)| (k, t.size()))
+            .collect();
+        let trainable: i64 = vs
+            .trainable_variables()
+            .iter()
+            .map(|t| t.numel() as i64)
+            .sum();
         let j = oracle("vit_oracle.py", &json!({"cmd": "keys", "arch": arch(&cfg)}));
         let theirs: BTreeMap<String, Vec<i64>> = j["keys"]
             .as_array()
             .unwrap()
             .iter()
             .map(|kv| {
-                let shape = kv[1].as_array().unwrap().iter().map(|d| d.as_i64().unwrap());
+                let shape = kv[1]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|d| d.as_i64().unwrap());
                 (kv[0].as_str().unwrap().to_string(), shape.collect())
             })
             .collect();
         let missing: Vec<_> = theirs.keys().filter(|k| !ours.contains_key(*k)).collect();
         let extra: Vec<_> = ours.keys().filter(|k| !theirs.contains_key(*k)).collect();
-        assert!(missing.is_empty() && extra.is_empty(), "missing {missing:?}\nextra {extra:?}");
+        assert!(
+            missing.is_empty() && extra.is_empty(),
+            "missing {missing:?}\nextra {extra:?}"
+        );
         assert_eq!(ours, theirs, "shapes differ");
         assert_eq!(trainable, j["trainable"].as_i64().unwrap(), "{cfg:?}");
-        eprintln!("{} blocks x {}: {trainable} trainable parameters", cfg.depth, cfg.embed_dim);
+        eprintln!(
+            "{} blocks x {}: {trainable} trainable parameters",
+            cfg.depth, cfg.embed_dim
+        );
     }
 }
 
 fn floats(v: &Value) -> Vec<f64> {
-    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
 }
 
 #[test]
@@ -212,11 +256,19 @@ fn forward_matches_oracle_in_f64() {
         "input": flat(&x), "noise": flat(&noise),
     });
     let j = oracle("vit_oracle.py", &req);
-    for (what, ours) in [("eval_out", &eval_out), ("train_out", &train_out), ("masked_out", &masked_out)] {
+    for (what, ours) in [
+        ("eval_out", &eval_out),
+        ("train_out", &train_out),
+        ("masked_out", &masked_out),
+    ] {
         let theirs = floats(&j[what]);
         let ours = flat(ours);
         assert_eq!(ours.len(), (b * cfg.embedding_size) as usize);
-        let err = ours.iter().zip(&theirs).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max);
+        let err = ours
+            .iter()
+            .zip(&theirs)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
         let scale = theirs.iter().map(|v| v.abs()).fold(1.0, f64::max);
         eprintln!("{what}: max |ours - oracle| = {err:e} (max |value| {scale:.3})");
         assert!(err <= 1e-10 * scale, "{what}: max |diff| {err:e}");

@@ -141,18 +141,25 @@ fn ints(v: &Value, what: &str) -> Result<Vec<i64>> {
 /// One tensor value of the state dict, read from its storage entry.
 fn tensor_of(v: &Value, zip: &Zip, folder: &str) -> Result<Tensor> {
     let Value::Call { callable, args } = v else {
-        bail!("not a state dict: the value is a {}, not a tensor", v.kind());
+        bail!(
+            "not a state dict: the value is a {}, not a tensor",
+            v.kind()
+        );
     };
     let Value::Global { module, name } = callable.as_ref() else {
         bail!("not a tensor: a call of {}", callable.kind());
     };
     match (module.as_str(), name.as_str()) {
         ("torch._utils", "_rebuild_parameter") => {
-            let data = args.first().context("_rebuild_parameter without arguments")?;
+            let data = args
+                .first()
+                .context("_rebuild_parameter without arguments")?;
             return tensor_of(data, zip, folder);
         }
         ("torch._utils", "_rebuild_tensor_v2") => {}
-        _ => bail!("not a plain tensor: {module}.{name} (quantized and sparse tensors are not read)"),
+        _ => {
+            bail!("not a plain tensor: {module}.{name} (quantized and sparse tensors are not read)")
+        }
     }
     ensure!(
         args.len() >= 4,
@@ -166,7 +173,9 @@ fn tensor_of(v: &Value, zip: &Zip, folder: &str) -> Result<Tensor> {
         bail!("the storage id is a {}, not a tuple", pid.kind());
     };
     let (class, key, numel) = match pid.as_slice() {
-        [Value::Str(tag), Value::Global { name, .. }, Value::Str(key), _, numel] if tag == "storage" => {
+        [Value::Str(tag), Value::Global { name, .. }, Value::Str(key), _, numel]
+            if tag == "storage" =>
+        {
             (name, key, int(numel, "the storage size")?)
         }
         _ => bail!("an unexpected storage id {pid:?}"),
@@ -192,7 +201,12 @@ fn tensor_of(v: &Value, zip: &Zip, folder: &str) -> Result<Tensor> {
     // The last element the view touches must lie inside the storage.
     let count: i64 = size.iter().product();
     if count > 0 {
-        let last = offset + size.iter().zip(&stride).map(|(n, s)| (n - 1) * s).sum::<i64>();
+        let last = offset
+            + size
+                .iter()
+                .zip(&stride)
+                .map(|(n, s)| (n - 1) * s)
+                .sum::<i64>();
         ensure!(
             (last as usize) < numel,
             "size {size:?} / stride {stride:?} at offset {offset} reach past its storage of {numel}"
@@ -238,9 +252,15 @@ impl<'a> Zip<'a> {
         let mut cd = u64::from(le32(data, eocd + 16)?);
         if count == 0xFFFF || cd == 0xFFFF_FFFF {
             // Zip64: the locator sits just before the record.
-            ensure!(eocd >= 20 && le32(data, eocd - 20)? == 0x0706_4b50, "zip64 archive without its locator");
+            ensure!(
+                eocd >= 20 && le32(data, eocd - 20)? == 0x0706_4b50,
+                "zip64 archive without its locator"
+            );
             let rec = le64(data, eocd - 12)? as usize;
-            ensure!(le32(data, rec)? == 0x0606_4b50, "zip64 end record not found");
+            ensure!(
+                le32(data, rec)? == 0x0606_4b50,
+                "zip64 end record not found"
+            );
             count = le64(data, rec + 32)?;
             cd = le64(data, rec + 48)?;
         }
@@ -309,7 +329,9 @@ impl<'a> Zip<'a> {
             le32(self.data, local).ok() == Some(0x0403_4b50),
             "entry {name}: no local header at byte {local} (truncated or corrupt file)"
         );
-        let start = local + 30 + usize::from(le16(self.data, local + 26)?)
+        let start = local
+            + 30
+            + usize::from(le16(self.data, local + 26)?)
             + usize::from(le16(self.data, local + 28)?);
         let end = start + usize::try_from(size)?;
         let bytes = self.data.get(start..end).with_context(|| {

@@ -61,7 +61,12 @@ fn vit_small() -> BackboneConfig {
 
 /// Writes `W.pt` (wrapped as `wrap`), the input and PyTorch's embedding into `dir`; returns the
 /// `.pt` path, the input and the embedding.
-fn saved(py: &Path, dir: &Path, cfg: &BackboneConfig, wrap: Option<&str>) -> (std::path::PathBuf, Tensor, Tensor) {
+fn saved(
+    py: &Path,
+    dir: &Path,
+    cfg: &BackboneConfig,
+    wrap: Option<&str>,
+) -> (std::path::PathBuf, Tensor, Tensor) {
     let s = cfg.input_size();
     let x = Tensor::rand([4, 3, s, s], (Kind::Float, Device::Cpu)) * 2.0 - 1.0;
     let (pt, input, emb) = (dir.join("W.pt"), dir.join("x.npz"), dir.join("e.npz"));
@@ -96,7 +101,10 @@ fn torch_save_state_dicts_load_and_embed_like_pytorch() {
         assert!(report.is_exact(), "{wrap:?}: {}", report.describe());
         let ours = tch::no_grad(|| model.forward_t(&x, false));
         let d = max_diff(&ours, &theirs);
-        eprintln!("{:?} {wrap:?}: init.from max |ours - PyTorch| = {d:e}", cfg.input_size());
+        eprintln!(
+            "{:?} {wrap:?}: init.from max |ours - PyTorch| = {d:e}",
+            cfg.input_size()
+        );
         assert!(d < 1e-5, "{cfg:?} {wrap:?}: max |diff| {d:e}");
         // eval --model W.pt --config config.toml
         let config = dir.path().join("config.toml");
@@ -125,7 +133,10 @@ fn bad_pt_files_are_named_errors() {
         let p = dir.path().join(format!("{bad}.pt"));
         run_script(&py, serde_json::json!({"bad": bad, "out": p}));
         let e = err(&p, &r18_small());
-        assert!(e.contains(&format!("{bad}.pt")) && e.contains("not a"), "{e}");
+        assert!(
+            e.contains(&format!("{bad}.pt")) && e.contains("not a"),
+            "{e}"
+        );
         if bad == "not_a_state_dict" {
             assert!(e.contains("key `epoch`"), "{e}");
         }
@@ -145,7 +156,10 @@ fn bad_pt_files_are_named_errors() {
         "{e}"
     );
     let e = err(&pt, &vit_small());
-    assert!(e.contains("W.pt") && e.contains("missing keys: blocks.0"), "{e}");
+    assert!(
+        e.contains("W.pt") && e.contains("missing keys: blocks.0"),
+        "{e}"
+    );
     // Truncated: the end of the archive (its directory) is gone.
     let bytes = std::fs::read(&pt).unwrap();
     let cut = dir.path().join("cut.pt");

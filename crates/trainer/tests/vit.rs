@@ -55,7 +55,10 @@ fn short_vit_run(extra: &[&str]) {
         .map(|v| v["loss"].as_f64().unwrap())
         .collect();
     assert!(losses.len() >= 2, "{extra:?}: {losses:?}");
-    assert!(losses.iter().all(|l| l.is_finite()), "{extra:?}: {losses:?}");
+    assert!(
+        losses.iter().all(|l| l.is_finite()),
+        "{extra:?}: {losses:?}"
+    );
     // Masking, drop path and GCE's prototypes make single steps noisy: some later step must be
     // below the first.
     assert!(
@@ -74,14 +77,27 @@ fn vit_trains_through_every_objective() {
         &["head.type=softmax"][..],
         &["head.type=cosface", "head.s=16.0"],
         &["head.type=arcface", "head.s=16.0"],
-        &["head.type=combined", "head.s=16.0", "head.m1=1.0", "head.m2=0.3", "head.m3=0.2"],
+        &[
+            "head.type=combined",
+            "head.s=16.0",
+            "head.m1=1.0",
+            "head.m2=0.3",
+            "head.m3=0.2",
+        ],
         &["head.type=elastic_arc", "head.s=16.0"],
         &["head.type=curricularface", "head.s=16.0"],
         &["head.type=adaface", "head.s=16.0"],
-        &["head.type=gce", "head.s=16.0", "loader.images_per_identity=4"],
+        &[
+            "head.type=gce",
+            "head.s=16.0",
+            "loader.images_per_identity=4",
+        ],
         &["partial_fc.sample_rate=0.5", "head.s=16.0"],
         &["head.s=16.0", "coreface.start_epoch=0", "coreface.s=16.0"],
-        &["cluster_guided.refresh_every_epochs=1", "cluster_guided.margin.s=32.0"],
+        &[
+            "cluster_guided.refresh_every_epochs=1",
+            "cluster_guided.margin.s=32.0",
+        ],
     ] {
         short_vit_run(extra);
     }
