@@ -231,6 +231,10 @@ def build_from_model_table(t):
     if t["type"] == "mobilefacenet":
         blocks = [int(v) for v in t.get("blocks", [1, 4, 6, 2])]
         return MbfOracle(blocks, int(t.get("scale", 2)), emb, size)
+    if t["type"] == "vit":
+        import vit_oracle  # next to this file
+
+        return vit_oracle.from_model_table(t)
     raise SystemExit(f"unknown model type {t['type']!r}")
 
 

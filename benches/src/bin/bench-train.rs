@@ -25,7 +25,8 @@
 //!
 //! Networks (`--nets`): `small` (the iResNet of the shipped CPU recipes: layers [1, 1, 1, 1],
 //! widths [16, 32, 64, 128], 128-d, 56 px), `mbf` (MobileFaceNet scale 1, 128-d, 112 px), `r18`,
-//! `r50` (112 px, 512-d). On a CUDA machine a CUDA table follows: r50 at batch 128 with fp16 and
+//! `r50` (112 px, 512-d), and on request `vit_t` (arcface_torch's, with its masking and drop path
+//! on both sides; the reference is `vit_oracle.py`'s network). On a CUDA machine a CUDA table follows: r50 at batch 128 with fp16 and
 //! bf16 autocast on both sides (`torch.autocast` + `GradScaler` for fp16 in the reference).
 
 use std::io::{BufRead, BufReader, Write};
@@ -35,7 +36,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use facerec_backbone::{BackboneConfig, IResNetConfig, MobileFaceNetConfig};
+use facerec_backbone::{BackboneConfig, IResNetConfig, MobileFaceNetConfig, ViTConfig};
 use facerec_benches::{median, process_cpu_ms, sync};
 use facerec_evaluation::embed_with_flip;
 use facerec_evaluation::images::normalize;
@@ -53,7 +54,7 @@ use tch::{Device, Kind, Tensor};
 #[derive(Parser, Clone)]
 #[command(about = "Training steps and embedding throughput: facerec vs PyTorch eager")]
 struct Args {
-    /// Comma-separated networks: small, mbf, r18, r50.
+    /// Comma-separated networks: small, mbf, r18, r50, vit_t (not in the default list).
     #[arg(long, default_value = "small,mbf,r18,r50")]
     nets: String,
     /// Alternating rounds (each: `steps` steps of ours, then of each reference).
@@ -156,7 +157,14 @@ fn nets(args: &Args, device: Device) -> Result<Vec<Net>> {
                 1,
                 64,
             ),
-            other => bail!("--nets: unknown network `{other}` (small, mbf, r18, r50)"),
+            "vit_t" => (
+                "vit_t",
+                BackboneConfig::Vit(ViTConfig::vit_t()),
+                pick(if cuda { 128 } else { 16 }),
+                1,
+                64,
+            ),
+            other => bail!("--nets: unknown network `{other}` (small, mbf, r18, r50, vit_t)"),
         };
         out.push(Net {
             name,

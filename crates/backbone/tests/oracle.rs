@@ -46,6 +46,7 @@ fn arch_args(cfg: &BackboneConfig) -> Vec<String> {
             "--scale".into(),
             c.scale.to_string(),
         ],
+        BackboneConfig::Vit(_) => panic!("the ViT has its own oracle (data-scripts/vit_oracle.py)"),
     };
     a.extend(["--emb".into(), cfg.embedding_size().to_string()]);
     a.extend(["--input-size".into(), cfg.input_size().to_string()]);

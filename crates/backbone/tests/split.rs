@@ -2,7 +2,7 @@
 //! nothing else in parallel: the training-mode check re-seeds torch's global generator and needs
 //! the same dropout mask twice, which a concurrent test drawing random numbers would break.
 
-use facerec_backbone::{build, BackboneConfig, IResNetConfig, MobileFaceNetConfig};
+use facerec_backbone::{build, BackboneConfig, IResNetConfig, MobileFaceNetConfig, ViTConfig};
 use tch::nn::{self, ModuleT};
 use tch::Device;
 
@@ -26,6 +26,18 @@ fn trunk_then_neck_equals_forward() {
             scale: 1,
             input_size: 56,
         }),
+        // Masking and drop path draw from the same re-seeded generator in both passes.
+        BackboneConfig::Vit(ViTConfig {
+            embed_dim: 16,
+            depth: 2,
+            num_heads: 2,
+            patch_size: 8,
+            input_size: 56,
+            embedding_size: 32,
+            drop_path_rate: 0.5,
+            mask_ratio: 0.25,
+            ..ViTConfig::vit_t()
+        }),
     ];
     for cfg in cfgs {
         let vs = nn::VarStore::new(Device::Cpu);
@@ -35,6 +47,7 @@ fn trunk_then_neck_equals_forward() {
         let expected_f = match &cfg {
             BackboneConfig::Iresnet(c) => c.widths[3] * c.final_side() * c.final_side(),
             BackboneConfig::Mobilefacenet(_) => 512,
+            BackboneConfig::Vit(c) => c.num_patches() * c.embed_dim,
         };
         assert_eq!(f, expected_f, "{cfg:?}");
         tch::no_grad(|| {

@@ -7,12 +7,15 @@
 //! imports or calls anything: `GLOBAL`/`STACK_GLOBAL` produce a [`Value::Global`] naming the class,
 //! `REDUCE`/`NEWOBJ` a [`Value::Call`] holding the callable and its arguments, `BUILD` a
 //! [`Value::Build`]; interpreting those (numpy's `_reconstruct`, `_frombuffer`, `_codecs.encode`) is the
-//! caller's business (see `bin_pack`). Unknown opcodes, truncated input and stack misuse are errors
-//! naming the byte offset.
+//! caller's business (see `bin_pack`). Persistent ids (`PERSID`/`BINPERSID`, how `torch.save` refers
+//! to tensor storages) become a [`Value::Persistent`] holding the id. Unknown opcodes, truncated input
+//! and stack misuse are errors naming the byte offset.
 //!
 //! Deliberate difference from Python: a memo reference (`BINGET`) to a list or dict yields a copy of the
 //! container as it was when it was memoised, not a shared reference. Packs never refer to a container
-//! twice. Byte strings are reference-counted, so memoising an image does not copy it.
+//! twice. Byte strings are reference-counted, so memoising an image does not copy it. One class is
+//! understood: `collections.OrderedDict()` with no arguments (how `torch.save` writes a state dict)
+//! is an empty [`Value::Dict`], so the `SETITEMS` that follow fill it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -47,6 +50,9 @@ pub enum Value {
         callable: Box<Value>,
         args: Vec<Value>,
     },
+    /// A persistent id from `PERSID`/`BINPERSID` (never resolved): `torch.save` writes
+    /// `("storage", storage class, key, location, numel)` for every tensor storage.
+    Persistent(Box<Value>),
     /// `obj.__setstate__(state)` from `BUILD` (never applied).
     Build {
         object: Box<Value>,
@@ -70,6 +76,7 @@ impl Value {
             Value::Global { module, name } => format!("global {module}.{name}"),
             Value::Call { callable, .. } => format!("call of {}", callable.kind()),
             Value::Build { object, .. } => format!("built {}", object.kind()),
+            Value::Persistent(_) => "persistent id".into(),
         }
     }
 }
@@ -492,8 +499,23 @@ impl Machine<'_> {
                     Value::Tuple(t) => t,
                     other => bail!("arguments are a {}, not a tuple", other.kind()),
                 };
-                let callable = Box::new(self.pop()?);
-                self.push(Value::Call { callable, args });
+                let callable = self.pop()?;
+                let ordered_dict = matches!(&callable, Value::Global { module, name }
+                    if module == "collections" && name == "OrderedDict");
+                if ordered_dict && args.is_empty() {
+                    self.push(Value::Dict(Vec::new()));
+                } else {
+                    let callable = Box::new(callable);
+                    self.push(Value::Call { callable, args });
+                }
+            }
+            b'Q' => {
+                let pid = Box::new(self.pop()?);
+                self.push(Value::Persistent(pid));
+            }
+            b'P' => {
+                let pid = self.line()?;
+                self.push(Value::Persistent(Box::new(Value::Str(pid))));
             }
             b'b' => {
                 let state = Box::new(self.pop()?);
@@ -512,6 +534,8 @@ fn opcode_name(op: u8) -> &'static str {
         0x80 => "PROTO",
         0x95 => "FRAME",
         b'.' => "STOP",
+        b'Q' => "BINPERSID",
+        b'P' => "PERSID",
         b'(' => "MARK",
         b'0' => "POP",
         b'1' => "POP_MARK",

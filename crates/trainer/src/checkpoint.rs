@@ -535,7 +535,7 @@ pub fn read_objective(dir: &Path) -> Result<HashMap<String, Tensor>> {
     }
 }
 
-/// Resolve `init.from`: a `.safetensors` file, a run directory (its `model.safetensors`, else its
+/// Resolve `init.from`: a `.safetensors` or PyTorch `.pt`/`.pth` file, a run directory (its `model.safetensors`, else its
 /// newest checkpoint), or a checkpoint directory.
 pub fn resolve_init(path: &Path) -> Result<PathBuf> {
     if path.is_file() {
@@ -557,23 +557,39 @@ pub fn resolve_init(path: &Path) -> Result<PathBuf> {
     bail!("config key `init.from`: {} does not exist", path.display())
 }
 
-/// Fine-tuning: load backbone weights from `path` into `vs`. Keys may carry a `module.` prefix
+/// A key without its `module.` (DataParallel / DistributedDataParallel) and `backbone.` prefixes.
+pub fn strip_wrapper_prefixes(k: &str) -> String {
+    let mut k = k;
+    for prefix in ["module.", "backbone."] {
+        if let Some(rest) = k.strip_prefix(prefix) {
+            k = rest;
+        }
+    }
+    k.to_string()
+}
+
+/// Backbone weights from a `.safetensors` file or a PyTorch `.pt`/`.pth` state dict
+/// ([`crate::torch_pt`]), keys with their wrapper prefixes stripped ([`strip_wrapper_prefixes`]).
+pub fn read_weights(path: &Path) -> Result<HashMap<String, Tensor>> {
+    let raw: Vec<(String, Tensor)> = if crate::torch_pt::is_torch_file(path) {
+        crate::torch_pt::read_state_dict(path)?
+    } else {
+        read_tensors(path)?.into_iter().collect()
+    };
+    Ok(raw
+        .into_iter()
+        .map(|(k, t)| (strip_wrapper_prefixes(&k), t))
+        .collect())
+}
+
+/// Fine-tuning: load backbone weights from `path` (`.safetensors`, or a PyTorch `.pt`/`.pth`
+/// state dict as arcface_torch saves it) into `vs`. Keys may carry a `module.` prefix
 /// (DataParallel) or `backbone.` prefix; both are stripped. Shape mismatches are always an error;
 /// missing keys are an error when `strict`. Returns the report (to be logged).
 pub fn init_backbone(vs: &VarStore, path: &Path, strict: bool) -> Result<KeyReport> {
     let file = resolve_init(path)?;
     verify_if_checkpoint(&file).context("config key `init.from`")?;
-    let raw = read_tensors(&file)?;
-    let strip = |k: &str| -> String {
-        let mut k = k;
-        for prefix in ["module.", "backbone."] {
-            if let Some(rest) = k.strip_prefix(prefix) {
-                k = rest;
-            }
-        }
-        k.to_string()
-    };
-    let tensors: HashMap<String, Tensor> = raw.into_iter().map(|(k, t)| (strip(&k), t)).collect();
+    let tensors = read_weights(&file).context("config key `init.from`")?;
     let report = KeyReport::compare(&tensors, &vs.variables());
     if !report.mismatched.is_empty() || (strict && !report.missing.is_empty()) {
         bail!(

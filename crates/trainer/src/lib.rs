@@ -27,6 +27,7 @@ pub mod sources;
 pub mod state;
 pub mod step;
 pub mod summary;
+pub mod torch_pt;
 pub mod world;
 
 pub use config::Config;

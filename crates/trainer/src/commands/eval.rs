@@ -3,8 +3,9 @@
 //! `report.txt` and one ROC plot per target into an output folder, and prints the text report.
 //!
 //! The model: a run directory written by `facerec train` (its `config.toml` holds the `[model]` table,
-//! `model.safetensors` the backbone weights with arcface_torch names), or a `.safetensors` file with the
-//! config found beside it or given by `--config`. Images go through the one image path
+//! `model.safetensors` the backbone weights with arcface_torch names), or a `.safetensors` file or a
+//! PyTorch `.pt`/`.pth` state dict (arcface_torch's released `model.pt`, read without Python by
+//! `crate::torch_pt`) with the config found beside it or given by `--config`. Images go through the one image path
 //! (`facerec_data::input`): fitted to the model's `input_size` by the run's `[input] fit` rule (the
 //! geometry it was trained on; `--fit` overrides), normalised as in training. Each pair list is verified
 //! with its own folds (`facerec_evaluation::PairSet`): a `.bin` pack with 10, an LFW list with its sets.
@@ -27,11 +28,12 @@ use tch::Tensor;
 /// `facerec eval` options.
 #[derive(clap::Args, Debug, Clone, serde::Serialize)]
 pub struct Args {
-    /// A run directory (config.toml + model.safetensors) or a model `.safetensors` file.
-    #[arg(long, value_name = "RUN_DIR|MODEL.safetensors")]
+    /// A run directory (config.toml + model.safetensors), a model `.safetensors` file, or a PyTorch
+    /// `.pt`/`.pth` state dict (with `--config` naming its `[model]`).
+    #[arg(long, value_name = "RUN_DIR|MODEL.safetensors|MODEL.pt")]
     pub model: PathBuf,
     /// The config holding the `[model]` table. Default: `config.toml` in the run directory, or beside
-    /// the `.safetensors` file.
+    /// the `.safetensors`/`.pt` file.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// insightface verification pack (`lfw.bin`, `cfp_fp.bin`, ...); repeatable.

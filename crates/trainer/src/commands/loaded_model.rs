@@ -34,13 +34,29 @@ impl LoadedModel {
         let fit = super::read_input_fit(&config_file)?;
         let mut vs = nn::VarStore::new(device);
         let backbone = facerec_backbone::build(&vs.root(), &cfg);
-        vs.load(&checkpoint).with_context(|| {
+        let context = || {
             format!(
                 "loading {} into a backbone built from {}",
                 checkpoint.display(),
                 config_file.display()
             )
-        })?;
+        };
+        if crate::torch_pt::is_torch_file(&checkpoint) {
+            // A PyTorch state dict (arcface_torch's `model.pt`): exactly the model's keys and
+            // shapes once the `module.`/`backbone.` prefixes are stripped.
+            let file = crate::checkpoint::read_weights(&checkpoint).with_context(context)?;
+            let report = crate::checkpoint::KeyReport::compare(&file, &vs.variables());
+            ensure!(
+                report.is_exact(),
+                "{}: does not fit the backbone built from {} ({})",
+                checkpoint.display(),
+                config_file.display(),
+                report.describe()
+            );
+            crate::checkpoint::copy_into(&vs, &file);
+        } else {
+            vs.load(&checkpoint).with_context(context)?;
+        }
         Ok(Self {
             backbone,
             config: cfg,
