@@ -12,6 +12,7 @@
 pub mod autocast;
 pub mod iresnet;
 pub mod mobilefacenet;
+pub mod onnx;
 
 use anyhow::{bail, ensure, Result};
 use serde::{Deserialize, Serialize};
