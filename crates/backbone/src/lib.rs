@@ -1,9 +1,10 @@
-//! Face recognition backbones (iResNet, MobileFaceNet) with arcface_torch parameter names.
+//! Face recognition backbones (iResNet, MobileFaceNet, ViT) with arcface_torch parameter names.
 //!
 //! This file owns the model configuration (`[model]` in TOML, an internally tagged enum), the entry
 //! point [`build`], the [`Backbone`] module, and the layers both networks share: a PyTorch-faithful
 //! [`BatchNorm`] (weight 1, bias 0, `num_batches_tracked` buffer, optionally frozen weight) and
-//! [`PRelu`] (per-channel slope 0.25). The networks live in [`iresnet`] and [`mobilefacenet`].
+//! [`PRelu`] (per-channel slope 0.25). The networks live in [`iresnet`], [`mobilefacenet`] and
+//! [`vit`].
 //!
 //! Every parameter path equals the PyTorch `state_dict` key of the arcface_torch model, so the
 //! variables of a `VarStore` written with `Tensor::write_npz`/`VarStore::save` load into the
@@ -13,6 +14,7 @@ pub mod autocast;
 pub mod iresnet;
 pub mod mobilefacenet;
 pub mod onnx;
+pub mod vit;
 
 use anyhow::{bail, ensure, Result};
 use serde::{Deserialize, Serialize};
@@ -21,6 +23,7 @@ use tch::{Kind, Tensor};
 
 pub use iresnet::{IBasicBlock, IResNet};
 pub use mobilefacenet::MobileFaceNet;
+pub use vit::ViT;
 
 /// Depths with arcface_torch presets and their block counts per stage.
 pub const IRESNET_DEPTHS: [(u32, [usize; 4]); 5] = [
@@ -45,6 +48,8 @@ pub enum BackboneConfig {
     Iresnet(IResNetConfig),
     /// arcface_torch `mbf` (MobileFaceNet).
     Mobilefacenet(MobileFaceNetConfig),
+    /// arcface_torch `vit_t`, `vit_s`, `vit_b`, ... (`preset = "vit_t"`) or a custom ViT.
+    Vit(ViTConfig),
 }
 
 impl Default for BackboneConfig {
@@ -60,6 +65,7 @@ impl BackboneConfig {
         match self {
             BackboneConfig::Iresnet(c) => c.validate(),
             BackboneConfig::Mobilefacenet(c) => c.validate(),
+            BackboneConfig::Vit(c) => c.validate(),
         }
     }
 
@@ -68,6 +74,7 @@ impl BackboneConfig {
         match self {
             BackboneConfig::Iresnet(c) => c.input_size,
             BackboneConfig::Mobilefacenet(c) => c.input_size,
+            BackboneConfig::Vit(c) => c.input_size,
         }
     }
 
@@ -76,6 +83,7 @@ impl BackboneConfig {
         match self {
             BackboneConfig::Iresnet(c) => c.embedding_size,
             BackboneConfig::Mobilefacenet(c) => c.embedding_size,
+            BackboneConfig::Vit(c) => c.embedding_size,
         }
     }
 }
@@ -285,6 +293,207 @@ impl MobileFaceNetConfig {
     }
 }
 
+/// arcface_torch's ViT presets: name, `embed_dim`, `depth`, `drop_path_rate`, `mask_ratio` (all
+/// with patch 9 on 112 px, 8 heads, MLP ratio 4, no `qkv` bias).
+pub const VIT_PRESETS: [(&str, i64, usize, f64, f64); 8] = [
+    ("vit_t", 256, 12, 0.1, 0.1),
+    ("vit_t_dp005_mask0", 256, 12, 0.05, 0.0),
+    ("vit_s", 512, 12, 0.1, 0.1),
+    ("vit_s_dp005_mask_0", 512, 12, 0.05, 0.0),
+    ("vit_b", 512, 24, 0.1, 0.1),
+    ("vit_b_dp005_mask_005", 512, 24, 0.05, 0.05),
+    ("vit_l_dp005_mask_005", 768, 24, 0.05, 0.05),
+    ("vit_h", 1024, 48, 0.1, 0.0),
+];
+
+/// Vision Transformer as arcface_torch `backbones/vit.py` (see [`vit`]).
+///
+/// In TOML, `preset` picks an arcface_torch network and any other key overrides it; without a
+/// preset the defaults are `vit_t`'s:
+///
+/// ```toml
+/// [model]
+/// type = "vit"
+/// preset = "vit_s"      # vit_t, vit_s, vit_b, vit_t_dp005_mask0, ... (see VIT_PRESETS)
+/// mask_ratio = 0.0      # optional override
+/// ```
+///
+/// The resolved config is written back with every field and no `preset`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(try_from = "ViTConfigToml")]
+pub struct ViTConfig {
+    /// Token width `D`. Default 256 (`vit_t`).
+    pub embed_dim: i64,
+    /// Number of transformer blocks. Default 12.
+    pub depth: usize,
+    /// Attention heads; must divide `embed_dim`. Default 8.
+    pub num_heads: i64,
+    /// MLP hidden width as a multiple of `embed_dim` (truncated to an integer). Default 4.
+    pub mlp_ratio: f64,
+    /// Patch side (conv kernel and stride). Default 9: 112 px -> 12 x 12 tokens (the last 4 pixel
+    /// rows and columns are not seen, as in arcface_torch).
+    pub patch_size: i64,
+    /// Input side in pixels. Default 112.
+    pub input_size: i64,
+    /// Embedding length `E` (arcface_torch `num_features`). Default 512.
+    pub embedding_size: i64,
+    /// Stochastic depth of the last block (linear from 0 in the first). Default 0.1.
+    pub drop_path_rate: f64,
+    /// Fraction of tokens dropped in training (MAE-style random masking). Default 0.1.
+    pub mask_ratio: f64,
+    /// Bias in the `qkv` projection. Default false.
+    pub qkv_bias: bool,
+}
+
+/// The TOML form of [`ViTConfig`]: an optional preset plus optional overrides.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ViTConfigToml {
+    preset: Option<String>,
+    embed_dim: Option<i64>,
+    depth: Option<usize>,
+    num_heads: Option<i64>,
+    mlp_ratio: Option<f64>,
+    patch_size: Option<i64>,
+    input_size: Option<i64>,
+    embedding_size: Option<i64>,
+    drop_path_rate: Option<f64>,
+    mask_ratio: Option<f64>,
+    qkv_bias: Option<bool>,
+}
+
+impl TryFrom<ViTConfigToml> for ViTConfig {
+    type Error = String;
+    fn try_from(t: ViTConfigToml) -> Result<Self, String> {
+        let base = match t.preset.as_deref() {
+            None => ViTConfig::vit_t(),
+            Some(name) => ViTConfig::preset(name).ok_or_else(|| {
+                let names: Vec<_> = VIT_PRESETS.iter().map(|p| p.0).collect();
+                format!("model.preset: `{name}` is not one of {}", names.join(", "))
+            })?,
+        };
+        Ok(ViTConfig {
+            embed_dim: t.embed_dim.unwrap_or(base.embed_dim),
+            depth: t.depth.unwrap_or(base.depth),
+            num_heads: t.num_heads.unwrap_or(base.num_heads),
+            mlp_ratio: t.mlp_ratio.unwrap_or(base.mlp_ratio),
+            patch_size: t.patch_size.unwrap_or(base.patch_size),
+            input_size: t.input_size.unwrap_or(base.input_size),
+            embedding_size: t.embedding_size.unwrap_or(base.embedding_size),
+            drop_path_rate: t.drop_path_rate.unwrap_or(base.drop_path_rate),
+            mask_ratio: t.mask_ratio.unwrap_or(base.mask_ratio),
+            qkv_bias: t.qkv_bias.unwrap_or(base.qkv_bias),
+        })
+    }
+}
+
+impl Default for ViTConfig {
+    /// [`ViTConfig::vit_t`].
+    fn default() -> Self {
+        Self::vit_t()
+    }
+}
+
+impl ViTConfig {
+    /// The arcface_torch network called `name` (see [`VIT_PRESETS`]), 512-d embedding.
+    pub fn preset(name: &str) -> Option<Self> {
+        let &(_, embed_dim, depth, drop_path_rate, mask_ratio) =
+            VIT_PRESETS.iter().find(|p| p.0 == name)?;
+        Some(ViTConfig {
+            embed_dim,
+            depth,
+            num_heads: 8,
+            mlp_ratio: 4.0,
+            patch_size: 9,
+            input_size: 112,
+            embedding_size: 512,
+            drop_path_rate,
+            mask_ratio,
+            qkv_bias: false,
+        })
+    }
+    /// `vit_t`: D 256, 12 blocks, drop path 0.1, mask ratio 0.1.
+    pub fn vit_t() -> Self {
+        Self::preset("vit_t").expect("vit_t is a preset")
+    }
+    /// `vit_s`: D 512, 12 blocks, drop path 0.1, mask ratio 0.1.
+    pub fn vit_s() -> Self {
+        Self::preset("vit_s").expect("vit_s is a preset")
+    }
+    /// `vit_b`: D 512, 24 blocks, drop path 0.1, mask ratio 0.1.
+    pub fn vit_b() -> Self {
+        Self::preset("vit_b").expect("vit_b is a preset")
+    }
+
+    /// Tokens per image: `(input_size / patch_size)^2` (144 for the presets).
+    pub fn num_patches(&self) -> i64 {
+        let g = self.input_size / self.patch_size;
+        g * g
+    }
+
+    /// MLP hidden width `int(embed_dim * mlp_ratio)`.
+    pub fn mlp_hidden(&self) -> i64 {
+        (self.embed_dim as f64 * self.mlp_ratio) as i64
+    }
+
+    /// Stochastic-depth probability of block `i`: `drop_path_rate * i / (depth - 1)`.
+    pub fn drop_path_at(&self, i: usize) -> f64 {
+        if self.depth <= 1 {
+            0.0
+        } else {
+            self.drop_path_rate * i as f64 / (self.depth - 1) as f64
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        ensure!(
+            self.embed_dim >= 1 && self.depth >= 1,
+            "model.embed_dim ({}) and model.depth ({}) must be positive",
+            self.embed_dim,
+            self.depth
+        );
+        ensure!(
+            self.num_heads >= 1 && self.embed_dim % self.num_heads == 0,
+            "model.num_heads: {} must divide model.embed_dim {}",
+            self.num_heads,
+            self.embed_dim
+        );
+        ensure!(
+            self.mlp_hidden() >= 1,
+            "model.mlp_ratio: {} gives no MLP width",
+            self.mlp_ratio
+        );
+        ensure!(
+            self.patch_size >= 1 && self.patch_size <= self.input_size,
+            "model.patch_size: {} must be in [1, input_size = {}]",
+            self.patch_size,
+            self.input_size
+        );
+        ensure!(
+            self.embedding_size >= 1,
+            "model.embedding_size: {} must be positive",
+            self.embedding_size
+        );
+        ensure!(
+            (0.0..1.0).contains(&self.drop_path_rate),
+            "model.drop_path_rate: {} must be in [0, 1)",
+            self.drop_path_rate
+        );
+        ensure!(
+            (0.0..1.0).contains(&self.mask_ratio),
+            "model.mask_ratio: {} must be in [0, 1)",
+            self.mask_ratio
+        );
+        ensure!(
+            (self.num_patches() as f64 * (1.0 - self.mask_ratio)) as i64 >= 1,
+            "model.mask_ratio: {} keeps no token of {}",
+            self.mask_ratio,
+            self.num_patches()
+        );
+        Ok(())
+    }
+}
+
 /// Builds the backbone under `p` (use the VarStore root so names equal arcface_torch keys).
 ///
 /// # Panics
@@ -296,6 +505,7 @@ pub fn build(p: &nn::Path, cfg: &BackboneConfig) -> Backbone {
     match cfg {
         BackboneConfig::Iresnet(c) => Backbone::IResNet(IResNet::new(p, c)),
         BackboneConfig::Mobilefacenet(c) => Backbone::MobileFaceNet(MobileFaceNet::new(p, c)),
+        BackboneConfig::Vit(c) => Backbone::ViT(ViT::new(p, c)),
     }
 }
 
@@ -304,6 +514,7 @@ pub fn build(p: &nn::Path, cfg: &BackboneConfig) -> Backbone {
 pub enum Backbone {
     IResNet(IResNet),
     MobileFaceNet(MobileFaceNet),
+    ViT(ViT),
 }
 
 impl Backbone {
@@ -321,6 +532,7 @@ impl Backbone {
         match self {
             Backbone::IResNet(m) => m.forward_amp(xs, train, autocast),
             Backbone::MobileFaceNet(m) => m.forward_amp(xs, train, autocast),
+            Backbone::ViT(m) => m.forward_amp(xs, train, autocast),
         }
     }
 
@@ -342,6 +554,7 @@ impl Backbone {
         match self {
             Backbone::IResNet(m) => m.forward_trunk_amp(xs, train, autocast),
             Backbone::MobileFaceNet(m) => m.forward_trunk_amp(xs, train, autocast),
+            Backbone::ViT(m) => m.forward_trunk_amp(xs, train, autocast),
         }
     }
 
@@ -367,6 +580,7 @@ impl Backbone {
         match self {
             Backbone::IResNet(m) => m.forward_neck_t(feat_bf, train),
             Backbone::MobileFaceNet(m) => m.forward_neck_t(feat_bf, train),
+            Backbone::ViT(m) => m.forward_neck_t(feat_bf, train),
         }
     }
 
@@ -375,6 +589,7 @@ impl Backbone {
         match self {
             Backbone::IResNet(m) => m.fc.ws.size()[1],
             Backbone::MobileFaceNet(m) => m.linear.ws.size()[1],
+            Backbone::ViT(m) => m.feature_fc1.ws.size()[1],
         }
     }
 
@@ -383,7 +598,7 @@ impl Backbone {
     pub fn dropout(&self) -> f64 {
         match self {
             Backbone::IResNet(m) => m.dropout,
-            Backbone::MobileFaceNet(_) => 0.0,
+            Backbone::MobileFaceNet(_) | Backbone::ViT(_) => 0.0,
         }
     }
 }
@@ -415,6 +630,8 @@ pub struct BatchNorm {
     pub running_mean: Tensor,
     pub running_var: Tensor,
     pub num_batches_tracked: Tensor,
+    /// Added to the variance ([`BatchNorm::EPS`] unless built by [`BatchNorm::with_eps`]).
+    pub eps: f64,
 }
 
 impl BatchNorm {
@@ -425,6 +642,11 @@ impl BatchNorm {
     /// A batch norm over `c` channels; with `train_weight == false` the weight stays fixed at 1
     /// (arcface_torch `features`), registered as a non-trainable variable.
     pub fn new(p: &nn::Path, c: i64, train_weight: bool) -> Self {
+        Self::with_eps(p, c, train_weight, Self::EPS)
+    }
+
+    /// [`BatchNorm::new`] with another epsilon (arcface_torch's ViT feature head uses 2e-5).
+    pub fn with_eps(p: &nn::Path, c: i64, train_weight: bool, eps: f64) -> Self {
         let weight = if train_weight {
             p.var("weight", &[c], nn::Init::Const(1.0))
         } else {
@@ -437,6 +659,7 @@ impl BatchNorm {
             running_mean: p.zeros_no_train("running_mean", &[c]),
             running_var: p.ones_no_train("running_var", &[c]),
             num_batches_tracked: p.add("num_batches_tracked", nbt, false),
+            eps,
         }
     }
 }
@@ -458,7 +681,7 @@ impl ModuleT for BatchNorm {
             Some(&self.running_var),
             train,
             Self::MOMENTUM,
-            Self::EPS,
+            self.eps,
             true,
         )
     }

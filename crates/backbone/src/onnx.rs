@@ -12,7 +12,11 @@
 //! iResNet's blocks open with a BN that has no conv before it and the node is exact),
 //! `PRelu` (slope `[C, 1, 1]`), `Add`, `Flatten`, `Gemm` (`transB = 1`, the Linear weight as
 //! stored), and `BatchNormalization` again for BatchNorm1d on `[batch, D]`. Dropout is the
-//! identity in eval mode and is left out. Initializer names are our (= arcface_torch's)
+//! identity in eval mode and is left out. The ViT adds `Reshape`/`Transpose` (tokens and heads),
+//! `LayerNormalization`, `MatMul` (a Linear on tokens, with a constant `Transpose` of the stored
+//! weight, and the attention products), `Gather` (q, k, v), `Mul` (the score scale), `Softmax` and
+//! `Clip(0, 6)` (ReLU6); training-time masking and drop path are not in the eval graph.
+//! Initializer names are our (= arcface_torch's)
 //! `state_dict` keys; value names are the module paths.
 
 use facerec_onnx::{Attr, Dim, GraphBuilder};
@@ -97,7 +101,7 @@ impl BatchNorm {
             "BatchNormalization",
             out,
             &[x, &scale, &bias, &mean, &var],
-            vec![Attr::float("epsilon", Self::EPS as f32)],
+            vec![Attr::float("epsilon", self.eps as f32)],
         )
     }
 }
@@ -122,6 +126,67 @@ pub(crate) fn linear(g: &mut GraphBuilder, name: &str, lin: &nn::Linear, x: &str
     g.node("Gemm", name, &inputs, vec![Attr::int("transB", 1)])
 }
 
+/// A Linear on `[..., in]` (a token sequence): `MatMul(x, Transpose(W))` plus `Add(b)`. The weight
+/// stays `[out, in]` under its `state_dict` name; the `Transpose` node is constant and
+/// onnxruntime folds it.
+pub(crate) fn linear_nd(g: &mut GraphBuilder, name: &str, lin: &nn::Linear, x: &str) -> String {
+    let w = weight(g, &format!("{name}.weight"), &lin.ws);
+    let wt = g.node(
+        "Transpose",
+        &format!("{name}.weight_t"),
+        &[&w],
+        vec![Attr::ints("perm", &[1, 0])],
+    );
+    let y = g.node("MatMul", &format!("{name}.matmul"), &[x, &wt], vec![]);
+    match &lin.bs {
+        Some(b) => {
+            let b = weight(g, &format!("{name}.bias"), b);
+            g.node("Add", name, &[&y, &b], vec![])
+        }
+        None => y,
+    }
+}
+
+/// `LayerNormalization` over the last axis (opset 17) with `ln`'s weight and bias.
+///
+/// # Panics
+/// If `ln` has no affine parameters.
+pub(crate) fn layer_norm(
+    g: &mut GraphBuilder,
+    name: &str,
+    ln: &nn::LayerNorm,
+    eps: f64,
+    x: &str,
+) -> String {
+    let w = weight(
+        g,
+        &format!("{name}.weight"),
+        ln.ws.as_ref().expect("an affine LayerNorm"),
+    );
+    let b = weight(
+        g,
+        &format!("{name}.bias"),
+        ln.bs.as_ref().expect("an affine LayerNorm"),
+    );
+    g.node(
+        "LayerNormalization",
+        name,
+        &[x, &w, &b],
+        vec![Attr::int("axis", -1), Attr::float("epsilon", eps as f32)],
+    )
+}
+
+/// `Reshape` to `shape` (int64; 0 copies the input's dimension, -1 is inferred).
+pub(crate) fn reshape(g: &mut GraphBuilder, name: &str, x: &str, shape: &[i64]) -> String {
+    let s = g.initializer_i64(&format!("{name}.shape"), &[shape.len() as i64], shape);
+    g.node("Reshape", name, &[x, &s], vec![])
+}
+
+/// `Transpose` with `perm`.
+pub(crate) fn transpose(g: &mut GraphBuilder, name: &str, x: &str, perm: &[i64]) -> String {
+    g.node("Transpose", name, &[x], vec![Attr::ints("perm", perm)])
+}
+
 /// `Flatten(axis = 1)`: `[N, C, H, W]` to `[N, C * H * W]` in (C, H, W) order, as `flatten(1, -1)`.
 pub(crate) fn flatten(g: &mut GraphBuilder, name: &str, x: &str) -> String {
     g.node("Flatten", name, &[x], vec![Attr::int("axis", 1)])
@@ -136,10 +201,12 @@ impl Backbone {
         let embedding_size = match self {
             Backbone::IResNet(m) => m.fc.ws.size()[0],
             Backbone::MobileFaceNet(m) => m.linear.ws.size()[0],
+            Backbone::ViT(m) => m.feature_fc2.ws.size()[0],
         };
         let mut g = GraphBuilder::new(match self {
             Backbone::IResNet(_) => "iresnet",
             Backbone::MobileFaceNet(_) => "mobilefacenet",
+            Backbone::ViT(_) => "vit",
         });
         g.set_doc(&format!(
             "facerec backbone, eval mode. Input `{INPUT}`: [batch, 3, {s}, {s}] float32 RGB, \
@@ -160,6 +227,7 @@ impl Backbone {
         let y = match self {
             Backbone::IResNet(m) => m.onnx_graph(&mut g, &x),
             Backbone::MobileFaceNet(m) => m.onnx_graph(&mut g, &x),
+            Backbone::ViT(m) => m.onnx_graph(&mut g, &x),
         };
         assert_eq!(y, OUTPUT, "the last node must be named {OUTPUT}");
         g.output(&y, &[batch(), Dim::Fixed(embedding_size)]);

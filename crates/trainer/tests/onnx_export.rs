@@ -5,6 +5,8 @@
 //! backbone's eval-mode forward to 1e-4 (max absolute difference), at batch 1 and batch 3 from
 //! the same file (the batch axis is dynamic).
 //!
+//! Networks: iResNet-18, a small iResNet, MobileFaceNet (`mbf`) and ViT (`vit_t`).
+//!
 //! The models are random but not trivial: convs are re-drawn with unit gain, every BN layer has
 //! running statistics from training-mode passes over real faces, then perturbed, and the PReLU
 //! slopes and BN affine parameters are off their init; so a layer missing from the graph, a
@@ -15,7 +17,7 @@
 //! written. Requirements: `$FACEREC_PYTHON` with onnxruntime (installed by `cargo xtask setup`)
 //! and `../shared/data`; both fail the test loudly on CI and skip it elsewhere.
 
-use facerec_backbone::{build, BackboneConfig, IResNetConfig, MobileFaceNetConfig};
+use facerec_backbone::{build, BackboneConfig, IResNetConfig, MobileFaceNetConfig, ViTConfig};
 use facerec_data::input::{read_to_input, to_input_tensor};
 use facerec_data::Fit;
 use facerec_testkit::{python, require};
@@ -268,6 +270,13 @@ fn onnx_mobilefacenet_matches_our_forward_in_onnxruntime() {
     let Some(py) = runtime() else { return };
     let cfg = BackboneConfig::Mobilefacenet(MobileFaceNetConfig::default());
     check(&py, "mobilefacenet (mbf, 112)", &cfg, 7);
+}
+
+#[test]
+fn onnx_vit_t_matches_our_forward_in_onnxruntime() {
+    let Some(py) = runtime() else { return };
+    let cfg = BackboneConfig::Vit(ViTConfig::vit_t());
+    check(&py, "vit_t (112, patch 9)", &cfg, 11);
 }
 
 #[test]

@@ -24,7 +24,8 @@ use std::fmt;
 
 use anyhow::{Context, Result};
 use facerec_backbone::mobilefacenet::{ConvUnit, DepthWise, Stage};
-use facerec_backbone::{Backbone, BackboneConfig, IResNet, MobileFaceNet};
+use facerec_backbone::vit::drop_path;
+use facerec_backbone::{Backbone, BackboneConfig, IResNet, MobileFaceNet, ViT};
 use tch::nn::{self, Module, ModuleT};
 use tch::{Device, Kind, Tensor};
 
@@ -38,7 +39,8 @@ const F32: i64 = 4;
 pub struct ActivationCount {
     /// All layer outputs.
     pub total: i64,
-    /// The part computed in the autocast trunk (iResNet: stem, stages, `bn2`; MobileFaceNet: `layers`).
+    /// The part computed in the autocast trunk (iResNet: stem, stages, `bn2`; MobileFaceNet:
+    /// `layers`; ViT: the `qkv` and `proj` outputs, the only layers arcface_torch autocasts).
     pub trunk: i64,
 }
 
@@ -119,6 +121,41 @@ impl Meter {
         let x = self.keep(m.linear.forward(&x));
         (self.keep(m.bn.forward_t(&x, false)), trunk)
     }
+
+    /// ViT in eval mode (no masking, no drop path). Per block: the two norms, `qkv`, the
+    /// `[H, L, L]` scores and their softmax, the attention output, `proj`, `fc1`, ReLU6, `fc2` and
+    /// the two residual sums. The autocast part (`qkv`, `proj`) is counted as trunk.
+    fn vit(&mut self, m: &ViT, xs: &Tensor) -> (Tensor, i64) {
+        let mut x = self.keep(m.patch_embed.forward(xs).flatten(2, -1).transpose(1, 2));
+        x = self.keep(x + &m.pos_embed);
+        let mut amp = 0;
+        for b in &m.blocks {
+            let (bs, l, d) = x.size3().expect("tokens");
+            let h = b.attn.num_heads;
+            let n = self.keep(b.norm1.forward(&x));
+            let qkv = self.keep(b.attn.qkv.forward(&n));
+            amp += qkv.numel() as i64;
+            let qkv = qkv.reshape([bs, l, 3, h, d / h]).permute([2, 0, 3, 1, 4]);
+            let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
+            let scale = ((d / h) as f64).powf(-0.5);
+            let scores = self.keep(q.matmul(&k.transpose(-2, -1)) * scale);
+            let attn = self.keep(scores.softmax(-1, scores.kind()));
+            let o = self.keep(attn.matmul(&v)).transpose(1, 2).reshape([bs, l, d]);
+            let o = self.keep(b.attn.proj.forward(&o));
+            amp += o.numel() as i64;
+            x = self.keep(&x + drop_path(&o, b.drop_path, false));
+            let n = self.keep(b.norm2.forward(&x));
+            let f = self.keep(b.mlp.fc1.forward(&n));
+            let f = self.keep(f.relu6());
+            let f = self.keep(b.mlp.fc2.forward(&f));
+            x = self.keep(&x + drop_path(&f, b.drop_path, false));
+        }
+        let x = self.keep(m.norm.forward(&x)).flatten(1, -1);
+        let x = self.keep(m.feature_fc1.forward(&x));
+        let x = self.keep(m.feature_bn1.forward_t(&x, false));
+        let x = self.keep(m.feature_fc2.forward(&x));
+        (self.keep(m.feature_bn2.forward_t(&x, false)), amp)
+    }
 }
 
 /// Runs `backbone` on `x` (eval mode, no autograd) layer by layer and counts the outputs.
@@ -132,6 +169,7 @@ pub fn walk_layers(backbone: &Backbone, x: &Tensor) -> (Tensor, ActivationCount)
     let (out, trunk) = match backbone {
         Backbone::IResNet(m) => meter.iresnet(m, x),
         Backbone::MobileFaceNet(m) => meter.mobilefacenet(m, x),
+        Backbone::ViT(m) => meter.vit(m, x),
     };
     (
         out,
@@ -486,6 +524,7 @@ mod tests {
                 input_size: 32,
                 ..Default::default()
             }),
+            BackboneConfig::Vit(tiny_vit()),
         ];
         for cfg in cfgs {
             let vs = nn::VarStore::new(Device::Cpu);
@@ -496,6 +535,19 @@ mod tests {
             let want = tch::no_grad(|| backbone.forward_t(&x, false));
             assert!(out.equal(&want), "{cfg:?}");
             assert!(count.trunk > 0 && count.trunk < count.total);
+        }
+    }
+
+    /// Two blocks of width 8 (2 heads), patch 4 on 18 px (16 tokens), embedding 8.
+    fn tiny_vit() -> facerec_backbone::ViTConfig {
+        facerec_backbone::ViTConfig {
+            embed_dim: 8,
+            depth: 2,
+            num_heads: 2,
+            patch_size: 4,
+            input_size: 18,
+            embedding_size: 8,
+            ..facerec_backbone::ViTConfig::vit_t()
         }
     }
 
