@@ -42,6 +42,8 @@ fn arch_args(cfg: &BackboneConfig) -> Vec<String> {
             "--scale".into(),
             c.scale.to_string(),
         ],
+        // The ViT has its own oracle (data-scripts/vit_oracle.py, crates/backbone/tests/vit.rs).
+        BackboneConfig::Vit(_) => unreachable!("this test builds iResNet and MobileFaceNet only"),
     };
     a.extend(["--emb".into(), cfg.embedding_size().to_string()]);
     a.extend(["--input-size".into(), cfg.input_size().to_string()]);

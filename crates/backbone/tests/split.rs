@@ -35,6 +35,7 @@ fn trunk_then_neck_equals_forward() {
         let expected_f = match &cfg {
             BackboneConfig::Iresnet(c) => c.widths[3] * c.final_side() * c.final_side(),
             BackboneConfig::Mobilefacenet(_) => 512,
+            BackboneConfig::Vit(c) => c.num_patches() * c.embed_dim,
         };
         assert_eq!(f, expected_f, "{cfg:?}");
         tch::no_grad(|| {

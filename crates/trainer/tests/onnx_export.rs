@@ -106,11 +106,11 @@ fn make_run(dir: &Path, cfg: &BackboneConfig, seed: i64, calib: &Tensor) {
             if t.dim() == 4 {
                 // Unit-gain conv weights: N(0, 1 / fan_in).
                 let fan_in: i64 = t.size()[1..].iter().product();
-                let _ = t.copy_(&(Tensor::randn_like(&t) / (fan_in as f64).sqrt()));
+                t.copy_(&(Tensor::randn_like(&t) / (fan_in as f64).sqrt()));
             } else if name.ends_with("prelu.weight")
                 || (name.ends_with("layers.2.weight") && t.dim() == 1)
             {
-                let _ = t.copy_(&(Tensor::rand_like(&t) * 0.3 + 0.1));
+                t.copy_(&(Tensor::rand_like(&t) * 0.3 + 0.1));
             }
         }
     });
