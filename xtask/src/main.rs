@@ -10,6 +10,8 @@
 //! 3. a virtual environment in the per-user cache (`$FACEREC_TORCH_ENV`, else
 //!    `$XDG_CACHE_HOME/facerec/torch-2.13.0`, else `~/.cache/facerec/torch-2.13.0`), created and
 //!    filled with `pip install torch==2.13.0 numpy` the first time, reused by every checkout after.
+//!    The same environment also gets `onnxruntime==1.31.1` (the independent runtime of the ONNX
+//!    export tests), installed once, also into an environment made before it was needed.
 //!
 //! Every command that builds also makes sure the Gloo headers are there (`facerec-distributed`
 //! compiles against them; the PyTorch wheel lacks them): found under `GLOO_INCLUDE_DIR`,
@@ -30,6 +32,8 @@ mod imports;
 
 const TORCH_VERSION: &str = "2.13.0";
 const READY_MARKER: &str = ".facerec-ready";
+/// onnxruntime for the ONNX export tests (`crates/trainer/tests/onnx_export.rs`), pinned.
+const ONNXRUNTIME_VERSION: &str = "1.31.1";
 
 const USAGE: &str = "\
 cargo xtask <command> [args]
@@ -413,9 +417,74 @@ fn cache_env_dir() -> Result<PathBuf> {
     Ok(cache.join("facerec").join(format!("torch-{TORCH_VERSION}")))
 }
 
-/// Create the cached environment unless a finished one is there. A file lock makes concurrent
-/// checkouts (or CI runs) wait for one install rather than start a second one.
+/// Create the cached environment unless a finished one is there, then add onnxruntime to it.
 fn ensure_cached_env(venv: &Path) -> Result<()> {
+    ensure_cached_torch(venv)?;
+    ensure_onnxruntime(venv)
+}
+
+/// `pip install onnxruntime==ONNXRUNTIME_VERSION` into the cached environment unless its marker is
+/// there (under the same lock as the torch install). A failed install is a warning, not an error:
+/// only the ONNX tests need it, and they fail loudly on CI (and skip elsewhere) without it.
+fn ensure_onnxruntime(venv: &Path) -> Result<()> {
+    let marker = venv.join(format!(".facerec-onnxruntime-{ONNXRUNTIME_VERSION}"));
+    if marker.exists() {
+        return Ok(());
+    }
+    let name = venv
+        .file_name()
+        .context("the environment path has no name")?;
+    let lock_path = venv.with_file_name(format!("{}.lock", name.to_string_lossy()));
+    let lock = fs::File::create(&lock_path)
+        .with_context(|| format!("creating {}", lock_path.display()))?;
+    lock.lock()
+        .with_context(|| format!("locking {}", lock_path.display()))?;
+    if marker.exists() {
+        return Ok(());
+    }
+    let python = venv.join("bin").join("python");
+    eprintln!(
+        "xtask: installing onnxruntime=={ONNXRUNTIME_VERSION} into {} (for the ONNX export tests)",
+        venv.display()
+    );
+    // pip's report goes to stderr: `eval "$(cargo xtask env)"` reads stdout.
+    let installed = run_checked(
+        Command::new(&python)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--progress-bar",
+                "off",
+                &format!("onnxruntime=={ONNXRUNTIME_VERSION}"),
+            ])
+            .stdout(std::io::stderr()),
+        "pip install onnxruntime",
+    );
+    let version = Command::new(&python)
+        .args(["-c", "import onnxruntime; print(onnxruntime.__version__)"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    match (installed, version) {
+        (Ok(()), Some(v)) if v == ONNXRUNTIME_VERSION => {
+            fs::write(&marker, format!("onnxruntime {v}\n"))
+                .with_context(|| format!("writing {}", marker.display()))?;
+        }
+        (result, v) => eprintln!(
+            "xtask: warning: onnxruntime {ONNXRUNTIME_VERSION} is not in {} ({}; it reports {v:?}); \
+             the ONNX export tests will skip (and fail on CI)",
+            venv.display(),
+            result.err().map_or("pip succeeded".into(), |e| format!("{e:#}"))
+        ),
+    }
+    Ok(())
+}
+
+/// Create the cached torch environment unless a finished one is there. A file lock makes
+/// concurrent checkouts (or CI runs) wait for one install rather than start a second one.
+fn ensure_cached_torch(venv: &Path) -> Result<()> {
     let python = venv.join("bin").join("python");
     let ready = venv.join(READY_MARKER);
     if ready.exists() && torch_version(&python).as_deref() == Some(TORCH_VERSION) {

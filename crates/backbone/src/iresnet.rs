@@ -11,7 +11,9 @@
 //! configurable, and `fc` takes `widths[3] * side * side` inputs with `side = ceil(input / 16)`
 //! (arcface_torch hard-codes 512 * 7 * 7).
 
+use crate::onnx::{self, ConvGeometry};
 use crate::{conv_cfg, to_param_kind, BatchNorm, IResNetConfig, PRelu};
+use facerec_onnx::GraphBuilder;
 use tch::nn::{self, Module, ModuleT};
 use tch::{Kind, Tensor};
 
@@ -32,6 +34,8 @@ pub struct IBasicBlock {
     pub bn3: BatchNorm,
     /// conv1x1(stride) and BN, present when the stride or the channel count changes.
     pub downsample: Option<(nn::Conv2D, BatchNorm)>,
+    /// Stride of `conv2` and of the downsample conv.
+    pub stride: i64,
 }
 
 impl IBasicBlock {
@@ -58,6 +62,7 @@ impl IBasicBlock {
             ),
             bn3: BatchNorm::new(&(p / "bn3"), c_out, true),
             downsample,
+            stride,
         }
     }
 }
@@ -74,6 +79,44 @@ impl ModuleT for IBasicBlock {
             Some((conv, bn)) => out + bn.forward_t(&conv.forward(xs), train),
             None => out + xs,
         }
+    }
+}
+
+impl IBasicBlock {
+    /// The block's eval-mode ONNX nodes under the module path `name` (e.g. `layer1.0`); returns
+    /// the output value (named `name`).
+    pub fn onnx_graph(&self, g: &mut GraphBuilder, name: &str, x: &str) -> String {
+        let geo = |stride, pad| ConvGeometry {
+            stride,
+            pad,
+            groups: 1,
+        };
+        let out = self.bn1.onnx(g, &format!("{name}.bn1"), x);
+        let out = onnx::conv(g, &format!("{name}.conv1"), &self.conv1, &out, geo(1, 1));
+        let out = self.bn2.onnx(g, &format!("{name}.bn2"), &out);
+        let out = self.prelu.onnx(g, &format!("{name}.prelu"), &out);
+        let out = onnx::conv(
+            g,
+            &format!("{name}.conv2"),
+            &self.conv2,
+            &out,
+            geo(self.stride, 1),
+        );
+        let out = self.bn3.onnx(g, &format!("{name}.bn3"), &out);
+        let shortcut = match &self.downsample {
+            Some((conv, bn)) => {
+                let d = onnx::conv(
+                    g,
+                    &format!("{name}.downsample.0"),
+                    conv,
+                    x,
+                    geo(self.stride, 0),
+                );
+                bn.onnx(g, &format!("{name}.downsample.1"), &d)
+            }
+            None => x.to_string(),
+        };
+        g.node("Add", name, &[&out, &shortcut], vec![])
     }
 }
 
@@ -190,6 +233,30 @@ impl IResNet {
     /// If `F` differs from the `fc` input width.
     pub fn forward_neck_t(&self, feat_bf: &Tensor, train: bool) -> Tensor {
         self.features.forward_t(&self.fc.forward(feat_bf), train)
+    }
+}
+
+impl IResNet {
+    /// The eval-mode ONNX graph from the input value `x` to the embedding (the value
+    /// [`onnx::OUTPUT`]): stem, blocks, `bn2`, flatten, `fc`, `features` (no dropout: eval mode).
+    pub fn onnx_graph(&self, g: &mut GraphBuilder, x: &str) -> String {
+        let stem = ConvGeometry {
+            stride: 1,
+            pad: 1,
+            groups: 1,
+        };
+        let x = onnx::conv(g, "conv1", &self.conv1, x, stem);
+        let x = self.bn1.onnx(g, "bn1", &x);
+        let mut x = self.prelu.onnx(g, "prelu", &x);
+        for (i, stage) in self.stages.iter().enumerate() {
+            for (j, block) in stage.iter().enumerate() {
+                x = block.onnx_graph(g, &format!("layer{}.{j}", i + 1), &x);
+            }
+        }
+        let x = self.bn2.onnx(g, "bn2", &x);
+        let x = onnx::flatten(g, "flatten", &x);
+        let x = onnx::linear(g, "fc", &self.fc, &x);
+        self.features.onnx_as(g, "features", onnx::OUTPUT, &x)
     }
 }
 

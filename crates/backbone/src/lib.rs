@@ -13,6 +13,7 @@
 pub mod autocast;
 pub mod iresnet;
 pub mod mobilefacenet;
+pub mod onnx;
 pub mod vit;
 
 use anyhow::{bail, ensure, Result};

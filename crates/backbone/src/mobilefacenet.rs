@@ -11,7 +11,9 @@
 //! 7, the same at 112). Init as arcface_torch: conv and linear weights Kaiming-normal (fan-out,
 //! ReLU gain), BN weight 1 / bias 0, PReLU 0.25.
 
+use crate::onnx::{self, ConvGeometry};
 use crate::{conv_cfg, to_param_kind, BatchNorm, MobileFaceNetConfig, PRelu};
+use facerec_onnx::GraphBuilder;
 use tch::nn::{self, Module, ModuleT};
 use tch::{Kind, Tensor};
 
@@ -29,6 +31,8 @@ pub struct ConvUnit {
     pub conv: nn::Conv2D,
     pub bn: BatchNorm,
     pub prelu: Option<PRelu>,
+    /// The conv's kernel geometry.
+    pub geometry: Geometry,
 }
 
 /// Kernel geometry of a [`ConvUnit`]: `k x k` kernel, stride, padding, groups.
@@ -66,6 +70,23 @@ impl ConvUnit {
             conv: nn::conv2d(&l / "0", c_in, c_out, g.k, cfg),
             bn: BatchNorm::new(&(&l / "1"), c_out, true),
             prelu: act.then(|| PRelu::new(&(&l / "2"), c_out)),
+            geometry: g,
+        }
+    }
+
+    /// The unit's eval-mode ONNX nodes under the module path `name` (`{name}.layers.{0,1,2}`);
+    /// returns the output value.
+    pub fn onnx_graph(&self, g: &mut GraphBuilder, name: &str, x: &str) -> String {
+        let geo = ConvGeometry {
+            stride: self.geometry.stride,
+            pad: self.geometry.pad,
+            groups: self.geometry.groups,
+        };
+        let x = onnx::conv(g, &format!("{name}.layers.0"), &self.conv, x, geo);
+        let x = self.bn.onnx(g, &format!("{name}.layers.1"), &x);
+        match &self.prelu {
+            Some(a) => a.onnx(g, &format!("{name}.layers.2"), &x),
+            None => x,
         }
     }
 }
@@ -113,6 +134,22 @@ impl DepthWise {
                 ConvUnit::new(&(&l / "2"), groups, c_out, Geometry::POINTWISE, false),
             ],
             residual,
+        }
+    }
+}
+
+impl DepthWise {
+    /// The block's eval-mode ONNX nodes under `name` (`{name}.layers.{0,1,2}`, then the residual
+    /// `Add` named `name`); returns the output value.
+    pub fn onnx_graph(&self, g: &mut GraphBuilder, name: &str, x: &str) -> String {
+        let mut y = x.to_string();
+        for (k, u) in self.units.iter().enumerate() {
+            y = u.onnx_graph(g, &format!("{name}.layers.{k}"), &y);
+        }
+        if self.residual {
+            g.node("Add", name, &[&y, x], vec![])
+        } else {
+            y
         }
     }
 }
@@ -274,6 +311,29 @@ impl MobileFaceNet {
     /// If `feat_bf` is not `[B, 512]`.
     pub fn forward_neck_t(&self, feat_bf: &Tensor, train: bool) -> Tensor {
         self.bn.forward_t(&self.linear.forward(feat_bf), train)
+    }
+}
+
+impl MobileFaceNet {
+    /// The eval-mode ONNX graph from the input value `x` to the embedding (the value
+    /// [`onnx::OUTPUT`]): `layers`, `conv_sep`, the GDC, flatten, Linear, BatchNorm1d.
+    pub fn onnx_graph(&self, g: &mut GraphBuilder, x: &str) -> String {
+        let mut x = x.to_string();
+        for (i, stage) in self.stages.iter().enumerate() {
+            let name = format!("layers.{i}");
+            x = match stage {
+                Stage::Unit(u) => u.onnx_graph(g, &name, &x),
+                Stage::Down(d) => d.onnx_graph(g, &name, &x),
+                Stage::Residual(ds) => ds.iter().enumerate().fold(x, |x, (k, d)| {
+                    d.onnx_graph(g, &format!("{name}.layers.{k}"), &x)
+                }),
+            };
+        }
+        let x = self.conv_sep.onnx_graph(g, "conv_sep", &x);
+        let x = self.gdc.onnx_graph(g, "features.layers.0", &x);
+        let x = onnx::flatten(g, "features.layers.1", &x);
+        let x = onnx::linear(g, "features.layers.2", &self.linear, &x);
+        self.bn.onnx_as(g, "features.layers.3", onnx::OUTPUT, &x)
     }
 }
 

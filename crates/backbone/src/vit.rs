@@ -25,7 +25,9 @@
 //! `blocks.N.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}`, `norm`, `feature.{0,1,2,3}`,
 //! `mask_token`).
 
+use crate::onnx::{self, ConvGeometry};
 use crate::{BatchNorm, ViTConfig};
+use facerec_onnx::{Attr, GraphBuilder};
 use tch::nn::{self, Module, ModuleT};
 use tch::{Kind, Tensor};
 
@@ -51,6 +53,9 @@ fn linear(p: nn::Path, c_in: i64, c_out: i64, bias: bool) -> nn::Linear {
         },
     )
 }
+
+/// The LayerNorm epsilon (PyTorch's and tch's default).
+pub const LAYER_NORM_EPS: f64 = 1e-5;
 
 fn layer_norm(p: nn::Path, d: i64) -> nn::LayerNorm {
     // PyTorch LayerNorm: eps 1e-5, weight 1, bias 0.
@@ -341,5 +346,103 @@ impl ModuleT for ViT {
     /// `xs`: `[B, 3, S, S]`; output `[B, embedding_size]`.
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
         self.forward_amp(xs, train, None)
+    }
+}
+
+impl Attention {
+    /// Eval-mode ONNX nodes of the attention under `name` (`blocks.N.attn`) for `l` tokens of
+    /// width `d`; returns the output value (`[batch, L, D]`).
+    pub fn onnx_graph(&self, g: &mut GraphBuilder, name: &str, x: &str, l: i64, d: i64) -> String {
+        let h = self.num_heads;
+        let qkv = onnx::linear_nd(g, &format!("{name}.qkv"), &self.qkv, x);
+        let qkv = onnx::reshape(g, &format!("{name}.qkv_heads"), &qkv, &[0, l, 3, h, d / h]);
+        let qkv = onnx::transpose(g, &format!("{name}.qkv_t"), &qkv, &[2, 0, 3, 1, 4]);
+        let mut qkv_parts = Vec::new();
+        for (i, part) in ["q", "k", "v"].iter().enumerate() {
+            let idx = g.initializer_i64(&format!("{name}.{part}_index"), &[], &[i as i64]);
+            qkv_parts.push(g.node(
+                "Gather",
+                &format!("{name}.{part}"),
+                &[&qkv, &idx],
+                vec![Attr::int("axis", 0)],
+            ));
+        }
+        let kt = onnx::transpose(g, &format!("{name}.k_t"), &qkv_parts[1], &[0, 1, 3, 2]);
+        let scores = g.node(
+            "MatMul",
+            &format!("{name}.scores"),
+            &[&qkv_parts[0], &kt],
+            vec![],
+        );
+        let scale = ((d / h) as f64).powf(-0.5) as f32;
+        let scale = g.initializer(&format!("{name}.scale"), &[], vec![scale]);
+        let scores = g.node("Mul", &format!("{name}.scaled"), &[&scores, &scale], vec![]);
+        let attn = g.node(
+            "Softmax",
+            &format!("{name}.softmax"),
+            &[&scores],
+            vec![Attr::int("axis", -1)],
+        );
+        let out = g.node(
+            "MatMul",
+            &format!("{name}.context"),
+            &[&attn, &qkv_parts[2]],
+            vec![],
+        );
+        let out = onnx::transpose(g, &format!("{name}.context_t"), &out, &[0, 2, 1, 3]);
+        let out = onnx::reshape(g, &format!("{name}.merged"), &out, &[0, l, d]);
+        onnx::linear_nd(g, &format!("{name}.proj"), &self.proj, &out)
+    }
+}
+
+impl Block {
+    /// Eval-mode ONNX nodes of the block under `name` (`blocks.N`): drop path is the identity.
+    pub fn onnx_graph(&self, g: &mut GraphBuilder, name: &str, x: &str, l: i64, d: i64) -> String {
+        let n1 = onnx::layer_norm(g, &format!("{name}.norm1"), &self.norm1, LAYER_NORM_EPS, x);
+        let a = self.attn.onnx_graph(g, &format!("{name}.attn"), &n1, l, d);
+        let x = g.node("Add", &format!("{name}.attn_residual"), &[x, &a], vec![]);
+        let n2 = onnx::layer_norm(g, &format!("{name}.norm2"), &self.norm2, LAYER_NORM_EPS, &x);
+        let m = onnx::linear_nd(g, &format!("{name}.mlp.fc1"), &self.mlp.fc1, &n2);
+        let (lo, hi) = (
+            g.initializer(&format!("{name}.mlp.relu6_min"), &[], vec![0.0]),
+            g.initializer(&format!("{name}.mlp.relu6_max"), &[], vec![6.0]),
+        );
+        let m = g.node(
+            "Clip",
+            &format!("{name}.mlp.relu6"),
+            &[&m, &lo, &hi],
+            vec![],
+        );
+        let m = onnx::linear_nd(g, &format!("{name}.mlp.fc2"), &self.mlp.fc2, &m);
+        g.node("Add", name, &[&x, &m], vec![])
+    }
+}
+
+impl ViT {
+    /// The eval-mode ONNX graph from the input value `x` to the embedding (the value
+    /// [`onnx::OUTPUT`]): patch embedding, position embedding, blocks, final norm, flatten, the
+    /// feature head. No masking and no drop path (eval mode).
+    pub fn onnx_graph(&self, g: &mut GraphBuilder, x: &str) -> String {
+        let (l, d) = (self.num_patches, self.embed_dim);
+        let k = self.patch_embed.ws.size()[2];
+        let patches = ConvGeometry {
+            stride: k,
+            pad: 0,
+            groups: 1,
+        };
+        let x = onnx::conv(g, "patch_embed.proj", &self.patch_embed, x, patches);
+        let x = onnx::reshape(g, "patch_embed.flatten", &x, &[0, d, l]);
+        let x = onnx::transpose(g, "patch_embed.tokens", &x, &[0, 2, 1]);
+        let pos = onnx::weight(g, "pos_embed", &self.pos_embed);
+        let mut x = g.node("Add", "pos_embed.add", &[&x, &pos], vec![]);
+        for (i, block) in self.blocks.iter().enumerate() {
+            x = block.onnx_graph(g, &format!("blocks.{i}"), &x, l, d);
+        }
+        let x = onnx::layer_norm(g, "norm", &self.norm, LAYER_NORM_EPS, &x);
+        let x = onnx::flatten(g, "flatten", &x);
+        let x = onnx::linear(g, "feature.0", &self.feature_fc1, &x);
+        let x = self.feature_bn1.onnx(g, "feature.1", &x);
+        let x = onnx::linear(g, "feature.2", &self.feature_fc2, &x);
+        self.feature_bn2.onnx_as(g, "feature.3", onnx::OUTPUT, &x)
     }
 }

@@ -140,6 +140,7 @@ fn errors_name_the_file_or_folder() {
         prefetch: 2,
         seed: 0,
         sampler: Default::default(),
+        augment: Default::default(),
     };
     let loader = Loader::new(set, cfg);
     let err = loader

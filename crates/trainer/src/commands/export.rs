@@ -1,5 +1,5 @@
-//! `facerec export --model RUN_DIR --format safetensors|torchscript --out FILE`: the trained backbone in a
-//! form other tools load (see `docs/export.md`).
+//! `facerec export --model RUN_DIR --format safetensors|torchscript|onnx --out FILE`: the trained
+//! backbone in a form other tools load (see `docs/export.md`).
 //!
 //! - `safetensors`: the backbone `state_dict` with arcface_torch key names (`conv1.weight`,
 //!   `layer1.0.bn1.running_mean`, `features.num_batches_tracked`, ...), float32 parameters and BN
@@ -14,7 +14,12 @@
 //!   [`Backbone`] on the same input; the export fails (and writes nothing) when the largest absolute
 //!   difference exceeds the tolerance (default 1e-5).
 //!
-//! Both scripts are compiled into the binary and written to a temporary folder at export time, so
+//! - `onnx`: the eval-mode graph (opset 17, dynamic batch axis, arcface_torch's input convention),
+//!   written in Rust by the backbone itself ([`Backbone::to_onnx`], on `facerec-onnx`); no
+//!   Python. Its parity with our forward is proved in onnxruntime by
+//!   `crates/trainer/tests/onnx_export.rs`, not at export time (the binary has no ONNX runtime).
+//!
+//! The TorchScript scripts are compiled into the binary and written to a temporary folder at export time, so
 //! the command does not depend on the source tree; the Python interpreter is `--python`, else
 //! `$FACEREC_PYTHON` (set by `cargo xtask`), else `python3`, and needs torch (2.13.0 is the version
 //! this workspace pins).
@@ -43,6 +48,8 @@ pub enum Format {
     Safetensors,
     /// A TorchScript module (`torch.jit.load` / `tch::CModule::load`), eval mode.
     Torchscript,
+    /// An ONNX model (opset 17), eval mode, dynamic batch axis.
+    Onnx,
 }
 
 /// `facerec export` options.
@@ -331,6 +338,19 @@ pub fn write_torchscript(m: &Exportable, out: &Path, python: &Path, tolerance: f
     Ok(diff)
 }
 
+/// Write the backbone's eval-mode ONNX graph to `out` (temporary file and rename). Returns the
+/// number of bytes written.
+pub fn write_onnx(m: &Exportable, out: &Path) -> Result<usize> {
+    let bytes = m.backbone.to_onnx(m.config.input_size());
+    let tmp = tmp_sibling(out);
+    if let Err(e) = std::fs::write(&tmp, &bytes) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("writing {}", tmp.display()));
+    }
+    rename_into_place(&tmp, out)?;
+    Ok(bytes.len())
+}
+
 /// Run `facerec export`.
 pub fn run(args: Args) -> Result<()> {
     let m = Exportable::load(&args.model, args.config.as_deref())?;
@@ -360,6 +380,19 @@ pub fn run(args: Args) -> Result<()> {
                 args.out.display(),
                 m.weights.display(),
                 args.tolerance,
+                s = m.config.input_size()
+            );
+        }
+        Format::Onnx => {
+            let bytes = write_onnx(&m, &args.out)?;
+            println!(
+                "wrote {} (ONNX opset {}, eval mode, {bytes} bytes): input `{}` [batch, 3, {s}, {s}] float32 RGB (x / 255 - 0.5) / 0.5, output `{}` [batch, {}] not normalised; from {}",
+                args.out.display(),
+                facerec_onnx::OPSET,
+                facerec_backbone::onnx::INPUT,
+                facerec_backbone::onnx::OUTPUT,
+                m.config.embedding_size(),
+                m.weights.display(),
                 s = m.config.input_size()
             );
         }
