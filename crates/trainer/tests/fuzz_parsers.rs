@@ -9,7 +9,8 @@
 //! flips, interesting integers at random and aligned offsets, dictionary tokens, insertions,
 //! deletions, duplicated ranges, truncation, splices of two corpus entries) and runs the parser under
 //! `catch_unwind`. Inputs a parser accepts join the corpus. A panic fails the test; its input is
-//! written under `target/fuzz-findings/` and its message printed.
+//! written under `target/fuzz-findings/` and its message printed (so is the slowest input of each
+//! target when it took over 0.5 s, as `<target>-slowest/`).
 //!
 //! `fuzz_parsers_briefly` runs always (0.4 s per target). The long run is ignored by default:
 //! `FACEREC_FUZZ_SECS=360 nice -n 19 cargo test --release -p facerec-trainer --test fuzz_parsers --
@@ -165,7 +166,14 @@ fn fuzz(target: &Target, seconds: f64, seed: u64, work: &Path, last_panic: &Mute
         mutate(&mut rng, &mut input, target.dict, &corpus);
         let t0 = Instant::now();
         let result = catch_unwind(AssertUnwindSafe(|| (target.run)(&dir, &input)));
-        out.slowest = out.slowest.max(t0.elapsed());
+        let took = t0.elapsed();
+        if took > out.slowest {
+            out.slowest = took;
+            if took > Duration::from_millis(500) {
+                // Kept for a look: a slow input is not a failure, but may be a hostile one.
+                save(&findings_dir().join(format!("{}-slowest", target.name)), &input);
+            }
+        }
         out.execs += 1;
         match result {
             Ok(true) => {
@@ -181,10 +189,7 @@ fn fuzz(target: &Target, seconds: f64, seed: u64, work: &Path, last_panic: &Mute
             Err(_) => {
                 let msg = last_panic.lock().unwrap().clone();
                 let found = findings_dir().join(format!("{}-{}", target.name, out.panics.len()));
-                std::fs::create_dir_all(&found).unwrap();
-                for (i, p) in input.iter().enumerate() {
-                    std::fs::write(found.join(format!("part-{i}")), p).unwrap();
-                }
+                save(&found, &input);
                 out.panics.push(format!("{msg} (input in {})", found.display()));
                 if out.panics.len() >= 5 {
                     break;
@@ -194,6 +199,13 @@ fn fuzz(target: &Target, seconds: f64, seed: u64, work: &Path, last_panic: &Mute
     }
     out.corpus = corpus.len();
     out
+}
+
+fn save(dir: &Path, input: &Input) {
+    std::fs::create_dir_all(dir).unwrap();
+    for (i, p) in input.iter().enumerate() {
+        std::fs::write(dir.join(format!("part-{i}")), p).unwrap();
+    }
 }
 
 fn findings_dir() -> PathBuf {
