@@ -298,18 +298,12 @@ pub fn named(run_dir: &Path, name: &str) -> Result<PathBuf> {
     }
 }
 
-/// Move the checkpoint folders of steps after `step` out of the way (renamed to
+/// Move the complete checkpoints of steps after `step` out of the way (renamed to
 /// `discarded-step-N`, kept for inspection, never listed or pruned): a run resumed from an older
 /// checkpoint continues from there, and a later `--resume` must not pick the newer ones. Returns
-/// the new names.
+/// the new names. (Newer folders without `meta.json` stay: [`save`] replaces them, with a warning.)
 pub fn set_aside_newer(parent: &Path, step: usize) -> Result<Vec<PathBuf>> {
-    let newer = list(parent)?
-        .into_iter()
-        .chain(incomplete(parent).into_iter().filter_map(|d| {
-            let s = d.file_name()?.to_str()?.strip_prefix("step-")?.parse().ok()?;
-            Some((s, d))
-        }))
-        .filter(|(s, _)| *s > step);
+    let newer = list(parent)?.into_iter().filter(|(s, _)| *s > step);
     let mut moved = Vec::new();
     for (_, dir) in newer {
         let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();

@@ -701,6 +701,11 @@ fn find_resume_point(
         eprintln!("{n}");
     }
     let meta = checkpoint::read_meta(&dir)?;
+    // First what no flag can allow (another model, class count, optimiser, seed, data), each with
+    // its own message; then the changes an exact resume cannot absorb.
+    facts.check(&meta, &dir, |e| {
+        checkpoint::fingerprint(&loader.epoch_order(e))
+    })?;
     let changes = crate::config::resume_changes(&meta.config, facts.cfg)
         .with_context(|| format!("{}", dir.join("meta.json").display()))?;
     let breaking: Vec<String> = changes
@@ -717,9 +722,6 @@ fn find_resume_point(
             crate::config::HARMLESS_ON_RESUME.join(", ")
         );
     }
-    facts.check(&meta, &dir, |e| {
-        checkpoint::fingerprint(&loader.epoch_order(e))
-    })?;
     if let Some(warning) = checkpoint::verify(&dir, &meta)? {
         eprintln!("{warning}");
         notes.push(warning);
