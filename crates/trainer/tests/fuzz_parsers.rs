@@ -23,8 +23,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use facerec_data::recordio::{parse_idx, parse_payload, read_record, scan_offsets};
 use facerec_data::rec::parse_property;
+use facerec_data::recordio::{parse_idx, parse_payload, read_record, scan_offsets};
 use facerec_data::verification_pack::encode_pickle;
 use facerec_data::{pack_image_folder, BadRecordPolicy, PackOptions, RecOptions, RecordIo, Source};
 use facerec_evaluation::{pickle, BinPack, Fit, LfwPairs};
@@ -47,33 +47,130 @@ struct Target {
 
 /// Tokens that matter to more than one format (numbers at type limits, separators).
 const COMMON: &[&[u8]] = &[
-    b"0", b"-1", b"1", b"4294967295", b"4294967296", b"18446744073709551615",
-    b"99999999999999999999999", b"1e400", b"-0", b"NaN", b"\n", b"\t", b" ", b"\r\n", b"\0",
+    b"0",
+    b"-1",
+    b"1",
+    b"4294967295",
+    b"4294967296",
+    b"18446744073709551615",
+    b"99999999999999999999999",
+    b"1e400",
+    b"-0",
+    b"NaN",
+    b"\n",
+    b"\t",
+    b" ",
+    b"\r\n",
+    b"\0",
 ];
 const JSON: &[&[u8]] = &[
-    b"null", b"true", b"\"", b"{", b"}", b"[", b"]", b",", b":", b"\"step\"", b"\"checksums\"",
-    b"\"../meta.json\"", b"\"/etc/passwd\"", b"\"model.safetensors\"", b"\"format\"", b"\\u0000",
+    b"null",
+    b"true",
+    b"\"",
+    b"{",
+    b"}",
+    b"[",
+    b"]",
+    b",",
+    b":",
+    b"\"step\"",
+    b"\"checksums\"",
+    b"\"../meta.json\"",
+    b"\"/etc/passwd\"",
+    b"\"model.safetensors\"",
+    b"\"format\"",
+    b"\\u0000",
 ];
 const PICKLE: &[&[u8]] = &[
-    b"(", b".", b"e", b"a", b"]", b")", b"}", b"t", b"\x85", b"\x86", b"\x87", b"\x88", b"\x89",
-    b"N", b"\x94", b"h\x00", b"q\x00", b"j\xff\xff\xff\xff", b"T\xff\xff\xff\x7f", b"U\xff",
-    b"X\xff\xff\xff\xff", b"\x8e\xff\xff\xff\xff\xff\xff\xff\xff", b"B\xff\xff\xff\x7f",
-    b"\x95\xff\xff\xff\xff\xff\xff\xff\x7f", b"\x80\x05", b"\x8a\xff", b"\x8b\xff\xff\xff\x7f",
-    b"c__builtin__\nbytearray\n", b"\x93", b"R", b"b", b"s", b"u", b"d", b"l", b"2", b"0", b"1",
+    b"(",
+    b".",
+    b"e",
+    b"a",
+    b"]",
+    b")",
+    b"}",
+    b"t",
+    b"\x85",
+    b"\x86",
+    b"\x87",
+    b"\x88",
+    b"\x89",
+    b"N",
+    b"\x94",
+    b"h\x00",
+    b"q\x00",
+    b"j\xff\xff\xff\xff",
+    b"T\xff\xff\xff\x7f",
+    b"U\xff",
+    b"X\xff\xff\xff\xff",
+    b"\x8e\xff\xff\xff\xff\xff\xff\xff\xff",
+    b"B\xff\xff\xff\x7f",
+    b"\x95\xff\xff\xff\xff\xff\xff\xff\x7f",
+    b"\x80\x05",
+    b"\x8a\xff",
+    b"\x8b\xff\xff\xff\x7f",
+    b"c__builtin__\nbytearray\n",
+    b"\x93",
+    b"R",
+    b"b",
+    b"s",
+    b"u",
+    b"d",
+    b"l",
+    b"2",
+    b"0",
+    b"1",
 ];
 const REC: &[&[u8]] = &[
-    b"\x1d\x1a\x1a\xce\x0a\x00\x00\x00", b"\xff\xd8\xff\xe0", b"\x89PNG\r\n\x1a\n",
-    b"\xff\xff\xff\x1f", b"\x00\x00\x00\x20", b"\x00\x00\x00\x40", b"\x00\x00\x00\x60",
-    b"\x02\x00\x00\x00", b"\x00\x00\x80\x7f", b"\x00\x00\xc0\x7f", b"\xff\xff\x7f\x7f",
+    b"\x1d\x1a\x1a\xce\x0a\x00\x00\x00",
+    b"\xff\xd8\xff\xe0",
+    b"\x89PNG\r\n\x1a\n",
+    b"\xff\xff\xff\x1f",
+    b"\x00\x00\x00\x20",
+    b"\x00\x00\x00\x40",
+    b"\x00\x00\x00\x60",
+    b"\x02\x00\x00\x00",
+    b"\x00\x00\x80\x7f",
+    b"\x00\x00\xc0\x7f",
+    b"\xff\xff\x7f\x7f",
 ];
 const PAIRS: &[&[u8]] = &[
-    b"Abel_Pacheco", b"_", b"10 300", b"0001", b"-", b"..", b"/", b"\xc3\xa9", b"0 0", b"1 1",
+    b"Abel_Pacheco",
+    b"_",
+    b"10 300",
+    b"0001",
+    b"-",
+    b"..",
+    b"/",
+    b"\xc3\xa9",
+    b"0 0",
+    b"1 1",
 ];
 
 /// Integers that trip length and offset arithmetic, written little-endian.
 const INTERESTING: &[u64] = &[
-    0, 1, 2, 3, 4, 7, 8, 0x7f, 0x80, 0xff, 0x100, 0x7fff, 0xffff, 0x1_0000, 0x1fff_ffff,
-    0x2000_0000, 0x7fff_ffff, 0x8000_0000, 0xffff_ffff, 0x1_0000_0000, u64::MAX / 2, u64::MAX,
+    0,
+    1,
+    2,
+    3,
+    4,
+    7,
+    8,
+    0x7f,
+    0x80,
+    0xff,
+    0x100,
+    0x7fff,
+    0xffff,
+    0x1_0000,
+    0x1fff_ffff,
+    0x2000_0000,
+    0x7fff_ffff,
+    0x8000_0000,
+    0xffff_ffff,
+    0x1_0000_0000,
+    u64::MAX / 2,
+    u64::MAX,
 ];
 
 fn mutate(rng: &mut ChaCha8Rng, input: &mut Input, dict: &[&[u8]], corpus: &[Input]) {
@@ -151,15 +248,31 @@ struct Outcome {
     panics: Vec<String>,
 }
 
-fn fuzz(target: &Target, seconds: f64, seed: u64, work: &Path, last_panic: &Mutex<String>) -> Outcome {
+fn fuzz(
+    target: &Target,
+    seconds: f64,
+    seed: u64,
+    work: &Path,
+    last_panic: &Mutex<String>,
+) -> Outcome {
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ fnv(target.name.as_bytes()));
     let dir = work.join(target.name);
     std::fs::create_dir_all(&dir).unwrap();
     for s in &target.seeds {
-        assert!((target.run)(&dir, s), "{}: a seed input is refused", target.name);
+        assert!(
+            (target.run)(&dir, s),
+            "{}: a seed input is refused",
+            target.name
+        );
     }
     let mut corpus = target.seeds.clone();
-    let mut out = Outcome { execs: 0, accepted: 0, corpus: 0, slowest: Duration::ZERO, panics: Vec::new() };
+    let mut out = Outcome {
+        execs: 0,
+        accepted: 0,
+        corpus: 0,
+        slowest: Duration::ZERO,
+        panics: Vec::new(),
+    };
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     while Instant::now() < deadline {
         let mut input = corpus[rng.gen_range(0..corpus.len())].clone();
@@ -171,7 +284,10 @@ fn fuzz(target: &Target, seconds: f64, seed: u64, work: &Path, last_panic: &Mute
             out.slowest = took;
             if took > Duration::from_millis(500) {
                 // Kept for a look: a slow input is not a failure, but may be a hostile one.
-                save(&findings_dir().join(format!("{}-slowest", target.name)), &input);
+                save(
+                    &findings_dir().join(format!("{}-slowest", target.name)),
+                    &input,
+                );
             }
         }
         out.execs += 1;
@@ -190,7 +306,8 @@ fn fuzz(target: &Target, seconds: f64, seed: u64, work: &Path, last_panic: &Mute
                 let msg = last_panic.lock().unwrap().clone();
                 let found = findings_dir().join(format!("{}-{}", target.name, out.panics.len()));
                 save(&found, &input);
-                out.panics.push(format!("{msg} (input in {})", found.display()));
+                out.panics
+                    .push(format!("{msg} (input in {})", found.display()));
                 if out.panics.len() >= 5 {
                     break;
                 }
@@ -213,7 +330,9 @@ fn findings_dir() -> PathBuf {
 }
 
 fn fnv(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 // ---------------------------------------------------------------- targets
@@ -236,7 +355,11 @@ fn run_recordio(dir: &Path, parts: &[Vec<u8>]) -> bool {
     } else {
         std::fs::write(dir.join("property"), property).unwrap();
     }
-    let opts = RecOptions { policy: BadRecordPolicy::Skip, max_skipped_fraction: 1.0, ..Default::default() };
+    let opts = RecOptions {
+        policy: BadRecordPolicy::Skip,
+        max_skipped_fraction: 1.0,
+        ..Default::default()
+    };
     let strict = catch_open(dir, RecOptions::default()).is_some();
     let Some(set) = catch_open(dir, opts) else {
         return false;
@@ -307,14 +430,18 @@ fn run_manifest(dir: &Path, parts: &[Vec<u8>]) -> bool {
 // ---------------------------------------------------------------- seeds
 
 fn tiny_png(shade: u8) -> Vec<u8> {
-    let img = image::RgbImage::from_fn(8, 8, |x, y| image::Rgb([shade, (x * 30) as u8, (y * 30) as u8]));
+    let img = image::RgbImage::from_fn(8, 8, |x, y| {
+        image::Rgb([shade, (x * 30) as u8, (y * 30) as u8])
+    });
     let mut out = std::io::Cursor::new(Vec::new());
     img.write_to(&mut out, image::ImageFormat::Png).unwrap();
     out.into_inner()
 }
 
 fn tiny_jpeg(shade: u8) -> Vec<u8> {
-    let rgb: Vec<u8> = (0..64).flat_map(|i| [shade, (i * 4) as u8, 255 - shade]).collect();
+    let rgb: Vec<u8> = (0..64)
+        .flat_map(|i| [shade, (i * 4) as u8, 255 - shade])
+        .collect();
     facerec_data::rec_writer::encode_jpeg(&rgb, 8, 8, 90).unwrap()
 }
 
@@ -323,11 +450,23 @@ fn recordio_seeds(work: &Path) -> Vec<Input> {
     for (c, name) in ["alice", "bob", "carol"].iter().enumerate() {
         std::fs::create_dir_all(folder.join(name)).unwrap();
         for k in 0..2 {
-            std::fs::write(folder.join(name).join(format!("{k}.png")), tiny_png((c * 80 + k * 20) as u8)).unwrap();
+            std::fs::write(
+                folder.join(name).join(format!("{k}.png")),
+                tiny_png((c * 80 + k * 20) as u8),
+            )
+            .unwrap();
         }
     }
     let out = work.join("seed-pack");
-    pack_image_folder(&folder, &out, &PackOptions { workers: 1, ..Default::default() }).unwrap();
+    pack_image_folder(
+        &folder,
+        &out,
+        &PackOptions {
+            workers: 1,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let read = |n: &str| std::fs::read(out.join(n)).unwrap();
     let full = vec![read("train.rec"), read("train.idx"), read("property")];
     let no_property = vec![full[0].clone(), full[1].clone(), Vec::new()];
@@ -355,7 +494,10 @@ const PICKLES: &[&str] = &[
 ];
 
 fn unhex(s: &str) -> Vec<u8> {
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
 }
 
 fn pickle_seeds() -> Vec<Input> {
@@ -369,24 +511,41 @@ fn pairs_seeds(work: &Path) -> Vec<Input> {
     for (name, n) in [("Abel_Pacheco", 2), ("Ann_Lee", 1), ("Bo_Li", 1)] {
         std::fs::create_dir_all(images.join(name)).unwrap();
         for k in 1..=n {
-            std::fs::write(images.join(name).join(format!("{name}_{k:04}.jpg")), tiny_jpeg(k as u8)).unwrap();
+            std::fs::write(
+                images.join(name).join(format!("{name}_{k:04}.jpg")),
+                tiny_jpeg(k as u8),
+            )
+            .unwrap();
         }
     }
     vec![
         vec![b"1\nAbel_Pacheco\t1\t2\nAnn_Lee\t1\tBo_Li\t1\n".to_vec()],
-        vec![b"2 1\nAbel_Pacheco 1 2\nAnn_Lee 1 Bo_Li 1\nAbel_Pacheco 2 1\nBo_Li 1 Ann_Lee 1\n".to_vec()],
+        vec![
+            b"2 1\nAbel_Pacheco 1 2\nAnn_Lee 1 Bo_Li 1\nAbel_Pacheco 2 1\nBo_Li 1 Ann_Lee 1\n"
+                .to_vec(),
+        ],
     ]
 }
 
 fn manifest_seeds(work: &Path) -> Vec<Input> {
-    let ckpt = work.join("manifest").join("checkpoints").join("step-00000007");
+    let ckpt = work
+        .join("manifest")
+        .join("checkpoints")
+        .join("step-00000007");
     std::fs::create_dir_all(&ckpt).unwrap();
     let file = ckpt.join("model.safetensors");
     let w = Tensor::arange(12, (Kind::Float, tch::Device::Cpu)).view([3, 4]);
-    Tensor::write_safetensors(&[("conv.weight", &w), ("bn.running_var", &w.ones_like())], &file).unwrap();
+    Tensor::write_safetensors(
+        &[("conv.weight", &w), ("bn.running_var", &w.ones_like())],
+        &file,
+    )
+    .unwrap();
     let tensors = std::fs::read(&file).unwrap();
     let mut checksums = BTreeMap::new();
-    checksums.insert("model.safetensors".to_string(), checkpoint::sha256_file(&file).unwrap());
+    checksums.insert(
+        "model.safetensors".to_string(),
+        checkpoint::sha256_file(&file).unwrap(),
+    );
     let meta = Meta {
         format: checkpoint::FORMAT,
         step: 7,
@@ -394,36 +553,78 @@ fn manifest_seeds(work: &Path) -> Vec<Input> {
         batch_in_epoch: 2,
         seed: 19,
         num_classes: 40,
-        data: DataOrder { images: 400, batches_per_epoch: 5, order_fingerprint: 0xdead_beef },
+        data: DataOrder {
+            images: 400,
+            batches_per_epoch: 5,
+            order_fingerprint: 0xdead_beef,
+        },
         model: "type = \"iresnet\"\ndepth = 18\n".into(),
         optimizer: "sgd".into(),
-        scaler: ScalerState { scale: 1.0, growth_tracker: 0 },
+        scaler: ScalerState {
+            scale: 1.0,
+            growth_tracker: 0,
+        },
         skipped_steps: 1,
         consecutive_bad: 0,
         best: vec![0.5, 0.75],
         config: "[train]\nepochs = 3\n".into(),
         world_size: 1,
         checksums,
-        segments: vec![checkpoint::Segment { from_step: 0, to_step: 7, train_seconds: Some(1.5) }],
+        segments: vec![checkpoint::Segment {
+            from_step: 0,
+            to_step: 7,
+            train_seconds: Some(1.5),
+        }],
     };
     let pretty = serde_json::to_vec_pretty(&meta).unwrap();
     let mut old = meta.clone();
     old.checksums.clear();
-    vec![vec![pretty, tensors.clone()], vec![serde_json::to_vec(&old).unwrap(), tensors]]
+    vec![
+        vec![pretty, tensors.clone()],
+        vec![serde_json::to_vec(&old).unwrap(), tensors],
+    ]
 }
 
 fn targets(work: &Path) -> Vec<Target> {
     vec![
-        Target { name: "recordio", seeds: recordio_seeds(work), dict: REC, run: run_recordio },
-        Target { name: "bin", seeds: bin_seeds(), dict: PICKLE, run: run_bin },
-        Target { name: "pickle", seeds: pickle_seeds(), dict: PICKLE, run: run_pickle },
-        Target { name: "pairs", seeds: pairs_seeds(work), dict: PAIRS, run: run_pairs },
-        Target { name: "manifest", seeds: manifest_seeds(work), dict: JSON, run: run_manifest },
+        Target {
+            name: "recordio",
+            seeds: recordio_seeds(work),
+            dict: REC,
+            run: run_recordio,
+        },
+        Target {
+            name: "bin",
+            seeds: bin_seeds(),
+            dict: PICKLE,
+            run: run_bin,
+        },
+        Target {
+            name: "pickle",
+            seeds: pickle_seeds(),
+            dict: PICKLE,
+            run: run_pickle,
+        },
+        Target {
+            name: "pairs",
+            seeds: pairs_seeds(work),
+            dict: PAIRS,
+            run: run_pairs,
+        },
+        Target {
+            name: "manifest",
+            seeds: manifest_seeds(work),
+            dict: JSON,
+            run: run_manifest,
+        },
     ]
 }
 
 fn run_all(seconds: f64) {
-    let seed = std::env::var("FACEREC_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(19u64);
+    let seed = std::env::var("FACEREC_FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(19u64);
     let work = tempfile::tempdir().unwrap();
     let last_panic = Arc::new(Mutex::new(String::new()));
     let hook_msg = Arc::clone(&last_panic);
@@ -446,7 +647,11 @@ fn run_all(seconds: f64) {
         failures.extend(o.panics.into_iter().map(|p| format!("{}: {p}", t.name)));
     }
     let _ = std::panic::take_hook();
-    assert!(failures.is_empty(), "the fuzzer found panics:\n{}", failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "the fuzzer found panics:\n{}",
+        failures.join("\n")
+    );
 }
 
 /// Always on: a short run of every target (also checks every seed is accepted).
@@ -459,6 +664,9 @@ fn fuzz_parsers_briefly() {
 #[test]
 #[ignore = "long fuzz run; see the module docs"]
 fn fuzz_parsers_long() {
-    let secs = std::env::var("FACEREC_FUZZ_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(60.0);
+    let secs = std::env::var("FACEREC_FUZZ_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60.0);
     run_all(secs);
 }

@@ -112,7 +112,10 @@ fn read(path: &Path) -> String {
 
 fn no_duplicates(run: &Path) {
     let dup: Vec<_> = counts(run).into_iter().filter(|(_, n)| *n > 1).collect();
-    assert!(dup.is_empty(), "duplicate records in metrics.jsonl: {dup:?}");
+    assert!(
+        dup.is_empty(),
+        "duplicate records in metrics.jsonl: {dup:?}"
+    );
 }
 
 #[test]
@@ -126,7 +129,10 @@ fn a_finished_run_keeps_its_record_when_resumed_or_extended() {
 
     // Resumed as it is: nothing to train; refused, and nothing is rewritten.
     let (ok, err) = resume(&run, &[]);
-    assert!(!ok, "resuming a finished run should say there is nothing to do");
+    assert!(
+        !ok,
+        "resuming a finished run should say there is nothing to do"
+    );
     assert!(
         err.contains("already finished at step 6") && err.contains("train.epochs"),
         "{err}"
@@ -141,9 +147,18 @@ fn a_finished_run_keeps_its_record_when_resumed_or_extended() {
     assert_eq!(s["steps"], 12);
     let segs = s["segments"].as_array().unwrap();
     assert_eq!(segs.len(), 2, "{s}");
-    assert_eq!((segs[0]["from_step"].as_u64(), segs[0]["to_step"].as_u64()), (Some(0), Some(6)));
-    assert_eq!((segs[1]["from_step"].as_u64(), segs[1]["to_step"].as_u64()), (Some(6), Some(12)));
-    let secs: Vec<f64> = segs.iter().map(|g| g["train_seconds"].as_f64().unwrap()).collect();
+    assert_eq!(
+        (segs[0]["from_step"].as_u64(), segs[0]["to_step"].as_u64()),
+        (Some(0), Some(6))
+    );
+    assert_eq!(
+        (segs[1]["from_step"].as_u64(), segs[1]["to_step"].as_u64()),
+        (Some(6), Some(12))
+    );
+    let secs: Vec<f64> = segs
+        .iter()
+        .map(|g| g["train_seconds"].as_f64().unwrap())
+        .collect();
     let total = s["train_seconds"].as_f64().unwrap();
     assert!((total - secs.iter().sum::<f64>()).abs() < 1e-9, "{s}");
     assert!(
@@ -155,10 +170,18 @@ fn a_finished_run_keeps_its_record_when_resumed_or_extended() {
     no_duplicates(&run);
     let c = counts(&run);
     for step in 1..=12u64 {
-        assert_eq!(c.get(&("train".into(), step, String::new())), Some(&1), "step {step}: {c:?}");
+        assert_eq!(
+            c.get(&("train".into(), step, String::new())),
+            Some(&1),
+            "step {step}: {c:?}"
+        );
     }
     // The first run's final evaluation (step 6) stays, once.
-    assert_eq!(c.get(&("eval".into(), 6, "synth".into())), Some(&1), "{c:?}");
+    assert_eq!(
+        c.get(&("eval".into(), 6, "synth".into())),
+        Some(&1),
+        "{c:?}"
+    );
     let rec = records(&run);
     let resumed: Vec<_> = rec.iter().filter(|r| r["kind"] == "resume").collect();
     assert_eq!(resumed.len(), 1);
@@ -185,7 +208,8 @@ fn a_finished_run_keeps_its_record_when_resumed_or_extended() {
 fn resume_from_an_older_checkpoint_drops_later_records_and_sets_newer_ones_aside() {
     let dir = tempfile::tempdir().unwrap();
     let run = trained_run(dir.path());
-    let whole_model = std::fs::read(run.join("checkpoints/step-00000006/model.safetensors")).unwrap();
+    let whole_model =
+        std::fs::read(run.join("checkpoints/step-00000006/model.safetensors")).unwrap();
     std::fs::remove_file(run.join("summary.json")).unwrap(); // as if killed after step 6
 
     let (ok, err) = resume(&run, &["--resume-from", "step-4"]);
@@ -193,13 +217,24 @@ fn resume_from_an_older_checkpoint_drops_later_records_and_sets_newer_ones_aside
     no_duplicates(&run);
     let c = counts(&run);
     for step in 1..=6u64 {
-        assert_eq!(c.get(&("train".into(), step, String::new())), Some(&1), "step {step}: {c:?}");
+        assert_eq!(
+            c.get(&("train".into(), step, String::new())),
+            Some(&1),
+            "step {step}: {c:?}"
+        );
     }
     for step in [2u64, 4, 6] {
-        assert_eq!(c.get(&("eval".into(), step, "synth".into())), Some(&1), "eval {step}: {c:?}");
+        assert_eq!(
+            c.get(&("eval".into(), step, "synth".into())),
+            Some(&1),
+            "eval {step}: {c:?}"
+        );
     }
     let aside = run.join("checkpoints/discarded-step-00000006");
-    assert!(aside.join("meta.json").is_file(), "the newer checkpoint was not set aside");
+    assert!(
+        aside.join("meta.json").is_file(),
+        "the newer checkpoint was not set aside"
+    );
     assert_eq!(
         std::fs::read(run.join("checkpoints/step-00000006/model.safetensors")).unwrap(),
         whole_model,
@@ -210,7 +245,10 @@ fn resume_from_an_older_checkpoint_drops_later_records_and_sets_newer_ones_aside
     assert_eq!(segs.len(), 2, "{s}");
     assert_eq!(segs[1]["from_step"], 4);
     let log = read(&run.join("training.log"));
-    assert!(log.contains("dropped") && log.contains("after step 4"), "{log}");
+    assert!(
+        log.contains("dropped") && log.contains("after step 4"),
+        "{log}"
+    );
 
     // Unknown names list what there is.
     let (ok, err) = resume(&run, &["--resume-from", "step-3"]);
@@ -255,15 +293,30 @@ fn changes_that_break_exact_resume_are_refused_unless_allowed() {
         assert!(!ok, "{set} accepted on resume");
         let key = set.split('=').next().unwrap();
         assert!(
-            err.contains("break an exact resume") && err.contains(key) && err.contains("--allow-changes"),
+            err.contains("break an exact resume")
+                && err.contains(key)
+                && err.contains("--allow-changes"),
             "{set}: {err}"
         );
-        assert_eq!(read(&run.join("metrics.jsonl")), metrics, "a refused resume changed metrics.jsonl");
-        assert!(run.join("checkpoints/step-00000006").is_dir(), "a refused resume moved a checkpoint");
+        assert_eq!(
+            read(&run.join("metrics.jsonl")),
+            metrics,
+            "a refused resume changed metrics.jsonl"
+        );
+        assert!(
+            run.join("checkpoints/step-00000006").is_dir(),
+            "a refused resume moved a checkpoint"
+        );
     }
     let (ok, err) = resume(
         &run,
-        &["--resume-from", "step-4", "--allow-changes", "--set", "head.type=cosface"],
+        &[
+            "--resume-from",
+            "step-4",
+            "--allow-changes",
+            "--set",
+            "head.type=cosface",
+        ],
     );
     assert!(ok, "--allow-changes: {err}");
     let log = read(&run.join("training.log"));
@@ -314,10 +367,17 @@ fn a_run_that_fails_later_is_marked_failed() {
     let (ok, err) = train(&args(
         &cfg,
         &out,
-        &["head.s=1e39", "train.max_nonfinite_steps=2", "eval.targets=[]"],
+        &[
+            "head.s=1e39",
+            "train.max_nonfinite_steps=2",
+            "eval.targets=[]",
+        ],
     ));
     assert!(!ok, "the run should stop: {err}");
-    assert!(err.contains("--allow-changes"), "the advice names --allow-changes: {err}");
+    assert!(
+        err.contains("--allow-changes"),
+        "the advice names --allow-changes: {err}"
+    );
     let run = only_run_dir(&out);
     let failed = read(&run.join("failed.txt"));
     assert!(
