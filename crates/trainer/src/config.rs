@@ -916,9 +916,12 @@ fn parse_scalar(raw: &str) -> toml::Value {
 /// Keys that may change on `--resume` without `--allow-changes`: they never change what a step
 /// computes (cadences, evaluation, where output goes, loader threads, the NaN guard's patience), or,
 /// for `train.epochs`, only the run's length (the learning-rate schedule is laid over the new total
-/// from the resumed step on). A key matches an entry or lies under it.
-pub const HARMLESS_ON_RESUME: [&str; 9] = [
+/// from the resumed step on), for `train.grad_accumulation` only as far as the resume check lets it
+/// (processes x accumulation must stay the same: the same steps on another number of processes).
+/// A key matches an entry or lies under it.
+pub const HARMLESS_ON_RESUME: [&str; 10] = [
     "train.epochs",
+    "train.grad_accumulation",
     "train.log_every",
     "train.max_nonfinite_steps",
     "eval",
