@@ -123,7 +123,19 @@ impl LfwPairs {
             sets > 0 && per_set > 0,
             "line 1: header {header:?} announces no pairs"
         );
-        let mut pairs = Vec::with_capacity(sets * per_set * 2);
+        // The header's count is checked against the lines there are before anything is sized by it
+        // (a corrupt header once asked for a 2 TB allocation, an abort).
+        let announced = sets
+            .checked_mul(per_set)
+            .and_then(|n| n.checked_mul(2))
+            .filter(|&n| n <= text.lines().count())
+            .with_context(|| {
+                format!(
+                    "line 1: header {header:?} announces {sets} x 2 x {per_set} pairs, more than the file's {} lines",
+                    text.lines().count()
+                )
+            })?;
+        let mut pairs = Vec::with_capacity(announced);
         for set in 0..sets {
             for k in 0..2 * per_set {
                 let same = k < per_set;

@@ -16,6 +16,11 @@
 //! twice. Byte strings are reference-counted, so memoising an image does not copy it. One class is
 //! understood: `collections.OrderedDict()` with no arguments (how `torch.save` writes a state dict)
 //! is an empty [`Value::Dict`], so the `SETITEMS` that follow fill it.
+//!
+//! Hostile input is bounded: every value put into a container, duplicated (`DUP`) or copied through
+//! the memo is counted (its nodes, walked without recursion), and a pickle that makes more than
+//! `16 x its size + 65,536` of them (a few `DUP`/`APPEND` pairs double a list each time) or nests
+//! containers more than [`MAX_DEPTH`] deep (which would overflow the stack when dropped) is refused.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -93,6 +98,36 @@ struct Machine<'a> {
     pos: usize,
     stack: Vec<Slot>,
     memo: HashMap<u64, Value>,
+    /// Values the pickle may still nest or copy (see the module docs).
+    work_left: usize,
+}
+
+/// The deepest nesting of containers a pickle may build.
+pub const MAX_DEPTH: usize = 1000;
+
+/// Nodes and nesting depth of `v`, walked without recursion; `None` past `budget` nodes.
+fn measure(v: &Value, budget: usize) -> Option<(usize, usize)> {
+    let mut todo = vec![(v, 1usize)];
+    let (mut nodes, mut depth) = (0usize, 0usize);
+    while let Some((v, d)) = todo.pop() {
+        nodes += 1;
+        if nodes > budget {
+            return None;
+        }
+        depth = depth.max(d);
+        match v {
+            Value::List(xs) | Value::Tuple(xs) => todo.extend(xs.iter().map(|x| (x, d + 1))),
+            Value::Dict(kv) => todo.extend(kv.iter().flat_map(|(k, v)| [(k, d + 1), (v, d + 1)])),
+            Value::Call { callable, args } => {
+                todo.push((callable, d + 1));
+                todo.extend(args.iter().map(|x| (x, d + 1)));
+            }
+            Value::Build { object, state } => todo.extend([(&**object, d + 1), (&**state, d + 1)]),
+            Value::Persistent(pid) => todo.push((pid, d + 1)),
+            _ => {}
+        }
+    }
+    Some((nodes, depth))
 }
 
 /// Parse one pickle from `data` and return the value `STOP` leaves on the stack. Bytes after `STOP` are
@@ -106,6 +141,7 @@ pub fn parse(data: &[u8]) -> Result<Value> {
         pos: 0,
         stack: Vec::new(),
         memo: HashMap::new(),
+        work_left: data.len().saturating_mul(16).saturating_add(65_536),
     };
     loop {
         let at = m.pos;
@@ -128,6 +164,27 @@ pub fn parse(data: &[u8]) -> Result<Value> {
 }
 
 impl Machine<'_> {
+    /// Count `v` against the work budget and the depth limit (it is being nested or copied).
+    fn charge(&mut self, v: &Value) -> Result<()> {
+        let Some((nodes, depth)) = measure(v, self.work_left) else {
+            bail!(
+                "the pickle nests or copies more than {} values ({} bytes): corrupt or hostile",
+                self.data.len().saturating_mul(16).saturating_add(65_536),
+                self.data.len()
+            );
+        };
+        ensure!(
+            depth < MAX_DEPTH,
+            "containers nested more than {MAX_DEPTH} deep: corrupt or hostile"
+        );
+        self.work_left -= nodes;
+        Ok(())
+    }
+
+    fn charge_all(&mut self, items: &[Value]) -> Result<()> {
+        items.iter().try_for_each(|v| self.charge(v))
+    }
+
     fn take(&mut self, n: usize) -> Result<&[u8]> {
         let end = self
             .pos
@@ -231,6 +288,7 @@ impl Machine<'_> {
 
     fn memo_put(&mut self, key: u64) -> Result<()> {
         let v = self.top()?.clone();
+        self.charge(&v)?;
         self.memo.insert(key, v);
         Ok(())
     }
@@ -241,11 +299,13 @@ impl Machine<'_> {
             .get(&key)
             .with_context(|| format!("memo key {key} was never stored"))?
             .clone();
+        self.charge(&v)?;
         self.push(v);
         Ok(())
     }
 
     fn extend_top(&mut self, items: Vec<Value>) -> Result<()> {
+        self.charge_all(&items)?;
         match self.top()? {
             Value::List(list) => {
                 list.extend(items);
@@ -261,6 +321,7 @@ impl Machine<'_> {
             "SETITEMS with an odd number ({}) of keys and values",
             items.len()
         );
+        self.charge_all(&items)?;
         match self.top()? {
             Value::Dict(d) => {
                 let mut it = items.into_iter();
@@ -302,6 +363,7 @@ impl Machine<'_> {
             }
             b'2' => {
                 let v = self.top()?.clone();
+                self.charge(&v)?;
                 self.push(v);
             }
             b'N' => self.push(Value::None),
@@ -409,10 +471,12 @@ impl Machine<'_> {
             b'}' => self.push(Value::Dict(Vec::new())),
             b'l' => {
                 let items = self.pop_mark()?;
+                self.charge_all(&items)?;
                 self.push(Value::List(items));
             }
             b't' => {
                 let items = self.pop_mark()?;
+                self.charge_all(&items)?;
                 self.push(Value::Tuple(items));
             }
             b'd' => {
@@ -432,6 +496,7 @@ impl Machine<'_> {
                     items.push(self.pop()?);
                 }
                 items.reverse();
+                self.charge_all(&items)?;
                 self.push(Value::Tuple(items));
             }
             b'a' => {
@@ -500,6 +565,8 @@ impl Machine<'_> {
                     other => bail!("arguments are a {}, not a tuple", other.kind()),
                 };
                 let callable = self.pop()?;
+                self.charge_all(&args)?;
+                self.charge(&callable)?;
                 let ordered_dict = matches!(&callable, Value::Global { module, name }
                     if module == "collections" && name == "OrderedDict");
                 if ordered_dict && args.is_empty() {
@@ -510,8 +577,9 @@ impl Machine<'_> {
                 }
             }
             b'Q' => {
-                let pid = Box::new(self.pop()?);
-                self.push(Value::Persistent(pid));
+                let pid = self.pop()?;
+                self.charge(&pid)?;
+                self.push(Value::Persistent(Box::new(pid)));
             }
             b'P' => {
                 let pid = self.line()?;
@@ -520,6 +588,8 @@ impl Machine<'_> {
             b'b' => {
                 let state = Box::new(self.pop()?);
                 let object = Box::new(self.pop()?);
+                self.charge(&state)?;
+                self.charge(&object)?;
                 self.push(Value::Build { object, state });
             }
             _ => bail!("unsupported or invalid opcode"),
@@ -593,6 +663,37 @@ fn opcode_name(op: u8) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the fuzzer (tests/fuzz_parsers.rs, 3 s for one input): `DUP` + `APPEND` doubles a
+    /// list, so 64 pairs would build 2^64 values. Refused, quickly.
+    #[test]
+    fn doubling_by_dup_and_append_is_refused() {
+        let mut data = vec![0x80, 2, b']'];
+        for _ in 0..64 {
+            data.extend_from_slice(b"2a");
+        }
+        data.push(b'.');
+        let t = std::time::Instant::now();
+        let err = format!("{:#}", parse(&data).unwrap_err());
+        assert!(err.contains("nests or copies more than"), "{err}");
+        assert!(t.elapsed().as_secs_f64() < 5.0);
+    }
+
+    /// 200,000 nested lists would overflow the stack when the value is dropped (an abort, not an
+    /// error); nesting stops at MAX_DEPTH.
+    #[test]
+    fn deep_nesting_is_refused() {
+        let n = 200_000;
+        let mut data = vec![0x80, 2];
+        data.extend(std::iter::repeat_n(b']', n));
+        data.extend(std::iter::repeat_n(b'a', n - 1));
+        data.push(b'.');
+        let err = format!("{:#}", parse(&data).unwrap_err());
+        assert!(err.contains("nested more than 1000 deep"), "{err}");
+        // Shallow nesting still parses.
+        let ok = [&[0x80, 2][..], &[b']'; 50], &[b'a'; 49], b"."].concat();
+        assert!(matches!(parse(&ok).unwrap(), Value::List(_)));
+    }
 
     #[test]
     fn python2_style_tuple_of_lists() {

@@ -74,6 +74,22 @@ pub struct Meta {
     /// Empty in checkpoints from before checksums (accepted with a warning).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub checksums: BTreeMap<String, String>,
+    /// The run's segments (the first run and every resume) up to this checkpoint, the last one
+    /// ending at `step`; empty in checkpoints from before segments were recorded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub segments: Vec<Segment>,
+}
+
+/// One stretch of a run between a start (or `--resume`) and a checkpoint or the end.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Segment {
+    /// The global step it started from.
+    pub from_step: usize,
+    /// The global step it reached.
+    pub to_step: usize,
+    /// Wall time of its training loop (evaluation excluded), seconds; `None` when unknown (the
+    /// part of a run written by a facerec that did not record segments).
+    pub train_seconds: Option<f64>,
 }
 
 fn one() -> usize {
@@ -215,9 +231,11 @@ pub fn sha256_file(path: &Path) -> Result<String> {
         .collect())
 }
 
-/// How to continue from an older checkpoint when the newest one of `dir`'s run is unusable.
+/// How to continue from an older checkpoint when the newest one of `dir`'s run is unusable:
+/// `--resume-from` the newest older one (the run directory is `dir`'s grandparent).
 fn fall_back_hint(dir: &Path) -> String {
     let parent = dir.parent().unwrap_or(Path::new("."));
+    let run_dir = parent.parent().unwrap_or(Path::new("."));
     let older: Vec<String> = list(parent)
         .unwrap_or_default()
         .into_iter()
@@ -228,19 +246,79 @@ fn fall_back_hint(dir: &Path) -> String {
                 .unwrap_or_default()
         })
         .collect();
-    if older.is_empty() {
-        format!(
+    match older.last() {
+        None => format!(
             "no older checkpoint is left in {}; start the run again",
             parent.display()
-        )
-    } else {
-        format!(
-            "to fall back to the previous checkpoint, move {} out of {} and --resume again (older checkpoints there: {})",
-            dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
-            parent.display(),
+        ),
+        Some(previous) => format!(
+            "to fall back to the previous checkpoint: facerec train --resume {} --resume-from {previous} (checkpoints there: {})",
+            run_dir.display(),
             older.join(", ")
-        )
+        ),
     }
+}
+
+/// The complete checkpoint `name` of a run directory (`--resume-from`): `step-N` (any zero
+/// padding) or `N`. Errors list the checkpoints there.
+pub fn named(run_dir: &Path, name: &str) -> Result<PathBuf> {
+    let parent = run_dir.join("checkpoints");
+    let all = list(&parent)?;
+    let names = || {
+        let v: Vec<String> = all
+            .iter()
+            .filter_map(|(_, d)| d.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .collect();
+        if v.is_empty() {
+            "none".to_string()
+        } else {
+            v.join(", ")
+        }
+    };
+    let Some(step) = name
+        .trim()
+        .strip_prefix("step-")
+        .unwrap_or(name.trim())
+        .parse::<usize>()
+        .ok()
+    else {
+        bail!(
+            "--resume-from {name:?}: expected a checkpoint name such as step-00000004 or a step number (checkpoints in {}: {})",
+            parent.display(),
+            names()
+        );
+    };
+    match all.iter().find(|(s, _)| *s == step) {
+        Some((_, dir)) => Ok(dir.clone()),
+        None => bail!(
+            "--resume-from {name}: {} holds no complete checkpoint of step {step} (complete ones: {})",
+            parent.display(),
+            names()
+        ),
+    }
+}
+
+/// Move the complete checkpoints of steps after `step` out of the way (renamed to
+/// `discarded-step-N`, kept for inspection, never listed or pruned): a run resumed from an older
+/// checkpoint continues from there, and a later `--resume` must not pick the newer ones. Returns
+/// the new names. (Newer folders without `meta.json` stay: [`save`] replaces them, with a warning.)
+pub fn set_aside_newer(parent: &Path, step: usize) -> Result<Vec<PathBuf>> {
+    let newer = list(parent)?.into_iter().filter(|(s, _)| *s > step);
+    let mut moved = Vec::new();
+    for (_, dir) in newer {
+        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let mut to = parent.join(format!("discarded-{name}"));
+        for n in 1.. {
+            if !to.exists() {
+                break;
+            }
+            to = parent.join(format!("discarded-{name}-{n}"));
+        }
+        std::fs::rename(&dir, &to)
+            .with_context(|| format!("moving {} aside to {}", dir.display(), to.display()))?;
+        moved.push(to);
+    }
+    Ok(moved)
 }
 
 /// Verify the tensor files of checkpoint folder `dir` against the checksums of its `meta`.
@@ -250,6 +328,14 @@ pub fn verify(dir: &Path, meta: &Meta) -> Result<Option<String>> {
         return Ok(Some(format!("warning: {} has no checksums (written by an older facerec); its tensor files are not verified", dir.join("meta.json").display())));
     }
     for (name, want) in &meta.checksums {
+        if !TENSOR_FILES.contains(&name.as_str()) {
+            bail!(
+                "{}: lists a checksum for {name:?}, which is not a checkpoint file (expected one of {}); the file was edited or is corrupt; {}",
+                dir.join("meta.json").display(),
+                TENSOR_FILES.join(", "),
+                fall_back_hint(dir)
+            );
+        }
         verify_one(dir, name, want)?;
     }
     Ok(None)
@@ -734,6 +820,11 @@ mod tests {
             config: String::new(),
             world_size: 1,
             checksums: BTreeMap::new(),
+            segments: vec![Segment {
+                from_step: 0,
+                to_step: step,
+                train_seconds: Some(0.5),
+            }],
         };
         std::fs::create_dir_all(dir.path().join(".step-00000009.partial")).unwrap();
         for step in [1, 2, 3, 4] {

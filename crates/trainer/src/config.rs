@@ -918,6 +918,89 @@ fn parse_scalar(raw: &str) -> toml::Value {
     }
 }
 
+/// Keys that may change on `--resume` without `--allow-changes`: they never change what a step
+/// computes (cadences, evaluation, where output goes, loader threads, the NaN guard's patience), or,
+/// for `train.epochs`, only the run's length (the learning-rate schedule is laid over the new total
+/// from the resumed step on), for `train.grad_accumulation` only as far as the resume check lets it
+/// (processes x accumulation must stay the same: the same steps on another number of processes).
+/// A key matches an entry or lies under it.
+pub const HARMLESS_ON_RESUME: [&str; 10] = [
+    "train.epochs",
+    "train.grad_accumulation",
+    "train.log_every",
+    "train.max_nonfinite_steps",
+    "eval",
+    "checkpoint",
+    "loader.workers",
+    "loader.prefetch",
+    "output_dir",
+    "run_name",
+];
+
+/// One setting that differs between the config a checkpoint was written under and the config of
+/// the run resuming from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResumeChange {
+    /// Dotted key (`optim.lr`, `eval.targets`).
+    pub key: String,
+    /// The value before, as TOML (`(absent)` when the key was not there).
+    pub before: String,
+    /// The value now.
+    pub after: String,
+    /// Whether the change breaks an exact resume (not in [`HARMLESS_ON_RESUME`]).
+    pub breaking: bool,
+}
+
+impl ResumeChange {
+    /// `key: before -> after`.
+    pub fn describe(&self) -> String {
+        format!("{}: {} -> {}", self.key, self.before, self.after)
+    }
+}
+
+/// The settings that differ between `before` (a checkpoint's resolved config, TOML) and `now`,
+/// ordered by key. Tables are compared key by key; arrays (of tables too) as one value.
+pub fn resume_changes(before: &str, now: &Config) -> Result<Vec<ResumeChange>> {
+    let before: toml::Value =
+        toml::from_str(before).context("the checkpoint's resolved config (meta.json `config`)")?;
+    let now: toml::Value = toml::from_str(&now.to_toml()).expect("a Config round-trips TOML");
+    let (mut a, mut b) = (Default::default(), Default::default());
+    flatten("", &before, &mut a);
+    flatten("", &now, &mut b);
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    let absent = "(absent)".to_string();
+    Ok(keys
+        .into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .map(|k| ResumeChange {
+            key: k.clone(),
+            before: a.get(k).unwrap_or(&absent).clone(),
+            after: b.get(k).unwrap_or(&absent).clone(),
+            breaking: !HARMLESS_ON_RESUME
+                .iter()
+                .any(|h| k == h || k.starts_with(&format!("{h}."))),
+        })
+        .collect())
+}
+
+fn flatten(prefix: &str, v: &toml::Value, out: &mut std::collections::BTreeMap<String, String>) {
+    match v {
+        toml::Value::Table(t) => {
+            for (k, v) in t {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(&key, v, out);
+            }
+        }
+        other => {
+            out.insert(prefix.to_string(), other.to_string());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

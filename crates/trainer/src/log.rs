@@ -62,6 +62,50 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
 }
 
+/// What [`keep_records_through`] left in `metrics.jsonl`.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct KeptRecords {
+    /// Records dropped (of later steps, or a torn last line).
+    pub dropped: usize,
+    /// The loss of the last `train` record kept.
+    pub last_loss: Option<f64>,
+}
+
+/// Before a run resumes from the checkpoint of `step`: drop the records of `metrics.jsonl` in `dir`
+/// that lie after it (they are trained again, and would otherwise appear twice), and with
+/// `drop_eval_at_step` also the `eval` records of `step` itself (the final evaluation, redone when
+/// the checkpoint is the run's last). A torn last line (a killed write) goes too. The file is
+/// replaced atomically; records without a step are kept.
+pub fn keep_records_through(dir: &Path, step: usize, drop_eval_at_step: bool) -> Result<KeptRecords> {
+    let path = dir.join("metrics.jsonl");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(KeptRecords::default());
+    };
+    let mut kept = String::with_capacity(text.len());
+    let mut out = KeptRecords::default();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            out.dropped += 1;
+            continue;
+        };
+        let at = v["step"].as_u64().map(|s| s as usize);
+        let eval = v["kind"] == "eval";
+        if at.is_some_and(|s| s > step || (s == step && eval && drop_eval_at_step)) {
+            out.dropped += 1;
+            continue;
+        }
+        if v["kind"] == "train" {
+            out.last_loss = v["loss"].as_f64().or(out.last_loss);
+        }
+        kept.push_str(line);
+        kept.push('\n');
+    }
+    if out.dropped > 0 {
+        write_atomic(&path, kept.as_bytes())?;
+    }
+    Ok(out)
+}
+
 /// The console progress: a bar on a terminal, nothing otherwise (plain lines come from [`Logger`]).
 pub struct Progress {
     bar: Option<ProgressBar>,
@@ -166,7 +210,8 @@ impl Logger {
         }
     }
 
-    fn record(&mut self, value: &serde_json::Value) {
+    /// A record for `metrics.jsonl` only (e.g. `kind = "resume"`).
+    pub fn record(&mut self, value: &serde_json::Value) {
         if let Some((_, metrics)) = &mut self.files {
             let _ = writeln!(metrics, "{value}");
         }

@@ -44,6 +44,14 @@ enum Command {
         /// (plus any --set; changing the model or the number of classes is refused).
         #[arg(long, value_name = "RUN_DIR", conflicts_with = "config")]
         resume: Option<PathBuf>,
+        /// With --resume: continue from this checkpoint (`step-N`) instead of the newest (the
+        /// newer ones are set aside as `checkpoints/discarded-step-N`).
+        #[arg(long, value_name = "STEP", requires = "resume")]
+        resume_from: Option<String>,
+        /// With --resume: accept --set changes that break an exact resume (head, optimiser
+        /// settings, ...); they are logged and recorded in metrics.jsonl and config.toml.
+        #[arg(long, requires = "resume")]
+        allow_changes: bool,
         /// Print parameter counts, classifier and activation memory for the config, then exit.
         #[arg(long)]
         dry_run: bool,
@@ -113,6 +121,8 @@ fn run(cli: Cli) -> Result<()> {
             overrides,
             print_config,
             resume,
+            resume_from,
+            allow_changes,
             dry_run,
             nproc,
         } => {
@@ -132,6 +142,8 @@ fn run(cli: Cli) -> Result<()> {
                 &cfg,
                 &RunOptions {
                     resume,
+                    resume_from,
+                    allow_changes,
                     ..RunOptions::default()
                 },
             )?;

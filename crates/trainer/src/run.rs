@@ -5,6 +5,12 @@
 //!
 //! The run directory holds `config.toml`, `model.safetensors`, `classifier.safetensors`,
 //! `metrics.jsonl`, `training.log`, `summary.json` and `checkpoints/`.
+//!
+//! A resumed run appends to the record: `metrics.jsonl` loses only the records after the step it
+//! resumes from (trained again), gains a `kind = "resume"` record naming every changed setting,
+//! `config.toml` is rewritten to what runs from then on (the one before kept as
+//! `config-until-step-N.toml`), and `summary.json` counts every segment. A run that fails before
+//! its first step removes its directory; one that fails later leaves `failed.txt` there.
 
 use crate::checkpoint;
 use crate::config::Config;
@@ -35,6 +41,11 @@ pub struct RunOptions {
     pub echo_config: bool,
     /// Continue the run in this directory from its newest checkpoint.
     pub resume: Option<PathBuf>,
+    /// With `resume`: continue from this checkpoint (`step-N` or `N`) instead of the newest; the
+    /// newer ones are set aside (`checkpoints/discarded-step-N`).
+    pub resume_from: Option<String>,
+    /// With `resume`: accept settings that break an exact resume (they are recorded).
+    pub allow_changes: bool,
 }
 
 impl Default for RunOptions {
@@ -43,6 +54,8 @@ impl Default for RunOptions {
             workspace: default_workspace(),
             echo_config: true,
             resume: None,
+            resume_from: None,
+            allow_changes: false,
         }
     }
 }
@@ -51,10 +64,16 @@ impl Default for RunOptions {
 /// also written to the run directory.
 pub fn train(cfg: &Config, opts: &RunOptions) -> Result<RunSummary> {
     let mut trainer = Trainer::prepare(cfg, opts)?;
-    while trainer.st.epoch < cfg.train.epochs {
-        trainer.run_epoch()?;
+    let result = (|| {
+        while trainer.st.epoch < cfg.train.epochs {
+            trainer.run_epoch()?;
+        }
+        trainer.finish()
+    })();
+    if let Err(e) = &result {
+        trainer.failed(e);
     }
-    trainer.finish()
+    result
 }
 
 /// Libtorch threads and data workers: `train.threads` / `loader.workers`, or the automatic split of
@@ -99,6 +118,9 @@ struct Trainer<'a> {
     started: Instant,
     eval_seconds: f64,
     start_step: usize,
+    /// The segments before this one (from the checkpoint resumed from).
+    past_segments: Vec<checkpoint::Segment>,
+    resumed: bool,
 }
 
 impl<'a> Trainer<'a> {
@@ -121,7 +143,7 @@ impl<'a> Trainer<'a> {
             world_size: world.size(),
         };
         let resume = match &opts.resume {
-            Some(run_dir) => Some(find_resume_point(&facts, &data.loader, run_dir)?),
+            Some(run_dir) => Some(find_resume_point(&facts, &data.loader, run_dir, opts)?),
             None => None,
         };
         let mut st = State::new(cfg, data.num_classes, device);
@@ -135,8 +157,12 @@ impl<'a> Trainer<'a> {
         };
         world.broadcast_from_main(&[&st.backbone_vs, &st.head_vs])?;
 
-        let (run_dir, logger) = open_run_dir(cfg, resume.as_ref(), &world)?;
+        let (run_dir, mut logger) = open_run_dir(cfg, resume.as_ref(), &world)?;
         let total_steps = data.steps_per_epoch * cfg.train.epochs;
+        let last_loss = match &resume {
+            Some(r) if world.is_main() => record_resume(cfg, r, &mut logger, total_steps)?,
+            _ => None,
+        };
         let schedule = Schedule::new(
             cfg.schedule.clone(),
             cfg.optim.lr(),
@@ -175,10 +201,12 @@ impl<'a> Trainer<'a> {
             eval_sets: Vec::new(),
             skipped_targets: Vec::new(),
             window: Window::default(),
-            final_loss: f64::NAN,
+            final_loss: last_loss.unwrap_or(f64::NAN),
             started: Instant::now(),
             eval_seconds: 0.0,
             start_step,
+            past_segments: resume.as_ref().map(past_segments).unwrap_or_default(),
+            resumed: resume.is_some(),
         };
         trainer.log_start(
             opts,
@@ -186,9 +214,43 @@ impl<'a> Trainer<'a> {
             init_line.as_deref(),
             (threads, workers),
         );
-        trainer.load_eval_sets(&opts.workspace)?;
+        if let Err(e) = trainer.load_eval_sets(&opts.workspace) {
+            trainer.failed(&e);
+            return Err(e);
+        }
         trainer.started = Instant::now();
         Ok(trainer)
+    }
+
+    /// After an error: a fresh run that took no step removes its run directory (nothing in it is
+    /// worth keeping); otherwise `failed.txt` says where and why the run stopped.
+    fn failed(&mut self, err: &anyhow::Error) {
+        if !self.world.is_main() {
+            return;
+        }
+        let dir = &self.run_dir;
+        if !self.resumed && self.st.step == 0 && checkpoint::list(&dir.join("checkpoints")).map_or(true, |l| l.is_empty()) {
+            if std::fs::remove_dir_all(dir).is_ok() {
+                eprintln!("removed the run directory {} (the run failed before its first step)", dir.display());
+            }
+            return;
+        }
+        let text = format!("failed at global step {} of {}: {err:#}\n", self.st.step, self.total_steps);
+        if let Err(e) = crate::log::write_atomic(&dir.join("failed.txt"), text.as_bytes()) {
+            eprintln!("warning: could not mark the run failed: {e:#}");
+        }
+        self.logger.line(&format!("run failed; see {}", dir.join("failed.txt").display()));
+    }
+
+    /// The run's segments up to now, the current one ending at the current step.
+    fn segments_now(&self) -> Vec<checkpoint::Segment> {
+        let mut all = self.past_segments.clone();
+        all.push(checkpoint::Segment {
+            from_step: self.start_step,
+            to_step: self.st.step,
+            train_seconds: Some(self.started.elapsed().as_secs_f64() - self.eval_seconds),
+        });
+        all
     }
 
     /// The run's opening lines: the config, where it runs, what it continues from, the data.
@@ -382,7 +444,7 @@ impl<'a> Trainer<'a> {
             )
         };
         self.logger.line(&format!("stopping: {why}"));
-        bail!("{why}; stopped at global step {}; the last good state is checkpointed in {} (lower optim.lr or check the data, then --resume)", self.st.step, dir.display());
+        bail!("{why}; stopped at global step {}; the last good state is checkpointed in {} (lower optim.lr or check the data, then: facerec train --resume {} --allow-changes --set optim.lr=...)", self.st.step, dir.display(), self.run_dir.display());
     }
 
     /// The train record of the window that ends at this step (`metrics.jsonl`, console, log).
@@ -427,9 +489,11 @@ impl<'a> Trainer<'a> {
         let parent = self.run_dir.join("checkpoints");
         let saved = if self.world.is_main() {
             let order_fp = checkpoint::fingerprint(&self.loader.epoch_order(self.st.epoch));
+            let mut meta = self.facts.meta(&self.st, order_fp);
+            meta.segments = self.segments_now();
             checkpoint::save(
                 &parent,
-                &self.facts.meta(&self.st, order_fp),
+                &meta,
                 &self.st.backbone_vs,
                 &self.st.head_vs,
                 &self.st.opt,
@@ -460,12 +524,13 @@ impl<'a> Trainer<'a> {
 
     /// The final evaluation, the last checkpoint, `model.safetensors`, `classifier.safetensors`
     /// and `summary.json`.
-    fn finish(mut self) -> Result<RunSummary> {
+    fn finish(&mut self) -> Result<RunSummary> {
         self.progress.finish();
         if self.loader.skipped() > 0 {
             self.logger.line(&format!("{} unreadable images were skipped (data.policy = \"skip\"); see the messages above", self.loader.skipped()));
         }
-        let train_seconds = self.started.elapsed().as_secs_f64() - self.eval_seconds;
+        let segments = self.segments_now();
+        let train_seconds = segments.iter().filter_map(|s| s.train_seconds).sum();
         let targets = self.evaluate();
         self.save_checkpoint()?;
         if !self.world.is_main() {
@@ -475,6 +540,7 @@ impl<'a> Trainer<'a> {
                 skipped_steps: self.st.skipped,
                 train_seconds,
                 final_loss: self.final_loss,
+                segments,
                 targets,
                 skipped_targets: Vec::new(),
             });
@@ -493,6 +559,7 @@ impl<'a> Trainer<'a> {
             skipped_steps: self.st.skipped,
             train_seconds,
             final_loss: self.final_loss,
+            segments,
             targets,
             skipped_targets: std::mem::take(&mut self.skipped_targets),
         };
@@ -500,6 +567,7 @@ impl<'a> Trainer<'a> {
             &self.run_dir.join("summary.json"),
             serde_json::to_string_pretty(&summary)?.as_bytes(),
         )?;
+        let _ = std::fs::remove_file(self.run_dir.join("failed.txt"));
         self.logger.summary(&summary);
         Ok(summary)
     }
@@ -599,28 +667,146 @@ fn open_run_dir(
     Ok((run_dir, logger))
 }
 
-/// The newest checkpoint of `run_dir`, checked against this run's facts.
-fn find_resume_point(facts: &RunFacts, loader: &Loader, run_dir: &Path) -> Result<ResumePoint> {
-    let (dir, passed_over) = checkpoint::latest_noting(run_dir)?;
-    let mut notes: Vec<String> = passed_over
-        .iter()
-        .map(|p| format!("warning: skipped the checkpoint folder {} (no meta.json: incomplete or emptied); resuming from {} instead", p.display(), dir.display()))
-        .collect();
+/// The checkpoint to continue from (the newest of `run_dir`, or `opts.resume_from`), checked
+/// against this run's facts; settings that changed since it was written are listed, and those that
+/// break an exact resume refused without `opts.allow_changes`.
+fn find_resume_point(
+    facts: &RunFacts,
+    loader: &Loader,
+    run_dir: &Path,
+    opts: &RunOptions,
+) -> Result<ResumePoint> {
+    let (dir, mut notes) = match &opts.resume_from {
+        Some(name) => (checkpoint::named(run_dir, name)?, Vec::new()),
+        None => {
+            let (dir, passed_over) = checkpoint::latest_noting(run_dir)?;
+            let notes: Vec<String> = passed_over
+                .iter()
+                .map(|p| format!("warning: skipped the checkpoint folder {} (no meta.json: incomplete or emptied); resuming from {} instead", p.display(), dir.display()))
+                .collect();
+            (dir, notes)
+        }
+    };
     for n in &notes {
         eprintln!("{n}");
     }
     let meta = checkpoint::read_meta(&dir)?;
+    // First what no flag can allow (another model, class count, optimiser, seed, data), each with
+    // its own message; then the changes an exact resume cannot absorb.
     facts.check(&meta, &dir, |e| {
         checkpoint::fingerprint(&loader.epoch_order(e))
     })?;
+    let changes = crate::config::resume_changes(&meta.config, facts.cfg)
+        .with_context(|| format!("{}", dir.join("meta.json").display()))?;
+    let breaking: Vec<String> = changes
+        .iter()
+        .filter(|c| c.breaking)
+        .map(|c| format!("  {}", c.describe()))
+        .collect();
+    if !breaking.is_empty() && !opts.allow_changes {
+        bail!(
+            "resuming {} with changed settings that break an exact resume:\n{}\nthe checkpoint {} was written without them; pass --allow-changes to continue with them anyway (they are recorded in metrics.jsonl and config.toml), or leave them out (harmless keys: {})",
+            run_dir.display(),
+            breaking.join("\n"),
+            dir.display(),
+            crate::config::HARMLESS_ON_RESUME.join(", ")
+        );
+    }
     if let Some(warning) = checkpoint::verify(&dir, &meta)? {
         eprintln!("{warning}");
         notes.push(warning);
+    }
+    let steps_per_epoch =
+        facts.batches_per_epoch / (facts.world_size * facts.cfg.train.grad_accumulation).max(1);
+    let total = steps_per_epoch * facts.cfg.train.epochs;
+    if meta.step >= total && run_dir.join("summary.json").is_file() {
+        bail!(
+            "{}: the run already finished at step {} (summary.json); nothing to train and nothing was changed. To train longer: facerec train --resume {} --set train.epochs=N (N > {})",
+            run_dir.display(),
+            meta.step,
+            run_dir.display(),
+            facts.cfg.train.epochs
+        );
     }
     Ok(ResumePoint {
         run_dir: run_dir.to_path_buf(),
         dir,
         meta,
         notes,
+        changes,
     })
+}
+
+/// The segments a resumed run continues: those of its checkpoint, or for a checkpoint from before
+/// segments were recorded one of unknown time up to its step.
+fn past_segments(r: &ResumePoint) -> Vec<checkpoint::Segment> {
+    if r.meta.segments.is_empty() && r.meta.step > 0 {
+        return vec![checkpoint::Segment {
+            from_step: 0,
+            to_step: r.meta.step,
+            train_seconds: None,
+        }];
+    }
+    r.meta.segments.clone()
+}
+
+/// A resumed run's bookkeeping (rank 0): checkpoints newer than the one resumed from are set
+/// aside, `metrics.jsonl` is cut back to its step, the changed settings are logged and recorded
+/// (`kind = "resume"` in `metrics.jsonl`; `config.toml` rewritten, the one before kept as
+/// `config-until-step-N.toml`). Returns the loss of the last train record kept.
+fn record_resume(
+    cfg: &Config,
+    r: &ResumePoint,
+    log: &mut Logger,
+    total_steps: usize,
+) -> Result<Option<f64>> {
+    let step = r.meta.step;
+    let parent = r.run_dir.join("checkpoints");
+    let discarded = checkpoint::set_aside_newer(&parent, step)?;
+    for d in &discarded {
+        log.line(&format!(
+            "set aside the newer checkpoint {} (resuming from step {step})",
+            d.display()
+        ));
+    }
+    // Resuming at the run's last step redoes only the final evaluation, which logged eval records
+    // of that step.
+    let kept = crate::log::keep_records_through(&r.run_dir, step, step >= total_steps)?;
+    // The file may have been replaced: write to the new one.
+    *log = Logger::open(&r.run_dir, true)?;
+    if kept.dropped > 0 {
+        log.line(&format!(
+            "metrics.jsonl: dropped {} records after step {step} (they are trained again)",
+            kept.dropped
+        ));
+    }
+    for c in &r.changes {
+        let what = if c.breaking {
+            "breaks an exact resume; allowed by --allow-changes"
+        } else {
+            "harmless"
+        };
+        log.line(&format!(
+            "resumed with a changed setting from step {step}: {} ({what})",
+            c.describe()
+        ));
+    }
+    log.record(&serde_json::json!({
+        "kind": "resume", "step": step, "checkpoint": r.dir.display().to_string(),
+        "discarded": discarded.iter().map(|d| d.display().to_string()).collect::<Vec<_>>(),
+        "changes": r.changes.iter().map(|c| serde_json::json!({
+            "key": c.key, "before": c.before, "after": c.after, "breaking": c.breaking,
+        })).collect::<Vec<_>>(),
+    }));
+    let path = r.run_dir.join("config.toml");
+    let now = cfg.to_toml();
+    let before = std::fs::read_to_string(&path).unwrap_or_default();
+    if before != now {
+        if !before.is_empty() {
+            let keep = r.run_dir.join(format!("config-until-step-{step:08}.toml"));
+            crate::log::write_atomic(&keep, before.as_bytes())?;
+        }
+        crate::log::write_atomic(&path, now.as_bytes())?;
+    }
+    Ok(kept.last_loss)
 }

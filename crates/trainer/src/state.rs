@@ -216,6 +216,7 @@ impl RunFacts<'_> {
             config: self.cfg.to_toml(),
             world_size: self.world_size,
             checksums: Default::default(),
+            segments: Vec::new(),
         }
     }
 
@@ -308,6 +309,9 @@ pub struct ResumePoint {
     pub meta: Meta,
     /// Warnings to log: newer checkpoint folders passed over, a checkpoint without checksums.
     pub notes: Vec<String>,
+    /// Settings that differ from the checkpoint's config (harmless ones, and with
+    /// `--allow-changes` those that break an exact resume).
+    pub changes: Vec<crate::config::ResumeChange>,
 }
 
 /// `train.grad_accumulation` of a checkpoint's resolved config (1 when absent).

@@ -1,5 +1,6 @@
 //! What a finished run reports (`summary.json` and the closing table).
 
+use crate::checkpoint::Segment;
 use facerec_evaluation::VerificationReport;
 use serde::Serialize;
 use std::path::PathBuf;
@@ -13,10 +14,14 @@ pub struct RunSummary {
     pub steps: usize,
     /// Steps skipped by the NaN guard.
     pub skipped_steps: usize,
-    /// Wall time of the training loop (evaluation excluded), seconds.
+    /// Wall time of the training loop (evaluation excluded), seconds, summed over every segment
+    /// of the run (the first run and each `--resume`) whose time is known.
     pub train_seconds: f64,
-    /// Mean training loss over the last logging window.
+    /// Mean training loss over the last logging window of the run (when a resumed segment took no
+    /// step, the last one `metrics.jsonl` holds).
     pub final_loss: f64,
+    /// The run's segments, in order: where each started and stopped, and its training time.
+    pub segments: Vec<Segment>,
     /// Final verification per target.
     pub targets: Vec<TargetResult>,
     /// Targets skipped because their data is missing.

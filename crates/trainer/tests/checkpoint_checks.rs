@@ -64,6 +64,8 @@ fn train(args: &[String]) -> (bool, String) {
 }
 
 fn resume(run: &Path) -> (bool, String) {
+    // As after an interruption: resuming a finished run (summary.json there) has nothing to do.
+    let _ = std::fs::remove_file(run.join("summary.json"));
     train(&["--resume".into(), run.display().to_string()])
 }
 

@@ -51,6 +51,7 @@ fn orl_trained_model_beats_raw_pixels() {
             workspace: ws,
             echo_config: false,
             resume: None,
+            ..RunOptions::default()
         },
     )
     .unwrap();

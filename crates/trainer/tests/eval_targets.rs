@@ -102,6 +102,7 @@ fn bin_and_pairs_targets_are_verified_during_training() {
             workspace: dir.path().into(),
             echo_config: false,
             resume: None,
+            ..RunOptions::default()
         },
     )
     .unwrap();
@@ -208,6 +209,7 @@ fn pair_lists_keep_their_sets_as_folds_in_training_and_in_eval() {
             workspace: dir.path().into(),
             echo_config: false,
             resume: None,
+            ..RunOptions::default()
         },
     )
     .unwrap();

@@ -32,6 +32,7 @@ fn short_run_in(dir: &std::path::Path, extra: &[&str]) -> facerec_trainer::RunSu
             workspace: dir.into(),
             echo_config: false,
             resume: None,
+            ..RunOptions::default()
         },
     )
     .unwrap();

@@ -117,6 +117,10 @@ fn all_steps_bad_keep_initial_bn_statistics_and_resume_counts_afresh() {
     // checkpoint, 3, is not carried over), so the run stops at step 6, not 4.
     let resume = |sets: &[&str]| {
         let mut a = vec!["--resume".to_string(), run.display().to_string()];
+        if sets.contains(&"head.s=64") {
+            // Changed settings that break an exact resume must be asked for.
+            a.push("--allow-changes".into());
+        }
         for s in sets {
             a.push("--set".into());
             a.push(s.to_string());
@@ -135,6 +139,12 @@ fn all_steps_bad_keep_initial_bn_statistics_and_resume_counts_afresh() {
     // Resume with sane settings: training continues to the end.
     let (ok, err) = resume(&["head.s=64", "optim.lr=0.1", "train.max_nonfinite_steps=3"]);
     assert!(ok, "resume with optim.lr=0.1 failed: {err}");
+    assert!(!run.join("failed.txt").exists(), "a finished run is no longer marked failed");
+    let log = log_of(&run);
+    assert!(
+        log.contains("head.s: ") && log.contains("allowed by --allow-changes"),
+        "the changed scale is not logged: {log}"
+    );
     let last = tensors(&run.join("model.safetensors"));
     assert!(last
         .values()

@@ -43,7 +43,7 @@ fn short_vit_run(extra: &[&str]) {
         &RunOptions {
             workspace: dir.path().into(),
             echo_config: false,
-            resume: None,
+            ..RunOptions::default()
         },
     )
     .unwrap_or_else(|e| panic!("{extra:?}: {e:#}"));
