@@ -95,7 +95,7 @@ pub use angular::{AngularMargin, ArcFaceGradient, COS_EPS, SIN2_EPS};
 pub use arcface::{ArcFace, ArcFaceConfig};
 pub use classifier::{normalize_rows, Classifier, ClassifierKind, CosineClassifier};
 pub use cluster_guided::{
-    margins_from_hardness, ClusterGuidedArcFace, ClusterMarginConfig, MarginSign,
+    margins_from_hardness, ClusterGuidedArcFace, ClusterMarginConfig, MarginSign, RowMarginArcFace,
 };
 pub use combined::{CombinedConfig, CombinedMargin};
 pub use config::HeadConfig;
@@ -114,6 +114,9 @@ pub use head::{
 pub use margin_ce::{margin_cross_entropy, margin_cross_entropy_with_norms};
 pub use normface::{NormFace, NormFaceConfig};
 pub use partial_fc::{PartialFc, PartialFcConfig, Sampled};
-pub use sharded::{sharded_cross_entropy, ClassShard, Collectives, SingleProcess, ThreadGroup};
+pub use sharded::{
+    sharded_cross_entropy, sharded_training_loss, ClassShard, Collectives, SingleProcess,
+    ThreadGroup,
+};
 pub use softmax::{LinearClassifier, Softmax, SoftmaxConfig};
 pub use sphereface::{SphereFace, SphereFaceConfig, SphereFaceScale};

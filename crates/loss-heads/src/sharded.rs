@@ -104,7 +104,9 @@ impl ClassShard {
     /// If `labels_b` is not Int64.
     pub fn local_labels(&self, labels_b: &Tensor) -> Tensor {
         assert_eq!(labels_b.kind(), Kind::Int64, "labels must be Int64");
-        let inside = labels_b.ge(self.start).logical_and(&labels_b.lt(self.end()));
+        let inside = labels_b
+            .ge(self.start)
+            .logical_and(&labels_b.lt(self.end()));
         (labels_b - self.start).where_self(&inside, &labels_b.full_like(-1))
     }
 }
@@ -138,6 +140,45 @@ pub fn sharded_cross_entropy(
     norms_b: &Tensor,
     comm: &dyn Collectives,
 ) -> Result<Tensor> {
+    Ok(sharded_loss_and_targets(head, cos_local, local_labels, norms_b, comm)?.0)
+}
+
+/// [`sharded_cross_entropy`], and the head records the gathered batch's rows for its moving
+/// statistics ([`MarginHead::record_rows`] with the global target cosines and the norms, the
+/// same on every rank, so CurricularFace's `t` and AdaFace's norm statistics move on every rank
+/// as in one process over the whole batch). The call a trainer makes for every head but GCE
+/// (which has [`crate::Gce::sharded_step_loss`]).
+///
+/// # Shapes
+/// As [`sharded_cross_entropy`].
+///
+/// # Errors
+/// As [`sharded_cross_entropy`].
+pub fn sharded_training_loss(
+    head: &mut dyn MarginHead,
+    cos_local: &Tensor,
+    local_labels: &Tensor,
+    norms_b: &Tensor,
+    comm: &dyn Collectives,
+) -> Result<Tensor> {
+    let (loss, t_b1) = sharded_loss_and_targets(&*head, cos_local, local_labels, norms_b, comm)?;
+    head.record_rows(&t_b1.view([-1]), norms_b);
+    Ok(loss)
+}
+
+/// The loss and the global target cosines `[B, 1]` (detached).
+fn sharded_loss_and_targets(
+    head: &dyn MarginHead,
+    cos_local: &Tensor,
+    local_labels: &Tensor,
+    norms_b: &Tensor,
+    comm: &dyn Collectives,
+) -> Result<(Tensor, Tensor)> {
+    ensure!(
+        head.loss_is_cross_entropy(),
+        "sharded cross-entropy: this head's loss is not a cross-entropy of its logits \
+         (GCE: use Gce::sharded_step_loss)"
+    );
     let (b, c_local) = cos_local
         .size2()
         .context("sharded cross-entropy: cos_local must be [B, C']")?;
@@ -232,11 +273,12 @@ pub fn sharded_cross_entropy(
         let _ = g.narrow(1, c_local, 1).copy_(&g_t);
         Ok((loss0, g))
     })?;
+    let t_b1 = t_b1.detach();
     if !z.requires_grad() {
-        return Ok(loss0);
+        return Ok((loss0, t_b1));
     }
     let s = (&z * g_bc).sum(zkind);
-    Ok(loss0 + (&s - s.detach()))
+    Ok((loss0 + (&s - s.detach()), t_b1))
 }
 
 /// [`Collectives`] between threads of one process: `world` handles from [`ThreadGroup::new`], one
@@ -321,7 +363,11 @@ impl ThreadGroup {
     fn reduce(&self, t: &Tensor, op: fn(f64, f64) -> f64) -> Result<Tensor> {
         let flat = t.detach().to_kind(Kind::Double).to_device(tch::Device::Cpu);
         let mine = Vec::<f64>::try_from(flat.reshape([-1])).context("tensor to a vector")?;
-        self.shared.state.lock().unwrap_or_else(|e| e.into_inner()).slots[self.rank] = mine;
+        self.shared
+            .state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .slots[self.rank] = mine;
         self.barrier()?;
         let out = {
             let st = self.shared.state.lock().unwrap_or_else(|e| e.into_inner());

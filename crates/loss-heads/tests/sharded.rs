@@ -9,9 +9,10 @@
 //! The single-process reference is the unfused `cross_entropy(head.logits_with_norms(..))`.
 
 use facerec_loss_heads::{
-    cross_entropy, sharded_cross_entropy, AdaFace, AdaFaceConfig, ClassShard, CurricularFace,
-    CurricularFaceConfig, HeadConfig, MarginHead, PartialFc, PartialFcConfig, Sampled,
-    ThreadGroup,
+    cross_entropy, sharded_cross_entropy, sharded_training_loss, AdaFace, AdaFaceConfig,
+    ArcFaceGradient, ClassShard, ClusterGuidedArcFace, Collectives, CurricularFace,
+    CurricularFaceConfig, Gce, GceConfig, HeadConfig, MarginHead, PartialFc, PartialFcConfig,
+    Sampled, ThreadGroup,
 };
 use facerec_testkit::gradcheck::{check_gradients, GradCheck};
 use facerec_testkit::randn_vec;
@@ -37,11 +38,31 @@ const HEADS: &[&str] = &[
     "type = 'elastic_cos_plus'\ns = 8.0\nsigma = 0.1\nseed = 3\nassignment = 'code_faithful'",
     "curricularface t = 0.3",
     "adaface mean = 2.0, std = 0.5",
+    "cluster_guided exact",
+    "cluster_guided detached",
 ];
 
-/// A fresh head for `spec` at [`STEP`] (each rank and the reference build their own).
-fn make_head(spec: &str) -> Box<dyn MarginHead> {
+/// The cluster-guided margin table `[C]` of the tests: a different margin per class.
+fn cluster_margins(c: i64) -> Tensor {
+    Tensor::arange(c, (Kind::Double, tch::Device::Cpu)) * 0.03 + 0.2
+}
+
+fn cluster_head(spec: &str, c: i64) -> ClusterGuidedArcFace {
+    let mode = if spec.ends_with("exact") {
+        ArcFaceGradient::Exact
+    } else {
+        ArcFaceGradient::Detached
+    };
+    ClusterGuidedArcFace::with_margins(cluster_margins(c), 8.0, mode)
+}
+
+/// A fresh head for `spec` at [`STEP`] (each rank builds its own) for a batch of global classes
+/// `labels_b` over `c` classes.
+fn make_head(spec: &str, labels_b: &Tensor, c: i64) -> Box<dyn MarginHead> {
     let mut head: Box<dyn MarginHead> = match spec {
+        _ if spec.starts_with("cluster_guided") => {
+            Box::new(cluster_head(spec, c).for_classes(labels_b))
+        }
         "curricularface t = 0.3" => {
             let mut h = CurricularFace::new(&CurricularFaceConfig {
                 s: 8.0,
@@ -151,24 +172,27 @@ impl Problem {
 /// What one rank (or the reference) returns: the loss, the gradient w.r.t. every class row
 /// `[C, D]` (zero outside its block) and w.r.t. the gathered embeddings `[B, D]`.
 struct Out {
+    /// The head's state after the step (CurricularFace's `t`, AdaFace's norm statistics).
+    state: Vec<(String, Tensor)>,
     loss: f64,
     grad_w: Tensor,
     grad_e: Tensor,
 }
 
 fn rank_step(spec: &str, p: &Problem, comm: &ThreadGroup, world: usize) -> anyhow::Result<Out> {
-    use facerec_loss_heads::Collectives;
     let shard = ClassShard::of(p.c, comm.rank(), world);
-    let head = make_head(spec);
+    let mut head = make_head(spec, &p.labels_t(), p.c);
     let w = p.w_t().set_requires_grad(true);
     let block = w.narrow(0, shard.start, shard.len);
     let sampled = p.sample(shard);
     let e = p.e_t().set_requires_grad(true);
     let cos = scores(spec, &e, &block.index_select(0, &sampled.index));
     let norms = e.norm_scalaropt_dim(2, [1], false);
-    let loss = sharded_cross_entropy(&*head, &cos, &sampled.labels, &norms, comm)?;
+    let loss = sharded_training_loss(&mut *head, &cos, &sampled.labels, &norms, comm)?;
     let g = Tensor::run_backward(&[&loss], &[&w, &e], false, false);
+    head.end_step();
     Ok(Out {
+        state: head.state(),
         loss: loss.double_value(&[]),
         grad_w: g[0].to_kind(Kind::Double),
         grad_e: g[1].to_kind(Kind::Double),
@@ -202,14 +226,23 @@ fn replicated(spec: &str, p: &Problem, world: usize) -> Out {
     let labels = p
         .labels_t()
         .searchsorted(&index, false, false, "left", None::<Tensor>);
-    let head = make_head(spec);
     let w = p.w_t().set_requires_grad(true);
     let e = p.e_t().set_requires_grad(true);
     let cos = scores(spec, &e, &w.index_select(0, &index));
     let norms = e.norm_scalaropt_dim(2, [1], false);
-    let loss = cross_entropy(&head.logits_with_norms(&cos, &labels, &norms), &labels);
+    let (loss, state) = if spec.starts_with("cluster_guided") {
+        let head = cluster_head(spec, p.c);
+        let logits = head.logits_for_classes(&cos, &labels, &p.labels_t());
+        (cross_entropy(&logits, &labels), Vec::new())
+    } else {
+        let mut head = make_head(spec, &p.labels_t(), p.c);
+        let loss = head.training_loss(&cos, &labels, &e, &norms);
+        head.end_step();
+        (loss, head.state())
+    };
     let g = Tensor::run_backward(&[&loss], &[&w, &e], false, false);
     Out {
+        state,
         loss: loss.double_value(&[]),
         grad_w: g[0].to_kind(Kind::Double),
         grad_e: g[1].to_kind(Kind::Double),
@@ -237,6 +270,16 @@ fn check(spec: &str, p: &Problem, world: usize, tol: f64) {
             want.loss
         );
     }
+    for (r, o) in got.iter().enumerate() {
+        assert_eq!(o.state.len(), want.state.len(), "{what}: state");
+        for ((k, a), (_, b)) in o.state.iter().zip(&want.state) {
+            let (a, b) = (a.double_value(&[]), b.double_value(&[]));
+            assert!(
+                (a - b).abs() <= tol * b.abs().max(1.0),
+                "{what}: rank {r} state {k} {a} vs {b}"
+            );
+        }
+    }
     let scale = max_abs(&want.grad_w).max(max_abs(&want.grad_e)).max(1e-3);
     let grad_w = got
         .iter()
@@ -252,12 +295,21 @@ fn check(spec: &str, p: &Problem, world: usize, tol: f64) {
     for (r, o) in got.iter().enumerate() {
         let shard = ClassShard::of(p.c, r, world);
         let outside = max_abs(&o.grad_w) - max_abs(&o.grad_w.narrow(0, shard.start, shard.len));
-        assert!(outside <= 0.0, "{what}: rank {r} has a gradient outside its block");
+        assert!(
+            outside <= 0.0,
+            "{what}: rank {r} has a gradient outside its block"
+        );
     }
     let dw = max_abs(&(&grad_w - &want.grad_w));
     let de = max_abs(&(&grad_e - &want.grad_e));
-    assert!(dw <= tol * scale, "{what}: class-row gradients differ by {dw} (scale {scale})");
-    assert!(de <= tol * scale, "{what}: embedding gradients differ by {de} (scale {scale})");
+    assert!(
+        dw <= tol * scale,
+        "{what}: class-row gradients differ by {dw} (scale {scale})"
+    );
+    assert!(
+        de <= tol * scale,
+        "{what}: embedding gradients differ by {de} (scale {scale})"
+    );
     assert!(max_abs(&want.grad_e) > 1e-6, "{what}: a trivial gradient");
 }
 
@@ -308,11 +360,14 @@ fn elastic_face_is_independent_of_the_world_size() {
         .map(|&w| sharded(spec, &p, w)[0].as_ref().expect("step").loss)
         .collect();
     assert!((losses[0] - losses[1]).abs() < 1e-12 && (losses[0] - losses[2]).abs() < 1e-12);
-    let mut head = make_head(spec);
+    let mut head = make_head(spec, &p.labels_t(), p.c);
     head.set_step(STEP + 1);
     let cos = scores(spec, &p.e_t(), &p.w_t());
     let other = cross_entropy(&head.logits(&cos, &p.labels_t()), &p.labels_t());
-    assert!((other.double_value(&[]) - losses[0]).abs() > 1e-6, "the margins did not change");
+    assert!(
+        (other.double_value(&[]) - losses[0]).abs() > 1e-6,
+        "the margins did not change"
+    );
 }
 
 /// A label no rank owns (>= C) is an error on every rank, not a wrong loss.
@@ -355,7 +410,7 @@ fn sharded_gradient_matches_finite_differences() {
                     .zip(&groups)
                     .map(|((cos, labels, norms), comm)| {
                         scope.spawn(move || {
-                            let head = make_head(spec);
+                            let head = make_head(spec, &Tensor::from_slice(&[0i64, 4, 2]), 5);
                             sharded_cross_entropy(&*head, &cos, &labels, &norms, comm)
                                 .expect("sharded step")
                         })
@@ -401,8 +456,14 @@ fn per_shard_sampling() {
             let again = pfc.sample_shard(&labels, shard);
             assert!(s.index.equal(&again.index), "not deterministic");
             let idx = Vec::<i64>::try_from(&s.index).unwrap();
-            assert!(idx.windows(2).all(|w| w[0] < w[1]), "not ascending: {idx:?}");
-            assert!(idx.iter().all(|&k| (0..shard.len).contains(&k)), "not local");
+            assert!(
+                idx.windows(2).all(|w| w[0] < w[1]),
+                "not ascending: {idx:?}"
+            );
+            assert!(
+                idx.iter().all(|&k| (0..shard.len).contains(&k)),
+                "not local"
+            );
             let npos = Vec::<i64>::try_from(&labels)
                 .unwrap()
                 .into_iter()
@@ -426,6 +487,138 @@ fn per_shard_sampling() {
         let shard = ClassShard::of(c, 0, world);
         let a = pfc.sample_shard(&labels, shard).index;
         let b = later.sample_shard(&labels, shard).index;
-        assert!(a.size() != b.size() || !a.equal(&b), "the step did not change the sample");
+        assert!(
+            a.size() != b.size() || !a.equal(&b),
+            "the step did not change the sample"
+        );
     }
+}
+
+/// GCE configurations: defaults (angular margins, ω = 1/(B−1), replacement rate 0.2), additive
+/// margins, every prototype of an eligible class replaced (kept and dropped self pairs, attached
+/// features), a fixed ω and same-class out-samples.
+const GCE: &[&str] = &[
+    "s = 8.0",
+    "s = 8.0\ntarget_form = 'additive'\nnontarget_form = 'additive'\nm_t = 0.2\nm_n = 0.1",
+    "s = 8.0\n[pairwise]\nrate = 1.0\nseed = 2",
+    "s = 8.0\n[pairwise]\nrate = 1.0\nself_pair = 'drop'\ndetach = false",
+    "s = 8.0\nout_weight = 0.5\nsame_class_out = true\ngradient = 'easy_margin'\n[pairwise]\nrate = 0.6",
+];
+
+/// Labels with repeated classes (so the pairwise framework replaces prototypes) over C = 11.
+const GCE_LABELS: &[i64] = &[0, 3, 3, 5, 10, 5, 1, 8, 8, 2, 3];
+
+fn gce(spec: &str) -> Gce {
+    let cfg: GceConfig = toml::from_str(spec).expect("GCE config");
+    let mut g = Gce::new(&cfg);
+    g.set_step(STEP);
+    g
+}
+
+fn gce_rank(spec: &str, p: &Problem, comm: &ThreadGroup, world: usize) -> anyhow::Result<Out> {
+    let shard = ClassShard::of(p.c, comm.rank(), world);
+    let w = p.w_t().set_requires_grad(true);
+    let sampled = p.sample(shard);
+    let e = p.e_t().set_requires_grad(true);
+    let block = w.narrow(0, shard.start, shard.len);
+    let cos = scores("gce", &e, &block.index_select(0, &sampled.index));
+    let loss = gce(spec).sharded_step_loss(&cos, &sampled.labels, &p.labels_t(), &e, comm)?;
+    let g = Tensor::run_backward(&[&loss], &[&w, &e], false, false);
+    Ok(Out {
+        state: Vec::new(),
+        loss: loss.double_value(&[]),
+        grad_w: g[0].to_kind(Kind::Double),
+        grad_e: g[1].to_kind(Kind::Double),
+    })
+}
+
+/// GCE across ranks equals `Gce::step_loss` over the gathered batch and the union of the samples.
+#[test]
+fn gce_sharded_equals_replicated() {
+    for &spec in GCE {
+        for (world, rate, kind, tol) in [
+            (2, 1.0, Kind::Double, 1e-10),
+            (3, 1.0, Kind::Double, 1e-10),
+            (3, 0.5, Kind::Double, 1e-10),
+            (2, 1.0, Kind::Float, 2e-4),
+        ] {
+            let p = Problem::new(11, GCE_LABELS, rate, kind, 21);
+            let index: Vec<Tensor> = (0..world)
+                .map(|r| {
+                    let shard = ClassShard::of(p.c, r, world);
+                    p.sample(shard).index + shard.start
+                })
+                .collect();
+            let index = Tensor::cat(&index, 0);
+            let labels = p
+                .labels_t()
+                .searchsorted(&index, false, false, "left", None::<Tensor>);
+            let w = p.w_t().set_requires_grad(true);
+            let e = p.e_t().set_requires_grad(true);
+            let cos = scores("gce", &e, &w.index_select(0, &index));
+            let loss = gce(spec).step_loss(&cos, &labels, &e);
+            let g = Tensor::run_backward(&[&loss], &[&w, &e], false, false);
+            let want = (
+                loss.double_value(&[]),
+                g[0].to_kind(Kind::Double),
+                g[1].to_kind(Kind::Double),
+            );
+            let groups = ThreadGroup::new(world);
+            let got: Vec<Out> = std::thread::scope(|scope| {
+                let hs: Vec<_> = groups
+                    .iter()
+                    .map(|comm| {
+                        let p = &p;
+                        scope.spawn(move || gce_rank(spec, p, comm, world))
+                    })
+                    .collect();
+                hs.into_iter()
+                    .map(|h| h.join().unwrap().expect("GCE step"))
+                    .collect()
+            });
+            let what = format!("GCE {spec:?} W={world} rate={rate} {kind:?}");
+            for o in &got {
+                assert!(
+                    (o.loss - want.0).abs() <= tol * want.0.abs().max(1.0),
+                    "{what}: loss {} vs {}",
+                    o.loss,
+                    want.0
+                );
+            }
+            let gw = got
+                .iter()
+                .map(|o| o.grad_w.shallow_clone())
+                .reduce(|a, b| a + b)
+                .unwrap();
+            let ge = got
+                .iter()
+                .map(|o| o.grad_e.shallow_clone())
+                .reduce(|a, b| a + b)
+                .unwrap();
+            let scale = max_abs(&want.1).max(max_abs(&want.2));
+            assert!(
+                max_abs(&(gw - &want.1)) <= tol * scale,
+                "{what}: class-row gradients"
+            );
+            assert!(
+                max_abs(&(ge - &want.2)) <= tol * scale,
+                "{what}: embedding gradients"
+            );
+        }
+    }
+}
+
+/// `sharded_cross_entropy` refuses GCE (its loss is not a cross-entropy of logits).
+#[test]
+fn sharded_cross_entropy_refuses_gce() {
+    let head = gce("s = 8.0");
+    let cos = Tensor::zeros([2, 3], (Kind::Double, tch::Device::Cpu));
+    let labels = Tensor::from_slice(&[0i64, 1]);
+    let norms = Tensor::ones([2], (Kind::Double, tch::Device::Cpu));
+    let comm = &ThreadGroup::new(1)[0];
+    let err = sharded_cross_entropy(&head, &cos, &labels, &norms, comm).unwrap_err();
+    assert!(
+        format!("{err:#}").contains("Gce::sharded_step_loss"),
+        "{err:#}"
+    );
 }
