@@ -270,7 +270,7 @@ fn sharded_loss_and_targets(
         let loss0 = (sum_b1.log() + &max_b1 - z_t).mean(zkind);
         let g = e / (&sum_b1 * b as f64);
         let g_t = (e_t / &sum_b1 - 1.0) / b as f64 * &owned_f;
-        let _ = g.narrow(1, c_local, 1).copy_(&g_t);
+        g.narrow(1, c_local, 1).copy_(&g_t);
         Ok((loss0, g))
     })?;
     let t_b1 = t_b1.detach();
