@@ -335,15 +335,20 @@ fn fused_row_scaled(
     let (loss0, gamma_bc, g_t_b1, v_b1) = tch::no_grad(|| -> Result<_> {
         let (t, r) = (t_b1.detach(), r_b1.detach());
         let mut buf = cos_local.detach() * &r;
-        let mask = (c_local > 0).then(|| {
-            Tensor::zeros([b, c_local], (Kind::Bool, dev)).scatter(1, rows.idx_b1, rows.owned_b1)
-        });
-        let local_max = match &mask {
-            Some(mask) => {
-                let _ = buf.masked_fill_(mask, f64::NEG_INFINITY);
-                buf.amax([1], true).maximum(&t)
-            }
-            None => t.shallow_clone(),
+        // The owned target entries (row, column), written out of the negatives in place.
+        let owned_rows =
+            Tensor::arange(b, (Kind::Int64, dev)).masked_select(&rows.owned_b1.view([b]));
+        let owned_cols = rows
+            .idx_b1
+            .view([b])
+            .masked_select(&rows.owned_b1.view([b]));
+        let at_targets = [Some(owned_rows), Some(owned_cols)];
+        let neg_inf = Tensor::from(f64::NEG_INFINITY).to_kind(kind).to_device(dev);
+        let local_max = if c_local > 0 {
+            let _ = buf.index_put_(&at_targets, &neg_inf, false);
+            buf.amax([1], true).maximum(&t)
+        } else {
+            t.shallow_clone()
         };
         let max_b1 = comm
             .all_reduce_max(&local_max)
@@ -357,8 +362,8 @@ fn fused_row_scaled(
             EXP_FLOOR_F32
         });
         let _ = buf.exp_();
-        if let Some(mask) = &mask {
-            let _ = buf.masked_fill_(mask, 0.0);
+        if c_local > 0 {
+            let _ = buf.index_put_(&at_targets, &neg_inf.zeros_like(), false);
         }
         let e_t = (&t - &max_b1).exp();
         let local_sum =
