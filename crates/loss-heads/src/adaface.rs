@@ -184,6 +184,12 @@ impl MarginHead for AdaFace {
         _emb: &Tensor,
         norms_b: &Tensor,
     ) -> Tensor {
+        self.record_rows(cos_bc, norms_b);
+        cross_entropy(&self.logits_with_norms(cos_bc, labels_b, norms_b), labels_b)
+    }
+
+    /// Adds the rows' clamped norms to the step's sums.
+    fn record_rows(&mut self, _target_cos_b: &Tensor, norms_b: &Tensor) {
         let (s1, s2) = tch::no_grad(|| {
             let n = norms_b
                 .detach()
@@ -196,7 +202,6 @@ impl MarginHead for AdaFace {
             Some((a1, a2, k)) => (a1 + s1, a2 + s2, k + b),
             None => (s1, s2, b),
         });
-        cross_entropy(&self.logits_with_norms(cos_bc, labels_b, norms_b), labels_b)
     }
 
     /// `μ ← α·μ_step + (1 − α)·μ`, `σ ← α·σ_step + (1 − α)·σ` over the step's rows (`σ` only with

@@ -230,6 +230,24 @@ impl ClusterGuidedArcFace {
         self.logits_with_margins(cos_bc, labels_b, &m_b1)
     }
 
+    /// This head for one batch whose rows have the global classes `classes_b`: a
+    /// [`MarginHead`] holding the `B` margins `m_{y_i}`, so that it works wherever the labels are
+    /// column positions rather than class ids (a Partial FC subset, or
+    /// [`crate::sharded_cross_entropy`], which points every label at an extra column).
+    ///
+    /// # Shapes
+    /// `classes_b [B]` (Int64, global class ids).
+    ///
+    /// # Panics
+    /// If a class is outside the table.
+    pub fn for_classes(&self, classes_b: &Tensor) -> RowMarginArcFace {
+        RowMarginArcFace {
+            s: self.s,
+            gradient: self.gradient,
+            m_b1: self.margins_c.detach().index_select(0, classes_b).view([-1, 1]),
+        }
+    }
+
     /// Logits for explicit per-sample margins (constants).
     ///
     /// # Shapes
@@ -256,5 +274,37 @@ impl MarginHead for ClusterGuidedArcFace {
             "cluster-guided ArcFace over a class subset: call logits_for_classes"
         );
         self.logits_for_classes(cos_bc, labels_b, labels_b)
+    }
+}
+
+/// ArcFace with one fixed margin per row, `z_y = s·cos(θ_y + m_i)`: the cluster-guided head for
+/// one batch ([`ClusterGuidedArcFace::for_classes`]).
+#[derive(Debug)]
+pub struct RowMarginArcFace {
+    s: f64,
+    gradient: ArcFaceGradient,
+    m_b1: Tensor,
+}
+
+impl MarginHead for RowMarginArcFace {
+    fn row_scaled_logits(&self) -> bool {
+        true
+    }
+
+    /// # Shapes
+    /// `cos_bc [B, C']`, `labels_b [B]` (Int64, column positions) -> `[B, C']`.
+    ///
+    /// # Panics
+    /// If `B` differs from the batch the margins were taken for.
+    fn logits(&self, cos_bc: &Tensor, labels_b: &Tensor) -> Tensor {
+        let kind = if cos_bc.kind() == Kind::Double {
+            Kind::Double
+        } else {
+            Kind::Float
+        };
+        let angular = AngularMargin::per_row(&self.m_b1.to_kind(kind), self.gradient);
+        scaled_targets(cos_bc, labels_b, Scale::Fixed(self.s), |c| {
+            angular.target(c)
+        })
     }
 }

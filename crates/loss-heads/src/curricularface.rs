@@ -137,20 +137,22 @@ impl MarginHead for CurricularFace {
         cos_bc: &Tensor,
         labels_b: &Tensor,
         _emb: &Tensor,
-        _norms: &Tensor,
+        norms: &Tensor,
     ) -> Tensor {
         let b = check_head_inputs(cos_bc, labels_b);
-        let sum = tch::no_grad(|| {
-            cos_bc
-                .detach()
-                .gather(1, &labels_b.view([b, 1]), false)
-                .sum(Kind::Double)
-        });
+        let target_b = tch::no_grad(|| cos_bc.detach().gather(1, &labels_b.view([b, 1]), false));
+        self.record_rows(&target_b.view([b]), norms);
+        cross_entropy(&self.logits(cos_bc, labels_b), labels_b)
+    }
+
+    /// Adds the rows' target cosines to the step's sum.
+    fn record_rows(&mut self, target_cos_b: &Tensor, _norms_b: &Tensor) {
+        let b = target_cos_b.size()[0];
+        let sum = tch::no_grad(|| target_cos_b.detach().sum(Kind::Double));
         self.pending = Some(match self.pending.take() {
             Some((s, n)) => (s + sum, n + b),
             None => (sum, b),
         });
-        cross_entropy(&self.logits(cos_bc, labels_b), labels_b)
     }
 
     /// `t ← α·r + (1 − α)·t`, `r` the mean target cosine of the step's rows (no-op without rows).

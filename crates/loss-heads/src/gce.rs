@@ -38,7 +38,7 @@
 
 use std::collections::BTreeMap;
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -47,6 +47,7 @@ use tch::{Device, Kind, Tensor};
 use crate::angular::{AngularMargin, ArcFaceGradient, COS_EPS};
 use crate::classifier::normalize_rows;
 use crate::head::MarginHead;
+use crate::sharded::Collectives;
 
 /// How a margin enters a similarity.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -567,6 +568,113 @@ impl Gce {
         self.loss_with_replacement(cos_bc, labels_b, emb_bd, &rep)
     }
 
+    /// GCE over a class matrix split across ranks (model-parallel): [`Gce::step_loss`] of the
+    /// gathered batch when each rank holds the cosines `cos_local` of the batch against its own
+    /// class columns (its block, or its Partial FC sample of it), as for
+    /// [`crate::sharded_cross_entropy`].
+    ///
+    /// The global terms: the target similarity `t_i` comes from its owning rank (one all-reduce);
+    /// `ℓ_k = log Σ_{c≠y_k} e^{s ñ_kc}` is reduced across ranks (max, then sum of exponentials);
+    /// everything after (the `[B, B]` out-sample sums, the softplus terms, the mean) needs only
+    /// the `B` values `t̃` and `ℓ` and the labels and is computed identically on every rank. The
+    /// replacement is drawn from the global labels (the same draw on every rank as in one process);
+    /// the owner of a replaced class replaces its column. The value is the global loss on every
+    /// rank; the gradient is this rank's share (exact for its class rows; summed over ranks,
+    /// the gradient w.r.t. the gathered embeddings). Reads the local labels on the CPU.
+    ///
+    /// # Shapes
+    /// `cos_local [B, C']` (f32/f64), `local_labels [B]` (Int64, column in `cos_local` or −1),
+    /// `labels_b [B]` (Int64, the global classes of the gathered batch), `emb_bd [B, D]` (the
+    /// gathered embeddings) -> scalar.
+    ///
+    /// # Errors
+    /// On malformed inputs, a row owned by no rank or by several, and a failing collective.
+    pub fn sharded_step_loss(
+        &mut self,
+        cos_local: &Tensor,
+        local_labels: &Tensor,
+        labels_b: &Tensor,
+        emb_bd: &Tensor,
+        comm: &dyn Collectives,
+    ) -> Result<Tensor> {
+        let (b, c_local) = cos_local
+            .size2()
+            .context("GCE: cos_local must be [B, C']")?;
+        let kind = cos_local.kind();
+        ensure!(
+            matches!(kind, Kind::Float | Kind::Double),
+            "GCE: cos_local must be f32 or f64, got {kind:?}"
+        );
+        ensure!(
+            local_labels.kind() == Kind::Int64
+                && local_labels.size() == [b]
+                && labels_b.kind() == Kind::Int64
+                && labels_b.size() == [b],
+            "GCE: local and global labels must be Int64 [{b}]"
+        );
+        let device = cos_local.device();
+        let local = Vec::<i64>::try_from(local_labels.to_device(Device::Cpu))
+            .context("GCE: local labels")?;
+        ensure!(
+            local.iter().all(|&l| (-1..c_local).contains(&l)),
+            "GCE: a local label is outside [-1, {c_local}) on rank {}",
+            comm.rank()
+        );
+        let images = self.images.take();
+        let rep = self.draw_replacement_for_images(labels_b, images.as_deref());
+        self.images = images;
+        let (cos, valid_b) = if rep.is_empty() {
+            (cos_local.shallow_clone(), None)
+        } else {
+            // This rank's part of the draw: the replaced classes it owns, at their columns.
+            let mut mine = Replacement::default();
+            let mut renumber = vec![None; rep.classes.len()];
+            for (k, &j) in rep.samples.iter().enumerate() {
+                let col = local[j as usize];
+                if col >= 0 {
+                    renumber[k] = Some(mine.classes.len());
+                    mine.classes.push(col);
+                    mine.samples.push(j);
+                }
+            }
+            mine.copies = rep
+                .copies
+                .iter()
+                .filter_map(|&(row, k)| renumber[k].map(|k2| (row, k2)))
+                .collect();
+            let (cos, _) = self.replace_prototypes(cos_local, emb_bd, &mine);
+            // Validity from the whole draw, the same on every rank.
+            let mut valid = vec![1.0f64; b as usize];
+            if self.cfg.pairwise.self_pair == SelfPair::Drop {
+                let rows = rep.samples.iter().chain(rep.copies.iter().map(|(r, _)| r));
+                rows.for_each(|&r| valid[r as usize] = 0.0);
+            }
+            let valid = Tensor::from_slice(&valid).to_kind(kind).to_device(device);
+            (cos, Some(valid))
+        };
+        let owned_b1 = local_labels.ge(0).view([b, 1]);
+        let owned_f = owned_b1.to_kind(kind);
+        let idx_b1 = local_labels.clamp_min(0).view([b, 1]);
+        let own_b1 = if c_local > 0 {
+            cos.gather(1, &idx_b1, false) * &owned_f
+        } else {
+            Tensor::zeros([b, 1], (kind, device))
+        };
+        let both = comm
+            .all_reduce_sum(&Tensor::cat(&[own_b1.detach(), owned_f.shallow_clone()], 1))
+            .context("GCE: all-reduce of the target similarities")?;
+        let misowned = tch::no_grad(|| both.narrow(1, 1, 1).ne(1.0).sum(Kind::Int64).int64_value(&[]));
+        ensure!(
+            misowned == 0,
+            "GCE: {misowned} of {b} rows have no owning rank or several"
+        );
+        let t_b1 = &own_b1 + both.narrow(1, 0, 1).detach() * (1.0 - &owned_f);
+        let neg_st_b = (self.target_margin(&t_b1) * (-self.cfg.s)).view([b]);
+        let ell_b = self.row_log_sum_exp_across(&cos, &idx_b1, Some(&owned_b1), Some(comm))?;
+        let (l1_b, l2_b) = self.combine_terms(&neg_st_b, &ell_b, labels_b, valid_b.as_ref());
+        Ok(self.mean_of_terms(l1_b, l2_b, valid_b.as_ref()))
+    }
+
     /// The GCE loss after the given replacements (see [`Gce::replace_prototypes`]).
     ///
     /// # Shapes
@@ -626,18 +734,33 @@ impl Gce {
         let neg_st_b = (self.target_margin(&t_b1) * (-s)).view([b]);
         // ℓ_k = log Σ_{c≠y_k} e^{s ñ_kc} (see `row_log_sum_exp`).
         let ell_b = self.row_log_sum_exp(&cos_bc, &idx_b1);
+        self.combine_terms(&neg_st_b, &ell_b, labels_b, valid_b)
+    }
+
+    /// `(L1_b, L2_b)` from `−s·t̃` and `ℓ` (each `[B]`), the rows' classes (for the out-sample
+    /// sets: any ids, equal exactly for equal classes) and the validity weights.
+    fn combine_terms(
+        &self,
+        neg_st_b: &Tensor,
+        ell_b: &Tensor,
+        labels_b: &Tensor,
+        valid_b: Option<&Tensor>,
+    ) -> (Tensor, Tensor) {
+        let b = neg_st_b.size()[0];
+        let kind = neg_st_b.kind();
+        let device = neg_st_b.device();
         let omega = self.cfg.out_weight.value(b);
         let (a_b, g_b) = if omega == 0.0 {
             // No out-sample terms: both terms are the margin-softmax cross-entropy.
             (ell_b.shallow_clone(), neg_st_b.shallow_clone())
         } else {
-            let logw1_bb = self.log_weights(labels_b, omega, cos_bc.kind());
+            let logw1_bb = self.log_weights(labels_b, omega, kind);
             let a_b = (&logw1_bb + ell_b.view([1, b])).logsumexp([1], false);
             let logw2_bb = match valid_b {
                 // Invalid samples' targets leave the out-sample targets; the diagonal stays 0 so
                 // every row keeps a finite entry.
                 Some(v) => {
-                    let eye = Tensor::eye(b, (Kind::Bool, cos_bc.device()));
+                    let eye = Tensor::eye(b, (Kind::Bool, device));
                     let drop = v.eq(0.0).view([1, b]).logical_and(&eye.logical_not());
                     logw1_bb.masked_fill(&drop, f64::NEG_INFINITY)
                 }
@@ -646,13 +769,18 @@ impl Gce {
             let g_b = (logw2_bb + neg_st_b.view([1, b])).logsumexp([1], false);
             (a_b, g_b)
         };
-        let l1_b = softplus(&(a_b + &neg_st_b));
+        let l1_b = softplus(&(a_b + neg_st_b));
         let l2_b = softplus(&(ell_b + g_b));
         (l1_b, l2_b)
     }
 
     fn loss_masked(&self, cos_bc: &Tensor, labels_b: &Tensor, valid_b: Option<&Tensor>) -> Tensor {
         let (l1_b, l2_b) = self.terms(cos_bc, labels_b, valid_b);
+        self.mean_of_terms(l1_b, l2_b, valid_b)
+    }
+
+    /// `(1/|valid|) Σ_i valid_i·(w1·L1_i + w2·L2_i)` (the plain mean without `valid_b`).
+    fn mean_of_terms(&self, l1_b: Tensor, l2_b: Tensor, valid_b: Option<&Tensor>) -> Tensor {
         let per_b = l1_b * self.cfg.term1_weight + l2_b * self.cfg.term2_weight;
         match valid_b {
             Some(v) => {
@@ -747,10 +875,27 @@ impl Gce {
     /// # Shapes
     /// `cos_bc [B, C]`, `idx_b1 [B, 1]` (Int64 labels) -> `[B]`.
     fn row_log_sum_exp(&self, cos_bc: &Tensor, idx_b1: &Tensor) -> Tensor {
+        self.row_log_sum_exp_across(cos_bc, idx_b1, None, None)
+            .expect("no collective, nothing to fail")
+    }
+
+    /// [`Gce::row_log_sum_exp`] over a column block of the class matrix: `owned_b1` (`[B, 1]`
+    /// bool) marks the rows whose target is a column of `cos_bc` (every column of the other rows
+    /// is a non-target), and the row max and the row sum of exponentials are reduced across
+    /// `comm`'s ranks. The returned `ℓ` is the global one; its gradient is this block's share
+    /// (the `G` of this block's columns, normalised by the global sum).
+    fn row_log_sum_exp_across(
+        &self,
+        cos_bc: &Tensor,
+        idx_b1: &Tensor,
+        owned_b1: Option<&Tensor>,
+        comm: Option<&dyn Collectives>,
+    ) -> Result<Tensor> {
         let s = self.cfg.s;
         let m = self.cfg.m_n;
         let kind = cos_bc.kind();
-        let (ell_b, g_bc) = tch::no_grad(|| {
+        let (b, c) = cos_bc.size2().expect("cos_bc must be [B, C]");
+        let (ell_b, g_bc) = tch::no_grad(|| -> Result<(Tensor, Tensor)> {
             let (mut z, slope) = if m != 0.0 && self.cfg.nontarget_form == MarginForm::Angular {
                 let (slope, intercept) = self.angular_tangent(cos_bc);
                 let mut z = cos_bc * &slope;
@@ -763,10 +908,32 @@ impl Gce {
                 }
                 (z, None)
             };
-            let _ = z.scatter_value_(1, idx_b1, f64::NEG_INFINITY);
-            let max_b1 = z.amax([1], true);
+            match owned_b1 {
+                None => {
+                    let _ = z.scatter_value_(1, idx_b1, f64::NEG_INFINITY);
+                }
+                Some(owned) if c > 0 => {
+                    let mask = Tensor::zeros([b, c], (Kind::Bool, z.device()))
+                        .scatter(1, idx_b1, owned);
+                    let _ = z.masked_fill_(&mask, f64::NEG_INFINITY);
+                }
+                Some(_) => {}
+            }
+            let local_max = if c > 0 {
+                z.amax([1], true)
+            } else {
+                Tensor::full([b, 1], f64::NEG_INFINITY, (kind, z.device()))
+            };
+            let max_b1 = match comm {
+                Some(k) => k.all_reduce_max(&local_max).context("GCE: row maxima")?,
+                None => local_max,
+            };
             let _ = z.g_sub_(&max_b1).exp_();
-            let sum_b1 = z.sum_dim_intlist(1, true, kind);
+            let local_sum = z.sum_dim_intlist(1, true, kind);
+            let sum_b1 = match comm {
+                Some(k) => k.all_reduce_sum(&local_sum).context("GCE: exponential sums")?,
+                None => local_sum,
+            };
             let ell_b = (sum_b1.log() + max_b1).view([-1]);
             let _ = z.g_div_(&sum_b1);
             match slope {
@@ -777,11 +944,10 @@ impl Gce {
                     let _ = z.g_mul_scalar_(s);
                 }
             }
-            (ell_b, z)
-        });
-        let (b, c) = cos_bc.size2().expect("cos_bc must be [B, C]");
+            Ok((ell_b, z))
+        })?;
         let lin_b = cos_bc.view([b, 1, c]).bmm(&g_bc.view([b, c, 1])).view([b]);
-        &lin_b - lin_b.detach() + ell_b
+        Ok(&lin_b - lin_b.detach() + ell_b)
     }
 
     /// `(s f′(c), s (f(c) − c f′(c)))` of the angular non-target transform `f` (no autograd).
@@ -832,6 +998,12 @@ impl MarginHead for Gce {
 
     fn set_step(&mut self, step: u64) {
         Gce::set_step(self, step);
+    }
+
+    /// False: GCE's loss is not the cross-entropy of [`MarginHead::logits`] (use
+    /// [`Gce::step_loss`], or [`Gce::sharded_step_loss`] across ranks).
+    fn loss_is_cross_entropy(&self) -> bool {
+        false
     }
 
     /// Kept for every following [`Gce::step_loss`] (until the next call), so that a copy of the

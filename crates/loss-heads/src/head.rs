@@ -63,6 +63,22 @@ pub trait MarginHead: std::fmt::Debug + Send {
         cross_entropy(&self.logits_with_norms(cos_bc, labels_b, norms_b), labels_b)
     }
 
+    /// True if the head's training loss is the cross-entropy of its logits (every head of this
+    /// crate but [`crate::Gce`]); [`crate::sharded_cross_entropy`] refuses a head that says false.
+    fn loss_is_cross_entropy(&self) -> bool {
+        true
+    }
+
+    /// Records a batch's rows for the head's moving statistics when the loss is computed outside
+    /// [`MarginHead::training_loss`] ([`crate::sharded_training_loss`] calls it with the gathered
+    /// batch's target cosines and feature norms, the same on every rank). [`crate::CurricularFace`]
+    /// records the target cosines, [`crate::AdaFace`] the norms; folded in by
+    /// [`MarginHead::end_step`]. Default no-op.
+    ///
+    /// # Shapes
+    /// `target_cos_b [B]`, `norms_b [B]` (detached here).
+    fn record_rows(&mut self, _target_cos_b: &Tensor, _norms_b: &Tensor) {}
+
     /// Called once after each optimiser step (also a skipped one), after every
     /// [`MarginHead::training_loss`] of that step. Heads with moving statistics
     /// ([`crate::CurricularFace`]'s `t`, [`crate::AdaFace`]'s norm mean and std) fold in what the

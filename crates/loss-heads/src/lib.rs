@@ -64,7 +64,8 @@
 //! - One file per method, named after the paper: [`normface`], [`cosface`], [`arcface`],
 //!   [`combined`], [`sphereface`], [`elastic`], [`cluster_guided`], [`gce`], [`softmax`], [`curricularface`], [`adaface`].
 //! - [`classifier`], [`partial_fc`]: the weight owner and the class sampler; [`margin_ce`]: the
-//!   fused margin cross-entropy.
+//!   fused margin cross-entropy; [`sharded`]: the cross-entropy over a class matrix split across
+//!   ranks (model-parallel Partial FC) and its [`Collectives`].
 //!
 //! Files import each other only through their own paths (`crate::head::MarginHead`), never
 //! through the re-exports below, and no two files import each other. The finite-difference
@@ -85,6 +86,7 @@ pub mod head;
 pub mod margin_ce;
 pub mod normface;
 pub mod partial_fc;
+pub mod sharded;
 pub mod softmax;
 pub mod sphereface;
 
@@ -93,7 +95,7 @@ pub use angular::{AngularMargin, ArcFaceGradient, COS_EPS, SIN2_EPS};
 pub use arcface::{ArcFace, ArcFaceConfig};
 pub use classifier::{normalize_rows, Classifier, ClassifierKind, CosineClassifier};
 pub use cluster_guided::{
-    margins_from_hardness, ClusterGuidedArcFace, ClusterMarginConfig, MarginSign,
+    margins_from_hardness, ClusterGuidedArcFace, ClusterMarginConfig, MarginSign, RowMarginArcFace,
 };
 pub use combined::{CombinedConfig, CombinedMargin};
 pub use config::HeadConfig;
@@ -112,5 +114,9 @@ pub use head::{
 pub use margin_ce::{margin_cross_entropy, margin_cross_entropy_with_norms};
 pub use normface::{NormFace, NormFaceConfig};
 pub use partial_fc::{PartialFc, PartialFcConfig, Sampled};
+pub use sharded::{
+    sharded_cross_entropy, sharded_training_loss, ClassShard, Collectives, SingleProcess,
+    ThreadGroup,
+};
 pub use softmax::{LinearClassifier, Softmax, SoftmaxConfig};
 pub use sphereface::{SphereFace, SphereFaceConfig, SphereFaceScale};

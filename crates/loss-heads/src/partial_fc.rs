@@ -11,7 +11,9 @@
 //! number of positives, the index is the positives alone.
 //!
 //! Deliberate differences from arcface_torch's `partial_fc_v2`:
-//! - Single process: no class sharding, no all-gather.
+//! - One process samples all `C` classes with [`PartialFc::sample`]; under model parallelism each
+//!   rank samples its own block with [`PartialFc::sample_shard`] (the rate applies per rank, as
+//!   in v2), from the same per-class draws.
 //! - The draw comes from a ChaCha8 generator owned by the sampler, seeded by
 //!   [`PartialFcConfig::seed`]; [`PartialFc::set_step`] moves it to the stream of that step, so
 //!   the sampled index depends only on `(seed, step, labels)` and a resumed run samples the same
@@ -25,6 +27,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use tch::{Device, Kind, Tensor};
+
+use crate::sharded::ClassShard;
 
 /// `[partial_fc]`: class sampling for the classifier.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -97,6 +101,7 @@ impl Sampled {
 pub struct PartialFc {
     sample_rate: f64,
     seed: u64,
+    step: u64,
     rng: ChaCha8Rng,
 }
 
@@ -106,6 +111,7 @@ impl PartialFc {
         Self {
             sample_rate: cfg.sample_rate,
             seed: cfg.seed,
+            step: 0,
             rng: ChaCha8Rng::seed_from_u64(cfg.seed),
         }
     }
@@ -113,6 +119,7 @@ impl PartialFc {
     /// Moves the generator to the stream of `step` (see the module docs): the draw of a step
     /// then depends only on `(seed, step)`.
     pub fn set_step(&mut self, step: u64) {
+        self.step = step;
         self.rng = ChaCha8Rng::seed_from_u64(self.seed);
         self.rng.set_stream(step);
     }
@@ -155,6 +162,52 @@ impl PartialFc {
             positives
         };
         let labels = labels_b.searchsorted(&index, false, false, "left", None::<Tensor>);
+        Sampled { index, labels }
+    }
+
+    /// This rank's sample (model-parallel Partial FC): every class of `shard` that is a label of
+    /// the gathered batch, plus a uniform share of its other rows, `⌊r·shard.len⌋` rows in all
+    /// (the positives alone if there are more; none for an empty block).
+    ///
+    /// The uniform draw of class `k` is the `k`-th value of the step's stream (the generator
+    /// seeded by `seed`, on stream `step` of [`PartialFc::set_step`], sought to word
+    /// `shard.start`), the same value [`PartialFc::sample`] draws for class `k` in one process:
+    /// the sample depends only on `(seed, step, labels, shard)`, so every rank and a resumed run
+    /// draw deterministically, and with one shard covering all classes it equals
+    /// [`PartialFc::sample`]. It does not advance the sampler's own generator.
+    ///
+    /// [`Sampled::index`]: *local* row indices into the shard's block, ascending (add
+    /// `shard.start` for class ids); [`Sampled::labels`]: column in the sample of each row's
+    /// target, `-1` where another rank owns it (the `local_labels` of
+    /// [`crate::sharded_cross_entropy`]).
+    ///
+    /// # Shapes
+    /// `labels_b [B]` (Int64, global class ids of the gathered batch) -> [`Sampled`].
+    ///
+    /// # Panics
+    /// If `labels_b` is not a 1-D Int64 tensor.
+    pub fn sample_shard(&mut self, labels_b: &Tensor, shard: ClassShard) -> Sampled {
+        assert_eq!(labels_b.dim(), 1, "labels must be [B]");
+        let local_b = shard.local_labels(labels_b);
+        let owned_b = local_b.ge(0);
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed);
+        rng.set_stream(self.step);
+        rng.set_word_pos(shard.start as u128);
+        let u: Vec<f32> = (0..shard.len).map(|_| rng.gen::<f32>()).collect();
+        let u_c = Tensor::from_slice(&u).to_device(labels_b.device());
+        let (positives, _) = local_b.masked_select(&owned_b).internal_unique(true, false);
+        let num_sample = (self.sample_rate * shard.len as f64).floor() as i64;
+        let index = if num_sample > 0 && num_sample >= positives.size()[0] {
+            let u = u_c.index_fill(0, &positives, 2.0);
+            let (_, top) = u.topk(num_sample, 0, true, false);
+            top.sort(0, false).0
+        } else {
+            positives
+        };
+        let column_b = local_b
+            .clamp_min(0)
+            .searchsorted(&index, false, false, "left", None::<Tensor>);
+        let labels = column_b.where_self(&owned_b, &local_b.full_like(-1));
         Sampled { index, labels }
     }
 
