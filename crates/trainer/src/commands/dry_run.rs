@@ -267,7 +267,8 @@ impl DryRun {
     }
     /// Model parallel: bytes each rank sends per step, by collective (ring algorithms; 0 for one
     /// process): the all-gather of the embeddings (fp32) and labels (int64), the three
-    /// all-reduces of `N * B` fp32 softmax statistics (max, target logit, sum of exponentials),
+    /// all-reduces of the sharded softmax (`[N * B, 2]` target cosines and owner counts, then the
+    /// `[N * B]` row maxima and sums of exponentials: 4 fp32 values per gathered row),
     /// the reduce-scatter of the gathered embeddings' gradient, and the backbone gradient's
     /// all-reduce. The classifier's gradient is not communicated.
     pub fn model_parallel_bytes(&self) -> [(&'static str, i64); 5] {
@@ -275,7 +276,10 @@ impl DryRun {
         let (b, d) = (self.batch_size, self.embedding_size);
         [
             ("all-gather embeddings + labels", (n - 1) * b * (d * F32 + 8)),
-            ("softmax statistics (3 all-reduces)", 3 * 2 * (n - 1) * b * F32),
+            (
+                "softmax statistics (3 all-reduces, 4 values per gathered row)",
+                4 * 2 * (n - 1) * b * F32,
+            ),
             ("reduce-scatter of the embedding gradient", (n - 1) * b * d * F32),
             (
                 "backbone gradient all-reduce",

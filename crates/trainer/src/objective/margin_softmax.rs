@@ -5,7 +5,7 @@
 use super::{MicroLoss, Model, Objective};
 use anyhow::Context;
 use facerec_loss_heads::{
-    margin_cross_entropy_with_norms, sharded_cross_entropy, ClassShard, Collectives, HeadConfig,
+    margin_cross_entropy_with_norms, sharded_training_loss, ClassShard, Collectives, HeadConfig,
     MarginHead, PartialFc, PartialFcConfig,
 };
 use std::collections::HashMap;
@@ -123,7 +123,7 @@ impl Objective for MarginSoftmax {
         comm: &dyn Collectives,
     ) -> anyhow::Result<MicroLoss> {
         anyhow::ensure!(
-            self.head.row_scaled_logits(),
+            self.head.loss_is_cross_entropy(),
             "config key `classifier.sharding`: this head has its own training loss, which is not split across ranks; set classifier.sharding = \"replicated\""
         );
         let sampled = self
@@ -139,7 +139,9 @@ impl Objective for MarginSoftmax {
         };
         let (emb, cos) = model.scores(emb_g.shallow_clone(), sampled.as_ref());
         let norms = emb.norm_scalaropt_dim(2, [1], false);
-        let loss = sharded_cross_entropy(self.head.as_ref(), &cos, &labels, &norms, comm)?;
+        // The head records the gathered batch's target cosines and norms (CurricularFace's `t`,
+        // AdaFace's norm statistics): the same on every rank.
+        let loss = sharded_training_loss(self.head.as_mut(), &cos, &labels, &norms, comm)?;
         Ok(MicroLoss {
             loss,
             row_mask,
