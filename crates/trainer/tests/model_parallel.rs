@@ -3,7 +3,7 @@
 //!
 //! - Sharded step = one-process step: this test binary starts itself as W ranks (`rank_child`,
 //!   run only with `FACEREC_MP_OUT` set); each rank runs the trainer's own step
-//!   (`StepPlan::run_on`) twice on its micro-batch for several heads, and writes its loss, backbone
+//!   (`StepPlan::run_on`, clipping off so that a wrongly scaled backbone gradient shows, lr 0.01) twice on its micro-batch for several heads, and writes its loss, backbone
 //!   and class block. The parent runs the same two steps in one process over the concatenated
 //!   batch (sharding over one rank: the same initial classifier) and compares loss, backbone
 //!   weights and every class row. BatchNorm normalises each rank's images on their own (as in
@@ -69,18 +69,18 @@ sharding = "model_parallel"
 layers = [1, 1, 1, 1]
 widths = [4, 4, 8, 8]
 embedding_size = 8
-input_size = 16
+input_size = 32
 dropout = 0.0
 {head}
 [optim]
 type = "sgd"
-lr = 0.1
+lr = 0.01
 momentum = 0.9
 weight_decay = 0.01
 [train]
 epochs = 1
 batch_size = 4
-grad_clip = 1.0
+grad_clip = 0.0
 threads = 1
 "#
     );
@@ -93,7 +93,7 @@ threads = 1
 /// The images every rank sees: the same B images (see the module docs).
 fn images() -> Tensor {
     tch::manual_seed(7);
-    Tensor::randn([B, 3, 16, 16], (Kind::Float, Device::Cpu))
+    Tensor::randn([B, 3, 32, 32], (Kind::Float, Device::Cpu))
 }
 
 /// Two steps of `head` on `world`, with micro-batch `x`, `y`; returns (losses, backbone
@@ -115,7 +115,7 @@ fn two_steps(world: &World, head: &str, x: &Tensor, y: &Tensor) -> Vec<(String, 
     let mut losses = Vec::new();
     for _ in 0..2 {
         let out = plan
-            .run_on(&mut st, objective.as_mut(), x, y, &images, 0.1)
+            .run_on(&mut st, objective.as_mut(), x, y, &images, 0.01)
             .unwrap();
         assert!(out.finite, "{head}: a non-finite step");
         losses.push(out.loss);
