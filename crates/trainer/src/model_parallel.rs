@@ -80,7 +80,13 @@ fn chunk_seed(seed: u64, k: i64) -> i64 {
 /// rows `[shard.start, shard.end())` of the world-size-independent initial classifier: chunk `k`
 /// of [`INIT_CHUNK`] rows is what `Classifier::new` draws for that many rows after
 /// `manual_seed(chunk_seed(seed, k))`. Leaves torch's global generator reseeded.
-pub fn init_block(head_vs: &nn::VarStore, kind: ClassifierKind, shard: ClassShard, d: i64, seed: u64) {
+pub fn init_block(
+    head_vs: &nn::VarStore,
+    kind: ClassifierKind,
+    shard: ClassShard,
+    d: i64,
+    seed: u64,
+) {
     let _guard = tch::no_grad_guard();
     let first = shard.start / INIT_CHUNK;
     let last = (shard.end() - 1).max(shard.start) / INIT_CHUNK;
@@ -131,10 +137,12 @@ pub fn gather_optimizer_state(
     let (mut sharded, rest): (Vec<_>, Vec<_>) =
         state.into_iter().partition(|(k, _)| k.starts_with(&prefix));
     sharded.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(gather_named(world, sharded, shard, "the classifier's optimiser state")?.map(|mut full| {
-        full.extend(rest);
-        full
-    }))
+    Ok(
+        gather_named(world, sharded, shard, "the classifier's optimiser state")?.map(|mut full| {
+            full.extend(rest);
+            full
+        }),
+    )
 }
 
 fn gather_named(
@@ -162,9 +170,15 @@ pub fn narrow_optimizer_state(
     origin: &std::path::Path,
 ) -> Result<std::collections::HashMap<String, Tensor>> {
     let prefix = format!("g{group}.");
-    let (sharded, mut rest): (std::collections::HashMap<_, _>, std::collections::HashMap<_, _>) =
-        state.into_iter().partition(|(k, _)| k.starts_with(&prefix));
-    rest.extend(crate::checkpoint::narrow_rows(sharded, rows(shard), origin)?);
+    let (sharded, mut rest): (
+        std::collections::HashMap<_, _>,
+        std::collections::HashMap<_, _>,
+    ) = state.into_iter().partition(|(k, _)| k.starts_with(&prefix));
+    rest.extend(crate::checkpoint::narrow_rows(
+        sharded,
+        rows(shard),
+        origin,
+    )?);
     Ok(rest)
 }
 

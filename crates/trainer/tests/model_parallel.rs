@@ -340,7 +340,10 @@ fn two_ranks_equal_one_process_and_write_the_whole_classifier() {
     for file in ["model.safetensors", "classifier.safetensors"] {
         let d = max_rel_diff(&r2.join(file), &r1.join(file));
         eprintln!("model parallel {file}: max |2 ranks - 1 process| / (1 + |1 process|) = {d:.3e}");
-        assert!(d <= 2e-5, "{file}: 2 ranks differ from 1 process by {d:.3e}");
+        assert!(
+            d <= 2e-5,
+            "{file}: 2 ranks differ from 1 process by {d:.3e}"
+        );
     }
     let w = &tensors(&r2.join("classifier.safetensors"))["weight"];
     assert_eq!(w.size(), [16, 16], "the whole classifier, not a block");
@@ -373,7 +376,10 @@ fn resume_from_two_on(to: usize) {
     for file in ["model.safetensors", "classifier.safetensors"] {
         let d = max_rel_diff(&run_dir.join(file), &only_run_dir(&whole).join(file));
         eprintln!("model parallel, 2 -> {to} processes, {file}: {d:.3e}");
-        assert!(d <= 2e-5, "{file}: resumed on {to} processes differs by {d:.3e}");
+        assert!(
+            d <= 2e-5,
+            "{file}: resumed on {to} processes differs by {d:.3e}"
+        );
     }
 }
 
@@ -404,13 +410,19 @@ fn a_killed_rank_of_a_sharded_run_is_named() {
     let survivor = ranks.0.remove(0);
     let outs = Ranks(vec![survivor]).wait(Duration::from_secs(60));
     let err = String::from_utf8_lossy(&outs[0].stderr);
-    assert!(!outs[0].status.success(), "rank 0 went on after its peer died");
+    assert!(
+        !outs[0].status.success(),
+        "rank 0 went on after its peer died"
+    );
     assert!(
         t_kill.elapsed() < Duration::from_secs(40),
         "rank 0 took {:?} to notice",
         t_kill.elapsed()
     );
-    assert!(err.contains("rank 1"), "rank 0's error does not name rank 1: {err}");
+    assert!(
+        err.contains("rank 1"),
+        "rank 0's error does not name rank 1: {err}"
+    );
 }
 
 fn has_checkpoint(parent: &Path) -> bool {
@@ -434,7 +446,9 @@ fn unsupported_objectives_name_classifier_sharding() {
         let Ok(cfg) = std::panic::catch_unwind(|| step_config(&head)) else {
             continue;
         };
-        let err = model_parallel::shard_of(&cfg, C, &single).unwrap_err().to_string();
+        let err = model_parallel::shard_of(&cfg, C, &single)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("classifier.sharding"), "{err}");
     }
 }

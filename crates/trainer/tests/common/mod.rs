@@ -174,4 +174,3 @@ pub fn max_rel_diff(a: &Path, b: &Path) -> f64 {
     }
     worst
 }
-
