@@ -7,7 +7,9 @@
 //! cross-entropy, and the backward to the leaf (`autograd.grad`, no accumulation). Ours is the
 //! path the trainer uses, the fused `margin_cross_entropy(head, cos, labels)`; `--unfused` adds a
 //! column for the generic `cross_entropy(head.logits(cos, labels), labels)`, timed in the same
-//! alternation. The classifier's
+//! alternation; `--sharded` one for `sharded_cross_entropy(head, cos, local labels, norms)` over
+//! a world of one (`SingleProcess`: the per-rank work of the model-parallel loss at `C' = C`,
+//! without communication). The classifier's
 //! matmul is the same in both and excluded by default (`--with-classifier` includes it, with
 //! `D = --dim`). The reference runs as a subprocess in serve mode, and per head one warm-up each
 //! is followed by `--reps` repetitions that alternate between ours and the reference, so both
@@ -29,7 +31,8 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use facerec_benches::{median, min, process_cpu_ms, sync};
 use facerec_loss_heads::{
-    cross_entropy, margin_cross_entropy, CosineClassifier, Gce, GceConfig, HeadConfig, MarginHead,
+    cross_entropy, margin_cross_entropy, sharded_cross_entropy, CosineClassifier, Gce, GceConfig,
+    HeadConfig, MarginHead, SingleProcess,
 };
 use serde::Deserialize;
 use tch::{nn, Device, Kind, Tensor};
@@ -64,6 +67,10 @@ struct Args {
     /// Also time the unfused `cross_entropy(head.logits(..))` (an extra column).
     #[arg(long)]
     unfused: bool,
+    /// Also time the model-parallel `sharded_cross_entropy` over a world of one (an extra column;
+    /// margin heads only).
+    #[arg(long)]
+    sharded: bool,
     /// Python with torch (default `$FACEREC_PYTHON`, else `python3`).
     #[arg(long)]
     python: Option<PathBuf>,
@@ -196,8 +203,9 @@ impl Case {
         }
     }
 
-    /// Milliseconds of one forward + backward (for a head: the fused loss, or the unfused one).
-    fn time_once(&self, loss_fn: &Loss, fused: bool) -> Timing {
+    /// Milliseconds of one forward + backward (for a head: the fused loss, the unfused one, or
+    /// the sharded one over a world of one).
+    fn time_once(&self, loss_fn: &mut Loss, path: Path) -> Timing {
         let leaf_refs: Vec<&Tensor> = self.leaves.iter().collect();
         sync(self.device);
         let t0 = Instant::now();
@@ -206,10 +214,19 @@ impl Case {
             Some(clf) => clf.cosines(&self.leaves[0]),
             None => self.leaves[0].clamp(-1.0, 1.0),
         };
-        let loss = match loss_fn {
-            Loss::Head(head) if fused => margin_cross_entropy(head.as_ref(), &cos, &self.labels),
-            Loss::Head(head) => cross_entropy(&head.logits(&cos, &self.labels), &self.labels),
-            Loss::Gce(gce) => gce.loss(&cos, &self.labels),
+        let loss = match (loss_fn, path) {
+            (Loss::Head(head), Path::Fused) => {
+                margin_cross_entropy(head.as_ref(), &cos, &self.labels)
+            }
+            (Loss::Head(head), Path::Unfused) => {
+                cross_entropy(&head.logits(&cos, &self.labels), &self.labels)
+            }
+            (Loss::Head(head), Path::Sharded) => {
+                let norms = Tensor::ones([cos.size()[0]], (cos.kind(), cos.device()));
+                sharded_cross_entropy(head.as_ref(), &cos, &self.labels, &norms, &SingleProcess)
+                    .expect("sharded cross-entropy")
+            }
+            (Loss::Gce(gce), _) => gce.loss(&cos, &self.labels),
         };
         let grads = Tensor::run_backward(&[&loss], &leaf_refs, false, false);
         sync(self.device);
@@ -219,6 +236,14 @@ impl Case {
         drop((grads, loss, cos));
         Timing { wall, cpu }
     }
+}
+
+/// Which implementation of a head's loss is timed.
+#[derive(Clone, Copy)]
+enum Path {
+    Fused,
+    Unfused,
+    Sharded,
 }
 
 /// What is timed: a margin head followed by the cross-entropy, or a GCE loss.
@@ -313,25 +338,33 @@ fn main() -> Result<()> {
             eprintln!("bench-losses: {dev} B={b} C={c} ...");
             let case = Case::new(&args, device, b, c);
             for (name, cfg) in &selected {
-                let head = cfg.build();
-                case.time_once(&head, true);
+                let mut head = cfg.build();
+                case.time_once(&mut head, Path::Fused);
                 if args.unfused {
-                    case.time_once(&head, false);
+                    case.time_once(&mut head, Path::Unfused);
+                }
+                let sharded_too = args.sharded && matches!(head, Loss::Head(_));
+                if sharded_too {
+                    case.time_once(&mut head, Path::Sharded);
                 }
                 if let Some(r) = reference.as_mut() {
                     r.time(name, b, c, 1)?;
                 }
                 let (mut ours, mut unfused, mut theirs) = (Vec::new(), Vec::new(), Vec::new());
+                let mut sharded = Vec::new();
                 for _ in 0..reps {
-                    ours.push(case.time_once(&head, true));
+                    ours.push(case.time_once(&mut head, Path::Fused));
                     if args.unfused {
-                        unfused.push(case.time_once(&head, false));
+                        unfused.push(case.time_once(&mut head, Path::Unfused));
+                    }
+                    if sharded_too {
+                        sharded.push(case.time_once(&mut head, Path::Sharded));
                     }
                     if let Some(r) = reference.as_mut() {
                         theirs.extend(r.time(name, b, c, 1)?);
                     }
                 }
-                rows.push((name.to_string(), b, c, ours, unfused, theirs));
+                rows.push((name.to_string(), b, c, ours, unfused, sharded, theirs));
             }
         }
         let torch_version = reference.as_ref().map(|r| r.torch.clone());
@@ -348,25 +381,33 @@ fn main() -> Result<()> {
                 .map(|t| format!(", reference torch {t}"))
                 .unwrap_or_default()
         );
-        let (unfused_head, unfused_rule) = if args.unfused {
-            (" ours unfused (ms) |", "---:|")
-        } else {
-            ("", "")
-        };
+        let (mut extra_head, mut extra_rule) = (String::new(), String::new());
+        if args.unfused {
+            extra_head.push_str(" ours unfused (ms) |");
+            extra_rule.push_str("---:|");
+        }
+        if args.sharded {
+            extra_head.push_str(" ours sharded, W = 1 (ms) |");
+            extra_rule.push_str("---:|");
+        }
         println!(
-            "| head | B x C | ours (ms) |{unfused_head} reference (ms) | reference / ours | best-of ratio | CPU-time ratio |"
+            "| head | B x C | ours (ms) |{extra_head} reference (ms) | reference / ours | best-of ratio | CPU-time ratio |"
         );
-        println!("|---|---|---:|{unfused_rule}---:|---:|---:|---:|");
+        println!("|---|---|---:|{extra_rule}---:|---:|---:|---:|");
         let wall = |v: &[Timing]| v.iter().map(|t| t.wall).collect::<Vec<_>>();
         let cpu = |v: &[Timing]| v.iter().map(|t| t.cpu).collect::<Vec<_>>();
-        for (name, b, c, ours, unfused, theirs) in rows {
+        for (name, b, c, ours, unfused, sharded, theirs) in rows {
             let ms = wall(&ours);
             let (ours_med, ours_min) = (median(ms.clone()), min(&ms));
-            let unfused_col = if args.unfused {
-                format!(" {:.1} |", median(wall(&unfused)))
-            } else {
-                String::new()
-            };
+            let mut unfused_col = String::new();
+            if args.unfused {
+                unfused_col.push_str(&format!(" {:.1} |", median(wall(&unfused))));
+            }
+            if args.sharded && sharded.is_empty() {
+                unfused_col.push_str(" - |");
+            } else if args.sharded {
+                unfused_col.push_str(&format!(" {:.1} |", median(wall(&sharded))));
+            }
             if theirs.is_empty() {
                 println!("| {name} | {b} x {c} | {ours_med:.1} |{unfused_col} - | - | - | - |");
             } else {

@@ -23,7 +23,11 @@
 //! batch's targets (ElasticFace "+", CurricularFace's hard negatives) or that draw one random margin
 //! per row (ElasticFace, from the step's stream: the same `B` draws on every rank and in one
 //! process) behave as in one process. The owner's original target column is masked out of the
-//! negatives. This needs a head whose non-target logits depend on the cosines of their own column
+//! negatives. Heads with row-scaled logits ([`MarginHead::row_scaled_logits`]: every
+//! head but CurricularFace, AdaFace and GCE) take the equivalent fused path of
+//! [`crate::margin_cross_entropy`] instead: the head runs on the `[B, 2]` probe `[t, 1]`, which
+//! gives the target logits and the row scales, and one `[B, C']` buffer holds the logits, the
+//! exponentials and the gradient. This needs a head whose non-target logits depend on the cosines of their own column
 //! (and detached per-row constants) and whose target logit depends on the target cosine, the
 //! labels only through their position, and the feature norms: every [`MarginHead`] of this crate
 //! except [`crate::Gce`] (see `docs/heads.md`, "Model-parallel heads").
@@ -45,6 +49,7 @@ use std::time::Duration;
 use tch::{Kind, Tensor};
 
 use crate::head::MarginHead;
+use crate::margin_ce::{EXP_FLOOR_F32, EXP_FLOOR_F64};
 
 /// The collectives the sharded loss needs. The trainer implements it over facerec-distributed's
 /// process group; tests use [`ThreadGroup`] (threads in one process).
@@ -235,6 +240,15 @@ fn sharded_loss_and_targets(
     }
     let tcol_b1 = &own_b1 + t_b1.detach() * (1.0 - &owned_f);
 
+    if head.row_scaled_logits() {
+        let rows = Rows {
+            idx_b1: &idx_b1,
+            owned_b1: &owned_b1,
+            owned_f: &owned_f,
+        };
+        let loss = fused_row_scaled(head, cos_local, &rows, &tcol_b1, norms_b, comm)?;
+        return Ok((loss, t_b1.detach()));
+    }
     // The head, once, on [cos_local | t] with every label on the extra column.
     let ext = Tensor::cat(&[cos_local, &tcol_b1], 1);
     let labels_ext = Tensor::full([b], c_local, (Kind::Int64, dev));
@@ -270,7 +284,7 @@ fn sharded_loss_and_targets(
         let loss0 = (sum_b1.log() + &max_b1 - z_t).mean(zkind);
         let g = e / (&sum_b1 * b as f64);
         let g_t = (e_t / &sum_b1 - 1.0) / b as f64 * &owned_f;
-        let _ = g.narrow(1, c_local, 1).copy_(&g_t);
+        g.narrow(1, c_local, 1).copy_(&g_t);
         Ok((loss0, g))
     })?;
     let t_b1 = t_b1.detach();
@@ -279,6 +293,107 @@ fn sharded_loss_and_targets(
     }
     let s = (&z * g_bc).sum(zkind);
     Ok((loss0 + (&s - s.detach()), t_b1))
+}
+
+/// Which rows this rank owns: the target column `[B, 1]` (0 where not owned), the ownership as
+/// bool and as 0/1 of the cosines' kind.
+struct Rows<'a> {
+    idx_b1: &'a Tensor,
+    owned_b1: &'a Tensor,
+    owned_f: &'a Tensor,
+}
+
+/// The sharded loss for a head with row-scaled logits ([`MarginHead::row_scaled_logits`]:
+/// `z_ij = r_i·c_ij` off target, the target logit a function of the target cosine), with one
+/// `[B, C']` buffer as in [`crate::margin_cross_entropy`]: the head runs on the `[B, 2]` probe
+/// `[t, 1]` (label 0), which gives the target logits `t_i` (with the owner's autograd path) and
+/// the row scales `r_i`; the buffer holds in turn `r·c`, the exponentials and
+/// `Γ = r·p/B`; the gradient is `Σ Γ⊙c + Σ G_y·t + Σ v·r` (`G_y` nonzero on the owner only,
+/// `v_i = Σ_j G_ij c_ij` over this block, only when `r` needs a gradient).
+fn fused_row_scaled(
+    head: &dyn MarginHead,
+    cos_local: &Tensor,
+    rows: &Rows<'_>,
+    tcol_b1: &Tensor,
+    norms_b: &Tensor,
+    comm: &dyn Collectives,
+) -> Result<Tensor> {
+    let (b, c_local) = cos_local.size2()?;
+    let kind = cos_local.kind();
+    let dev = cos_local.device();
+    let probe_b2 = Tensor::cat(&[tcol_b1, &tcol_b1.detach().ones_like()], 1);
+    let out_b2 =
+        head.logits_with_norms(&probe_b2, &Tensor::zeros([b], (Kind::Int64, dev)), norms_b);
+    ensure!(
+        out_b2.size() == [b, 2],
+        "sharded cross-entropy: a row-scaled head must map [B, 2] to [B, 2], got {:?}",
+        out_b2.size()
+    );
+    let t_b1 = out_b2.narrow(1, 0, 1);
+    let r_b1 = out_b2.narrow(1, 1, 1);
+    let r_tracked = r_b1.requires_grad();
+    let (loss0, gamma_bc, g_t_b1, v_b1) = tch::no_grad(|| -> Result<_> {
+        let (t, r) = (t_b1.detach(), r_b1.detach());
+        let mut buf = cos_local.detach() * &r;
+        // The owned target entries (row, column), written out of the negatives in place.
+        let owned_rows =
+            Tensor::arange(b, (Kind::Int64, dev)).masked_select(&rows.owned_b1.view([b]));
+        let owned_cols = rows
+            .idx_b1
+            .view([b])
+            .masked_select(&rows.owned_b1.view([b]));
+        let at_targets = [Some(owned_rows), Some(owned_cols)];
+        let neg_inf = Tensor::from(f64::NEG_INFINITY).to_kind(kind).to_device(dev);
+        let local_max = if c_local > 0 {
+            let _ = buf.index_put_(&at_targets, &neg_inf, false);
+            buf.amax([1], true).maximum(&t)
+        } else {
+            t.shallow_clone()
+        };
+        let max_b1 = comm
+            .all_reduce_max(&local_max)
+            .context("sharded cross-entropy: all-reduce of the row maxima")?;
+        let _ = buf.g_sub_(&max_b1);
+        // Floor z − max where exp would return a subnormal (as the fused single-process loss),
+        // then the masked target entries back to exactly 0.
+        let _ = buf.clamp_min_(if kind == Kind::Double {
+            EXP_FLOOR_F64
+        } else {
+            EXP_FLOOR_F32
+        });
+        let _ = buf.exp_();
+        if c_local > 0 {
+            let _ = buf.index_put_(&at_targets, &neg_inf.zeros_like(), false);
+        }
+        let e_t = (&t - &max_b1).exp();
+        let local_sum =
+            buf.sum_dim_intlist(Some([1i64].as_slice()), true, kind) + &e_t * rows.owned_f;
+        let sum_b1 = comm
+            .all_reduce_sum(&local_sum)
+            .context("sharded cross-entropy: all-reduce of the exponential sums")?;
+        let loss0 = (sum_b1.log() + &max_b1 - &t).mean(kind);
+        let per_b1 = &sum_b1 * b as f64;
+        let v_b1 = r_tracked.then(|| {
+            buf.view([b, 1, c_local])
+                .bmm(&cos_local.detach().reshape([b, c_local, 1]))
+                .view([b, 1])
+                / &per_b1
+        });
+        let _ = buf.g_mul_(&(&r / &per_b1));
+        let g_t_b1 = (e_t / &sum_b1 - 1.0) / b as f64 * rows.owned_f;
+        Ok((loss0, buf, g_t_b1, v_b1))
+    })?;
+    let mut s = cos_local.reshape([-1]).dot(&gamma_bc.view([-1]));
+    if t_b1.requires_grad() {
+        s += (&g_t_b1 * &t_b1).sum(kind);
+    }
+    if let Some(v) = v_b1 {
+        s += (v * &r_b1).sum(kind);
+    }
+    if !s.requires_grad() {
+        return Ok(loss0);
+    }
+    Ok(loss0 + (&s - s.detach()))
 }
 
 /// [`Collectives`] between threads of one process: `world` handles from [`ThreadGroup::new`], one

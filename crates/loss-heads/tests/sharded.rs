@@ -421,7 +421,7 @@ fn sharded_gradient_matches_finite_differences() {
             // Value: the global loss (rank 0's); gradient: the sum of the ranks' shares.
             let mut total = losses[0].detach();
             for l in &losses {
-                total = total + (l - l.detach());
+                total += l - l.detach();
             }
             total
         };
