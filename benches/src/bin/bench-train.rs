@@ -276,6 +276,7 @@ impl Ours {
             num_classes: self.num_classes as usize,
             device: self.device,
             world: &self.world,
+            shard: None,
         };
         let out = plan
             .run_on(

@@ -133,6 +133,20 @@ pub fn save_varstore(vs: &VarStore, path: &Path) -> Result<()> {
         .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
 }
 
+/// Save named tensors to `path` (a `.safetensors` file) atomically, as [`save_varstore`] does
+/// for a store's variables.
+pub fn save_named_atomic(named: &[(String, Tensor)], path: &Path) -> Result<()> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.partial.safetensors"));
+    Tensor::write_safetensors(named, &tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+}
+
 /// The folder of checkpoint `step` under `parent`.
 pub fn step_dir(parent: &Path, step: usize) -> PathBuf {
     parent.join(format!("step-{step:08}"))
@@ -149,6 +163,31 @@ pub fn save(
     objective: &[(String, Tensor)],
     keep: usize,
 ) -> Result<PathBuf> {
+    let mut named: Vec<(String, Tensor)> = classifier.variables().into_iter().collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    save_named(
+        parent,
+        meta,
+        backbone,
+        &named,
+        &opt.state_tensors(),
+        objective,
+        keep,
+    )
+}
+
+/// [`save`] with the classifier and the optimiser state given as named tensors: a model-parallel
+/// run passes the whole classifier and the whole optimiser state gathered on rank 0, so its
+/// checkpoint is the one a single process writes.
+pub fn save_named(
+    parent: &Path,
+    meta: &Meta,
+    backbone: &VarStore,
+    classifier: &[(String, Tensor)],
+    optimizer: &[(String, Tensor)],
+    objective: &[(String, Tensor)],
+    keep: usize,
+) -> Result<PathBuf> {
     std::fs::create_dir_all(parent)
         .with_context(|| format!("creating checkpoint folder {}", parent.display()))?;
     let dest = step_dir(parent, meta.step);
@@ -161,11 +200,9 @@ pub fn save(
     backbone
         .save(tmp.join("model.safetensors"))
         .with_context(|| format!("writing {}", tmp.join("model.safetensors").display()))?;
-    classifier
-        .save(tmp.join("classifier.safetensors"))
+    Tensor::write_safetensors(classifier, tmp.join("classifier.safetensors"))
         .with_context(|| format!("writing {}", tmp.join("classifier.safetensors").display()))?;
-    let state = opt.state_tensors();
-    Tensor::write_safetensors(&state, tmp.join("optimizer.safetensors"))
+    Tensor::write_safetensors(optimizer, tmp.join("optimizer.safetensors"))
         .with_context(|| format!("writing {}", tmp.join("optimizer.safetensors").display()))?;
     if !objective.is_empty() {
         Tensor::write_safetensors(objective, tmp.join("objective.safetensors"))
@@ -606,6 +643,52 @@ pub fn load_exact(vs: &VarStore, path: &Path, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// Rows `[start, start + len)` (dimension 0) of every tensor of `file`: a model-parallel rank's
+/// block of a whole classifier (or of its optimiser state). Every tensor must have
+/// `num_classes` rows; the error names `origin` and the tensor.
+pub fn narrow_rows(
+    file: HashMap<String, Tensor>,
+    (start, len, num_classes): (i64, i64, i64),
+    origin: &Path,
+) -> Result<HashMap<String, Tensor>> {
+    file.into_iter()
+        .map(|(k, t)| {
+            if t.dim() == 0 || t.size()[0] != num_classes {
+                bail!(
+                    "{}: `{k}` has shape {:?}, expected {num_classes} class rows (a whole classifier) to take this rank's block from",
+                    origin.display(),
+                    t.size()
+                );
+            }
+            Ok((k, t.narrow(0, start, len).contiguous()))
+        })
+        .collect()
+}
+
+/// [`load_exact`] of this rank's block of rows `(start, len, num_classes)` of a whole classifier
+/// file (`None`: the whole file).
+pub fn load_exact_rows(
+    vs: &VarStore,
+    path: &Path,
+    what: &str,
+    rows: Option<(i64, i64, i64)>,
+) -> Result<()> {
+    let Some(rows) = rows else {
+        return load_exact(vs, path, what);
+    };
+    let file = narrow_rows(read_tensors(path)?, rows, path)?;
+    let report = KeyReport::compare(&file, &vs.variables());
+    if !report.is_exact() {
+        bail!(
+            "{}: this {what} does not fit the configured model ({})",
+            path.display(),
+            report.describe()
+        );
+    }
+    copy_into(vs, &file);
+    Ok(())
+}
+
 /// The state tensors of a checkpoint's optimiser file.
 pub fn read_optimizer(dir: &Path) -> Result<HashMap<String, Tensor>> {
     read_tensors(&dir.join("optimizer.safetensors"))
@@ -703,13 +786,22 @@ pub fn init_backbone(vs: &VarStore, path: &Path, strict: bool) -> Result<KeyRepo
 /// With `init.classifier`: load `classifier.safetensors` from beside the backbone file that
 /// `init.from` resolves to, exactly.
 pub fn init_classifier(vs: &VarStore, from: &Path) -> Result<PathBuf> {
+    init_classifier_rows(vs, from, None)
+}
+
+/// [`init_classifier`] of this rank's block of rows `(start, len, num_classes)` (model parallel).
+pub fn init_classifier_rows(
+    vs: &VarStore,
+    from: &Path,
+    rows: Option<(i64, i64, i64)>,
+) -> Result<PathBuf> {
     let model = resolve_init(from)?;
     let path = model.with_file_name("classifier.safetensors");
     if !path.is_file() {
         bail!("config key `init.classifier`: {} has no classifier.safetensors beside it (point init.from at a run or checkpoint folder)", model.display());
     }
     verify_if_checkpoint(&path).context("config key `init.classifier`")?;
-    load_exact(vs, &path, "classifier (init.classifier)")
+    load_exact_rows(vs, &path, "classifier (init.classifier)", rows)
         .context("config key `init.classifier`")?;
     Ok(path)
 }

@@ -7,6 +7,76 @@
 use anyhow::{bail, Context, Result};
 use facerec_backbone::BackboneConfig;
 use facerec_loss_heads::{HeadConfig, PartialFcConfig};
+
+/// How the classifier's rows are placed over the processes of a run (`classifier.sharding`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Sharding {
+    /// Rank r holds only its contiguous block of class rows (and their optimiser state); the
+    /// embeddings are gathered and the softmax is computed across ranks (docs/distributed.md).
+    ModelParallel,
+    /// Every rank holds the whole classifier; its gradients are averaged (data parallel).
+    Replicated,
+}
+
+/// What the optimiser does to the classifier rows a Partial FC step did not sample
+/// (`partial_fc.optimizer_semantics`).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OptimizerSemantics {
+    /// Unsampled rows keep their weights, momentum and weight decay untouched (facerec's default).
+    #[default]
+    V1,
+    /// arcface_torch's `partial_fc_v2`: every row gets momentum and weight decay every step (an
+    /// unsampled row's gradient is zero).
+    V2,
+}
+
+/// `[partial_fc]`: the sampler's settings (`facerec-loss-heads`' [`PartialFcConfig`]) and what the
+/// optimiser does to the rows a step did not sample.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PartialFcSettings {
+    /// Fraction of the classes kept per step, in `(0, 1]` (per rank's block under model
+    /// parallel). Default 1.0.
+    #[serde(default = "default_sample_rate")]
+    pub sample_rate: f64,
+    /// Seed of the sampler's generator. Default 0.
+    #[serde(default)]
+    pub seed: u64,
+    /// `"v1"` (default) or `"v2"`: see [`OptimizerSemantics`].
+    #[serde(default)]
+    pub optimizer_semantics: OptimizerSemantics,
+}
+
+fn default_sample_rate() -> f64 {
+    1.0
+}
+
+impl Default for PartialFcSettings {
+    fn default() -> Self {
+        PartialFcSettings {
+            sample_rate: default_sample_rate(),
+            seed: 0,
+            optimizer_semantics: OptimizerSemantics::V1,
+        }
+    }
+}
+
+impl PartialFcSettings {
+    /// The sampler's config.
+    pub fn sampler(&self) -> PartialFcConfig {
+        PartialFcConfig {
+            sample_rate: self.sample_rate,
+            seed: self.seed,
+        }
+    }
+
+    /// Whether the optimiser restricts a step to the sampled rows (sampling on, semantics v1).
+    pub fn masks_rows(&self) -> bool {
+        self.sample_rate < 1.0 && self.optimizer_semantics == OptimizerSemantics::V1
+    }
+}
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -41,7 +111,7 @@ pub struct Config {
     pub head: HeadConfig,
     /// Partial FC class sampling (arcface_torch `sample_rate`).
     #[serde(default)]
-    pub partial_fc: PartialFcConfig,
+    pub partial_fc: PartialFcSettings,
     /// Optimiser.
     #[serde(default)]
     pub optim: OptimConfig,
@@ -186,6 +256,21 @@ pub struct ClassifierConfig {
     /// Number of classes. Default: the training source's class count. Every label must be below it.
     #[serde(default)]
     pub num_classes: Option<usize>,
+    /// `"model_parallel"` or `"replicated"` (see [`Sharding`]). Default: model parallel when the
+    /// run has more than one process, replicated for one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sharding: Option<Sharding>,
+}
+
+impl ClassifierConfig {
+    /// The sharding of a run of `world` processes.
+    pub fn sharding_for(&self, world: usize) -> Sharding {
+        self.sharding.unwrap_or(if world > 1 {
+            Sharding::ModelParallel
+        } else {
+            Sharding::Replicated
+        })
+    }
 }
 
 /// Optimiser. Two parameter groups: the backbone (`weight_decay`) and the classifier
@@ -669,7 +754,7 @@ impl Config {
         self.model.validate()?;
         at_key("head", self.head.validate())?;
         check_sphereface_scale(&self.head)?;
-        at_key("partial_fc", self.partial_fc.validate())?;
+        at_key("partial_fc", self.partial_fc.sampler().validate())?;
         self.validate_train()?;
         self.optim.validate()?;
         self.validate_methods()?;

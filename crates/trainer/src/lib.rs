@@ -5,7 +5,7 @@
 //! ([`amp`]), LR schedules ([`schedule`]), checkpoints ([`checkpoint`]), logs ([`log`]), and the
 //! run, split by job: the training data ([`sources`]), the evaluation sets ([`eval_sets`]), the
 //! model in its precision ([`model`]), the checkpointed state ([`state`]), one optimiser step
-//! ([`step`]), the loop ([`run`]) and its report ([`summary`]); the data-parallel processes in [`world`]; the classifier memory check in [`memory`]. Training objectives (margin softmax,
+//! ([`step`]), the loop ([`run`]) and its report ([`summary`]); the data-parallel processes in [`world`]; the model-parallel classifier in [`model_parallel`]; the classifier memory check in [`memory`]. Training objectives (margin softmax,
 //! CoReFace, cluster-guided) are in [`objective`]; the `facerec` subcommands in [`commands`].
 //! See docs/architecture.md.
 //! Library crates never depend on this one.
@@ -19,6 +19,7 @@ pub mod eval_sets;
 pub mod log;
 pub mod memory;
 pub mod model;
+pub mod model_parallel;
 pub mod objective;
 pub mod optim;
 pub mod run;

@@ -30,7 +30,7 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
-use tch::Device;
+use tch::{Device, Tensor};
 
 /// Where the run looks for the workspace (for `../shared/data` and `target/shared-data`).
 #[derive(Debug, Clone)]
@@ -146,7 +146,8 @@ impl<'a> Trainer<'a> {
             Some(run_dir) => Some(find_resume_point(&facts, &data.loader, run_dir, opts)?),
             None => None,
         };
-        let mut st = State::new(cfg, data.num_classes, device);
+        let shard = crate::model_parallel::shard_of(cfg, data.num_classes, &world)?;
+        let mut st = State::new_sharded(cfg, data.num_classes, shard, device);
         let mut objective = crate::objective::build(cfg, data.num_classes as i64, device);
         let init_line = match &resume {
             Some(r) => {
@@ -155,7 +156,13 @@ impl<'a> Trainer<'a> {
             }
             None => st.initialise(cfg)?,
         };
-        world.broadcast_from_main(&[&st.backbone_vs, &st.head_vs])?;
+        if shard.is_some() {
+            // Model parallel: each rank's classifier is its own block (the same rows whatever
+            // the world size), only the backbone is shared.
+            world.broadcast_from_main(&[&st.backbone_vs])?;
+        } else {
+            world.broadcast_from_main(&[&st.backbone_vs, &st.head_vs])?;
+        }
 
         let (run_dir, mut logger) = open_run_dir(cfg, resume.as_ref(), &world)?;
         let total_steps = data.steps_per_epoch * cfg.train.epochs;
@@ -278,6 +285,14 @@ impl<'a> Trainer<'a> {
                 cfg.train.batch_size
             ));
         }
+        if let Some(shard) = self.st.shard {
+            log.line(&format!(
+                "model-parallel classifier (classifier.sharding): {world} blocks of {} classes; rank 0 holds rows [{}, {})",
+                shard.num_classes,
+                shard.start,
+                shard.end()
+            ));
+        }
         if let Some(r) = resume {
             for note in &r.notes {
                 log.line(note);
@@ -362,6 +377,7 @@ impl<'a> Trainer<'a> {
                 num_classes: self.facts.num_classes,
                 device: self.device,
                 world: &self.world,
+                shard: self.st.shard,
             };
             let outcome = plan.run(
                 &mut self.st,
@@ -487,16 +503,17 @@ impl<'a> Trainer<'a> {
     fn save_checkpoint(&self) -> Result<PathBuf> {
         self.world.barrier()?;
         let parent = self.run_dir.join("checkpoints");
-        let saved = if self.world.is_main() {
+        let whole = self.whole_classifier()?;
+        let saved = if let Some((classifier, optimizer)) = whole {
             let order_fp = checkpoint::fingerprint(&self.loader.epoch_order(self.st.epoch));
             let mut meta = self.facts.meta(&self.st, order_fp);
             meta.segments = self.segments_now();
-            checkpoint::save(
+            checkpoint::save_named(
                 &parent,
                 &meta,
                 &self.st.backbone_vs,
-                &self.st.head_vs,
-                &self.st.opt,
+                &classifier,
+                &optimizer,
                 &self.objective.state(),
                 self.cfg.checkpoint.keep,
             )?
@@ -505,6 +522,31 @@ impl<'a> Trainer<'a> {
         };
         self.world.barrier()?;
         Ok(saved)
+    }
+
+    /// The whole classifier's variables and the optimiser state with the whole classifier's
+    /// buffers, on rank 0 (`None` on the other ranks). Model parallel: gathered block by block
+    /// (every rank takes part); otherwise this process's own.
+    #[allow(clippy::type_complexity)]
+    fn whole_classifier(&self) -> Result<Option<(Vec<(String, Tensor)>, Vec<(String, Tensor)>)>> {
+        let Some(shard) = self.st.shard else {
+            if !self.world.is_main() {
+                return Ok(None);
+            }
+            let mut named: Vec<(String, Tensor)> =
+                self.st.head_vs.variables().into_iter().collect();
+            named.sort_by(|a, b| a.0.cmp(&b.0));
+            return Ok(Some((named, self.st.opt.state_tensors())));
+        };
+        let classifier =
+            crate::model_parallel::gather_classifier(&self.world, &self.st.head_vs, shard)?;
+        let optimizer = crate::model_parallel::gather_optimizer_state(
+            &self.world,
+            self.st.opt.state_tensors(),
+            crate::state::CLASSIFIER_GROUP,
+            shard,
+        )?;
+        Ok(classifier.zip(optimizer))
     }
 
     /// Verify on every evaluation set, log it and keep the best accuracies.
@@ -533,6 +575,12 @@ impl<'a> Trainer<'a> {
         let train_seconds = segments.iter().filter_map(|s| s.train_seconds).sum();
         let targets = self.evaluate();
         self.save_checkpoint()?;
+        let classifier = match self.st.shard {
+            Some(shard) => {
+                crate::model_parallel::gather_classifier(&self.world, &self.st.head_vs, shard)?
+            }
+            None => None,
+        };
         if !self.world.is_main() {
             return Ok(RunSummary {
                 run_dir: self.run_dir.clone(),
@@ -549,10 +597,11 @@ impl<'a> Trainer<'a> {
             &self.st.backbone_vs,
             &self.run_dir.join("model.safetensors"),
         )?;
-        checkpoint::save_varstore(
-            &self.st.head_vs,
-            &self.run_dir.join("classifier.safetensors"),
-        )?;
+        let classifier_file = self.run_dir.join("classifier.safetensors");
+        match classifier {
+            Some(named) => checkpoint::save_named_atomic(&named, &classifier_file)?,
+            None => checkpoint::save_varstore(&self.st.head_vs, &classifier_file)?,
+        }
         let summary = RunSummary {
             run_dir: self.run_dir.clone(),
             steps: self.st.step,
@@ -603,9 +652,14 @@ impl TrainingData {
         .expect("a required source is always opened");
         let num_classes = cfg.classifier.num_classes.unwrap_or(source.num_classes());
         check_labels(source.as_ref(), num_classes)?;
+        // Model parallel: each rank holds one block of rows (the largest is ceil(C / W)).
+        let rows = match cfg.classifier.sharding_for(world.size()) {
+            crate::config::Sharding::ModelParallel => num_classes.div_ceil(world.size()),
+            crate::config::Sharding::Replicated => num_classes,
+        };
         crate::memory::check_classifier_fits(
             cfg,
-            num_classes,
+            rows,
             device,
             &crate::memory::class_count_origin(cfg),
         )?;

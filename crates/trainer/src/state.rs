@@ -10,7 +10,7 @@ use crate::objective::Objective;
 use crate::optim::{Optimizer, ParamGroup};
 use anyhow::{bail, Context, Result};
 use facerec_backbone::Backbone;
-use facerec_loss_heads::Classifier;
+use facerec_loss_heads::{ClassShard, Classifier};
 use std::path::{Path, PathBuf};
 use tch::{nn, Device, Tensor};
 
@@ -45,6 +45,9 @@ pub struct State {
     pub consecutive_bad: usize,
     /// Best accuracy per evaluation target.
     pub best: Vec<f64>,
+    /// Model parallel: the block of class rows this rank's classifier holds (`None`: the whole
+    /// classifier).
+    pub shard: Option<ClassShard>,
 }
 
 impl State {
@@ -86,7 +89,37 @@ impl State {
             skipped: 0,
             consecutive_bad: 0,
             best: Vec::new(),
+            shard: None,
         }
+    }
+
+    /// A fresh state whose classifier is `shard`'s block of `num_classes` rows (model parallel,
+    /// initialised world-size independently: `model_parallel::init_block`), or the whole
+    /// classifier when `shard` is `None`.
+    pub fn new_sharded(
+        cfg: &Config,
+        num_classes: usize,
+        shard: Option<ClassShard>,
+        device: Device,
+    ) -> Self {
+        let Some(shard) = shard else {
+            return Self::new(cfg, num_classes, device);
+        };
+        let mut st = Self::new(cfg, shard.len as usize, device);
+        crate::model_parallel::init_block(
+            &st.head_vs,
+            cfg.head.classifier_kind(),
+            shard,
+            cfg.model.embedding_size(),
+            cfg.seed,
+        );
+        st.shard = Some(shard);
+        st
+    }
+
+    /// This rank's rows of a whole classifier file (`None`: all of them).
+    fn rows(&self) -> Option<(i64, i64, i64)> {
+        self.shard.map(crate::model_parallel::rows)
     }
 
     /// Continue from the checkpoint in `dir` (whose `meta` has been checked): weights, optimiser,
@@ -105,14 +138,25 @@ impl State {
             &dir.join("model.safetensors"),
             "checkpoint's backbone",
         )?;
-        checkpoint::load_exact(
+        checkpoint::load_exact_rows(
             &self.head_vs,
             &dir.join("classifier.safetensors"),
             "checkpoint's classifier",
+            self.rows(),
         )?;
+        let opt_file = dir.join("optimizer.safetensors");
+        let mut opt_state = checkpoint::read_optimizer(dir)?;
+        if let Some(shard) = self.shard {
+            opt_state = crate::model_parallel::narrow_optimizer_state(
+                opt_state,
+                CLASSIFIER_GROUP,
+                shard,
+                &opt_file,
+            )?;
+        }
         self.opt
-            .load_state(checkpoint::read_optimizer(dir)?)
-            .with_context(|| format!("{}", dir.join("optimizer.safetensors").display()))?;
+            .load_state(opt_state)
+            .with_context(|| format!("{}", opt_file.display()))?;
         self.scaler.load_state(meta.scaler);
         (self.step, self.epoch, self.batch_in_epoch) = (meta.step, meta.epoch, meta.batch_in_epoch);
         // A resumed run starts a new count of consecutive non-finite steps: the user resumes after
@@ -136,7 +180,7 @@ impl State {
             report.describe()
         );
         if cfg.init.classifier {
-            checkpoint::init_classifier(&self.head_vs, from)?;
+            checkpoint::init_classifier_rows(&self.head_vs, from, self.rows())?;
             line.push_str("\nclassifier initialised from the same folder (init.classifier)");
         }
         Ok(Some(line))

@@ -12,7 +12,8 @@ use crate::world::World;
 use anyhow::{Context, Result};
 use facerec_data::EpochIter;
 use std::time::Instant;
-use tch::{Device, Tensor};
+use facerec_loss_heads::ClassShard;
+use tch::{Device, Kind, Tensor};
 
 /// Loss, the classifier rows it may change and the objective's metrics, of one or several
 /// micro-batches.
@@ -63,6 +64,9 @@ pub struct StepPlan<'a> {
     pub device: Device,
     /// The data-parallel processes (a world of one: no collectives).
     pub world: &'a World,
+    /// Model parallel: this rank's block of the classifier (`None`: the classifier is whole on
+    /// every rank, data parallel).
+    pub shard: Option<ClassShard>,
 }
 
 impl StepPlan<'_> {
@@ -101,7 +105,7 @@ impl StepPlan<'_> {
         lr: f64,
     ) -> Result<StepOutcome> {
         let buffers = self.begin(st, objective);
-        let micro = self.micro_batch(st, objective, x, y, images, 1);
+        let micro = self.micro_batch(st, objective, x, y, images, 1)?;
         self.finish(st, objective, buffers, micro, lr, &mut Window::default())
     }
 
@@ -129,7 +133,7 @@ impl StepPlan<'_> {
         let (loss, row_mask, metrics) = micro;
         let t1 = Instant::now();
         let (loss, row_mask) = self.synchronise(st, loss, row_mask)?;
-        let (finite, collapsed) = self.apply(st, row_mask, loss, lr);
+        let (finite, collapsed) = self.apply(st, row_mask, loss, lr)?;
         if !finite {
             State::restore_buffers(&mut buffers);
         }
@@ -173,7 +177,7 @@ impl StepPlan<'_> {
             window.wait += (t0 - wait_start).as_secs_f64();
             let (x, y) = batch.to_tensors(self.device);
             let (loss, mask, m) =
-                self.micro_batch(st, objective, &x, &y, &batch.indices, accumulation);
+                self.micro_batch(st, objective, &x, &y, &batch.indices, accumulation)?;
             loss_v += loss;
             row_mask = match (row_mask.take(), mask) {
                 (Some(a), Some(b)) => Some(a.maximum(&b)),
@@ -198,16 +202,75 @@ impl StepPlan<'_> {
         y: &Tensor,
         images: &[usize],
         accumulation: usize,
-    ) -> MicroResult {
+    ) -> Result<MicroResult> {
         objective.set_batch_images(images);
+        if let Some(shard) = self.shard {
+            return self.micro_batch_sharded(st, objective, x, y, accumulation, shard);
+        }
         let micro = objective.loss(&st.model(self.cfg.train.precision, self.num_classes), x, y);
         let loss = micro.loss / accumulation as f64;
         st.scaler.scale_loss(&loss).backward();
-        (
+        Ok((
             f64::try_from(&loss).unwrap_or(f64::NAN),
-            micro.row_mask,
+            self.row_mask_of(micro.row_mask),
             micro.metrics,
-        )
+        ))
+    }
+
+    /// Model parallel: one micro-batch against this rank's block `shard`. The embeddings
+    /// (detached) and labels of every rank are gathered into a leaf `emb_g [W * B, D]`; the
+    /// objective's sharded loss (the global mean over the gathered batch) is backpropagated to
+    /// the block and to `emb_g`; the gradient of `emb_g` is summed over the ranks and this rank's
+    /// rows of it (reduce-scatter) go through the backbone as `(emb * grad).sum().backward()`.
+    /// Every rank gets the same loss; the backbone gradient is this rank's share of the global
+    /// one (summed over ranks in [`StepPlan::synchronise`]).
+    fn micro_batch_sharded(
+        &self,
+        st: &mut State,
+        objective: &mut dyn Objective,
+        x: &Tensor,
+        y: &Tensor,
+        accumulation: usize,
+        shard: ClassShard,
+    ) -> Result<MicroResult> {
+        let model = st.model(self.cfg.train.precision, shard.len as usize);
+        let emb = model.embed(x, true);
+        let emb_g = self
+            .world
+            .all_gather_cat(&emb.detach().to_kind(Kind::Float), "the embeddings")?
+            .set_requires_grad(true);
+        let y_g = self.world.all_gather_cat(y, "the labels")?;
+        let micro = objective.sharded_loss(&model, &emb_g, &y_g, shard, self.world)?;
+        let loss = micro.loss / accumulation as f64;
+        st.scaler.scale_loss(&loss).backward();
+        let mut grad_g = emb_g.grad();
+        if !grad_g.defined() {
+            // Every rank takes part in the reduce-scatter, even one whose loss did not reach
+            // the embeddings.
+            grad_g = emb_g.zeros_like();
+        }
+        let grad_own = self
+            .world
+            .reduce_scatter_sum(&grad_g, "the gathered embeddings' gradient")?;
+        (&emb * grad_own.to_kind(emb.kind()))
+            .sum(emb.kind())
+            .backward();
+        Ok((
+            f64::try_from(&loss).unwrap_or(f64::NAN),
+            self.row_mask_of(micro.row_mask),
+            micro.metrics,
+        ))
+    }
+
+    /// The rows the optimiser may change: the sampled rows under `partial_fc.optimizer_semantics
+    /// = "v1"`, every row (`None`) under `"v2"` (momentum and weight decay touch every row; an
+    /// unsampled row's gradient is zero).
+    fn row_mask_of(&self, mask: Option<Tensor>) -> Option<Tensor> {
+        if self.cfg.partial_fc.masks_rows() {
+            mask
+        } else {
+            None
+        }
     }
 
     /// Data parallel: average the gradients and the loss over the ranks and unite their Partial FC
@@ -222,6 +285,12 @@ impl StepPlan<'_> {
         if self.world.size() == 1 {
             return Ok((loss, row_mask));
         }
+        if self.shard.is_some() {
+            // Model parallel: the loss is already global and each rank's row mask is over its
+            // own block; the backbone gradients are shares of the global one.
+            self.world.sum_gradients(&st.backbone_params)?;
+            return Ok((loss, row_mask));
+        }
         let params: Vec<Tensor> = st.opt.params().map(Tensor::shallow_clone).collect();
         self.world.average_gradients(&params)?;
         self.world.reduce_loss_and_rows(loss, row_mask)
@@ -230,11 +299,23 @@ impl StepPlan<'_> {
     /// Unscale the gradients, check them, and update: clip the backbone's gradient norm
     /// (`train.grad_clip`) and take the optimiser step, touching only the classifier rows in
     /// `row_mask` (Partial FC). A non-finite loss or gradient skips the update and is counted.
-    /// Returns `(finite, scale collapsed)`.
-    fn apply(&self, st: &mut State, row_mask: Option<Tensor>, loss: f64, lr: f64) -> (bool, bool) {
+    /// Returns `(finite, scale collapsed)`. Model parallel: finite on every rank (each checks
+    /// its own class block), so every rank takes the same decision.
+    fn apply(
+        &self,
+        st: &mut State,
+        row_mask: Option<Tensor>,
+        loss: f64,
+        lr: f64,
+    ) -> Result<(bool, bool)> {
         st.opt.set_row_mask(CLASSIFIER_GROUP, row_mask);
         st.scaler.unscale(st.opt.params());
-        let finite = loss.is_finite() && st.opt.grads_finite();
+        let mut finite = loss.is_finite() && st.opt.grads_finite();
+        if self.shard.is_some() {
+            finite = self
+                .world
+                .all_true(finite, "whether every rank's gradients are finite")?;
+        }
         let collapsed = st.scaler.update(finite);
         if finite {
             st.consecutive_bad = 0;
@@ -246,6 +327,6 @@ impl StepPlan<'_> {
             st.skipped += 1;
             st.consecutive_bad += 1;
         }
-        (finite, collapsed)
+        Ok((finite, collapsed))
     }
 }

@@ -171,6 +171,101 @@ impl World {
         String::from_utf8(bytes).with_context(|| format!("rank 0's `{key}` is not UTF-8"))
     }
 
+    /// Sum the gradients of `params` over all ranks, in place (bucketed): model parallel, where
+    /// each rank's loss is already the global mean and its backbone gradient one share of it.
+    pub fn sum_gradients(&self, params: &[Tensor]) -> Result<()> {
+        let Some(pg) = &self.group else { return Ok(()) };
+        let mut grads: Vec<Tensor> = params
+            .iter()
+            .map(Tensor::grad)
+            .filter(Tensor::defined)
+            .collect();
+        pg.all_reduce_bucketed(&mut grads, ReduceOp::Sum, BUCKET_BYTES)
+            .context("summing the backbone gradients over the ranks")
+    }
+
+    /// Every rank's `t` concatenated along the first dimension, in rank order (`t` itself in a
+    /// world of one).
+    ///
+    /// # Shapes
+    /// `t [n, ...]`, the same shape on every rank -> `[world * n, ...]`.
+    pub fn all_gather_cat(&self, t: &Tensor, what: &str) -> Result<Tensor> {
+        match &self.group {
+            Some(pg) => pg
+                .all_gather_cat(t)
+                .with_context(|| format!("gathering {what} from every rank")),
+            None => Ok(t.shallow_clone()),
+        }
+    }
+
+    /// Block `rank` of the element-wise sum over ranks of `t` (reduce-scatter); `t` itself in a
+    /// world of one.
+    ///
+    /// # Shapes
+    /// `t [world * n, ...]` -> `[n, ...]`.
+    pub fn reduce_scatter_sum(&self, t: &Tensor, what: &str) -> Result<Tensor> {
+        match &self.group {
+            Some(pg) => pg
+                .reduce_scatter(t, ReduceOp::Sum)
+                .with_context(|| format!("summing and scattering {what}")),
+            None => Ok(t.shallow_clone()),
+        }
+    }
+
+    /// Element-wise `op` over ranks of `t`, in place (nothing in a world of one).
+    pub fn all_reduce(&self, t: &mut Tensor, op: ReduceOp, what: &str) -> Result<()> {
+        match &self.group {
+            Some(pg) => pg
+                .all_reduce(t, op)
+                .with_context(|| format!("reducing {what} over the ranks")),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether `flag` holds on every rank (one all-reduce).
+    pub fn all_true(&self, flag: bool, what: &str) -> Result<bool> {
+        let mut t = Tensor::from_slice(&[f64::from(u8::from(!flag))]);
+        self.all_reduce(&mut t, ReduceOp::Sum, what)?;
+        Ok(f64::try_from(&t)? == 0.0)
+    }
+
+    /// Rank 0 receives every rank's block of rows, concatenated in rank order (`None` on the
+    /// other ranks): one broadcast per rank, so no rank holds more than its block and one other
+    /// at a time, except rank 0, which holds the whole. `rows[r]` is rank r's block length; the
+    /// trailing shape and kind are those of `block`, the same on every rank.
+    ///
+    /// # Shapes
+    /// `block [rows[rank], ...]` -> `[sum(rows), ...]` on rank 0.
+    pub fn gather_rows_to_main(
+        &self,
+        block: &Tensor,
+        rows: &[i64],
+        what: &str,
+    ) -> Result<Option<Tensor>> {
+        let Some(pg) = &self.group else {
+            return Ok(Some(block.shallow_clone()));
+        };
+        let _guard = tch::no_grad_guard();
+        let mut parts = Vec::with_capacity(rows.len());
+        for (root, &n) in rows.iter().enumerate() {
+            let mut buf = if root == self.rank {
+                block.detach().contiguous().copy()
+            } else {
+                let mut shape = block.size();
+                shape[0] = n;
+                Tensor::empty(shape.as_slice(), (block.kind(), block.device()))
+            };
+            if n > 0 {
+                pg.broadcast(&mut buf, root)
+                    .with_context(|| format!("sending rank {root}'s block of {what} to rank 0"))?;
+            }
+            if self.is_main() {
+                parts.push(buf);
+            }
+        }
+        Ok(self.is_main().then(|| Tensor::cat(&parts, 0)))
+    }
+
     /// Wait for every rank.
     pub fn barrier(&self) -> Result<()> {
         match &self.group {

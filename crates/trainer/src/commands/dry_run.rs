@@ -29,7 +29,7 @@ use facerec_backbone::{Backbone, BackboneConfig, IResNet, MobileFaceNet, ViT};
 use tch::nn::{self, Module, ModuleT};
 use tch::{Device, Kind, Tensor};
 
-use crate::config::{Config, OptimConfig};
+use crate::config::{Config, OptimConfig, Sharding};
 
 /// Bytes per fp32 value.
 const F32: i64 = 4;
@@ -247,6 +247,8 @@ pub struct DryRun {
     /// Processes of a data-parallel run (`--nproc`; 1 = one process). Every number above is per
     /// process: each holds the whole model and trains on its own batch of `batch_size`.
     pub processes: i64,
+    /// How the classifier is placed over the processes (`classifier.sharding`).
+    pub sharding: Sharding,
 }
 
 impl DryRun {
@@ -282,6 +284,48 @@ impl DryRun {
         let n = self.processes.max(1);
         2 * (n - 1) * self.reduced_values_per_step() * F32 / n
     }
+    /// Model parallel: the class rows of the largest block, `ceil(C / N)`.
+    pub fn shard_rows(&self) -> i64 {
+        let n = self.processes.max(1);
+        (self.classifier.num_classes + n - 1) / n
+    }
+    /// Model parallel: weights + optimiser state + gradients of one rank's block, fp32 bytes.
+    pub fn shard_total_bytes(&self) -> i64 {
+        let per_row = self.embedding_size + i64::from(self.classifier.bias);
+        (2 + self.classifier.state_buffers) * self.shard_rows() * per_row * F32
+    }
+    /// Model parallel: the classes of one rank's Partial FC sample, `max(1, floor(r * rows))`.
+    pub fn shard_sampled(&self) -> i64 {
+        let rows = self.shard_rows();
+        ((self.classifier.sample_rate * rows as f64).floor() as i64).clamp(1, rows.max(1))
+    }
+    /// Model parallel: one `[N * B, C'_r]` fp32 logits tensor of one rank, bytes.
+    pub fn shard_logits_bytes(&self) -> i64 {
+        self.processes.max(1) * self.batch_size * self.shard_sampled() * F32
+    }
+    /// Model parallel: bytes each rank sends per step, by collective (ring algorithms; 0 for one
+    /// process): the all-gather of the embeddings (fp32) and labels (int64), the three
+    /// all-reduces of the sharded softmax (`[N * B, 2]` target cosines and owner counts, then the
+    /// `[N * B]` row maxima and sums of exponentials: 4 fp32 values per gathered row),
+    /// the reduce-scatter of the gathered embeddings' gradient, and the backbone gradient's
+    /// all-reduce. The classifier's gradient is not communicated.
+    pub fn model_parallel_bytes(&self) -> [(&'static str, i64); 5] {
+        let n = self.processes.max(1);
+        let (b, d) = (self.batch_size, self.embedding_size);
+        [
+            ("all-gather embeddings + labels", (n - 1) * b * (d * F32 + 8)),
+            (
+                "softmax statistics (3 all-reduces, 4 values per gathered row)",
+                4 * 2 * (n - 1) * b * F32,
+            ),
+            ("reduce-scatter of the embedding gradient", (n - 1) * b * d * F32),
+            (
+                "backbone gradient all-reduce",
+                2 * (n - 1) * (self.backbone.trainable + 2) * F32 / n,
+            ),
+            ("step flags (loss, finite)", 0),
+        ]
+    }
     /// Layer outputs of one batch with the trunk in fp16 (amp), bytes.
     pub fn activation_bytes_amp(&self) -> i64 {
         let a = self.activations_per_image;
@@ -316,6 +360,7 @@ pub fn estimate(model: &BackboneConfig, classifier: ClassifierSpec, batch_size: 
         batch_size,
         activations_per_image: activations,
         processes: 1,
+        sharding: Sharding::Replicated,
     }
 }
 
@@ -372,6 +417,7 @@ pub fn from_config(cfg: &Config) -> Result<DryRun> {
 pub fn run(cfg: &Config, processes: usize) -> Result<()> {
     let mut report = from_config(cfg)?;
     report.processes = processes.max(1) as i64;
+    report.sharding = cfg.classifier.sharding_for(processes.max(1));
     print!("{report}");
     Ok(())
 }
@@ -476,6 +522,9 @@ impl fmt::Display for DryRun {
             mem(self.batch_size * 3 * s * s * F32),
             self.batch_size
         )?;
+        if self.processes > 1 && self.sharding == Sharding::ModelParallel {
+            return self.fmt_model_parallel(f);
+        }
         if self.processes > 1 {
             let n = self.processes;
             writeln!(
@@ -487,6 +536,49 @@ impl fmt::Display for DryRun {
                 mem(self.reduced_values_per_step() * F32),
                 mem(self.allreduce_bytes_per_rank())
             )?;
+        }
+        Ok(())
+    }
+}
+
+impl DryRun {
+    /// The model-parallel lines: per-rank classifier block, logits and bytes per step.
+    fn fmt_model_parallel(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.processes;
+        writeln!(
+            f,
+            "model parallel (classifier.sharding = \"model_parallel\"): {n} processes, batch {} each, global batch {}; the classifier figures above are for the whole matrix, each rank holds one block of it:",
+            self.batch_size,
+            n * self.batch_size
+        )?;
+        writeln!(
+            f,
+            "  per-rank classifier: {} rows (ceil(C / {n})) x {}, weights + gradients + {} optimiser buffer(s) = {} ({} B)",
+            thousands(self.shard_rows()),
+            self.embedding_size,
+            self.classifier.state_buffers,
+            mem(self.shard_total_bytes()),
+            thousands(self.shard_total_bytes())
+        )?;
+        writeln!(
+            f,
+            "  per-rank logits: [{} x {}] (gathered batch x the block's {} sampled classes) = {} per tensor ({} B)",
+            thousands(n * self.batch_size),
+            thousands(self.shard_sampled()),
+            thousands(self.shard_sampled()),
+            mem(self.shard_logits_bytes()),
+            thousands(self.shard_logits_bytes())
+        )?;
+        let parts = self.model_parallel_bytes();
+        let total: i64 = parts.iter().map(|p| p.1).sum();
+        writeln!(
+            f,
+            "  bytes each rank sends per step: {} ({} B) in all",
+            mem(total),
+            thousands(total)
+        )?;
+        for (what, bytes) in parts.iter().filter(|p| p.1 > 0) {
+            writeln!(f, "    {what}: {} ({} B)", mem(*bytes), thousands(*bytes))?;
         }
         Ok(())
     }
@@ -660,5 +752,46 @@ mod data_parallel_tests {
             "the Partial FC row mask is united too"
         );
         assert!(r.to_string().contains("data parallel: 4 processes"));
+    }
+
+    /// Model parallel at C = 2,000,000, D = 512, B = 128, SGD with momentum: the block, logits
+    /// and bytes by hand at 8 and 64 ranks.
+    #[test]
+    fn model_parallel_figures_by_hand() {
+        let cfg = BackboneConfig::Iresnet(IResNetConfig {
+            depth: None,
+            layers: Some([1, 1, 1, 1]),
+            widths: [2, 4, 8, 16],
+            embedding_size: 512,
+            dropout: 0.0,
+            input_size: 16,
+        });
+        let spec = ClassifierSpec {
+            num_classes: 2_000_000,
+            bias: false,
+            sample_rate: 1.0,
+            state_buffers: 1,
+        };
+        let mut r = estimate(&cfg, spec, 128);
+        r.sharding = Sharding::ModelParallel;
+        r.processes = 8;
+        assert_eq!(r.shard_rows(), 250_000);
+        assert_eq!(r.shard_total_bytes(), 3 * 250_000 * 512 * 4);
+        assert_eq!(r.shard_logits_bytes(), 8 * 128 * 250_000 * 4);
+        let parts = r.model_parallel_bytes();
+        assert_eq!(parts[0].1, 7 * 128 * (512 * 4 + 8));
+        assert_eq!(parts[2].1, 7 * 128 * 512 * 4);
+        r.processes = 64;
+        assert_eq!(r.shard_rows(), 31_250);
+        // The gathered batch grows as the block shrinks: the logits stay the same size.
+        assert_eq!(r.shard_logits_bytes(), 64 * 128 * 31_250 * 4);
+        r.classifier.sample_rate = 0.3;
+        assert_eq!(r.shard_sampled(), 9375);
+        let text = r.to_string();
+        assert!(text.contains("model parallel"), "{text}");
+        assert!(text.contains("per-rank classifier: 31,250 rows"), "{text}");
+        r.processes = 3;
+        r.classifier.num_classes = 10;
+        assert_eq!(r.shard_rows(), 4, "C not divisible by N: the first blocks hold one row more");
     }
 }

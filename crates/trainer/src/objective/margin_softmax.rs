@@ -5,7 +5,8 @@
 use super::{MicroLoss, Model, Objective};
 use anyhow::Context;
 use facerec_loss_heads::{
-    margin_cross_entropy_with_norms, HeadConfig, MarginHead, PartialFc, PartialFcConfig,
+    margin_cross_entropy_with_norms, sharded_training_loss, ClassShard, Collectives, HeadConfig,
+    MarginHead, PartialFc, PartialFcConfig,
 };
 use std::collections::HashMap;
 use tch::Tensor;
@@ -108,6 +109,44 @@ impl Objective for MarginSoftmax {
         self.head
             .load_state(head)
             .context("objective state `head.*`")
+    }
+
+    /// Every margin head (and softmax) through the sharded cross-entropy; with Partial FC, this
+    /// rank's sample of its block (`PartialFc::sample_shard`: every positive of the gathered
+    /// batch in the block plus a uniform share, `sample_rate` per block).
+    fn sharded_loss(
+        &mut self,
+        model: &Model,
+        emb_g: &Tensor,
+        y_g: &Tensor,
+        shard: ClassShard,
+        comm: &dyn Collectives,
+    ) -> anyhow::Result<MicroLoss> {
+        anyhow::ensure!(
+            self.head.loss_is_cross_entropy(),
+            "config key `classifier.sharding`: this head has its own training loss, which is not split across ranks; set classifier.sharding = \"replicated\""
+        );
+        let sampled = self
+            .partial_fc
+            .as_mut()
+            .map(|pfc| pfc.sample_shard(y_g, shard));
+        let (labels, row_mask) = match &sampled {
+            Some(s) => (
+                s.labels.shallow_clone(),
+                Some(s.row_mask(shard.len, tch::Kind::Float)),
+            ),
+            None => (shard.local_labels(y_g), None),
+        };
+        let (emb, cos) = model.scores(emb_g.shallow_clone(), sampled.as_ref());
+        let norms = emb.norm_scalaropt_dim(2, [1], false);
+        // The head records the gathered batch's target cosines and norms (CurricularFace's `t`,
+        // AdaFace's norm statistics): the same on every rank.
+        let loss = sharded_training_loss(self.head.as_mut(), &cos, &labels, &norms, comm)?;
+        Ok(MicroLoss {
+            loss,
+            row_mask,
+            metrics: Vec::new(),
+        })
     }
 
     fn loss(&mut self, model: &Model, x: &Tensor, y: &Tensor) -> MicroLoss {

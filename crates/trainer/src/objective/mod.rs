@@ -16,7 +16,7 @@ pub mod margin_softmax;
 
 pub use crate::model::Model;
 use anyhow::Result;
-use facerec_loss_heads::{PartialFc, Sampled};
+use facerec_loss_heads::{ClassShard, Collectives, PartialFc, Sampled};
 use std::collections::HashMap;
 use tch::Tensor;
 
@@ -25,13 +25,13 @@ pub fn build(cfg: &crate::Config, num_classes: i64, device: tch::Device) -> Box<
     if let Some(cg) = &cfg.cluster_guided {
         return Box::new(cluster_guided::ClusterGuidedObjective::new(
             cg,
-            &cfg.partial_fc,
+            &cfg.partial_fc.sampler(),
             num_classes,
             cfg.model.embedding_size(),
             device,
         ));
     }
-    let base = margin_softmax::MarginSoftmax::new(&cfg.head, &cfg.partial_fc);
+    let base = margin_softmax::MarginSoftmax::new(&cfg.head, &cfg.partial_fc.sampler());
     match &cfg.coreface {
         Some(cf) => Box::new(coreface::CoReFaceObjective::new(base, cf)),
         None => Box::new(base),
@@ -70,6 +70,26 @@ pub trait Objective {
     /// # Shapes
     /// `x [B, 3, S, S]` (normalised images), `y [B]` Int64 labels.
     fn loss(&mut self, model: &Model, x: &Tensor, y: &Tensor) -> MicroLoss;
+
+    /// Model parallel (`classifier.sharding = "model_parallel"`): the loss of the gathered
+    /// batch against this rank's block of the classifier (`model.classifier` holds only the
+    /// block `shard`), through `facerec_loss_heads::sharded_cross_entropy` over `comm`. Its value
+    /// is the global mean (the same on every rank); its gradient reaches this rank's class rows
+    /// and `emb_g`. The row mask is over the block's rows. The default refuses (the trainer
+    /// refuses such configs at start, `model_parallel::shard_of`).
+    ///
+    /// # Shapes
+    /// `emb_g [W * B, D]` gathered embeddings (a leaf that requires grad), `y_g [W * B]` Int64.
+    fn sharded_loss(
+        &mut self,
+        _model: &Model,
+        _emb_g: &Tensor,
+        _y_g: &Tensor,
+        _shard: ClassShard,
+        _comm: &dyn Collectives,
+    ) -> Result<MicroLoss> {
+        anyhow::bail!("config key `classifier.sharding`: this objective does not support a model-parallel classifier; set classifier.sharding = \"replicated\"")
+    }
 
     /// Called at the start of every epoch (also the first one after a resume). Objectives that
     /// refresh tables from the training set do it here and return a line for the log.

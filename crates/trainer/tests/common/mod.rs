@@ -3,7 +3,10 @@
 #![allow(dead_code)] // each test binary uses its own subset
 
 use std::collections::HashMap;
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 use tch::Tensor;
 
 /// `--config CFG --set output_dir=OUT --set S...` for `facerec train`.
@@ -70,4 +73,104 @@ pub fn assert_bitwise_equal(a: &Path, b: &Path) {
             b.display()
         );
     }
+}
+
+/// A port on 127.0.0.1 free right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Children killed when dropped (a failing assertion never leaves a rank behind).
+pub struct Ranks(pub Vec<Child>);
+
+impl Drop for Ranks {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Ranks {
+    /// `world` ranks of `facerec train args...` meeting at 127.0.0.1:`port`.
+    pub fn start(world: usize, port: u16, args: &[String], timeout_s: u64) -> Ranks {
+        let children = (0..world)
+            .map(|rank| {
+                Command::new(env!("CARGO_BIN_EXE_facerec"))
+                    .arg("train")
+                    .args(args)
+                    .env("RANK", rank.to_string())
+                    .env("WORLD_SIZE", world.to_string())
+                    .env("LOCAL_RANK", rank.to_string())
+                    .env("LOCAL_WORLD_SIZE", world.to_string())
+                    .env("MASTER_ADDR", "127.0.0.1")
+                    .env("MASTER_PORT", port.to_string())
+                    .env("FACEREC_DIST_TIMEOUT", timeout_s.to_string())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .expect("starting a rank")
+            })
+            .collect();
+        Ranks(children)
+    }
+
+    /// Wait for every rank (at most `limit`); their outputs in rank order.
+    pub fn wait(mut self, limit: Duration) -> Vec<Output> {
+        let t0 = Instant::now();
+        let mut outs = Vec::new();
+        for c in std::mem::take(&mut self.0) {
+            let mut c = c;
+            loop {
+                if c.try_wait().unwrap().is_some() {
+                    break;
+                }
+                if t0.elapsed() > limit {
+                    let _ = c.kill();
+                    panic!("a rank did not finish within {limit:?}");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            outs.push(c.wait_with_output().unwrap());
+        }
+        outs
+    }
+}
+
+/// Run `world` ranks to completion; panics naming the rank that failed.
+pub fn train(world: usize, args: &[String]) {
+    let outs = if world == 1 {
+        vec![Command::new(env!("CARGO_BIN_EXE_facerec"))
+            .arg("train")
+            .args(args)
+            .output()
+            .unwrap()]
+    } else {
+        Ranks::start(world, free_port(), args, 60).wait(Duration::from_secs(300))
+    };
+    for (r, o) in outs.iter().enumerate() {
+        assert!(
+            o.status.success(),
+            "rank {r} failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+}
+
+/// Largest `|a - b| / (1 + |b|)` over the trainable tensors of two weight files.
+pub fn max_rel_diff(a: &Path, b: &Path) -> f64 {
+    let (ta, tb) = (tensors(a), tensors(b));
+    assert_eq!(ta.len(), tb.len());
+    let mut worst = 0f64;
+    for (k, x) in ta.iter().filter(|(k, _)| !is_buffer(k)) {
+        let y = &tb[k];
+        let d = (x - y).abs() / (y.abs() + 1.0);
+        worst = worst.max(d.max().double_value(&[]));
+    }
+    worst
 }
