@@ -62,6 +62,19 @@ pub const EXP_FLOOR_F64: f64 = -708.0;
 /// for NormFace, CosFace and Softmax), because fresh small tensors cost no page faults.
 pub const DEFAULT_FUSED_MIN_ELEMENTS: i64 = 1 << 22;
 
+/// `buf ← exp(max(buf − max_b1, floor))` in place: the softmax numerators of logits `buf` whose
+/// row maxima are `max_b1`, with `z − max` floored at [`EXP_FLOOR_F64`] (f64 `kind`) or
+/// [`EXP_FLOOR_F32`] where `exp` would return a subnormal.
+pub(crate) fn shifted_exp_(buf: &mut Tensor, max_b1: &Tensor, kind: Kind) {
+    let _ = buf.g_sub_(max_b1);
+    let _ = buf.clamp_min_(if kind == Kind::Double {
+        EXP_FLOOR_F64
+    } else {
+        EXP_FLOOR_F32
+    });
+    let _ = buf.exp_();
+}
+
 static FUSED_MIN_ELEMENTS: AtomicI64 = AtomicI64::new(DEFAULT_FUSED_MIN_ELEMENTS);
 
 /// Set the `[B, C]` size from which [`margin_cross_entropy`] fuses (0 = always, e.g. in tests of
@@ -178,14 +191,7 @@ fn fused(
         let mut buf = cos_bc.detach() * &r;
         let _ = buf.scatter_(1, &idx_b1, &t);
         let max_b1 = buf.amax([1], true);
-        let _ = buf.g_sub_(&max_b1);
-        // Floor z − max where exp would return a subnormal (see EXP_FLOOR_*).
-        let _ = buf.clamp_min_(if kind == Kind::Double {
-            EXP_FLOOR_F64
-        } else {
-            EXP_FLOOR_F32
-        });
-        let _ = buf.exp_();
+        shifted_exp_(&mut buf, &max_b1, kind);
         let sum_b1 = buf.sum_dim_intlist(Some([1i64].as_slice()), true, kind);
         let e_y_b1 = buf.gather(1, &idx_b1, false);
         // L₀ = mean_i (log Σ_j exp(z_ij − max_i) + max_i − t_i).

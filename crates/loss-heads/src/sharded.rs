@@ -49,7 +49,7 @@ use std::time::Duration;
 use tch::{Kind, Tensor};
 
 use crate::head::MarginHead;
-use crate::margin_ce::{EXP_FLOOR_F32, EXP_FLOOR_F64};
+use crate::margin_ce::shifted_exp_;
 
 /// The collectives the sharded loss needs. The trainer implements it over facerec-distributed's
 /// process group; tests use [`ThreadGroup`] (threads in one process).
@@ -353,15 +353,9 @@ fn fused_row_scaled(
         let max_b1 = comm
             .all_reduce_max(&local_max)
             .context("sharded cross-entropy: all-reduce of the row maxima")?;
-        let _ = buf.g_sub_(&max_b1);
-        // Floor z − max where exp would return a subnormal (as the fused single-process loss),
-        // then the masked target entries back to exactly 0.
-        let _ = buf.clamp_min_(if kind == Kind::Double {
-            EXP_FLOOR_F64
-        } else {
-            EXP_FLOOR_F32
-        });
-        let _ = buf.exp_();
+        // Floored as the fused single-process loss, then the masked target entries back to
+        // exactly 0.
+        shifted_exp_(&mut buf, &max_b1, kind);
         if c_local > 0 {
             let _ = buf.index_put_(&at_targets, &neg_inf.zeros_like(), false);
         }

@@ -141,8 +141,7 @@ pub fn save_named_atomic(named: &[(String, Tensor)], path: &Path) -> Result<()> 
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = path.with_file_name(format!(".{name}.partial.safetensors"));
-    Tensor::write_safetensors(named, &tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
+    Tensor::write_safetensors(named, &tmp).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path)
         .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
 }
@@ -343,7 +342,10 @@ pub fn set_aside_newer(parent: &Path, step: usize) -> Result<Vec<PathBuf>> {
     let newer = list(parent)?.into_iter().filter(|(s, _)| *s > step);
     let mut moved = Vec::new();
     for (_, dir) in newer {
-        let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let mut to = parent.join(format!("discarded-{name}"));
         for n in 1.. {
             if !to.exists() {
@@ -630,7 +632,11 @@ pub fn copy_into(vs: &VarStore, file: &HashMap<String, Tensor>) {
 /// Load `path` into `vs`, requiring exactly the same names and shapes; the error names the file
 /// and the keys that differ.
 pub fn load_exact(vs: &VarStore, path: &Path, what: &str) -> Result<()> {
-    let file = read_tensors(path)?;
+    copy_exact(vs, read_tensors(path)?, path, what)
+}
+
+/// Copy `file` (read from `path`) into `vs`, requiring exactly the same names and shapes.
+fn copy_exact(vs: &VarStore, file: HashMap<String, Tensor>, path: &Path, what: &str) -> Result<()> {
     let report = KeyReport::compare(&file, &vs.variables());
     if !report.is_exact() {
         bail!(
@@ -676,17 +682,12 @@ pub fn load_exact_rows(
     let Some(rows) = rows else {
         return load_exact(vs, path, what);
     };
-    let file = narrow_rows(read_tensors(path)?, rows, path)?;
-    let report = KeyReport::compare(&file, &vs.variables());
-    if !report.is_exact() {
-        bail!(
-            "{}: this {what} does not fit the configured model ({})",
-            path.display(),
-            report.describe()
-        );
-    }
-    copy_into(vs, &file);
-    Ok(())
+    copy_exact(
+        vs,
+        narrow_rows(read_tensors(path)?, rows, path)?,
+        path,
+        what,
+    )
 }
 
 /// The state tensors of a checkpoint's optimiser file.

@@ -34,8 +34,6 @@ pub fn shard_of(cfg: &Config, num_classes: usize, world: &World) -> Result<Optio
         Some("[coreface] (two dropout views of the trunk features per image)")
     } else if cfg.cluster_guided.is_some() {
         Some("[cluster_guided] (cluster tables over the whole classifier)")
-    } else if matches!(cfg.head, facerec_loss_heads::HeadConfig::Gce(_)) {
-        Some("head.type = \"gce\" (its global terms are not split across ranks yet)")
     } else {
         None
     };

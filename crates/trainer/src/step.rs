@@ -11,8 +11,8 @@ use crate::state::{State, CLASSIFIER_GROUP};
 use crate::world::World;
 use anyhow::{Context, Result};
 use facerec_data::EpochIter;
-use std::time::Instant;
 use facerec_loss_heads::ClassShard;
+use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
 /// Loss, the classifier rows it may change and the objective's metrics, of one or several
@@ -203,10 +203,10 @@ impl StepPlan<'_> {
         images: &[usize],
         accumulation: usize,
     ) -> Result<MicroResult> {
-        objective.set_batch_images(images);
         if let Some(shard) = self.shard {
-            return self.micro_batch_sharded(st, objective, x, y, accumulation, shard);
+            return self.micro_batch_sharded(st, objective, (x, y, images), accumulation, shard);
         }
+        objective.set_batch_images(images);
         let micro = objective.loss(&st.model(self.cfg.train.precision, self.num_classes), x, y);
         let loss = micro.loss / accumulation as f64;
         st.scaler.scale_loss(&loss).backward();
@@ -228,8 +228,7 @@ impl StepPlan<'_> {
         &self,
         st: &mut State,
         objective: &mut dyn Objective,
-        x: &Tensor,
-        y: &Tensor,
+        (x, y, images): (&Tensor, &Tensor, &[usize]),
         accumulation: usize,
         shard: ClassShard,
     ) -> Result<MicroResult> {
@@ -240,6 +239,15 @@ impl StepPlan<'_> {
             .all_gather_cat(&emb.detach().to_kind(Kind::Float), "the embeddings")?
             .set_requires_grad(true);
         let y_g = self.world.all_gather_cat(y, "the labels")?;
+        // The loss sees the gathered rows: their images too (GCE never pairs an image with a
+        // copy of itself).
+        let local: Vec<i64> = images.iter().map(|&i| i as i64).collect();
+        let images_g = self.world.all_gather_cat(
+            &Tensor::from_slice(&local).to_device(y.device()),
+            "the image indices",
+        )?;
+        let images_g = Vec::<i64>::try_from(&images_g.to_device(tch::Device::Cpu))?;
+        objective.set_batch_images(&images_g.iter().map(|&i| i as usize).collect::<Vec<_>>());
         let micro = objective.sharded_loss(&model, &emb_g, &y_g, shard, self.world)?;
         let loss = micro.loss / accumulation as f64;
         st.scaler.scale_loss(&loss).backward();

@@ -117,13 +117,7 @@ impl World {
     /// Average the gradients of `params` over all ranks, in place (bucketed). Parameters without
     /// a gradient are left out (the same on every rank: the model is the same).
     pub fn average_gradients(&self, params: &[Tensor]) -> Result<()> {
-        let Some(pg) = &self.group else { return Ok(()) };
-        let mut grads: Vec<Tensor> = params
-            .iter()
-            .map(Tensor::grad)
-            .filter(Tensor::defined)
-            .collect();
-        pg.all_reduce_bucketed(&mut grads, ReduceOp::Avg, BUCKET_BYTES)
+        self.reduce_gradients(params, ReduceOp::Avg)
             .context("averaging the gradients")
     }
 
@@ -174,14 +168,20 @@ impl World {
     /// Sum the gradients of `params` over all ranks, in place (bucketed): model parallel, where
     /// each rank's loss is already the global mean and its backbone gradient one share of it.
     pub fn sum_gradients(&self, params: &[Tensor]) -> Result<()> {
+        self.reduce_gradients(params, ReduceOp::Sum)
+            .context("summing the backbone gradients over the ranks")
+    }
+
+    /// All-reduce the defined gradients of `params` with `op`, in place, in buckets of
+    /// `BUCKET_BYTES`.
+    fn reduce_gradients(&self, params: &[Tensor], op: ReduceOp) -> Result<()> {
         let Some(pg) = &self.group else { return Ok(()) };
         let mut grads: Vec<Tensor> = params
             .iter()
             .map(Tensor::grad)
             .filter(Tensor::defined)
             .collect();
-        pg.all_reduce_bucketed(&mut grads, ReduceOp::Sum, BUCKET_BYTES)
-            .context("summing the backbone gradients over the ranks")
+        pg.all_reduce_bucketed(&mut grads, op, BUCKET_BYTES)
     }
 
     /// Every rank's `t` concatenated along the first dimension, in rank order (`t` itself in a

@@ -1,42 +1,16 @@
 //! Checkpoint integrity through the `facerec` binary: a flipped byte in a tensor file, an edited
 //! `meta.json` step, an empty newest folder and a checkpoint from before checksums.
 
+mod common;
+use common::*;
+
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 /// 16 synthetic identities x 6 images, batch 16 -> 6 steps; checkpoints at steps 2, 4 and 6.
 fn trained_run(dir: &Path) -> PathBuf {
-    let text = r#"extends = "default"
-run_name = "ck"
-[data]
-type = "synthetic"
-identities = 16
-images_per_identity = 6
-[model]
-layers = [1, 1, 1, 1]
-widths = [8, 8, 16, 16]
-embedding_size = 16
-input_size = 32
-[head]
-type = "arcface"
-[train]
-epochs = 1
-batch_size = 16
-log_every = 1
-threads = 2
-[loader]
-workers = 2
-[checkpoint]
-every_steps = 2
-keep = 3
-[eval]
-every_steps = 0
-targets = []
-"#;
-    let cfg = dir.join("config.toml");
-    std::fs::write(&cfg, text).unwrap();
+    let cfg = tiny_synthetic_config(dir, "ck", 1, (2, 3), "every_steps = 0\ntargets = []");
     let out = dir.join("out");
-    let (ok, err) = train(&[
+    let (ok, err) = run_train(&[
         "--config".into(),
         cfg.display().to_string(),
         "--set".into(),
@@ -51,22 +25,10 @@ targets = []
     runs[0].clone()
 }
 
-fn train(args: &[String]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_facerec"))
-        .arg("train")
-        .args(args)
-        .output()
-        .expect("running facerec");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 fn resume(run: &Path) -> (bool, String) {
     // As after an interruption: resuming a finished run (summary.json there) has nothing to do.
     let _ = std::fs::remove_file(run.join("summary.json"));
-    train(&["--resume".into(), run.display().to_string()])
+    run_train(&["--resume".into(), run.display().to_string()])
 }
 
 fn ckpt(run: &Path, step: usize) -> PathBuf {
@@ -120,7 +82,7 @@ fn flipped_tensor_bytes_are_refused_on_resume_and_init() {
     // init.from a checkpoint folder verifies too (the optimiser-free fine-tuning path).
     flip_bytes(&ckpt(&run, 4).join("classifier.safetensors"), 8);
     flip_bytes(&ckpt(&run, 4).join("model.safetensors"), 8);
-    let (ok, err) = train(&[
+    let (ok, err) = run_train(&[
         "--config".into(),
         dir.path().join("config.toml").display().to_string(),
         "--set".into(),

@@ -17,6 +17,8 @@
 //! keyed by the digests of the weights and the input); only the refusal test, which needs a module
 //! file that Python writes, is skipped.
 
+mod common;
+
 use facerec_backbone::{build, BackboneConfig, IResNetConfig, MobileFaceNetConfig};
 use facerec_testkit::{fill_seeded, floats, oracle, oracle_with, python, randn};
 use facerec_trainer::commands::export::{self, Exportable};
@@ -100,16 +102,7 @@ fn make_run(dir: &Path, cfg: &BackboneConfig, seed: u64) {
         let _ = tch::no_grad(|| model.forward_t(&x, true));
     }
     fill_seeded(&vs, seed);
-    #[derive(serde::Serialize)]
-    struct Doc<'a> {
-        model: &'a BackboneConfig,
-    }
-    std::fs::write(
-        dir.join("config.toml"),
-        toml::to_string(&Doc { model: cfg }).unwrap(),
-    )
-    .unwrap();
-    vs.save(dir.join("model.safetensors")).unwrap();
+    common::save_run_dir(dir, cfg, &vs);
 }
 
 /// A float32 batch `[n, 3, s, s]` of seeded draws, `0.5 z`.

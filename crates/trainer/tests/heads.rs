@@ -3,6 +3,8 @@
 //! prototype replacement on (padded) P x K batches and CoReFace's once-per-step margin under
 //! gradient accumulation.
 
+mod common;
+
 use facerec_trainer::{train, Config, RunOptions};
 
 fn short_run(extra: &[&str]) -> facerec_trainer::RunSummary {
@@ -11,19 +13,7 @@ fn short_run(extra: &[&str]) -> facerec_trainer::RunSummary {
 
 /// [`short_run`] with the run directory under `dir` (kept after the call).
 fn short_run_in(dir: &std::path::Path, extra: &[&str]) -> facerec_trainer::RunSummary {
-    let mut overrides: Vec<String> = [
-        "data.identities=24",
-        "data.images_per_identity=4",
-        "train.epochs=3",
-        "train.batch_size=16",
-        "train.log_every=2",
-        "eval.targets=[]",
-        "optim.lr=0.05",
-        "schedule.warmup_steps=0",
-    ]
-    .map(String::from)
-    .to_vec();
-    overrides.extend(extra.iter().map(|s| s.to_string()));
+    let overrides = common::short_run_overrides(3, extra);
     let mut cfg = Config::load(None, &overrides).unwrap();
     cfg.output_dir = dir.to_path_buf();
     let summary = train(

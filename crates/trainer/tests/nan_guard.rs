@@ -6,55 +6,12 @@ mod common;
 use common::*;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use tch::Kind;
 
 /// 16 synthetic identities x 6 images, batch 16 -> 6 steps an epoch, 18 in all; a checkpoint
 /// after every step (all kept).
 fn write_config(dir: &Path) -> PathBuf {
-    let text = r#"extends = "default"
-run_name = "nan"
-[data]
-type = "synthetic"
-identities = 16
-images_per_identity = 6
-[model]
-layers = [1, 1, 1, 1]
-widths = [8, 8, 16, 16]
-embedding_size = 16
-input_size = 32
-[head]
-type = "arcface"
-[train]
-epochs = 3
-batch_size = 16
-log_every = 1
-threads = 2
-[loader]
-workers = 2
-[checkpoint]
-every_steps = 1
-keep = 100
-[eval]
-every_steps = 0
-targets = []
-"#;
-    let path = dir.join("config.toml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-/// `facerec train` with the given arguments; returns (success, stderr).
-fn train(args: &[String]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_facerec"))
-        .arg("train")
-        .args(args)
-        .output()
-        .expect("running facerec");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    tiny_synthetic_config(dir, "nan", 3, (1, 100), "every_steps = 0\ntargets = []")
 }
 
 /// The global step the error message says the run stopped at.
@@ -85,7 +42,7 @@ fn all_steps_bad_keep_initial_bn_statistics_and_resume_counts_afresh() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config(dir.path());
     let out = dir.path().join("out");
-    let (ok, err) = train(&args(
+    let (ok, err) = run_train(&args(
         &cfg,
         &out,
         &["head.s=1e39", "train.max_nonfinite_steps=3"],
@@ -125,7 +82,7 @@ fn all_steps_bad_keep_initial_bn_statistics_and_resume_counts_afresh() {
             a.push("--set".into());
             a.push(s.to_string());
         }
-        train(&a)
+        run_train(&a)
     };
     let (ok, err) = resume(&["head.s=1e39", "train.max_nonfinite_steps=3"]);
     assert!(!ok, "{err}");
@@ -139,7 +96,10 @@ fn all_steps_bad_keep_initial_bn_statistics_and_resume_counts_afresh() {
     // Resume with sane settings: training continues to the end.
     let (ok, err) = resume(&["head.s=64", "optim.lr=0.1", "train.max_nonfinite_steps=3"]);
     assert!(ok, "resume with optim.lr=0.1 failed: {err}");
-    assert!(!run.join("failed.txt").exists(), "a finished run is no longer marked failed");
+    assert!(
+        !run.join("failed.txt").exists(),
+        "a finished run is no longer marked failed"
+    );
     let log = log_of(&run);
     assert!(
         log.contains("head.s: ") && log.contains("allowed by --allow-changes"),
@@ -169,7 +129,7 @@ fn exploding_lr_stop_checkpoint_is_the_last_good_one() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config(dir.path());
     let out = dir.path().join("out");
-    let (ok, err) = train(&args(
+    let (ok, err) = run_train(&args(
         &cfg,
         &out,
         &[

@@ -17,6 +17,8 @@
 //! written. Requirements: `$FACEREC_PYTHON` with onnxruntime (installed by `cargo xtask setup`)
 //! and `../shared/data`; both fail the test loudly on CI and skip it elsewhere.
 
+mod common;
+
 use facerec_backbone::{build, BackboneConfig, IResNetConfig, MobileFaceNetConfig, ViTConfig};
 use facerec_data::input::{read_to_input, to_input_tensor};
 use facerec_data::Fit;
@@ -131,16 +133,7 @@ fn make_run(dir: &Path, cfg: &BackboneConfig, seed: i64, calib: &Tensor) {
             }
         }
     });
-    #[derive(serde::Serialize)]
-    struct Doc<'a> {
-        model: &'a BackboneConfig,
-    }
-    std::fs::write(
-        dir.join("config.toml"),
-        toml::to_string(&Doc { model: cfg }).unwrap(),
-    )
-    .unwrap();
-    vs.save(dir.join("model.safetensors")).unwrap();
+    common::save_run_dir(dir, cfg, &vs);
 }
 
 fn facerec(args: &[&str]) -> std::process::Output {

@@ -11,54 +11,16 @@ use common::*;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 /// 16 synthetic identities x 6 images, batch 16 -> 6 steps an epoch; checkpoints every 2 steps;
 /// a synthetic verification target every 2 steps.
 fn write_config(dir: &Path) -> PathBuf {
-    let text = r#"extends = "default"
-run_name = "record"
-[data]
-type = "synthetic"
-identities = 16
-images_per_identity = 6
-[model]
-layers = [1, 1, 1, 1]
-widths = [8, 8, 16, 16]
-embedding_size = 16
-input_size = 32
-[head]
-type = "arcface"
-[train]
-epochs = 1
-batch_size = 16
-log_every = 1
-threads = 2
-[loader]
-workers = 2
-[checkpoint]
-every_steps = 2
-keep = 5
-[eval]
-every_steps = 2
-[[eval.targets]]
-name = "synth"
-source = { type = "synthetic", identities = 4, images_per_identity = 4, first_identity = 900 }
-"#;
-    let path = dir.join("config.toml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-fn train(args: &[String]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_facerec"))
-        .arg("train")
-        .args(args)
-        .output()
-        .expect("running facerec");
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
+    tiny_synthetic_config(
+        dir,
+        "record",
+        1,
+        (2, 5),
+        "every_steps = 2\n[[eval.targets]]\nname = \"synth\"\nsource = { type = \"synthetic\", identities = 4, images_per_identity = 4, first_identity = 900 }",
     )
 }
 
@@ -66,13 +28,13 @@ fn train(args: &[String]) -> (bool, String) {
 fn resume(run: &Path, extra: &[&str]) -> (bool, String) {
     let mut a = vec!["--resume".to_string(), run.display().to_string()];
     a.extend(extra.iter().map(|s| s.to_string()));
-    train(&a)
+    run_train(&a)
 }
 
 fn trained_run(dir: &Path) -> PathBuf {
     let cfg = write_config(dir);
     let out = dir.join("out");
-    let (ok, err) = train(&args(&cfg, &out, &[]));
+    let (ok, err) = run_train(&args(&cfg, &out, &[]));
     assert!(ok, "training failed: {err}");
     only_run_dir(&out)
 }
@@ -350,7 +312,7 @@ fn a_run_that_fails_before_its_first_step_leaves_no_directory() {
         "--set".into(),
         format!("eval.targets=[{{ name = \"bad\", required = true, source = {{ type = \"bin\", path = \"{}\" }} }}]", bad.display()),
     ]);
-    let (ok, err) = train(&a);
+    let (ok, err) = run_train(&a);
     assert!(!ok, "a corrupt evaluation pack was accepted");
     assert!(err.contains("bad.bin"), "{err}");
     let left: Vec<_> = std::fs::read_dir(&out)
@@ -364,7 +326,7 @@ fn a_run_that_fails_later_is_marked_failed() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config(dir.path());
     let out = dir.path().join("out");
-    let (ok, err) = train(&args(
+    let (ok, err) = run_train(&args(
         &cfg,
         &out,
         &[

@@ -3,6 +3,8 @@
 //! Every step must take a finite loss, and some later step's loss must be below the first's.
 
 use facerec_backbone::{BackboneConfig, ViTConfig};
+mod common;
+
 use facerec_trainer::{train, Config, RunOptions};
 
 /// Width 16, 2 blocks of 2 heads, patch 8 on the default 56 px (49 tokens), 32-d embedding, with
@@ -21,19 +23,7 @@ fn tiny_vit() -> ViTConfig {
 
 fn short_vit_run(extra: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
-    let mut overrides: Vec<String> = [
-        "data.identities=24",
-        "data.images_per_identity=4",
-        "train.epochs=2",
-        "train.batch_size=16",
-        "train.log_every=2",
-        "eval.targets=[]",
-        "optim.lr=0.05",
-        "schedule.warmup_steps=0",
-    ]
-    .map(String::from)
-    .to_vec();
-    overrides.extend(extra.iter().map(|s| s.to_string()));
+    let overrides = common::short_run_overrides(2, extra);
     let mut cfg = Config::load(None, &overrides).unwrap();
     cfg.model = BackboneConfig::Vit(tiny_vit());
     cfg.validate().unwrap();

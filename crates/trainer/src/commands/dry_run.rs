@@ -140,7 +140,10 @@ impl Meter {
             let scale = ((d / h) as f64).powf(-0.5);
             let scores = self.keep(q.matmul(&k.transpose(-2, -1)) * scale);
             let attn = self.keep(scores.softmax(-1, scores.kind()));
-            let o = self.keep(attn.matmul(&v)).transpose(1, 2).reshape([bs, l, d]);
+            let o = self
+                .keep(attn.matmul(&v))
+                .transpose(1, 2)
+                .reshape([bs, l, d]);
             let o = self.keep(b.attn.proj.forward(&o));
             amp += o.numel() as i64;
             x = self.keep(&x + drop_path(&o, b.drop_path, false));
@@ -313,12 +316,18 @@ impl DryRun {
         let n = self.processes.max(1);
         let (b, d) = (self.batch_size, self.embedding_size);
         [
-            ("all-gather embeddings + labels", (n - 1) * b * (d * F32 + 8)),
+            (
+                "all-gather embeddings + labels",
+                (n - 1) * b * (d * F32 + 8),
+            ),
             (
                 "softmax statistics (3 all-reduces, 4 values per gathered row)",
                 4 * 2 * (n - 1) * b * F32,
             ),
-            ("reduce-scatter of the embedding gradient", (n - 1) * b * d * F32),
+            (
+                "reduce-scatter of the embedding gradient",
+                (n - 1) * b * d * F32,
+            ),
             (
                 "backbone gradient all-reduce",
                 2 * (n - 1) * (self.backbone.trainable + 2) * F32 / n,
@@ -715,25 +724,35 @@ mod data_parallel_tests {
     use super::*;
     use facerec_backbone::IResNetConfig;
 
+    /// A tiny iResNet at 16 px with `embedding_size`, and a bias-free classifier of `num_classes`
+    /// rows, no sampling, one optimiser buffer per row (SGD with momentum).
+    fn tiny_net_and_classifier(
+        embedding_size: i64,
+        num_classes: i64,
+    ) -> (BackboneConfig, ClassifierSpec) {
+        let cfg = BackboneConfig::Iresnet(IResNetConfig {
+            depth: None,
+            layers: Some([1, 1, 1, 1]),
+            widths: [2, 4, 8, 16],
+            embedding_size,
+            dropout: 0.0,
+            input_size: 16,
+        });
+        let spec = ClassifierSpec {
+            num_classes,
+            bias: false,
+            sample_rate: 1.0,
+            state_buffers: 1,
+        };
+        (cfg, spec)
+    }
+
     /// Bytes per step of the gradient all-reduce, by hand: a ring all-reduce of V fp32 values over
     /// N processes sends 2 (N − 1) / N · 4V bytes from each; V = trainable backbone parameters +
     /// C·D classifier values + the loss (+ the C-row mask with Partial FC).
     #[test]
     fn allreduce_bytes_by_hand() {
-        let cfg = BackboneConfig::Iresnet(IResNetConfig {
-            depth: None,
-            layers: Some([1, 1, 1, 1]),
-            widths: [2, 4, 8, 16],
-            embedding_size: 8,
-            dropout: 0.0,
-            input_size: 16,
-        });
-        let spec = ClassifierSpec {
-            num_classes: 10,
-            bias: false,
-            sample_rate: 1.0,
-            state_buffers: 1,
-        };
+        let (cfg, spec) = tiny_net_and_classifier(8, 10);
         let mut r = estimate(&cfg, spec, 32);
         assert_eq!(
             r.allreduce_bytes_per_rank(),
@@ -758,20 +777,7 @@ mod data_parallel_tests {
     /// and bytes by hand at 8 and 64 ranks.
     #[test]
     fn model_parallel_figures_by_hand() {
-        let cfg = BackboneConfig::Iresnet(IResNetConfig {
-            depth: None,
-            layers: Some([1, 1, 1, 1]),
-            widths: [2, 4, 8, 16],
-            embedding_size: 512,
-            dropout: 0.0,
-            input_size: 16,
-        });
-        let spec = ClassifierSpec {
-            num_classes: 2_000_000,
-            bias: false,
-            sample_rate: 1.0,
-            state_buffers: 1,
-        };
+        let (cfg, spec) = tiny_net_and_classifier(512, 2_000_000);
         let mut r = estimate(&cfg, spec, 128);
         r.sharding = Sharding::ModelParallel;
         r.processes = 8;
@@ -792,6 +798,10 @@ mod data_parallel_tests {
         assert!(text.contains("per-rank classifier: 31,250 rows"), "{text}");
         r.processes = 3;
         r.classifier.num_classes = 10;
-        assert_eq!(r.shard_rows(), 4, "C not divisible by N: the first blocks hold one row more");
+        assert_eq!(
+            r.shard_rows(),
+            4,
+            "C not divisible by N: the first blocks hold one row more"
+        );
     }
 }

@@ -5,23 +5,50 @@
 use super::{MicroLoss, Model, Objective};
 use anyhow::Context;
 use facerec_loss_heads::{
-    margin_cross_entropy_with_norms, sharded_training_loss, ClassShard, Collectives, HeadConfig,
-    MarginHead, PartialFc, PartialFcConfig,
+    margin_cross_entropy_with_norms, sharded_training_loss, ClassShard, Collectives, Gce,
+    HeadConfig, MarginHead, PartialFc, PartialFcConfig,
 };
 use std::collections::HashMap;
 use tch::Tensor;
 
 /// A margin head + cross-entropy.
 pub struct MarginSoftmax {
-    head: Box<dyn MarginHead>,
+    head: Head,
     partial_fc: Option<PartialFc>,
+}
+
+/// The head: a margin head behind the trait, or GCE by its type (its loss is not a cross-entropy
+/// of logits, and its model-parallel form, `Gce::sharded_step_loss`, is its own).
+enum Head {
+    Margin(Box<dyn MarginHead>),
+    Gce(Box<Gce>),
+}
+
+impl MarginSoftmax {
+    fn head(&self) -> &dyn MarginHead {
+        match &self.head {
+            Head::Margin(h) => h.as_ref(),
+            Head::Gce(g) => g.as_ref(),
+        }
+    }
+
+    fn head_mut(&mut self) -> &mut dyn MarginHead {
+        match &mut self.head {
+            Head::Margin(h) => h.as_mut(),
+            Head::Gce(g) => g.as_mut(),
+        }
+    }
 }
 
 impl MarginSoftmax {
     /// From the `[head]` and `[partial_fc]` tables.
     pub fn new(head: &HeadConfig, partial_fc: &PartialFcConfig) -> Self {
+        let head = match head {
+            HeadConfig::Gce(c) => Head::Gce(Box::new(Gce::new(c))),
+            other => Head::Margin(other.build()),
+        };
         MarginSoftmax {
-            head: head.build(),
+            head,
             partial_fc: (partial_fc.sample_rate < 1.0).then(|| PartialFc::new(partial_fc)),
         }
     }
@@ -56,12 +83,13 @@ impl MarginSoftmax {
             .map(|emb| {
                 let (emb, scores) = model.scores(emb, sampled.as_ref());
                 let norms = emb.norm_scalaropt_dim(2, [1], false);
-                if self.head.row_scaled_logits() {
+                if self.head().row_scaled_logits() {
                     // Every margin head: the fused cross-entropy (one [B, C] buffer).
-                    margin_cross_entropy_with_norms(self.head.as_ref(), &scores, &labels, &norms)
+                    margin_cross_entropy_with_norms(self.head(), &scores, &labels, &norms)
                 } else {
                     // GCE and heads of users' own: their own training loss.
-                    self.head.training_loss(&scores, &labels, &emb, &norms)
+                    self.head_mut()
+                        .training_loss(&scores, &labels, &emb, &norms)
                 }
             })
             .collect();
@@ -71,25 +99,25 @@ impl MarginSoftmax {
 
 impl Objective for MarginSoftmax {
     fn begin_step(&mut self, step: usize, _epoch: usize) {
-        self.head.set_step(step as u64);
+        self.head_mut().set_step(step as u64);
         if let Some(pfc) = self.partial_fc.as_mut() {
             pfc.set_step(step as u64);
         }
     }
 
     fn set_batch_images(&mut self, images: &[usize]) {
-        self.head.set_batch_images(images);
+        self.head_mut().set_batch_images(images);
     }
 
     /// The head's moving statistics (CurricularFace's `t`, AdaFace's norm mean and std) move here,
     /// once per optimiser step from every micro-batch of the step.
     fn end_step(&mut self) {
-        self.head.end_step();
+        self.head_mut().end_step();
     }
 
     /// The head's state, as `head.<name>`.
     fn state(&self) -> Vec<(String, Tensor)> {
-        self.head
+        self.head()
             .state()
             .into_iter()
             .map(|(k, v)| (format!("head.{k}"), v))
@@ -106,7 +134,7 @@ impl Objective for MarginSoftmax {
                 }
             };
         }
-        self.head
+        self.head_mut()
             .load_state(head)
             .context("objective state `head.*`")
     }
@@ -123,7 +151,7 @@ impl Objective for MarginSoftmax {
         comm: &dyn Collectives,
     ) -> anyhow::Result<MicroLoss> {
         anyhow::ensure!(
-            self.head.loss_is_cross_entropy(),
+            matches!(self.head, Head::Gce(_)) || self.head().loss_is_cross_entropy(),
             "config key `classifier.sharding`: this head has its own training loss, which is not split across ranks; set classifier.sharding = \"replicated\""
         );
         let sampled = self
@@ -141,7 +169,12 @@ impl Objective for MarginSoftmax {
         let norms = emb.norm_scalaropt_dim(2, [1], false);
         // The head records the gathered batch's target cosines and norms (CurricularFace's `t`,
         // AdaFace's norm statistics): the same on every rank.
-        let loss = sharded_training_loss(self.head.as_mut(), &cos, &labels, &norms, comm)?;
+        let loss = match &mut self.head {
+            // GCE's global terms across the ranks: the target from its owner, ℓ reduced, the
+            // replacement drawn from the gathered labels and applied by the owner.
+            Head::Gce(g) => g.sharded_step_loss(&cos, &labels, y_g, &emb, comm)?,
+            Head::Margin(h) => sharded_training_loss(h.as_mut(), &cos, &labels, &norms, comm)?,
+        };
         Ok(MicroLoss {
             loss,
             row_mask,

@@ -140,6 +140,29 @@ impl Ranks {
         }
         outs
     }
+
+    /// Kill rank 1 and check that rank 0 stops within 40 s with an error that names rank 1.
+    pub fn kill_rank_1_and_check_rank_0_names_it(mut self) {
+        let _ = self.0[1].kill();
+        let _ = self.0[1].wait();
+        let t_kill = Instant::now();
+        let survivor = self.0.remove(0);
+        let outs = Ranks(vec![survivor]).wait(Duration::from_secs(60));
+        let err = String::from_utf8_lossy(&outs[0].stderr);
+        assert!(
+            !outs[0].status.success(),
+            "rank 0 went on after its peer died"
+        );
+        assert!(
+            t_kill.elapsed() < Duration::from_secs(40),
+            "rank 0 took {:?} to notice",
+            t_kill.elapsed()
+        );
+        assert!(
+            err.contains("rank 1"),
+            "rank 0's error does not name rank 1: {err}"
+        );
+    }
 }
 
 /// Run `world` ranks to completion; panics naming the rank that failed.
@@ -173,4 +196,94 @@ pub fn max_rel_diff(a: &Path, b: &Path) -> f64 {
         worst = worst.max(d.max().double_value(&[]));
     }
     worst
+}
+
+/// `facerec train` with the given arguments (one process); returns (success, stderr).
+pub fn run_train(args: &[String]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_facerec"))
+        .arg("train")
+        .args(args)
+        .output()
+        .expect("running facerec");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Writes `dir/config.toml`: 16 synthetic identities x 6 images, batch 16 (6 steps an epoch), a
+/// tiny iResNet at 32 px, ArcFace, `epochs` epochs, a checkpoint every `checkpoint_every` steps
+/// (`keep` kept), and `eval` as the body of the `[eval]` table.
+pub fn tiny_synthetic_config(
+    dir: &Path,
+    run_name: &str,
+    epochs: usize,
+    (checkpoint_every, keep): (usize, usize),
+    eval: &str,
+) -> PathBuf {
+    let text = format!(
+        r#"extends = "default"
+run_name = "{run_name}"
+[data]
+type = "synthetic"
+identities = 16
+images_per_identity = 6
+[model]
+layers = [1, 1, 1, 1]
+widths = [8, 8, 16, 16]
+embedding_size = 16
+input_size = 32
+[head]
+type = "arcface"
+[train]
+epochs = {epochs}
+batch_size = 16
+log_every = 1
+threads = 2
+[loader]
+workers = 2
+[checkpoint]
+every_steps = {checkpoint_every}
+keep = {keep}
+[eval]
+{eval}
+"#
+    );
+    let path = dir.join("config.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Writes a run directory as `facerec train` leaves one for `eval`/`export`: `config.toml` with the
+/// `[model]` table of `cfg` and `model.safetensors` with the variables of `vs`.
+pub fn save_run_dir(dir: &Path, cfg: &facerec_backbone::BackboneConfig, vs: &tch::nn::VarStore) {
+    #[derive(serde::Serialize)]
+    struct Doc<'a> {
+        model: &'a facerec_backbone::BackboneConfig,
+    }
+    std::fs::write(
+        dir.join("config.toml"),
+        toml::to_string(&Doc { model: cfg }).unwrap(),
+    )
+    .unwrap();
+    vs.save(dir.join("model.safetensors")).unwrap();
+}
+
+/// The `--set` overrides of the short in-process training runs (24 synthetic identities x 4
+/// images, batch 16, no evaluation, lr 0.05 without warm-up) for `epochs`, then `extra`.
+pub fn short_run_overrides(epochs: usize, extra: &[&str]) -> Vec<String> {
+    let mut overrides: Vec<String> = [
+        "data.identities=24",
+        "data.images_per_identity=4",
+        "train.batch_size=16",
+        "train.log_every=2",
+        "eval.targets=[]",
+        "optim.lr=0.05",
+        "schedule.warmup_steps=0",
+    ]
+    .map(String::from)
+    .to_vec();
+    overrides.push(format!("train.epochs={epochs}"));
+    overrides.extend(extra.iter().map(|s| s.to_string()));
+    overrides
 }
