@@ -392,4 +392,3 @@ pub fn evaluate(
         curve: Some(roc),
     })
 }
-

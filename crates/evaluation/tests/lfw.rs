@@ -207,7 +207,12 @@ fn real_view1_lists_resolve() {
 /// the process. Now an error naming the header, whatever its numbers.
 #[test]
 fn a_header_announcing_more_pairs_than_lines_is_named() {
-    for header in ["10 57174604644", "1 18446744073709551615", "4294967296 4294967296", "3"] {
+    for header in [
+        "10 57174604644",
+        "1 18446744073709551615",
+        "4294967296 4294967296",
+        "3",
+    ] {
         let text = format!("{header}\nAbel_Pacheco\t1\t2\nAnn_Lee\t1\tBo_Li\t1\n");
         let err = format!("{:#}", LfwPairs::parse(&text).unwrap_err());
         assert!(

@@ -244,7 +244,11 @@ impl ClusterGuidedArcFace {
         RowMarginArcFace {
             s: self.s,
             gradient: self.gradient,
-            m_b1: self.margins_c.detach().index_select(0, classes_b).view([-1, 1]),
+            m_b1: self
+                .margins_c
+                .detach()
+                .index_select(0, classes_b)
+                .view([-1, 1]),
         }
     }
 

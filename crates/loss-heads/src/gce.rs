@@ -663,7 +663,12 @@ impl Gce {
         let both = comm
             .all_reduce_sum(&Tensor::cat(&[own_b1.detach(), owned_f.shallow_clone()], 1))
             .context("GCE: all-reduce of the target similarities")?;
-        let misowned = tch::no_grad(|| both.narrow(1, 1, 1).ne(1.0).sum(Kind::Int64).int64_value(&[]));
+        let misowned = tch::no_grad(|| {
+            both.narrow(1, 1, 1)
+                .ne(1.0)
+                .sum(Kind::Int64)
+                .int64_value(&[])
+        });
         ensure!(
             misowned == 0,
             "GCE: {misowned} of {b} rows have no owning rank or several"
@@ -913,8 +918,8 @@ impl Gce {
                     let _ = z.scatter_value_(1, idx_b1, f64::NEG_INFINITY);
                 }
                 Some(owned) if c > 0 => {
-                    let mask = Tensor::zeros([b, c], (Kind::Bool, z.device()))
-                        .scatter(1, idx_b1, owned);
+                    let mask =
+                        Tensor::zeros([b, c], (Kind::Bool, z.device())).scatter(1, idx_b1, owned);
                     let _ = z.masked_fill_(&mask, f64::NEG_INFINITY);
                 }
                 Some(_) => {}
@@ -931,7 +936,9 @@ impl Gce {
             let _ = z.g_sub_(&max_b1).exp_();
             let local_sum = z.sum_dim_intlist(1, true, kind);
             let sum_b1 = match comm {
-                Some(k) => k.all_reduce_sum(&local_sum).context("GCE: exponential sums")?,
+                Some(k) => k
+                    .all_reduce_sum(&local_sum)
+                    .context("GCE: exponential sums")?,
                 None => local_sum,
             };
             let ell_b = (sum_b1.log() + max_b1).view([-1]);

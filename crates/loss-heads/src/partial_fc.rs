@@ -204,9 +204,10 @@ impl PartialFc {
         } else {
             positives
         };
-        let column_b = local_b
-            .clamp_min(0)
-            .searchsorted(&index, false, false, "left", None::<Tensor>);
+        let column_b =
+            local_b
+                .clamp_min(0)
+                .searchsorted(&index, false, false, "left", None::<Tensor>);
         let labels = column_b.where_self(&owned_b, &local_b.full_like(-1));
         Sampled { index, labels }
     }

@@ -76,7 +76,11 @@ pub struct KeptRecords {
 /// `drop_eval_at_step` also the `eval` records of `step` itself (the final evaluation, redone when
 /// the checkpoint is the run's last). A torn last line (a killed write) goes too. The file is
 /// replaced atomically; records without a step are kept.
-pub fn keep_records_through(dir: &Path, step: usize, drop_eval_at_step: bool) -> Result<KeptRecords> {
+pub fn keep_records_through(
+    dir: &Path,
+    step: usize,
+    drop_eval_at_step: bool,
+) -> Result<KeptRecords> {
     let path = dir.join("metrics.jsonl");
     let Ok(text) = std::fs::read_to_string(&path) else {
         return Ok(KeptRecords::default());

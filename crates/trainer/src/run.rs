@@ -236,17 +236,29 @@ impl<'a> Trainer<'a> {
             return;
         }
         let dir = &self.run_dir;
-        if !self.resumed && self.st.step == 0 && checkpoint::list(&dir.join("checkpoints")).map_or(true, |l| l.is_empty()) {
+        if !self.resumed
+            && self.st.step == 0
+            && checkpoint::list(&dir.join("checkpoints")).map_or(true, |l| l.is_empty())
+        {
             if std::fs::remove_dir_all(dir).is_ok() {
-                eprintln!("removed the run directory {} (the run failed before its first step)", dir.display());
+                eprintln!(
+                    "removed the run directory {} (the run failed before its first step)",
+                    dir.display()
+                );
             }
             return;
         }
-        let text = format!("failed at global step {} of {}: {err:#}\n", self.st.step, self.total_steps);
+        let text = format!(
+            "failed at global step {} of {}: {err:#}\n",
+            self.st.step, self.total_steps
+        );
         if let Err(e) = crate::log::write_atomic(&dir.join("failed.txt"), text.as_bytes()) {
             eprintln!("warning: could not mark the run failed: {e:#}");
         }
-        self.logger.line(&format!("run failed; see {}", dir.join("failed.txt").display()));
+        self.logger.line(&format!(
+            "run failed; see {}",
+            dir.join("failed.txt").display()
+        ));
     }
 
     /// The run's segments up to now, the current one ending at the current step.

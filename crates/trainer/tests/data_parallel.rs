@@ -10,10 +10,11 @@
 //! - Resume: a 2-process run killed with SIGKILL and resumed on 2 processes is bitwise equal to an
 //!   uninterrupted 2-process run; a 2-process checkpoint continues on 1 process and a 1-process
 //!   checkpoint on 2 (with the accumulation that keeps the global batch).
-//! The classifier is replicated (`classifier.sharding = "replicated"`; tests/model_parallel.rs
-//! covers the model-parallel one).
 //! - Faults: a rank killed mid-run makes the other exit non-zero within the timeout, naming the
 //!   dead rank; a store nobody listens on is a clear error, no hang.
+//!
+//! The classifier is replicated (`classifier.sharding = "replicated"`; tests/model_parallel.rs
+//! covers the model-parallel one).
 
 mod common;
 use common::*;
