@@ -484,7 +484,36 @@ fn prune(parent: &Path, keep: usize) -> Result<()> {
         std::fs::remove_dir_all(dir)
             .with_context(|| format!("deleting old checkpoint {}", dir.display()))?;
     }
+    remove_stale_leftovers(parent);
     Ok(())
+}
+
+/// Removes the `.step-N.partial` and `.step-N.old` folders a process killed inside [`save`] can
+/// leave behind, but only those whose step has no complete checkpoint left to lose: when
+/// `step-N/meta.json` exists (the write or the swap finished) or step N was pruned (older than
+/// every kept checkpoint). A leftover of a step with no complete folder is kept: it may be the
+/// only copy of that step.
+fn remove_stale_leftovers(parent: &Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    let oldest_kept = list(parent).ok().and_then(|l| l.first().map(|(s, _)| *s));
+    for path in entries.flatten().map(|e| e.path()) {
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let step = name
+            .strip_prefix(".step-")
+            .and_then(|r| {
+                r.strip_suffix(".partial")
+                    .or_else(|| r.strip_suffix(".old"))
+            })
+            .and_then(|n| n.parse::<usize>().ok());
+        let Some(step) = step else { continue };
+        let complete = step_dir(parent, step).join("meta.json").is_file();
+        let pruned = oldest_kept.is_some_and(|oldest| step < oldest);
+        if complete || pruned {
+            let _ = std::fs::remove_dir_all(&path);
+        }
+    }
 }
 
 /// The newest complete checkpoint of a run directory.
@@ -919,10 +948,28 @@ mod tests {
                 train_seconds: Some(0.5),
             }],
         };
-        std::fs::create_dir_all(dir.path().join(".step-00000009.partial")).unwrap();
+        // Leftovers of a killed save: a partial write of a later step (kept: it may be the only
+        // copy), the swapped-out old folder of a step whose new folder is complete and the
+        // old folder of a step since pruned (both removed).
+        for leftover in [
+            ".step-00000009.partial",
+            ".step-00000003.old",
+            ".step-00000000.old",
+        ] {
+            std::fs::create_dir_all(dir.path().join(leftover)).unwrap();
+        }
         for step in [1, 2, 3, 4] {
             save(dir.path(), &meta(step), &vs, &vs, &opt, &[], 2).unwrap();
         }
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [".step-00000009.partial", "step-00000003", "step-00000004"]
+        );
         let steps: Vec<usize> = list(dir.path())
             .unwrap()
             .into_iter()

@@ -174,11 +174,15 @@ fn kill_and_resume_matches_uninterrupted(train_extra: &str, extra: &str, sets: &
         }
     }
     // keep = 2: older checkpoints were pruned.
+    let mut left: Vec<String> = std::fs::read_dir(run_dir.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
     assert_eq!(
-        std::fs::read_dir(run_dir.join("checkpoints"))
-            .unwrap()
-            .count(),
-        2
+        left.len(),
+        2,
+        "checkpoints left after the resumed run: {left:?}"
     );
 }
 
