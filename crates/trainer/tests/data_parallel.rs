@@ -197,20 +197,7 @@ fn resume_on_another_world_size(from: usize, to: usize) {
         let err = String::from_utf8_lossy(&refused.stderr);
         assert!(err.contains("train.grad_accumulation = 2"), "{err}");
     }
-    let mut resume = vec!["--resume".to_string(), run_dir.display().to_string()];
-    for s in ["train.epochs=2".to_string(), acc(to)] {
-        resume.push("--set".into());
-        resume.push(s);
-    }
-    train(to, &resume);
-    for file in ["model.safetensors", "classifier.safetensors"] {
-        let d = max_rel_diff(&run_dir.join(file), &only_run_dir(&whole).join(file));
-        eprintln!("{from} -> {to} processes, {file}: {d:.3e}");
-        assert!(
-            d <= 2e-5,
-            "{file}: resumed on {to} processes differs by {d:.3e}"
-        );
-    }
+    resume_on_and_compare(&run_dir, &whole, to, acc(to), &from.to_string());
 }
 
 #[test]

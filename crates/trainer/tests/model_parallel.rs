@@ -370,20 +370,7 @@ fn resume_from_two_on(to: usize) {
     let split = dir.path().join("split");
     train(2, &args(&cfg, &split, &[&acc(2), "train.epochs=1"]));
     let run_dir = only_run_dir(&split);
-    let mut resume = vec!["--resume".to_string(), run_dir.display().to_string()];
-    for s in ["train.epochs=2".to_string(), acc(to)] {
-        resume.push("--set".into());
-        resume.push(s);
-    }
-    train(to, &resume);
-    for file in ["model.safetensors", "classifier.safetensors"] {
-        let d = max_rel_diff(&run_dir.join(file), &only_run_dir(&whole).join(file));
-        eprintln!("model parallel, 2 -> {to} processes, {file}: {d:.3e}");
-        assert!(
-            d <= 2e-5,
-            "{file}: resumed on {to} processes differs by {d:.3e}"
-        );
-    }
+    resume_on_and_compare(&run_dir, &whole, to, acc(to), "model parallel, 2");
 }
 
 #[test]

@@ -287,3 +287,29 @@ pub fn short_run_overrides(epochs: usize, extra: &[&str]) -> Vec<String> {
     overrides.extend(extra.iter().map(|s| s.to_string()));
     overrides
 }
+
+/// Resumes `run_dir` on `to` processes for a second epoch with `accumulation` (the `--set` line
+/// that keeps the global batch), then checks that its weights and classifier are within 2e-5
+/// (relative) of the uninterrupted run in `whole_parent`; `label` starts the printed line.
+pub fn resume_on_and_compare(
+    run_dir: &Path,
+    whole_parent: &Path,
+    to: usize,
+    accumulation: String,
+    label: &str,
+) {
+    let mut resume = vec!["--resume".to_string(), run_dir.display().to_string()];
+    for s in ["train.epochs=2".to_string(), accumulation] {
+        resume.push("--set".into());
+        resume.push(s);
+    }
+    train(to, &resume);
+    for file in ["model.safetensors", "classifier.safetensors"] {
+        let d = max_rel_diff(&run_dir.join(file), &only_run_dir(whole_parent).join(file));
+        eprintln!("{label} -> {to} processes, {file}: {d:.3e}");
+        assert!(
+            d <= 2e-5,
+            "{file}: resumed on {to} processes differs by {d:.3e}"
+        );
+    }
+}
