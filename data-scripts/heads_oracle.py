@@ -16,9 +16,15 @@ request = {
               "state": {"t"} (curricularface) or {"norm_mean", "norm_std"} (adaface)} ],
   "linear": [ {"dtype", "emb": [[...]], "weight": [[...]], "bias": [...], "labels": [...]} ],
   "partial_fc": [ {"labels": [...], "u": [...], "num_sample": int} ],
+  "embedding_heads": [ {"head": {"type": "subcenter_arcface" | "magface", ...}, "dtype",
+                        "emb": [[...]] (B x D, un-normalised), "weight": [[...]] (C*k x D for
+                        subcenter_arcface, class c in rows c*k .. c*k+k-1; C x D for magface),
+                        "labels": [...]} ],
 }
 answer = {"heads": [{"loss", "logits", "grad_cos", "margins"?}], "linear": [{"loss", "grad_emb",
-          "grad_weight", "grad_bias"}], "partial_fc": [{"index", "labels"}]}  (all flattened lists)
+          "grad_weight", "grad_bias"}], "partial_fc": [{"index", "labels"}],
+          "embedding_heads": [{"loss", "cos" (pooled B x C), "grad_emb", "grad_weight"}]}
+          (all flattened lists)
 """
 import json
 import math
@@ -130,6 +136,59 @@ def adaface(cos, labels, cfg, norms, mean, std):
     return cfg["s"] * torch.where(oh, phi - g_add, cos)
 
 
+def cosine_matrix(emb, weight):
+    """clamp(normalize(emb) @ normalize(weight)^T, -1, 1)."""
+    unit = lambda x: x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return (unit(emb) @ unit(weight).T).clamp(-1.0, 1.0)
+
+
+def subcenter_arcface(emb, weight, labels, cfg):
+    """Sub-center ArcFace (Deng et al., ECCV 2020): the cosine to a class is the max over its k
+    sub-centres (weight rows c*k .. c*k+k-1), then ArcFace's margin on it (the 'gradient' mode)."""
+    k = cfg["k"]
+    cos_all = cosine_matrix(emb, weight)
+    b = cos_all.shape[0]
+    cos = cos_all.reshape(b, -1, k).max(dim=2).values
+    z = angular(cos, labels, cfg["s"], 1.0, cfg["m"], 0.0, cfg["gradient"])
+    return ce(z, labels), cos
+
+
+def magface(emb, weight, labels, cfg):
+    """MagFace (Meng et al., CVPR 2021): a = clamp(|x|, l_a, u_a), margin m(a) linear from l_m at
+    l_a to u_m at u_a, target cos(theta + m(a)) (past theta + m = pi: cos theta - m sin m), and
+    the loss adds lambda_g * mean(1/a + a/u_a^2). Gradients flow through a into the embedding."""
+    la, ua, lm, um = cfg["l_a"], cfg["u_a"], cfg["l_m"], cfg["u_m"]
+    a = emb.norm(dim=1).clamp(la, ua)
+    m = ((um - lm) / (ua - la) * (a - la) + lm)[:, None]
+    cos = cosine_matrix(emb, weight)
+    theta = torch.acos(cos.clamp(-1 + COS_EPS, 1 - COS_EPS))
+    phi = torch.where(cos > torch.cos(math.pi - m), torch.cos(theta + m), cos - m * torch.sin(m))
+    z = cfg["s"] * torch.where(onehot(labels, cos.shape[1]), phi, cos)
+    g = 1.0 / a + a / ua**2
+    return ce(z, labels) + cfg["lambda_g"] * g.mean(), cos
+
+
+def embedding_head_case(case):
+    dtype = getattr(torch, case["dtype"])
+    emb = torch.tensor(case["emb"], dtype=torch.float64).to(dtype).requires_grad_(True)
+    weight = torch.tensor(case["weight"], dtype=torch.float64).to(dtype).requires_grad_(True)
+    labels = torch.tensor(case["labels"], dtype=torch.int64)
+    cfg = case["head"]
+    if cfg["type"] == "subcenter_arcface":
+        loss, cos = subcenter_arcface(emb, weight, labels, cfg)
+    elif cfg["type"] == "magface":
+        loss, cos = magface(emb, weight, labels, cfg)
+    else:
+        raise ValueError(cfg["type"])
+    ge, gw = torch.autograd.grad(loss, [emb, weight])
+    return {
+        "loss": loss.item(),
+        "cos": cos.detach().flatten().tolist(),
+        "grad_emb": ge.flatten().tolist(),
+        "grad_weight": gw.flatten().tolist(),
+    }
+
+
 def head_case(case):
     dtype = getattr(torch, case["dtype"])
     cos = torch.tensor(case["cos"], dtype=torch.float64).to(dtype).requires_grad_(True)
@@ -206,6 +265,7 @@ def main():
         "heads": [head_case(c) for c in req.get("heads", [])],
         "linear": [linear_case(c) for c in req.get("linear", [])],
         "partial_fc": [partial_fc_case(c) for c in req.get("partial_fc", [])],
+        "embedding_heads": [embedding_head_case(c) for c in req.get("embedding_heads", [])],
     }
     json.dump(ans, sys.stdout)
 

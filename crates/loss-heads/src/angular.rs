@@ -149,9 +149,11 @@ impl AngularMargin {
         }
     }
 
-    /// `cos(θ_i + m_i)` with a margin per row (ElasticFace, cluster-guided ArcFace). The margins
-    /// are constants (no gradient reaches them) of the cosines' kind; the fallback threshold is
-    /// `−cos m_i` and the fallback `c − m_i·sin m_i`.
+    /// `cos(θ_i + m_i)` with a margin per row (ElasticFace, cluster-guided ArcFace, AdaFace,
+    /// MagFace), of the cosines' kind; the fallback threshold is `−cos m_i` and the fallback
+    /// `c − m_i·sin m_i`. Detached margins are constants; a margin that requires a gradient
+    /// (MagFace's `m(‖x‖)`) is differentiated through the target and the fallback (not through
+    /// the threshold test).
     ///
     /// # Shapes
     /// `m_b1 [B, 1]`.

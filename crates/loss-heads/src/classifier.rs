@@ -6,11 +6,16 @@
 //! Partial FC ([`crate::PartialFc`]) the cosines are computed against the sampled rows only
 //! ([`CosineClassifier::cosines_sampled`]); margin heads only ever see the cosines.
 //! [`Classifier`] holds this or the softmax head's [`LinearClassifier`], by [`ClassifierKind`].
+//!
+//! With `K > 1` sub-centres per class (sub-center ArcFace, [`crate::subcenter`]) the weight is
+//! `W [C·K, D]`, class `c` in rows `c·K .. c·K + K`, and every cosine method returns the max over
+//! each class's `K` rows, so heads and Partial FC still see `C` (or `C'`) class columns.
 
 use tch::{nn, Kind, Tensor};
 
 use crate::partial_fc::Sampled;
 use crate::softmax::LinearClassifier;
+use crate::subcenter::{pool_sub_centres, sub_centre_rows};
 
 /// Smallest norm divided by in [`normalize_rows`] (PyTorch's `F.normalize` default eps).
 const NORM_EPS: f64 = 1e-12;
@@ -21,6 +26,8 @@ pub struct CosineClassifier {
     weight: Tensor,
     num_classes: i64,
     embedding_size: i64,
+    /// Rows (sub-centres) per class `K`; 1 but for sub-center ArcFace.
+    sub_centres: i64,
 }
 
 impl CosineClassifier {
@@ -29,23 +36,35 @@ impl CosineClassifier {
     /// # Panics
     /// If `num_classes` or `embedding_size` is not positive.
     pub fn new(p: &nn::Path, num_classes: i64, embedding_size: i64) -> Self {
+        Self::with_sub_centres(p, num_classes, 1, embedding_size)
+    }
+
+    /// Registers `weight [num_classes·k, embedding_size]` under `p` (class `c`'s `k` sub-centres
+    /// in rows `c·k .. c·k + k`), initialised N(0, 0.01) like [`CosineClassifier::new`], which is
+    /// this with `k = 1`.
+    ///
+    /// # Panics
+    /// If `num_classes`, `k` or `embedding_size` is not positive.
+    pub fn with_sub_centres(p: &nn::Path, num_classes: i64, k: i64, embedding_size: i64) -> Self {
         assert!(
-            num_classes > 0 && embedding_size > 0,
-            "CosineClassifier needs C > 0 and D > 0"
+            num_classes > 0 && embedding_size > 0 && k > 0,
+            "CosineClassifier needs C > 0, K > 0 and D > 0"
         );
         let init = nn::Init::Randn {
             mean: 0.0,
             stdev: 0.01,
         };
-        let weight = p.var("weight", &[num_classes, embedding_size], init);
+        let weight = p.var("weight", &[num_classes * k, embedding_size], init);
         Self {
             weight,
             num_classes,
             embedding_size,
+            sub_centres: k,
         }
     }
 
-    /// `cos = clamp(normalize(emb) @ normalize(W)ᵀ, −1, 1)`.
+    /// `cos = clamp(normalize(emb) @ normalize(W)ᵀ, −1, 1)` (with sub-centres: the max over each
+    /// class's `K` rows).
     ///
     /// Half/bfloat16 products (under autocast) are returned as f32, as arcface_torch does.
     ///
@@ -58,8 +77,9 @@ impl CosineClassifier {
         self.cosines_against(emb_bd, &self.weight)
     }
 
-    /// Cosines against the sampled classes only, `W[sampled.index]` (Partial FC). Unsampled rows
-    /// of `W` get an exactly zero gradient; pair the result with `sampled.labels`.
+    /// Cosines against the sampled classes only, `W[sampled.index]` (Partial FC; with sub-centres
+    /// all `K` rows of each sampled class). Unsampled rows of `W` get an exactly zero gradient;
+    /// pair the result with `sampled.labels`.
     ///
     /// # Shapes
     /// `emb_bd [B, D]`, `sampled.index [C']` -> `cos_bc' [B, C']`.
@@ -67,7 +87,8 @@ impl CosineClassifier {
     /// # Panics
     /// As [`CosineClassifier::cosines`], or if an index is outside `[0, C)`.
     pub fn cosines_sampled(&self, emb_bd: &Tensor, sampled: &Sampled) -> Tensor {
-        self.cosines_against(emb_bd, &self.weight.index_select(0, &sampled.index))
+        let rows = sub_centre_rows(&sampled.index, self.sub_centres);
+        self.cosines_against(emb_bd, &self.weight.index_select(0, &rows))
     }
 
     fn cosines_against(&self, emb_bd: &Tensor, weight: &Tensor) -> Tensor {
@@ -76,10 +97,11 @@ impl CosineClassifier {
         let cos_bc = normalize_rows(emb_bd)
             .matmul(&normalize_rows(weight).tr())
             .clamp(-1.0, 1.0);
-        match cos_bc.kind() {
+        let cos_bc = match cos_bc.kind() {
             Kind::Half | Kind::BFloat16 => cos_bc.to_kind(Kind::Float),
             _ => cos_bc,
-        }
+        };
+        pool_sub_centres(&cos_bc, self.sub_centres)
     }
 
     /// Number of classes `C`.
@@ -92,7 +114,12 @@ impl CosineClassifier {
         self.embedding_size
     }
 
-    /// The class-weight variable `W [C, D]` (shares storage with the `VarStore` entry).
+    /// Rows (sub-centres) per class `K` (1 but for sub-center ArcFace).
+    pub fn sub_centres(&self) -> i64 {
+        self.sub_centres
+    }
+
+    /// The class-weight variable `W [C·K, D]` (shares storage with the `VarStore` entry).
     pub fn weight(&self) -> &Tensor {
         &self.weight
     }
@@ -106,6 +133,19 @@ pub enum ClassifierKind {
     Cosine,
     /// [`LinearClassifier`]: variables `weight` and `bias`, `Wx + b` (`softmax`).
     Linear,
+    /// [`CosineClassifier`] with `K` sub-centres per class (`subcenter_arcface`): variable
+    /// `weight [C·K, D]`, cosines pooled to `[B, C]`.
+    SubCenter(i64),
+}
+
+impl ClassifierKind {
+    /// Rows of the weight per class: `K` for [`ClassifierKind::SubCenter`], 1 otherwise.
+    pub fn rows_per_class(&self) -> i64 {
+        match self {
+            ClassifierKind::SubCenter(k) => *k,
+            _ => 1,
+        }
+    }
 }
 
 /// The classifier a head consumes: cosines for the margin heads, `Wx + b` for softmax.
@@ -118,8 +158,8 @@ pub enum Classifier {
 }
 
 impl Classifier {
-    /// Registers a classifier of `kind` under `p` (variable `weight`, plus `bias` for
-    /// [`ClassifierKind::Linear`]).
+    /// Registers a classifier of `kind` under `p` (variable `weight`, `[C·K, D]` for
+    /// [`ClassifierKind::SubCenter`], plus `bias` for [`ClassifierKind::Linear`]).
     ///
     /// # Panics
     /// If `num_classes` or `embedding_size` is not positive.
@@ -131,6 +171,12 @@ impl Classifier {
             ClassifierKind::Cosine => {
                 Classifier::Cosine(CosineClassifier::new(p, num_classes, embedding_size))
             }
+            ClassifierKind::SubCenter(k) => Classifier::Cosine(CosineClassifier::with_sub_centres(
+                p,
+                num_classes,
+                k,
+                embedding_size,
+            )),
         }
     }
 
@@ -156,7 +202,7 @@ impl Classifier {
         }
     }
 
-    /// The class-weight variable `W [C, D]`.
+    /// The class-weight variable `W [C, D]` (`[C·K, D]` with sub-centres).
     pub fn weight(&self) -> &Tensor {
         match self {
             Classifier::Cosine(c) => c.weight(),
@@ -164,9 +210,17 @@ impl Classifier {
         }
     }
 
+    /// Rows of [`Classifier::weight`] per class (`K` with sub-centres, else 1).
+    pub fn rows_per_class(&self) -> i64 {
+        match self {
+            Classifier::Cosine(c) => c.sub_centres(),
+            Classifier::Linear(_) => 1,
+        }
+    }
+
     /// Number of classes `C`.
     pub fn num_classes(&self) -> i64 {
-        self.weight().size()[0]
+        self.weight().size()[0] / self.rows_per_class()
     }
 }
 

@@ -15,9 +15,11 @@ use crate::elastic::{
 };
 use crate::gce::{Gce, GceConfig};
 use crate::head::MarginHead;
+use crate::magface::{MagFace, MagFaceConfig};
 use crate::normface::{NormFace, NormFaceConfig};
 use crate::softmax::{Softmax, SoftmaxConfig};
 use crate::sphereface::{SphereFace, SphereFaceConfig};
+use crate::subcenter::SubCenterArcFaceConfig;
 
 /// Which margin head to train with; the `[head]` table of a training config, tagged by `type`.
 ///
@@ -25,7 +27,7 @@ use crate::sphereface::{SphereFace, SphereFaceConfig};
 /// [head]
 /// type = "arcface"   # "softmax" | "normface" | "sphereface" | "cosface" | "arcface" | "combined"
 ///                    # | "elastic_arc" | "elastic_cos" | "elastic_arc_plus" | "elastic_cos_plus" | "gce"
-///                    # | "curricularface" | "adaface"
+///                    # | "curricularface" | "adaface" | "subcenter_arcface" | "magface"
 /// s = 64.0
 /// m = 0.5
 /// gradient = "exact" # "exact" | "easy_margin" | "detached"
@@ -62,6 +64,11 @@ pub enum HeadConfig {
     Curricularface(CurricularFaceConfig),
     /// AdaFace: `z_y = s·(cos(θ_y + g_angle) − g_add)` from the normalised feature norm.
     Adaface(AdaFaceConfig),
+    /// Sub-center ArcFace: ArcFace on the max cosine over `k` sub-centres per class (the
+    /// classifier holds `W [C·k, D]`: [`ClassifierKind::SubCenter`]).
+    SubcenterArcface(SubCenterArcFaceConfig),
+    /// MagFace: `z_y = s·cos(θ_y + m(‖x‖))` plus the norm regulariser `λ_g·g(‖x‖)`.
+    Magface(MagFaceConfig),
 }
 
 impl Default for HeadConfig {
@@ -89,14 +96,18 @@ impl HeadConfig {
             HeadConfig::Gce(c) => c.validate(),
             HeadConfig::Curricularface(c) => c.validate(),
             HeadConfig::Adaface(c) => c.validate(),
+            HeadConfig::SubcenterArcface(c) => c.validate(),
+            HeadConfig::Magface(c) => c.validate(),
         }
     }
 
     /// The classifier the head consumes: [`ClassifierKind::Linear`] (`Wx + b`) for `softmax`,
+    /// [`ClassifierKind::SubCenter`] (`k` rows per class) for `subcenter_arcface`,
     /// [`ClassifierKind::Cosine`] for every other head.
     pub fn classifier_kind(&self) -> ClassifierKind {
         match self {
             HeadConfig::Softmax(_) => ClassifierKind::Linear,
+            HeadConfig::SubcenterArcface(c) => ClassifierKind::SubCenter(c.k),
             _ => ClassifierKind::Cosine,
         }
     }
@@ -123,6 +134,8 @@ impl HeadConfig {
             HeadConfig::Gce(c) => Box::new(Gce::new(c)),
             HeadConfig::Curricularface(c) => Box::new(CurricularFace::new(c)),
             HeadConfig::Adaface(c) => Box::new(AdaFace::new(c)),
+            HeadConfig::SubcenterArcface(c) => Box::new(ArcFace::new(&c.arcface())),
+            HeadConfig::Magface(c) => Box::new(MagFace::new(c)),
         }
     }
 }

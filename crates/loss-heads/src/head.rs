@@ -47,7 +47,7 @@ pub trait MarginHead: std::fmt::Debug + Send {
     }
 
     /// The step's training loss. Default: [`cross_entropy`] of
-    /// [`MarginHead::logits_with_norms`]. Losses that are not a cross-entropy over logits
+    /// [`MarginHead::logits_with_norms`], plus [`MarginHead::norm_penalty`] if any. Losses that are not a cross-entropy over logits
     /// override it ([`crate::Gce`] needs the embeddings for its prototype replacement).
     ///
     /// # Shapes
@@ -60,7 +60,22 @@ pub trait MarginHead: std::fmt::Debug + Send {
         _emb_bd: &Tensor,
         norms_b: &Tensor,
     ) -> Tensor {
-        cross_entropy(&self.logits_with_norms(cos_bc, labels_b, norms_b), labels_b)
+        let ce = cross_entropy(&self.logits_with_norms(cos_bc, labels_b, norms_b), labels_b);
+        match self.norm_penalty(norms_b) {
+            Some(p) => ce + p,
+            None => ce,
+        }
+    }
+
+    /// A loss term of the feature norms alone that the training loss adds to the cross-entropy:
+    /// MagFace's `λ_g·mean g(‖x_i‖)`. `None` (the default) for every other head. The default
+    /// [`MarginHead::training_loss`] and [`crate::sharded_training_loss`] add it; a caller of
+    /// [`crate::margin_cross_entropy_with_norms`] (a pure cross-entropy) adds it itself.
+    ///
+    /// # Shapes
+    /// `norms_b [B]` (differentiable) -> scalar.
+    fn norm_penalty(&self, _norms_b: &Tensor) -> Option<Tensor> {
+        None
     }
 
     /// True if the head's training loss is the cross-entropy of its logits (every head of this

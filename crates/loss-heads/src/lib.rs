@@ -62,7 +62,8 @@
 //!   [`ArcFaceGradient`] treatments and the threshold fallback, written once and called by
 //!   ArcFace, the combined margin, ElasticFace-Arc, cluster-guided ArcFace and GCE.
 //! - One file per method, named after the paper: [`normface`], [`cosface`], [`arcface`],
-//!   [`combined`], [`sphereface`], [`elastic`], [`cluster_guided`], [`gce`], [`softmax`], [`curricularface`], [`adaface`].
+//!   [`combined`], [`sphereface`], [`elastic`], [`cluster_guided`], [`gce`], [`softmax`], [`curricularface`], [`adaface`],
+//!   [`subcenter`] (sub-center ArcFace: the classifier's `K` rows per class, pooled), [`magface`].
 //! - [`classifier`], [`partial_fc`]: the weight owner and the class sampler; [`margin_ce`]: the
 //!   fused margin cross-entropy; [`sharded`]: the cross-entropy over a class matrix split across
 //!   ranks (model-parallel Partial FC) and its [`Collectives`].
@@ -83,12 +84,14 @@ pub mod curricularface;
 pub mod elastic;
 pub mod gce;
 pub mod head;
+pub mod magface;
 pub mod margin_ce;
 pub mod normface;
 pub mod partial_fc;
 pub mod sharded;
 pub mod softmax;
 pub mod sphereface;
+pub mod subcenter;
 
 pub use adaface::{AdaFace, AdaFaceConfig};
 pub use angular::{AngularMargin, ArcFaceGradient, COS_EPS, SIN2_EPS};
@@ -111,6 +114,7 @@ pub use gce::{
 pub use head::{
     apply_to_targets, cross_entropy, scaled_target_offsets, scaled_targets, MarginHead, Scale,
 };
+pub use magface::{MagFace, MagFaceConfig};
 pub use margin_ce::{margin_cross_entropy, margin_cross_entropy_with_norms};
 pub use normface::{NormFace, NormFaceConfig};
 pub use partial_fc::{PartialFc, PartialFcConfig, Sampled};
@@ -120,3 +124,4 @@ pub use sharded::{
 };
 pub use softmax::{LinearClassifier, Softmax, SoftmaxConfig};
 pub use sphereface::{SphereFace, SphereFaceConfig, SphereFaceScale};
+pub use subcenter::{pool_sub_centres, sub_centre_rows, SubCenterArcFaceConfig};

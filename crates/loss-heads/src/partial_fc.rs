@@ -94,6 +94,17 @@ impl Sampled {
     pub fn row_mask(&self, num_classes: i64, kind: Kind) -> Tensor {
         Tensor::zeros([num_classes, 1], (kind, self.index.device())).index_fill(0, &self.index, 1.0)
     }
+
+    /// [`Sampled::row_mask`] for a weight with `rows_per_class` rows per class (sub-centres,
+    /// class `c` in rows `c·K .. c·K + K`): `[C·K, 1]`, 1 on every row of a sampled class.
+    pub fn row_mask_of_rows(&self, num_classes: i64, rows_per_class: i64, kind: Kind) -> Tensor {
+        let mask = self.row_mask(num_classes, kind);
+        if rows_per_class == 1 {
+            mask
+        } else {
+            mask.repeat_interleave_self_int(rows_per_class, Some(0), None)
+        }
+    }
 }
 
 /// The Partial FC sampler: owns the sample rate and a seeded generator.

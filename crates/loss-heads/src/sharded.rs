@@ -154,6 +154,11 @@ pub fn sharded_cross_entropy(
 /// as in one process over the whole batch). The call a trainer makes for every head but GCE
 /// (which has [`crate::Gce::sharded_step_loss`]).
 ///
+/// A head's [`MarginHead::norm_penalty`] (MagFace's regulariser over the gathered batch's
+/// norms) is added with its full value on every rank and its gradient on rank 0 only, so the
+/// value stays the global loss and the gradients w.r.t. the gathered embeddings, summed over
+/// ranks, still equal the single-process ones.
+///
 /// # Shapes
 /// As [`sharded_cross_entropy`].
 ///
@@ -168,7 +173,11 @@ pub fn sharded_training_loss(
 ) -> Result<Tensor> {
     let (loss, t_b1) = sharded_loss_and_targets(&*head, cos_local, local_labels, norms_b, comm)?;
     head.record_rows(&t_b1.view([-1]), norms_b);
-    Ok(loss)
+    Ok(match head.norm_penalty(norms_b) {
+        Some(p) if comm.rank() == 0 => loss + p,
+        Some(p) => loss + p.detach(),
+        None => loss,
+    })
 }
 
 /// The loss and the global target cosines `[B, 1]` (detached).

@@ -134,8 +134,9 @@ fn unknown_key_fails_naming_the_key() {
 
 #[test]
 fn unknown_type_and_mode_fail_naming_the_value() {
-    let e = parse("type = \"magface\"").unwrap_err().to_string();
-    assert!(e.contains("magface"), "{e}");
+    // (`magface` was the unknown name here until the head existed.)
+    let e = parse("type = \"sphereface2\"").unwrap_err().to_string();
+    assert!(e.contains("sphereface2"), "{e}");
     let e = parse("type = \"arcface\"\ngradient = \"threshold\"")
         .unwrap_err()
         .to_string();
@@ -314,4 +315,50 @@ fn curricularface_and_adaface_parse_with_defaults_and_name_bad_keys() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("unknown field `momentum`"), "{err}");
+}
+
+#[test]
+fn subcenter_arcface_and_magface_parse_with_defaults_and_name_bad_keys() {
+    use facerec_loss_heads::{ClassifierKind, MagFaceConfig, SubCenterArcFaceConfig};
+    let sub = parse("type = \"subcenter_arcface\"").unwrap();
+    assert_eq!(
+        sub,
+        HeadConfig::SubcenterArcface(SubCenterArcFaceConfig {
+            k: 3,
+            s: 64.0,
+            m: 0.5,
+            gradient: ArcFaceGradient::Exact
+        })
+    );
+    assert_eq!(sub.classifier_kind(), ClassifierKind::SubCenter(3));
+    let sub = parse("type = \"subcenter_arcface\"\nk = 2\nm = 0.4\ngradient = \"detached\"").unwrap();
+    assert_eq!(sub.classifier_kind(), ClassifierKind::SubCenter(2));
+    assert_eq!(sub.classifier_kind().rows_per_class(), 2);
+    assert!(validation_error("type = \"subcenter_arcface\"\nk = 0").starts_with("k must be in [1, 64]"));
+    assert!(
+        validation_error("type = \"subcenter_arcface\"\nm = 3.5").starts_with("m must be in [0, π)")
+    );
+    let mag = parse("type = \"magface\"").unwrap();
+    assert_eq!(
+        mag,
+        HeadConfig::Magface(MagFaceConfig {
+            s: 64.0,
+            l_a: 10.0,
+            u_a: 110.0,
+            l_m: 0.45,
+            u_m: 0.8,
+            lambda_g: 35.0
+        })
+    );
+    assert_eq!(mag.classifier_kind(), ClassifierKind::Cosine);
+    assert!(validation_error("type = \"magface\"\nu_a = 5.0").starts_with("u_a must be finite and > l_a"));
+    assert!(validation_error("type = \"magface\"\nl_a = 0.0").starts_with("l_a must be finite and > 0"));
+    assert!(validation_error("type = \"magface\"\nu_m = 0.3").starts_with("u_m must be in [l_m, π)"));
+    assert!(validation_error("type = \"magface\"\nlambda_g = -1.0").starts_with("lambda_g must be"));
+    for (ty, key) in [("magface", "m"), ("subcenter_arcface", "sub_centers")] {
+        let err = parse(&format!("type = \"{ty}\"\n{key} = 1.0"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&format!("unknown field `{key}`")), "{err}");
+    }
 }

@@ -38,6 +38,7 @@ const HEADS: &[&str] = &[
     "type = 'elastic_cos_plus'\ns = 8.0\nsigma = 0.1\nseed = 3\nassignment = 'code_faithful'",
     "curricularface t = 0.3",
     "adaface mean = 2.0, std = 0.5",
+    "type = 'magface'\ns = 8.0\nl_a = 1.0\nu_a = 6.0\nlambda_g = 2.0",
     "cluster_guided exact",
     "cluster_guided detached",
 ];
