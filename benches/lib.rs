@@ -4,8 +4,8 @@
 use facerec_loss_heads::{
     AdaFaceConfig, ArcFaceConfig, ArcFaceGradient, CombinedConfig, CosFaceConfig,
     CurricularFaceConfig, ElasticArcConfig, ElasticArcPlusConfig, ElasticCosConfig,
-    ElasticCosPlusConfig, GceConfig, HeadConfig, MarginForm, NormFaceConfig, PairwiseConfig,
-    SoftmaxConfig, SphereFaceConfig,
+    ElasticCosPlusConfig, GceConfig, HeadConfig, MagFaceConfig, MarginForm, NormFaceConfig,
+    PairwiseConfig, SoftmaxConfig, SphereFaceConfig, SubCenterArcFaceConfig,
 };
 
 /// Every head with its default parameters (s = 64 everywhere, as the PyTorch reference script
@@ -67,6 +67,14 @@ pub fn head_cases() -> Vec<(&'static str, HeadConfig, u64)> {
         // Timed without feature norms (ẑ = 0 for every row; the norm statistics cost O(B)).
         // Not row-scaled: the unfused path.
         ("adaface", HeadConfig::Adaface(AdaFaceConfig::default()), 0),
+        // K = 3: the [B, 3C] cosines pooled by a max, then ArcFace (fused).
+        (
+            "subcenter_arcface",
+            HeadConfig::SubcenterArcface(SubCenterArcFaceConfig::default()),
+            0,
+        ),
+        // Timed without feature norms (every row at the margin l_m; the norm terms cost O(B)).
+        ("magface", HeadConfig::Magface(MagFaceConfig::default()), 0),
     ]
 }
 

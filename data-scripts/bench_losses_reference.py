@@ -187,7 +187,14 @@ HEADS = {
     "elastic_cos_plus": lambda c, y: elastic(c, y, False, True, 0.35, 0.025),
     "curricularface": curricularface,
     "adaface": adaface,
+    # Pooled over the K = 3 sub-centres in Case.time_once (the leaf is [B, 3C]), then ArcFace.
+    "subcenter_arcface": arcface_exact,
+    # Timed without norms, as the Rust row: every row gets the smallest margin l_m = 0.45.
+    "magface": lambda c, y: arcface_exact(c, y, m=0.45),
 }
+
+# Rows per class of a head's classifier (sub-centres).
+SUB_CENTRES = {"subcenter_arcface": 3}
 
 
 def sync(device):
@@ -198,17 +205,18 @@ def sync(device):
 class Case:
     """Inputs of one shape: the [B, C] raw-score leaf (or embeddings + weight) and the labels."""
 
-    def __init__(self, b, c, device, dim, with_classifier):
+    def __init__(self, b, c, device, dim, with_classifier, k=1):
         torch.manual_seed(0)
         self.device = device
+        self.k = k
         self.with_classifier = with_classifier
         self.labels = torch.randint(c, (b,), device=device)
         if with_classifier:
             self.emb = torch.randn(b, dim, device=device, requires_grad=True)
-            self.weight = (torch.randn(c, dim, device=device) * 0.01).requires_grad_(True)
+            self.weight = (torch.randn(c * k, dim, device=device) * 0.01).requires_grad_(True)
             self.leaves = [self.emb, self.weight]
         else:
-            self.raw = (torch.rand(b, c, device=device) * 2 - 1).requires_grad_(True)
+            self.raw = (torch.rand(b, c * k, device=device) * 2 - 1).requires_grad_(True)
             self.leaves = [self.raw]
 
     def time_once(self, name):
@@ -220,6 +228,8 @@ class Case:
             cos = F.linear(F.normalize(self.emb), F.normalize(self.weight)).clamp(-1, 1)
         else:
             cos = self.raw.clamp(-1, 1)
+        if self.k > 1:
+            cos = cos.view(cos.shape[0], -1, self.k).max(dim=2).values
         if name in LOSSES:
             loss = LOSSES[name](cos, self.labels)
         else:
@@ -246,11 +256,12 @@ def main():
     device = torch.device(args.device)
     cases = {}
 
-    def case(b, c):
-        if (b, c) not in cases:
+    def case(b, c, name):
+        k = SUB_CENTRES.get(name, 1)
+        if (b, c, k) not in cases:
             cases.clear()  # one shape in memory at a time
-            cases[(b, c)] = Case(b, c, device, args.dim, args.with_classifier)
-        return cases[(b, c)]
+            cases[(b, c, k)] = Case(b, c, device, args.dim, args.with_classifier, k)
+        return cases[(b, c, k)]
 
     if args.heads is None:
         # Serve mode: one request per line, "HEAD B C REPS", one JSON line back; the Rust side
@@ -258,7 +269,7 @@ def main():
         print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads()}), flush=True)
         for line in sys.stdin:
             name, b, c, reps = line.split()
-            cs = case(int(b), int(c))
+            cs = case(int(b), int(c), name)
             t = [cs.time_once(name) for _ in range(int(reps))]
             print(json.dumps({"ms": [w for w, _ in t], "cpu_ms": [c for _, c in t]}), flush=True)
         return
@@ -266,7 +277,7 @@ def main():
     for shape in args.shapes.split(","):
         b, c = (int(x) for x in shape.split("x"))
         for name in args.heads.split(","):
-            cs = case(b, c)
+            cs = case(b, c, name)
             t = [cs.time_once(name) for _ in range(args.reps + 1)][1:]
             results.append({"head": name, "b": b, "c": c, "device": args.device,
                             "ms": [w for w, _ in t], "cpu_ms": [c for _, c in t]})

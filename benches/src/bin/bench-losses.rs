@@ -32,7 +32,7 @@ use clap::Parser;
 use facerec_benches::{median, min, process_cpu_ms, sync};
 use facerec_loss_heads::{
     cross_entropy, margin_cross_entropy, sharded_cross_entropy, CosineClassifier, Gce, GceConfig,
-    HeadConfig, MarginHead, SingleProcess,
+    pool_sub_centres, HeadConfig, MarginHead, SingleProcess,
 };
 use serde::Deserialize;
 use tch::{nn, Device, Kind, Tensor};
@@ -173,6 +173,8 @@ impl Drop for Reference {
 /// Our inputs for one shape: the `[B, C]` raw-score leaf (or embeddings and a classifier).
 struct Case {
     device: Device,
+    /// Rows per class (sub-centres): the leaf is `[B, C·k]`, pooled to `[B, C]` in the timing.
+    k: i64,
     labels: Tensor,
     classifier: Option<CosineClassifier>,
     leaves: Vec<Tensor>,
@@ -180,22 +182,23 @@ struct Case {
 }
 
 impl Case {
-    fn new(args: &Args, device: Device, b: i64, c: i64) -> Self {
+    fn new(args: &Args, device: Device, b: i64, c: i64, k: i64) -> Self {
         tch::manual_seed(0);
         let labels = Tensor::randint(c, [b], (Kind::Int64, device));
         let vs = nn::VarStore::new(device);
         let (classifier, leaves) = if args.with_classifier {
-            let clf = CosineClassifier::new(&vs.root(), c, args.dim);
+            let clf = CosineClassifier::with_sub_centres(&vs.root(), c, k, args.dim);
             let emb = Tensor::randn([b, args.dim], (Kind::Float, device)).set_requires_grad(true);
             let w = clf.weight().shallow_clone();
             (Some(clf), vec![emb, w])
         } else {
             let raw =
-                (Tensor::rand([b, c], (Kind::Float, device)) * 2.0 - 1.0).set_requires_grad(true);
+                (Tensor::rand([b, c * k], (Kind::Float, device)) * 2.0 - 1.0).set_requires_grad(true);
             (None, vec![raw])
         };
         Self {
             device,
+            k,
             labels,
             classifier,
             leaves,
@@ -212,7 +215,7 @@ impl Case {
         let c0 = process_cpu_ms();
         let cos = match &self.classifier {
             Some(clf) => clf.cosines(&self.leaves[0]),
-            None => self.leaves[0].clamp(-1.0, 1.0),
+            None => pool_sub_centres(&self.leaves[0].clamp(-1.0, 1.0), self.k),
         };
         let loss = match (loss_fn, path) {
             (Loss::Head(head), Path::Fused) => {
@@ -261,6 +264,14 @@ enum LossConfig {
 }
 
 impl LossConfig {
+    /// Rows of the classifier per class (sub-centres).
+    fn rows_per_class(&self) -> i64 {
+        match self {
+            LossConfig::Head(cfg, _) => cfg.classifier_kind().rows_per_class(),
+            LossConfig::Gce(_) => 1,
+        }
+    }
+
     fn build(&self) -> Loss {
         match self {
             LossConfig::Head(cfg, step) => {
@@ -336,9 +347,13 @@ fn main() -> Result<()> {
         let mut rows = Vec::new();
         for &(b, c) in &shapes {
             eprintln!("bench-losses: {dev} B={b} C={c} ...");
-            let case = Case::new(&args, device, b, c);
+            let case = Case::new(&args, device, b, c, 1);
             for (name, cfg) in &selected {
                 let mut head = cfg.build();
+                // Sub-center ArcFace: its own [B, C·K] inputs (made outside the timed region).
+                let k = cfg.rows_per_class();
+                let own = (k > 1).then(|| Case::new(&args, device, b, c, k));
+                let case = own.as_ref().unwrap_or(&case);
                 case.time_once(&mut head, Path::Fused);
                 if args.unfused {
                     case.time_once(&mut head, Path::Unfused);

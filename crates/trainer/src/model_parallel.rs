@@ -62,6 +62,18 @@ pub fn block_rows(shard: ClassShard, world: usize) -> Vec<i64> {
         .collect()
 }
 
+/// The block of *weight rows* of a block of classes when the classifier holds `rows_per_class`
+/// rows per class (sub-center ArcFace: class `c` in rows `c·K .. c·K + K`, so the owner of a
+/// class holds all its `K` rows, contiguously). What the storage paths (initialisation, gather,
+/// checkpoint rows) take; the loss takes the class block itself.
+pub fn row_block(shard: ClassShard, rows_per_class: i64) -> ClassShard {
+    ClassShard {
+        start: shard.start * rows_per_class,
+        len: shard.len * rows_per_class,
+        num_classes: shard.num_classes * rows_per_class,
+    }
+}
+
 /// `(start, len, num_classes)` of a shard, as `checkpoint::load_exact_rows` takes it.
 pub fn rows(shard: ClassShard) -> (i64, i64, i64) {
     (shard.start, shard.len, shard.num_classes)
@@ -86,6 +98,11 @@ pub fn init_block(
     seed: u64,
 ) {
     let _guard = tch::no_grad_guard();
+    // Sub-centres: the block's K·len rows, drawn like a plain cosine classifier of K·C rows.
+    let (kind, shard) = match kind {
+        ClassifierKind::SubCenter(k) => (ClassifierKind::Cosine, row_block(shard, k)),
+        other => (other, shard),
+    };
     let first = shard.start / INIT_CHUNK;
     let last = (shard.end() - 1).max(shard.start) / INIT_CHUNK;
     let mut vars: Vec<(String, Tensor)> = head_vs.variables().into_iter().collect();

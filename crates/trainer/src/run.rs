@@ -541,7 +541,7 @@ impl<'a> Trainer<'a> {
     /// (every rank takes part); otherwise this process's own.
     #[allow(clippy::type_complexity)]
     fn whole_classifier(&self) -> Result<Option<(Vec<(String, Tensor)>, Vec<(String, Tensor)>)>> {
-        let Some(shard) = self.st.shard else {
+        let Some(shard) = self.st.row_block() else {
             if !self.world.is_main() {
                 return Ok(None);
             }
@@ -587,7 +587,7 @@ impl<'a> Trainer<'a> {
         let train_seconds = segments.iter().filter_map(|s| s.train_seconds).sum();
         let targets = self.evaluate();
         self.save_checkpoint()?;
-        let classifier = match self.st.shard {
+        let classifier = match self.st.row_block() {
             Some(shard) => {
                 crate::model_parallel::gather_classifier(&self.world, &self.st.head_vs, shard)?
             }

@@ -119,7 +119,14 @@ impl State {
 
     /// This rank's rows of a whole classifier file (`None`: all of them).
     fn rows(&self) -> Option<(i64, i64, i64)> {
-        self.shard.map(crate::model_parallel::rows)
+        self.row_block().map(crate::model_parallel::rows)
+    }
+
+    /// Model parallel: the block of weight rows this rank holds (its class block times the
+    /// classifier's rows per class, `model_parallel::row_block`); `None` when replicated.
+    pub fn row_block(&self) -> Option<ClassShard> {
+        let k = self.classifier.rows_per_class();
+        self.shard.map(|s| crate::model_parallel::row_block(s, k))
     }
 
     /// Continue from the checkpoint in `dir` (whose `meta` has been checked): weights, optimiser,
@@ -146,7 +153,7 @@ impl State {
         )?;
         let opt_file = dir.join("optimizer.safetensors");
         let mut opt_state = checkpoint::read_optimizer(dir)?;
-        if let Some(shard) = self.shard {
+        if let Some(shard) = self.row_block() {
             opt_state = crate::model_parallel::narrow_optimizer_state(
                 opt_state,
                 CLASSIFIER_GROUP,

@@ -196,3 +196,58 @@ fn coreface_margin_moves_once_per_optimiser_step() {
         "the checkpoint holds the last step's margin"
     );
 }
+
+/// Sub-center ArcFace and MagFace through the loop, alone and over a Partial FC sample: the
+/// classifier (checkpoint and `classifier.safetensors`) holds `K` rows per class, and a
+/// sub-center run resumes from its checkpoint with that shape.
+#[test]
+fn subcenter_arcface_and_magface_train_also_under_partial_fc() {
+    for extra in [&[][..], &["partial_fc.sample_rate=0.5"]] {
+        for head in [
+            &["head.type=subcenter_arcface", "head.s=16.0", "head.k=3"][..],
+            &["head.type=magface", "head.s=16.0", "head.l_a=1.0", "head.u_a=20.0"],
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut args: Vec<&str> = head.to_vec();
+            args.push("data.identities=12");
+            args.extend(extra.iter());
+            let summary = short_run_in(dir.path(), &args);
+            let k = if head[0].contains("subcenter") { 3 } else { 1 };
+            let weight_rows = |file: &std::path::Path| {
+                let named = tch::Tensor::read_safetensors(file).unwrap();
+                let (_, w) = named.into_iter().find(|(k, _)| k.ends_with("weight")).unwrap();
+                w
+            };
+            let w = weight_rows(&summary.run_dir.join("classifier.safetensors"));
+            assert_eq!(w.size(), [12 * k, 128], "{args:?}");
+            if k > 1 {
+                // Every sub-centre row was initialised apart from its siblings.
+                let rows = w.view([-1, k, w.size()[1]]);
+                let spread = (rows.select(1, 0) - rows.select(1, 1)).abs().max();
+                assert!(spread.double_value(&[]) > 0.0);
+            }
+            if k == 1 || !extra.is_empty() {
+                continue;
+            }
+            // One more epoch from the checkpoint: the classifier reloads with its K rows.
+            let mut more = common::short_run_overrides(4, &args);
+            more.retain(|s| !s.starts_with("train.epochs="));
+            more.push("train.epochs=4".into());
+            let mut cfg = Config::load(None, &more).unwrap();
+            cfg.output_dir = dir.path().to_path_buf();
+            let resumed = train(
+                &cfg,
+                &RunOptions {
+                    workspace: dir.path().into(),
+                    echo_config: false,
+                    resume: Some(summary.run_dir.clone()),
+                    ..RunOptions::default()
+                },
+            )
+            .unwrap_or_else(|e| panic!("{args:?}: resume: {e:#}"));
+            assert!(resumed.steps > summary.steps, "{args:?}");
+            let w2 = weight_rows(&resumed.run_dir.join("classifier.safetensors"));
+            assert_eq!(w2.size(), w.size());
+        }
+    }
+}

@@ -38,7 +38,7 @@ const B: i64 = 4;
 const LABELS: [[i64; 4]; 3] = [[0, 1, 2, 3], [4, 5, 6, 0], [1, 3, 5, 6]];
 
 /// The head cases: a name and the config lines after `[head]`.
-const CASES: [(&str, &str); 9] = [
+const CASES: [(&str, &str); 12] = [
     ("arcface", "[head]\ntype = \"arcface\"\n"),
     ("cosface", "[head]\ntype = \"cosface\"\n"),
     ("softmax", "[head]\ntype = \"softmax\"\n"),
@@ -56,6 +56,17 @@ const CASES: [(&str, &str); 9] = [
     // GCE's global terms across the ranks (no prototype replacement: every rank sees the same
     // image indices here, which the one-process batch does not).
     ("gce", "[head]\ntype = \"gce\"\n[head.pairwise]\nrate = 0.0\n"),
+    // Sub-center ArcFace: the owner of a class holds its K rows (blocks of K·len rows).
+    ("subcenter_arcface", "[head]\ntype = \"subcenter_arcface\"\nk = 3\n"),
+    (
+        "subcenter_arcface_pfc03",
+        "[head]\ntype = \"subcenter_arcface\"\nk = 2\n[partial_fc]\nsample_rate = 0.3\n",
+    ),
+    // MagFace with an interval the tiny model's norms fall into (the margin and g get gradients).
+    (
+        "magface",
+        "[head]\ntype = \"magface\"\nl_a = 0.5\nu_a = 20.0\nlambda_g = 5.0\n",
+    ),
 ];
 
 fn step_config(head: &str) -> Config {
@@ -211,10 +222,19 @@ fn sharded_step_equals_one_process(w: usize) {
                 parts[0][k].shallow_clone()
             };
             assert_eq!(got.size(), v.size(), "{name}: `{k}`");
-            let d = ((&got - v).abs() / (v.abs() + 1.0)).max().double_value(&[]);
+            let rel = (&got - v).abs() / (v.abs() + 1.0);
+            let d = rel.max().double_value(&[]);
+            let at = rel.flatten(0, -1).argmax(0, false).int64_value(&[]);
+            // Sub-centres: a class's gradient goes to one of its K rows, each initialised at
+            // norm ~0.03, and the cosine's gradient w.r.t. a row scales as 1/‖row‖, so the first
+            // step amplifies the ranks' last-bit differences in those rows (measured 6.9e-5 at
+            // 2 ranks, 1.2e-5 at 3); a row credited to the wrong rank or sub-centre differs at O(1).
+            let tol = if name.starts_with("subcenter") { 2e-4 } else { 3e-5 };
             assert!(
-                d <= 3e-5,
-                "{name}, {w} ranks: `{k}` differs from one process by {d:.3e}"
+                d <= tol,
+                "{name}, {w} ranks: `{k}` differs from one process by {d:.3e} (flat index {at}: {} vs {})",
+                got.flatten(0, -1).double_value(&[at]),
+                v.flatten(0, -1).double_value(&[at])
             );
             worst = worst.max(d);
         }

@@ -226,6 +226,8 @@ pub struct ClassifierSpec {
     pub sample_rate: f64,
     /// Optimiser state tensors per parameter (SGD with momentum: 1; plain SGD: 0; Adam: 2).
     pub state_buffers: i64,
+    /// Weight rows per class: `K` sub-centres for `subcenter_arcface`, else 1 (`W [C·K, D]`).
+    pub rows_per_class: i64,
 }
 
 /// The dry-run report.
@@ -294,7 +296,8 @@ impl DryRun {
     }
     /// Model parallel: weights + optimiser state + gradients of one rank's block, fp32 bytes.
     pub fn shard_total_bytes(&self) -> i64 {
-        let per_row = self.embedding_size + i64::from(self.classifier.bias);
+        let per_row = self.embedding_size * self.classifier.rows_per_class.max(1)
+            + i64::from(self.classifier.bias);
         (2 + self.classifier.state_buffers) * self.shard_rows() * per_row * F32
     }
     /// Model parallel: the classes of one rank's Partial FC sample, `max(1, floor(r * rows))`.
@@ -364,7 +367,8 @@ pub fn estimate(model: &BackboneConfig, classifier: ClassifierSpec, batch_size: 
         backbone: count_params(&vs),
         classifier,
         embedding_size: d,
-        classifier_params: c * d + if classifier.bias { c } else { 0 },
+        classifier_params: c * classifier.rows_per_class.max(1) * d
+            + if classifier.bias { c } else { 0 },
         sampled_classes: sampled,
         batch_size,
         activations_per_image: activations,
@@ -385,13 +389,14 @@ impl ClassifierSpec {
             bias: cfg.head.classifier_kind() == facerec_loss_heads::ClassifierKind::Linear,
             sample_rate: cfg.partial_fc.sample_rate,
             state_buffers,
+            rows_per_class: cfg.head.classifier_kind().rows_per_class(),
         }
     }
 
     /// Weights + gradients + optimiser state in fp32 bytes for embedding length `d`, in u128 so that
-    /// an absurd class count cannot overflow: `(2 + state_buffers) * (C * D [+ C]) * 4`.
+    /// an absurd class count cannot overflow: `(2 + state_buffers) * (C·K * D [+ C]) * 4`.
     pub fn total_bytes(&self, d: i64) -> u128 {
-        let c = self.num_classes.max(0) as u128;
+        let c = self.num_classes.max(0) as u128 * self.rows_per_class.max(1) as u128;
         let params = c * d.max(0) as u128 + if self.bias { c } else { 0 };
         (2 + self.state_buffers.max(0) as u128) * params * F32 as u128
     }
@@ -482,9 +487,11 @@ impl fmt::Display for DryRun {
             thousands(b.buffers)
         )?;
         let head = if c.bias {
-            "linear (softmax head), with bias"
+            "linear (softmax head), with bias".to_string()
+        } else if c.rows_per_class > 1 {
+            format!("cosine, {} sub-centres per class, no bias", c.rows_per_class)
         } else {
-            "cosine, no bias"
+            "cosine, no bias".to_string()
         };
         writeln!(
             f,
@@ -686,6 +693,7 @@ mod tests {
             bias: false,
             sample_rate: 1.0,
             state_buffers: 1,
+            rows_per_class: 1,
         };
         let r = estimate(&cfg, spec, 32);
         assert_eq!(r.activations_per_image, ActivationCount { total, trunk });
@@ -701,6 +709,7 @@ mod tests {
             bias: true,
             sample_rate: 0.1,
             state_buffers: 2,
+            rows_per_class: 1,
         };
         let r = estimate(&cfg, spec, 4);
         assert_eq!(r.classifier_params, 1001 * 8 + 1001);
@@ -743,6 +752,7 @@ mod data_parallel_tests {
             bias: false,
             sample_rate: 1.0,
             state_buffers: 1,
+            rows_per_class: 1,
         };
         (cfg, spec)
     }

@@ -73,7 +73,7 @@ impl MarginSoftmax {
         views: Vec<Tensor>,
         y: &Tensor,
     ) -> (Vec<Tensor>, Option<Tensor>) {
-        let (sampled, mask) = super::sample_classes(self.partial_fc.as_mut(), y, model.num_classes);
+        let (sampled, mask) = super::sample_class_rows(self.partial_fc.as_mut(), y, model);
         let labels = sampled
             .as_ref()
             .map(|s| s.labels.shallow_clone())
@@ -84,8 +84,13 @@ impl MarginSoftmax {
                 let (emb, scores) = model.scores(emb, sampled.as_ref());
                 let norms = emb.norm_scalaropt_dim(2, [1], false);
                 if self.head().row_scaled_logits() {
-                    // Every margin head: the fused cross-entropy (one [B, C] buffer).
-                    margin_cross_entropy_with_norms(self.head(), &scores, &labels, &norms)
+                    // Every margin head: the fused cross-entropy (one [B, C] buffer), plus the
+                    // head's norm regulariser (MagFace).
+                    let ce = margin_cross_entropy_with_norms(self.head(), &scores, &labels, &norms);
+                    match self.head().norm_penalty(&norms) {
+                        Some(p) => ce + p,
+                        None => ce,
+                    }
                 } else {
                     // GCE and heads of users' own: their own training loss.
                     self.head_mut()
@@ -161,7 +166,11 @@ impl Objective for MarginSoftmax {
         let (labels, row_mask) = match &sampled {
             Some(s) => (
                 s.labels.shallow_clone(),
-                Some(s.row_mask(shard.len, tch::Kind::Float)),
+                Some(s.row_mask_of_rows(
+                    shard.len,
+                    model.classifier.rows_per_class(),
+                    tch::Kind::Float,
+                )),
             ),
             None => (shard.local_labels(y_g), None),
         };

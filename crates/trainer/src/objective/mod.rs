@@ -130,6 +130,21 @@ pub trait TrainingSet {
     fn images(&self, idx: &[usize]) -> Result<Tensor>;
 }
 
+/// [`sample_classes`] for `model`'s classifier, whose weight may hold several rows per class
+/// (sub-center ArcFace): the row mask covers every row of a sampled class (`[C·K, 1]`).
+pub fn sample_class_rows(
+    pfc: Option<&mut PartialFc>,
+    y: &Tensor,
+    model: &Model,
+) -> (Option<Sampled>, Option<Tensor>) {
+    let k = model.classifier.rows_per_class();
+    let sampled = pfc.map(|pfc| pfc.sample(y, model.num_classes));
+    let mask = sampled
+        .as_ref()
+        .map(|s| s.row_mask_of_rows(model.num_classes, k, tch::Kind::Float));
+    (sampled, mask)
+}
+
 /// This micro-batch's Partial FC sample (when `pfc` is configured) and the classifier rows it may
 /// change: `(sample, row mask)`, both `None` without Partial FC.
 pub fn sample_classes(
