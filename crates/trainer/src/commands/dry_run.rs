@@ -726,6 +726,30 @@ mod tests {
             .sum();
         assert_eq!(n, r.classifier_params);
     }
+
+    /// Sub-center ArcFace: `K` weight rows per class in the parameter and memory counts, equal to
+    /// what `Classifier::new` registers; the memory check's bytes agree.
+    #[test]
+    fn sub_centres_multiply_the_classifier_rows() {
+        let cfg = tiny();
+        let head = facerec_loss_heads::HeadConfig::SubcenterArcface(Default::default());
+        let spec = ClassifierSpec {
+            num_classes: 1001,
+            bias: false,
+            sample_rate: 1.0,
+            state_buffers: 1,
+            rows_per_class: head.classifier_kind().rows_per_class(),
+        };
+        assert_eq!(spec.rows_per_class, 3);
+        assert_eq!(spec.total_bytes(8), 3 * 4 * 1001 * 3 * 8);
+        let r = estimate(&cfg, spec, 4);
+        assert_eq!(r.classifier_params, 1001 * 3 * 8);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let c = facerec_loss_heads::Classifier::new(&vs.root(), head.classifier_kind(), 1001, 8);
+        assert_eq!(c.weight().numel() as i64, r.classifier_params);
+        assert_eq!(c.num_classes(), 1001);
+        assert!(r.to_string().contains("3 sub-centres per class"), "{r}");
+    }
 }
 
 #[cfg(test)]
