@@ -93,8 +93,9 @@ struct Reply {
 
 /// Cases with fewer `[B, C]` entries than this time each repetition right after an untimed
 /// run of the same side. Without it, whichever side runs first after the other process's turn
-/// finds its few-MB working set evicted from the caches by that process (at 128 x 10,000 that
-/// made our first column about 15 % slower than the identical unfused one timed right after it);
+/// finds its few-MB working set evicted from the caches by that process (a likely part of why, on
+/// the quiet machine, our first column measured 8.8 ms at 128 x 10,000 against 7.6 ms for the
+/// identical unfused code timed right after it);
 /// in a training loop the same shapes repeat every step, so the warm case is the relevant one.
 /// Large cases (hundreds of MB per tensor, far beyond any cache) are timed once per repetition.
 const SETTLE_BELOW: i64 = 1 << 22;
