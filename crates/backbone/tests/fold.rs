@@ -145,12 +145,15 @@ fn fold_reports_what_is_kept() {
     assert_eq!(count(&vit, s3), FoldReport { folded: 2, kept: 0 });
 }
 
+/// A change that makes a correct fold wrong.
+type Spoil = fn(&mut Backbone);
+
 #[test]
 fn the_check_rejects_wrong_folds() {
     // The same comparison as above must fail for folds that are wrong in a small way.
     let (_, cfg, side) = configs().remove(0);
     let x = images(5, side);
-    let fold_variants: [(&str, fn(&mut Backbone)); 3] = [
+    let fold_variants: [(&str, Spoil); 3] = [
         ("bias dropped", |m| {
             let Backbone::IResNet(n) = m else { panic!() };
             n.stages[1][1].conv2.bs = None;
