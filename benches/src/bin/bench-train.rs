@@ -628,7 +628,9 @@ fn main() -> Result<()> {
                     r.ask::<Times>(req(1))?;
                 }
                 for _ in 0..args.reps {
-                    sides[0].embed.extend(ours.embed(&folded, &images, eval_batch, 1));
+                    sides[0]
+                        .embed
+                        .extend(ours.embed(&folded, &images, eval_batch, 1));
                     sides[0]
                         .embed_unfolded
                         .extend(ours.embed(unfolded, &images, eval_batch, 1));

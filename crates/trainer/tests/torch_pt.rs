@@ -118,7 +118,9 @@ fn torch_save_state_dicts_load_and_embed_like_pytorch() {
         let ours = tch::no_grad(|| loaded.backbone.forward_t(&x, false));
         let scale = f64::try_from(theirs.abs().max()).unwrap();
         let rel = max_diff(&ours, &theirs) / scale;
-        eprintln!("    eval --model max |ours - PyTorch| / max |PyTorch| = {rel:e} (max {scale:.3e})");
+        eprintln!(
+            "    eval --model max |ours - PyTorch| / max |PyTorch| = {rel:e} (max {scale:.3e})"
+        );
         assert!(rel < 1e-5, "{cfg:?} {wrap:?} (eval): relative diff {rel:e}");
     }
 }
