@@ -21,7 +21,8 @@
 //! CPU time per step (less inflated by other processes on a shared machine), and the resident
 //! size (peak so far, and now) of each process. The embedding rows time
 //! `embed_with_flip` over Uint8 images as `facerec eval` runs it (normalise, `f(x) + f(flip(x))`,
-//! XNorm, L2 normalise) against the same under `torch.no_grad()`.
+//! XNorm, L2 normalise; the backbone with its BatchNorms folded, as `eval` loads it) against the
+//! same under `torch.no_grad()`, with a column for our unfolded backbone timed in the same rounds.
 //!
 //! Networks (`--nets`): `small` (the iResNet of the shipped CPU recipes: layers [1, 1, 1, 1],
 //! widths [16, 32, 64, 128], 128-d, 56 px), `mbf` (MobileFaceNet scale 1, 128-d, 112 px), `r18`,
@@ -36,7 +37,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use facerec_backbone::{BackboneConfig, IResNetConfig, MobileFaceNetConfig, ViTConfig};
+use facerec_backbone::{Backbone, BackboneConfig, IResNetConfig, MobileFaceNetConfig, ViTConfig};
 use facerec_benches::{median, process_cpu_ms, sync};
 use facerec_evaluation::embed_with_flip;
 use facerec_evaluation::images::normalize;
@@ -48,7 +49,7 @@ use facerec_trainer::world::World;
 use facerec_trainer::Config;
 use serde::Deserialize;
 use serde_json::json;
-use tch::nn::ModuleT;
+use tch::nn::{self, ModuleT};
 use tch::{Device, Kind, Tensor};
 
 #[derive(Parser, Clone)]
@@ -307,12 +308,21 @@ impl Ours {
             .collect()
     }
 
-    /// Flip-test embeddings of `images` as `facerec eval` computes them.
-    fn embed(&self, images: &Tensor, batch: i64, reps: usize) -> Vec<Timing> {
+    /// A copy of the backbone with its BatchNorms folded, as `facerec eval` loads a model
+    /// (`LoadedModel::load`); the store is returned with it.
+    fn folded_backbone(&self) -> Result<(nn::VarStore, Backbone)> {
+        let mut vs = nn::VarStore::new(self.device);
+        let mut net = facerec_backbone::build(&vs.root(), &self.cfg.model);
+        vs.copy(&self.st.backbone_vs)?;
+        let report = net.fold_batch_norms();
+        eprintln!("bench-train: eval backbone: {report}");
+        Ok((vs, net))
+    }
+
+    /// Flip-test embeddings of `images` by `net` as `facerec eval` computes them.
+    fn embed(&self, net: &Backbone, images: &Tensor, batch: i64, reps: usize) -> Vec<Timing> {
         let model = |x: &Tensor| {
-            self.st
-                .backbone
-                .forward_t(&normalize(&x.to_device(self.device)), false)
+            net.forward_t(&normalize(&x.to_device(self.device)), false)
                 .to_device(Device::Cpu)
         };
         (0..reps)
@@ -494,7 +504,10 @@ fn mib(b: u64) -> String {
 /// Timings of one side for one network.
 struct Side {
     train: Vec<Timing>,
+    /// Ours: with BatchNorms folded, as `facerec eval` runs (the reference: its only column).
     embed: Vec<Timing>,
+    /// Ours only: the same backbone unfolded (`FACEREC_FOLD_BN=off`).
+    embed_unfolded: Vec<Timing>,
     rss: (u64, u64),
 }
 
@@ -578,6 +591,7 @@ fn main() -> Result<()> {
                 .map(|_| Side {
                     train: vec![],
                     embed: vec![],
+                    embed_unfolded: vec![],
                     rss: (0, 0),
                 })
                 .collect();
@@ -605,13 +619,21 @@ fn main() -> Result<()> {
                 )
                 .to_device(device);
                 let eval_batch = EVAL_BATCH;
-                ours.embed(&images, eval_batch, 1);
+                let (_folded_vs, folded) = ours.folded_backbone()?;
+                let unfolded = &ours.st.backbone;
+                ours.embed(&folded, &images, eval_batch, 1);
+                ours.embed(unfolded, &images, eval_batch, 1);
                 let req = |reps: usize| json!({"cmd": "embed", "images": net.eval_images, "batch": eval_batch, "reps": reps});
                 for r in refs.iter_mut() {
                     r.ask::<Times>(req(1))?;
                 }
                 for _ in 0..args.reps {
-                    sides[0].embed.extend(ours.embed(&images, eval_batch, 1));
+                    sides[0]
+                        .embed
+                        .extend(ours.embed(&folded, &images, eval_batch, 1));
+                    sides[0]
+                        .embed_unfolded
+                        .extend(ours.embed(unfolded, &images, eval_batch, 1));
                     for (i, r) in refs.iter_mut().enumerate() {
                         sides[i + 1].embed.extend(r.ask::<Times>(req(1))?.timings());
                     }
@@ -668,6 +690,11 @@ fn print_tables(rows: &[(&Net, i64, Vec<Side>)], mallocs: &[String], args: &Args
         };
         let mut head = format!("| net | params | {size_col} | ours {unit} |");
         let mut rule = "|---|---:|---:|---:|".to_string();
+        if pick == 1 {
+            // Ours is the folded backbone; the unfolded one is timed in the same rounds.
+            head += &format!(" ours unfolded {unit} | fold gain | CPU-time gain |");
+            rule += "---:|---:|---:|";
+        }
         for m in mallocs {
             head += &format!(" PyTorch ({m}) {unit} | ratio | CPU-time ratio |");
             rule += "---:|---:|---:|";
@@ -706,6 +733,16 @@ fn print_tables(rows: &[(&Net, i64, Vec<Side>)], mallocs: &[String], args: &Args
                 per_item as i64,
                 per_item * 1e3 / ours_ms
             );
+            if pick == 1 {
+                let unf = &sides[0].embed_unfolded;
+                let (ms, cpu) = (med(unf, |x| x.wall), med(unf, |x| x.cpu));
+                line += &format!(
+                    " {:.1} | {:.2}x | {:.2}x |",
+                    per_item * 1e3 / ms,
+                    ms / ours_ms,
+                    cpu / ours_cpu
+                );
+            }
             for s in &sides[1..] {
                 let theirs = t(s);
                 let (ms, cpu) = (med(&theirs, |x| x.wall), med(&theirs, |x| x.cpu));

@@ -11,6 +11,7 @@
 //! reference model with `strict=True` (see `docs/backbones.md`).
 
 pub mod autocast;
+pub mod fold;
 pub mod iresnet;
 pub mod mobilefacenet;
 pub mod onnx;
@@ -21,6 +22,7 @@ use serde::{Deserialize, Serialize};
 use tch::nn::{self, ModuleT};
 use tch::{Kind, Tensor};
 
+pub use fold::FoldReport;
 pub use iresnet::{IBasicBlock, IResNet};
 pub use mobilefacenet::MobileFaceNet;
 pub use vit::ViT;
@@ -632,6 +634,9 @@ pub struct BatchNorm {
     pub num_batches_tracked: Tensor,
     /// Added to the variance ([`BatchNorm::EPS`] unless built by [`BatchNorm::with_eps`]).
     pub eps: f64,
+    /// Folded into the neighbouring conv or linear layer ([`crate::fold`]): the forward is the
+    /// identity, eval mode only.
+    folded: bool,
 }
 
 impl BatchNorm {
@@ -660,14 +665,32 @@ impl BatchNorm {
             running_var: p.ones_no_train("running_var", &[c]),
             num_batches_tracked: p.add("num_batches_tracked", nbt, false),
             eps,
+            folded: false,
         }
+    }
+
+    /// Whether [`crate::fold`] folded this layer into its neighbour (its forward is then the
+    /// identity).
+    pub fn is_folded(&self) -> bool {
+        self.folded
     }
 }
 
 impl ModuleT for BatchNorm {
     /// # Shapes
     /// `xs`: `[B, C]` or `[B, C, H, W]`; output the same.
+    ///
+    /// # Panics
+    /// With `train` on a folded layer ([`BatchNorm::is_folded`]): a folded backbone is for
+    /// inference only.
     fn forward_t(&self, xs: &Tensor, train: bool) -> Tensor {
+        if self.folded {
+            assert!(
+                !train,
+                "a folded BatchNorm has no training mode: fold a copy of the backbone for inference"
+            );
+            return xs.shallow_clone();
+        }
         if train {
             tch::no_grad(|| {
                 let mut n = self.num_batches_tracked.shallow_clone();

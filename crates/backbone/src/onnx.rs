@@ -92,7 +92,11 @@ impl BatchNorm {
     }
 
     /// As [`BatchNorm::onnx`] with the parameters under `name` and the output value named `out`.
+    /// A folded layer ([`BatchNorm::is_folded`]) is an `Identity` (its conv or linear carries it).
     pub(crate) fn onnx_as(&self, g: &mut GraphBuilder, name: &str, out: &str, x: &str) -> String {
+        if self.is_folded() {
+            return g.node("Identity", out, &[x], vec![]);
+        }
         let scale = weight(g, &format!("{name}.weight"), &self.weight);
         let bias = weight(g, &format!("{name}.bias"), &self.bias);
         let mean = weight(g, &format!("{name}.running_mean"), &self.running_mean);

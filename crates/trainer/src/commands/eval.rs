@@ -156,11 +156,15 @@ pub fn run(args: Args) -> Result<()> {
         None => crate::log::new_run_dir(Path::new("."), "eval")?,
     };
     eprintln!(
-        "model {} ({} input, fit {}, {:?}); writing to {}",
+        "model {} ({} input, fit {}, {:?}; {}); writing to {}",
         m.checkpoint.display(),
         size,
         m.fit,
         device,
+        match &m.fold {
+            Some(r) => r.to_string(),
+            None => "BatchNorm folding off".into(),
+        },
         out.display()
     );
     let mut targets = Vec::new();
