@@ -61,7 +61,7 @@ const CASES: [(&str, &str); 12] = [
     // `RANKS_AGREE_ONLY` for dropout > 0.
     (
         "coreface",
-        "[head]\ntype = \"arcface\"\n[coreface]\nstart_epoch = 0\ndropout = 0.0\nw_con = 1.0\n",
+        "[head]\ntype = \"arcface\"\n[coreface]\nstart_epoch = 0\ndropout = 0.0\nw_con = 1.0\ns = 4.0\n",
     ),
     (
         "coreface_dropout",
