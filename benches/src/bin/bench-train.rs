@@ -242,7 +242,7 @@ impl Ours {
     fn new(cfg: &Config, num_classes: i64, device: Device) -> Self {
         tch::manual_seed(cfg.seed as i64);
         let st = State::new(cfg, num_classes as usize, device);
-        let objective = facerec_trainer::objective::build(cfg, num_classes, device);
+        let objective = facerec_trainer::objective::build(cfg, num_classes, None, device);
         let size = cfg.model.input_size();
         let b = cfg.train.batch_size as i64;
         let x = Tensor::rand([b, 3, size, size], (Kind::Float, device)) * 2.0 - 1.0;

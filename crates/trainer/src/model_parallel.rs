@@ -25,22 +25,11 @@ use tch::{nn, Tensor};
 pub const INIT_CHUNK: i64 = 4096;
 
 /// This rank's block of the classifier when the run is model parallel, `None` when replicated.
-/// Refuses what model parallelism does not cover, naming `classifier.sharding`.
+/// Refuses fewer classes than ranks, naming `classifier.sharding`. Every objective runs model
+/// parallel (margin softmax with every head, CoReFace, cluster-guided; docs/distributed.md).
 pub fn shard_of(cfg: &Config, num_classes: usize, world: &World) -> Result<Option<ClassShard>> {
     if cfg.classifier.sharding_for(world.size()) == Sharding::Replicated {
         return Ok(None);
-    }
-    let why = if cfg.coreface.is_some() {
-        Some("[coreface] (two dropout views of the trunk features per image)")
-    } else if cfg.cluster_guided.is_some() {
-        Some("[cluster_guided] (cluster tables over the whole classifier)")
-    } else {
-        None
-    };
-    if let Some(what) = why {
-        bail!(
-            "config key `classifier.sharding`: {what} is not supported with a model-parallel classifier; set classifier.sharding = \"replicated\" (data parallel, every rank holds the whole classifier)"
-        );
     }
     if num_classes < world.size() {
         bail!(

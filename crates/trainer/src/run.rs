@@ -148,7 +148,7 @@ impl<'a> Trainer<'a> {
         };
         let shard = crate::model_parallel::shard_of(cfg, data.num_classes, &world)?;
         let mut st = State::new_sharded(cfg, data.num_classes, shard, device);
-        let mut objective = crate::objective::build(cfg, data.num_classes as i64, device);
+        let mut objective = crate::objective::build(cfg, data.num_classes as i64, shard, device);
         let init_line = match &resume {
             Some(r) => {
                 st.restore(&r.dir, &r.meta, objective.as_mut())?;

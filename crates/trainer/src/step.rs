@@ -217,13 +217,15 @@ impl StepPlan<'_> {
         ))
     }
 
-    /// Model parallel: one micro-batch against this rank's block `shard`. The embeddings
-    /// (detached) and labels of every rank are gathered into a leaf `emb_g [W * B, D]`; the
+    /// Model parallel: one micro-batch against this rank's block `shard`. The objective's
+    /// views of the micro-batch (`Objective::sharded_views`: one embedding, or CoReFace's two)
+    /// are gathered (detached) with the labels of every rank into leaves `[W * B, D]`; the
     /// objective's sharded loss (the global mean over the gathered batch) is backpropagated to
-    /// the block and to `emb_g`; the gradient of `emb_g` is summed over the ranks and this rank's
-    /// rows of it (reduce-scatter) go through the backbone as `(emb * grad).sum().backward()`.
-    /// Every rank gets the same loss; the backbone gradient is this rank's share of the global
-    /// one (summed over ranks in [`StepPlan::synchronise`]).
+    /// the block and to the gathered views; the gradient of each is summed over the ranks and
+    /// this rank's rows of it (reduce-scatter) go through the backbone as
+    /// `(Σ_v view_v * grad_v).sum().backward()`. Every rank gets the same loss; the backbone
+    /// gradient is this rank's share of the global one (summed over ranks in
+    /// [`StepPlan::synchronise`]).
     fn micro_batch_sharded(
         &self,
         st: &mut State,
@@ -233,11 +235,16 @@ impl StepPlan<'_> {
         shard: ClassShard,
     ) -> Result<MicroResult> {
         let model = st.model(self.cfg.train.precision, shard.len as usize);
-        let emb = model.embed(x, true);
-        let emb_g = self
-            .world
-            .all_gather_cat(&emb.detach().to_kind(Kind::Float), "the embeddings")?
-            .set_requires_grad(true);
+        let views = objective.sharded_views(&model, x, self.world);
+        let views_g = views
+            .iter()
+            .map(|v| {
+                Ok(self
+                    .world
+                    .all_gather_cat(&v.detach().to_kind(Kind::Float), "the embeddings")?
+                    .set_requires_grad(true))
+            })
+            .collect::<Result<Vec<Tensor>>>()?;
         let y_g = self.world.all_gather_cat(y, "the labels")?;
         // The loss sees the gathered rows: their images too (GCE never pairs an image with a
         // copy of itself).
@@ -248,21 +255,30 @@ impl StepPlan<'_> {
         )?;
         let images_g = Vec::<i64>::try_from(&images_g.to_device(tch::Device::Cpu))?;
         objective.set_batch_images(&images_g.iter().map(|&i| i as usize).collect::<Vec<_>>());
-        let micro = objective.sharded_loss(&model, &emb_g, &y_g, shard, self.world)?;
+        let micro = objective.sharded_loss(&model, &views_g, &y_g, shard, self.world)?;
         let loss = micro.loss / accumulation as f64;
         st.scaler.scale_loss(&loss).backward();
-        let mut grad_g = emb_g.grad();
-        if !grad_g.defined() {
-            // Every rank takes part in the reduce-scatter, even one whose loss did not reach
-            // the embeddings.
-            grad_g = emb_g.zeros_like();
+        let mut through_backbone: Option<Tensor> = None;
+        for (view, view_g) in views.iter().zip(&views_g) {
+            let mut grad_g = view_g.grad();
+            if !grad_g.defined() {
+                // Every rank takes part in the reduce-scatter, even one whose loss did not
+                // reach this view.
+                grad_g = view_g.zeros_like();
+            }
+            let grad_own = self
+                .world
+                .reduce_scatter_sum(&grad_g, "the gathered embeddings' gradient")?;
+            let term = (view * grad_own.to_kind(view.kind())).sum(view.kind());
+            through_backbone = Some(match through_backbone {
+                Some(acc) => acc + term,
+                None => term,
+            });
         }
-        let grad_own = self
-            .world
-            .reduce_scatter_sum(&grad_g, "the gathered embeddings' gradient")?;
-        (&emb * grad_own.to_kind(emb.kind()))
-            .sum(emb.kind())
-            .backward();
+        // One backward for every view: they share the trunk's graph.
+        if let Some(t) = through_backbone {
+            t.backward();
+        }
         Ok((
             f64::try_from(&loss).unwrap_or(f64::NAN),
             self.row_mask_of(micro.row_mask),

@@ -13,19 +13,29 @@
 //! `facerec-loss-heads` (`cluster_guided`), the hardness, centres, `L_scc`, `L_align` and
 //! re-imprinting from `facerec-clustering`. The `[cluster_guided]` table that configures both is
 //! [`ClusterGuidedConfig`] ([`config`]).
+//!
+//! Model parallel (`classifier.sharding = "model_parallel"`, docs/distributed.md): the margin
+//! table, the centres and their validity stay whole on every rank (`[C]`, `[C, D]`), and every
+//! rank computes the same refresh (each embeds the whole subset: the backbone is the same on
+//! every rank) and re-imprints the rows of its own block only. A step classifies the gathered
+//! batch through the sharded cross-entropy with each row's margin `m_{y_i}`
+//! ([`ClusterGuidedArcFace::for_classes`]); `L_scc` and the centres' EMA are computed on the
+//! gathered embeddings, identically on every rank (`L_scc` enters as `replicated_share`);
+//! `L_align` is a sum over the batch's identities, each term on the rank that owns the class row,
+//! divided by the global count of valid identities, and its value summed across ranks.
 
 pub mod config;
 
 pub use config::ClusterGuidedConfig;
 
-use super::{sample_classes, MicroLoss, Model, Objective, TrainingSet};
+use super::{replicated_share, sample_classes, MicroLoss, Model, Objective, TrainingSet};
 use anyhow::{bail, Context, Result};
 use facerec_clustering::cluster_guided::{
     align_loss, cluster_statistics, reimprint, scc_loss, stratified_subset, ClusterCentres,
 };
 use facerec_loss_heads::{
-    cross_entropy, margins_from_hardness, ClusterGuidedArcFace, MarginHead, PartialFc,
-    PartialFcConfig,
+    cross_entropy, margins_from_hardness, sharded_training_loss, ClassShard, ClusterGuidedArcFace,
+    Collectives, MarginHead, PartialFc, PartialFcConfig,
 };
 use std::collections::HashMap;
 use tch::{Device, Kind, Tensor};
@@ -41,14 +51,19 @@ pub struct ClusterGuidedObjective {
     partial_fc: Option<PartialFc>,
     /// Epoch whose start ran the last refresh (-1: none yet).
     last_refresh: i64,
+    /// Identities `C` (the length of the tables).
+    num_classes: i64,
+    /// Model parallel: this rank's block of the classifier (`None`: the classifier is whole).
+    shard: Option<ClassShard>,
 }
 
 impl ClusterGuidedObjective {
-    /// Tables for `num_classes` identities and `dim`-dimensional embeddings on `device`.
+    /// Tables for `num_classes` identities and `dim`-dimensional embeddings on `device`;
+    /// `shard`: this rank's block of the classifier under model parallelism (`None`: whole).
     pub fn new(
         cfg: &ClusterGuidedConfig,
         partial_fc: &PartialFcConfig,
-        num_classes: i64,
+        (num_classes, shard): (i64, Option<ClassShard>),
         dim: i64,
         device: Device,
     ) -> Self {
@@ -63,11 +78,59 @@ impl ClusterGuidedObjective {
             centres,
             partial_fc: (partial_fc.sample_rate < 1.0).then(|| PartialFc::new(partial_fc)),
             last_refresh: -1,
+            num_classes,
+            shard,
         }
     }
 
     fn refreshed(&self) -> bool {
         self.last_refresh >= 0
+    }
+
+    /// The centres of the classifier rows this rank holds: all of them, or its block's.
+    fn block_centres(&self) -> ClusterCentres {
+        let (start, len) = match self.shard {
+            Some(s) => (s.start, s.len),
+            None => (0, self.num_classes),
+        };
+        ClusterCentres::from_tensors(
+            self.centres.centres().narrow(0, start, len),
+            &self.centres.valid().narrow(0, start, len),
+        )
+    }
+
+    /// Model parallel `L_align`: this rank's share (the identities of the gathered batch whose
+    /// class row it owns, over the global count of valid identities), with the value of the sum
+    /// over the ranks.
+    fn sharded_align(
+        &self,
+        weight_block: &Tensor,
+        y_g: &Tensor,
+        shard: ClassShard,
+        comm: &dyn Collectives,
+    ) -> Result<Tensor> {
+        let kind = Kind::Float;
+        let (classes, _, _) = y_g.unique_dim(0, true, false, false);
+        let global_count = self
+            .centres
+            .valid()
+            .index_select(0, &classes)
+            .to_kind(kind)
+            .sum(kind)
+            .clamp_min(1.0);
+        let local = shard.local_labels(&classes);
+        let own = local.masked_select(&local.ge(0));
+        let part = if own.numel() == 0 {
+            (weight_block.sum(kind) * 0.0).to_kind(kind)
+        } else {
+            let block = self.block_centres();
+            let local_count = block.valid().index_select(0, &own).to_kind(kind).sum(kind);
+            align_loss(weight_block, &own, &block).to_kind(kind) * local_count / &global_count
+        };
+        let total = comm
+            .all_reduce_sum(&part.detach())
+            .context("cluster-guided: all-reduce of the alignment loss")?;
+        Ok(&part + (total - part.detach()))
     }
 
     fn refresh(&mut self, epoch: usize, model: &Model, data: &dyn TrainingSet) -> Result<String> {
@@ -93,7 +156,7 @@ impl ClusterGuidedObjective {
         let stats = cluster_statistics(
             &emb,
             &sub_labels,
-            model.num_classes as usize,
+            self.num_classes as usize,
             self.cfg.clustering,
             self.cfg.hardness,
         );
@@ -101,9 +164,10 @@ impl ClusterGuidedObjective {
         self.head.set_margins(&margins);
         self.centres.set(&stats);
         let reimprinted = if self.cfg.align.uses_reimprint() {
+            // Model parallel: the rows of this rank's block (the count is this rank's).
             reimprint(
                 model.classifier.weight(),
-                &self.centres,
+                &self.block_centres(),
                 self.cfg.align.beta,
                 self.cfg.align.norm,
             )
@@ -151,7 +215,7 @@ impl Objective for ClusterGuidedObjective {
             if self.cfg.scc.weight > 0.0 {
                 let extra = (self.cfg.scc.extra_negatives > 0).then(|| {
                     Tensor::randint(
-                        model.num_classes,
+                        self.num_classes,
                         [self.cfg.scc.extra_negatives as i64],
                         (Kind::Int64, y.device()),
                     )
@@ -175,6 +239,68 @@ impl Objective for ClusterGuidedObjective {
             row_mask,
             metrics,
         }
+    }
+
+    /// The gathered batch through the sharded cross-entropy with each row's margin; `L_scc` and
+    /// the centres' EMA on the gathered embeddings (the same on every rank), `L_align` split by
+    /// the owners of the class rows (see the module docs).
+    fn sharded_loss(
+        &mut self,
+        model: &Model,
+        views_g: &[Tensor],
+        y_g: &Tensor,
+        shard: ClassShard,
+        comm: &dyn Collectives,
+    ) -> Result<MicroLoss> {
+        let [emb_g] = views_g else {
+            bail!("cluster-guided: one view, got {}", views_g.len());
+        };
+        let sampled = self
+            .partial_fc
+            .as_mut()
+            .map(|pfc| pfc.sample_shard(y_g, shard));
+        let (labels, row_mask) = match &sampled {
+            Some(s) => (
+                s.labels.shallow_clone(),
+                Some(s.row_mask(shard.len, Kind::Float)),
+            ),
+            None => (shard.local_labels(y_g), None),
+        };
+        let (emb, cos) = model.scores(emb_g.shallow_clone(), sampled.as_ref());
+        let norms = emb.norm_scalaropt_dim(2, [1], false);
+        let mut head = self.head.for_classes(y_g);
+        let ce = sharded_training_loss(&mut head, &cos, &labels, &norms, comm)?;
+        let mut loss = ce.shallow_clone();
+        let mut metrics = Vec::new();
+        if self.refreshed() {
+            let world = comm.world_size();
+            if self.cfg.scc.weight > 0.0 {
+                let extra = (self.cfg.scc.extra_negatives > 0).then(|| {
+                    Tensor::randint(
+                        self.num_classes,
+                        [self.cfg.scc.extra_negatives as i64],
+                        (Kind::Int64, y_g.device()),
+                    )
+                });
+                let scc = scc_loss(&emb, y_g, &self.centres, self.cfg.scc.scale, extra.as_ref());
+                metrics.push(("loss_scc", f64::try_from(&scc).unwrap_or(f64::NAN)));
+                loss += replicated_share(&scc, world) * self.cfg.scc.weight;
+            }
+            if self.cfg.align.uses_loss() {
+                let align = self.sharded_align(model.classifier.weight(), y_g, shard, comm)?;
+                metrics.push(("loss_align", f64::try_from(&align).unwrap_or(f64::NAN)));
+                loss += align * self.cfg.align.weight;
+            }
+            if let Some(alpha) = self.cfg.scc.ema {
+                self.centres.ema_update(&emb, y_g, alpha);
+            }
+            metrics.push(("loss_cls", f64::try_from(&ce).unwrap_or(f64::NAN)));
+        }
+        Ok(MicroLoss {
+            loss,
+            row_mask,
+            metrics,
+        })
     }
 
     fn begin_epoch(

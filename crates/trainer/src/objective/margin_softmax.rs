@@ -100,6 +100,57 @@ impl MarginSoftmax {
             .collect();
         (losses, mask)
     }
+
+    /// Model parallel: [`MarginSoftmax::losses_of_views`] for the gathered views `views_g`
+    /// (`[W * B, D]` each) against this rank's block `shard`, each through the sharded
+    /// cross-entropy over `comm` (value: the global mean; gradient: this rank's share). One
+    /// Partial FC sample of the block serves every view; the row mask is over the block.
+    ///
+    /// # Errors
+    /// For a head whose training loss is not split across ranks, and as
+    /// `facerec_loss_heads::sharded_cross_entropy`.
+    pub fn sharded_losses_of_views(
+        &mut self,
+        model: &Model,
+        views_g: &[Tensor],
+        y_g: &Tensor,
+        shard: ClassShard,
+        comm: &dyn Collectives,
+    ) -> anyhow::Result<(Vec<Tensor>, Option<Tensor>)> {
+        anyhow::ensure!(
+            matches!(self.head, Head::Gce(_)) || self.head().loss_is_cross_entropy(),
+            "config key `classifier.sharding`: this head has its own training loss, which is not split across ranks; set classifier.sharding = \"replicated\""
+        );
+        let sampled = self
+            .partial_fc
+            .as_mut()
+            .map(|pfc| pfc.sample_shard(y_g, shard));
+        let (labels, row_mask) = match &sampled {
+            Some(s) => (
+                s.labels.shallow_clone(),
+                Some(s.row_mask_of_rows(
+                    shard.len,
+                    model.classifier.rows_per_class(),
+                    tch::Kind::Float,
+                )),
+            ),
+            None => (shard.local_labels(y_g), None),
+        };
+        let mut losses = Vec::with_capacity(views_g.len());
+        for emb_g in views_g {
+            let (emb, cos) = model.scores(emb_g.shallow_clone(), sampled.as_ref());
+            let norms = emb.norm_scalaropt_dim(2, [1], false);
+            // The head records the gathered batch's target cosines and norms (CurricularFace's
+            // `t`, AdaFace's norm statistics): the same on every rank.
+            losses.push(match &mut self.head {
+                // GCE's global terms across the ranks: the target from its owner, ℓ reduced, the
+                // replacement drawn from the gathered labels and applied by the owner.
+                Head::Gce(g) => g.sharded_step_loss(&cos, &labels, y_g, &emb, comm)?,
+                Head::Margin(h) => sharded_training_loss(h.as_mut(), &cos, &labels, &norms, comm)?,
+            });
+        }
+        Ok((losses, row_mask))
+    }
 }
 
 impl Objective for MarginSoftmax {
@@ -150,42 +201,20 @@ impl Objective for MarginSoftmax {
     fn sharded_loss(
         &mut self,
         model: &Model,
-        emb_g: &Tensor,
+        views_g: &[Tensor],
         y_g: &Tensor,
         shard: ClassShard,
         comm: &dyn Collectives,
     ) -> anyhow::Result<MicroLoss> {
+        let (mut losses, row_mask) =
+            self.sharded_losses_of_views(model, views_g, y_g, shard, comm)?;
         anyhow::ensure!(
-            matches!(self.head, Head::Gce(_)) || self.head().loss_is_cross_entropy(),
-            "config key `classifier.sharding`: this head has its own training loss, which is not split across ranks; set classifier.sharding = \"replicated\""
+            losses.len() == 1,
+            "margin softmax: one view, got {}",
+            losses.len()
         );
-        let sampled = self
-            .partial_fc
-            .as_mut()
-            .map(|pfc| pfc.sample_shard(y_g, shard));
-        let (labels, row_mask) = match &sampled {
-            Some(s) => (
-                s.labels.shallow_clone(),
-                Some(s.row_mask_of_rows(
-                    shard.len,
-                    model.classifier.rows_per_class(),
-                    tch::Kind::Float,
-                )),
-            ),
-            None => (shard.local_labels(y_g), None),
-        };
-        let (emb, cos) = model.scores(emb_g.shallow_clone(), sampled.as_ref());
-        let norms = emb.norm_scalaropt_dim(2, [1], false);
-        // The head records the gathered batch's target cosines and norms (CurricularFace's `t`,
-        // AdaFace's norm statistics): the same on every rank.
-        let loss = match &mut self.head {
-            // GCE's global terms across the ranks: the target from its owner, ℓ reduced, the
-            // replacement drawn from the gathered labels and applied by the owner.
-            Head::Gce(g) => g.sharded_step_loss(&cos, &labels, y_g, &emb, comm)?,
-            Head::Margin(h) => sharded_training_loss(h.as_mut(), &cos, &labels, &norms, comm)?,
-        };
         Ok(MicroLoss {
-            loss,
+            loss: losses.remove(0),
             row_mask,
             metrics: Vec::new(),
         })

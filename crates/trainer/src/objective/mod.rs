@@ -20,13 +20,20 @@ use facerec_loss_heads::{ClassShard, Collectives, PartialFc, Sampled};
 use std::collections::HashMap;
 use tch::Tensor;
 
-/// The objective a config asks for.
-pub fn build(cfg: &crate::Config, num_classes: i64, device: tch::Device) -> Box<dyn Objective> {
+/// The objective a config asks for. `shard`: this rank's block of the classifier under model
+/// parallelism (`None`: the classifier is whole), for objectives whose state is indexed by class
+/// rows (the cluster-guided re-imprinting writes the rows of its block only).
+pub fn build(
+    cfg: &crate::Config,
+    num_classes: i64,
+    shard: Option<ClassShard>,
+    device: tch::Device,
+) -> Box<dyn Objective> {
     if let Some(cg) = &cfg.cluster_guided {
         return Box::new(cluster_guided::ClusterGuidedObjective::new(
             cg,
             &cfg.partial_fc.sampler(),
-            num_classes,
+            (num_classes, shard),
             cfg.model.embedding_size(),
             device,
         ));
@@ -71,19 +78,33 @@ pub trait Objective {
     /// `x [B, 3, S, S]` (normalised images), `y [B]` Int64 labels.
     fn loss(&mut self, model: &Model, x: &Tensor, y: &Tensor) -> MicroLoss;
 
+    /// Model parallel: this rank's embeddings of its micro-batch `x`, one tensor per view the
+    /// objective classifies (the step gathers each across the ranks and passes them to
+    /// [`Objective::sharded_loss`] in this order). Random draws that one process would make for
+    /// the whole batch (CoReFace's dropout masks) are drawn for the gathered batch from the
+    /// step's stream and this rank's rows taken, so they do not depend on the world size.
+    ///
+    /// # Shapes
+    /// `x [B, 3, S, S]` -> views `[B, D]` each.
+    fn sharded_views(&mut self, model: &Model, x: &Tensor, _comm: &dyn Collectives) -> Vec<Tensor> {
+        vec![model.embed(x, true)]
+    }
+
     /// Model parallel (`classifier.sharding = "model_parallel"`): the loss of the gathered
     /// batch against this rank's block of the classifier (`model.classifier` holds only the
     /// block `shard`), through `facerec_loss_heads::sharded_cross_entropy` over `comm`. Its value
     /// is the global mean (the same on every rank); its gradient reaches this rank's class rows
-    /// and `emb_g`. The row mask is over the block's rows. The default refuses (the trainer
-    /// refuses such configs at start, `model_parallel::shard_of`).
+    /// and `views_g` such that the gradients of `views_g` summed over the ranks are the
+    /// one-process gradient (terms computed identically on every rank from the gathered views go
+    /// in as [`replicated_share`]). The row mask is over the block's rows. The default refuses.
     ///
     /// # Shapes
-    /// `emb_g [W * B, D]` gathered embeddings (a leaf that requires grad), `y_g [W * B]` Int64.
+    /// `views_g`: the gathered [`Objective::sharded_views`], `[W * B, D]` each (leaves that
+    /// require grad); `y_g [W * B]` Int64.
     fn sharded_loss(
         &mut self,
         _model: &Model,
-        _emb_g: &Tensor,
+        _views_g: &[Tensor],
         _y_g: &Tensor,
         _shard: ClassShard,
         _comm: &dyn Collectives,
@@ -143,6 +164,21 @@ pub fn sample_class_rows(
         .as_ref()
         .map(|s| s.row_mask_of_rows(model.num_classes, k, tch::Kind::Float));
     (sampled, mask)
+}
+
+/// A term that every rank computes identically from the gathered views (CoReFace's contrastive
+/// loss, the supervised contrastive clustering loss), as this rank's share: its value is `t`, its
+/// gradient `t / W`, so the gathered views' gradients summed over the `W` ranks (the step's
+/// reduce-scatter) count it once. `t` itself in a world of one.
+///
+/// # Shapes
+/// `t` scalar -> scalar.
+pub fn replicated_share(t: &Tensor, world: usize) -> Tensor {
+    if world <= 1 {
+        return t.shallow_clone();
+    }
+    let w = world as f64;
+    t / w + t.detach() * (1.0 - 1.0 / w)
 }
 
 /// This micro-batch's Partial FC sample (when `pfc` is configured) and the classifier rows it may
