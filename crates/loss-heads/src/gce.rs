@@ -34,7 +34,9 @@
 //! is INFERRED from the abstract; the prototype replacement is applied to *columns* of the
 //! cosine matrix (`S[:, c] ← x̂ x̂_jᵀ`), which equals replacing `Ŵ_c` by `x̂_j` and needs neither
 //! the classifier weight nor a copy of it, so it works unchanged over a Partial FC subset (the
-//! column positions are the remapped labels).
+//! column positions are the remapped labels). By default an anchor's out-sample sums are constants
+//! in its terms ([`OutGradient::Detached`]): differentiated live, they gave the batch's hardest
+//! image about half the batch's gradient weight and cost 9 points on LFW (issue 17, `docs/gce.md`).
 
 use std::collections::BTreeMap;
 
@@ -104,13 +106,15 @@ impl OutWeight {
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum OutGradient {
-    /// Default. Anchor `i`'s terms differentiate through every `ℓ_k` and `t̃_k` they contain: each
-    /// out-sample's similarities receive gradient from all `B − 1` anchors that list it.
-    #[default]
+    /// Anchor `i`'s terms differentiate through every `ℓ_k` and `t̃_k` they contain: each
+    /// out-sample's similarities receive gradient from all `B − 1` anchors that list it. At
+    /// `s = 32` the hardest sample of a batch then takes about half the batch's gradient weight
+    /// (`docs/gce.md`, "Why GCE trailed ArcFace on LFW"); the default until issue 17.
     Live,
-    /// The out-sample sums of anchor `i` are constants (detached): anchor `i`'s terms move only
-    /// its own target and non-targets, against a threshold set by the rest of the batch. Each
-    /// sample's gradient then comes from its own two terms, as in margin softmax.
+    /// Default. The out-sample sums of anchor `i` are constants (detached): anchor `i`'s terms
+    /// move only its own target and non-targets, against a threshold set by the rest of the
+    /// batch. Each sample's gradient then comes from its own two terms, as in margin softmax.
+    #[default]
     Detached,
 }
 
@@ -187,7 +191,7 @@ impl Default for PairwiseConfig {
 /// nontarget_form = "angular"  # "angular": cos(max(θ − m_n, 0)) | "additive": cos θ + m_n
 /// out_weight = "inverse_batch"  # or a number ω ≥ 0
 /// same_class_out = false
-/// out_gradient = "live"     # | "detached": out-sample sums as constants
+/// out_gradient = "detached" # out-sample sums as constants | "live"
 /// term1_weight = 0.5
 /// term2_weight = 0.5
 /// [head.pairwise]
@@ -228,7 +232,7 @@ pub struct GceConfig {
     /// and targets). Default false (SPEC 5: out-samples are samples of other classes).
     #[serde(default)]
     pub same_class_out: bool,
-    /// Gradient through the out-sample sums: `"live"` (default) or `"detached"`
+    /// Gradient through the out-sample sums: `"detached"` (default) or `"live"`
     /// ([`OutGradient`]).
     #[serde(default)]
     pub out_gradient: OutGradient,
@@ -270,7 +274,7 @@ impl Default for GceConfig {
             nontarget_form: MarginForm::Angular,
             out_weight: OutWeight::default(),
             same_class_out: false,
-            out_gradient: OutGradient::Live,
+            out_gradient: OutGradient::Detached,
             term1_weight: default_half(),
             term2_weight: default_half(),
             pairwise: PairwiseConfig::default(),

@@ -101,8 +101,11 @@ impl Fixture {
 
 /// The configurations every proof runs over (name, config, replacement).
 fn cases(s: f64) -> Vec<(String, GceConfig, Replacement)> {
+    // The live out-sample gradient (the true gradient of the value); the default, detached, is
+    // checked against the oracle in `gce_matches_the_oracle_at_the_lfw_recipe_values`.
     let base = GceConfig {
         s,
+        out_gradient: OutGradient::Live,
         ..Default::default()
     };
     let none = Replacement::default();
@@ -271,6 +274,7 @@ fn gce_matches_the_oracle_at_the_lfw_recipe_values() {
         s: 32.0,
         m_t: 0.5,
         m_n: 0.1,
+        out_gradient: OutGradient::Live,
         ..Default::default()
     };
     assert_eq!(
@@ -380,10 +384,11 @@ fn gce_matches_the_oracle_at_the_lfw_recipe_values() {
     }
 }
 
-/// `out_gradient = "detached"` keeps the loss value, and the gradient that reaches sample `k`'s
-/// similarities is exactly that of its own two terms, `(w1·L1_k + w2·L2_k)/B`, differentiated with
-/// the live head (its `terms`) and read at row `k`; under `"live"` row `k` also receives the other
-/// anchors' gradient, so the two differ.
+/// `out_gradient = "detached"` (the default since issue 17; it was `"live"`, which fails this test)
+/// keeps the loss value, and the gradient that reaches sample `k`'s similarities is exactly that
+/// of its own two terms, `(w1·L1_k + w2·L2_k)/B`, differentiated with the live head (its `terms`)
+/// and read at row `k`; under `"live"` row `k` also receives the other anchors' gradient, so the
+/// two differ.
 #[test]
 fn detached_out_sums_keep_the_value_and_localise_the_gradient() {
     let (b, c) = (10, 40);
@@ -392,11 +397,12 @@ fn detached_out_sums_keep_the_value_and_localise_the_gradient() {
     let base = random_cos(5, b, c, -0.4, 0.9);
     let live = Gce::new(&GceConfig {
         s: 32.0,
+        out_gradient: OutGradient::Live,
         ..Default::default()
     });
+    // The default config: the detached out-sample sums.
     let det = Gce::new(&GceConfig {
         s: 32.0,
-        out_gradient: OutGradient::Detached,
         ..Default::default()
     });
     let cos = base.copy().set_requires_grad(true);
