@@ -34,7 +34,9 @@
 //! is INFERRED from the abstract; the prototype replacement is applied to *columns* of the
 //! cosine matrix (`S[:, c] ← x̂ x̂_jᵀ`), which equals replacing `Ŵ_c` by `x̂_j` and needs neither
 //! the classifier weight nor a copy of it, so it works unchanged over a Partial FC subset (the
-//! column positions are the remapped labels).
+//! column positions are the remapped labels). By default an anchor's out-sample sums are constants
+//! in its terms ([`OutGradient::Detached`]): differentiated live, they gave the batch's hardest
+//! image about half the batch's gradient weight and cost 9 points on LFW (issue 17, `docs/gce.md`).
 
 use std::collections::BTreeMap;
 
@@ -98,6 +100,22 @@ impl OutWeight {
             }
         }
     }
+}
+
+/// Whether an anchor's out-sample terms send gradient to the *other* samples' similarities.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OutGradient {
+    /// Anchor `i`'s terms differentiate through every `ℓ_k` and `t̃_k` they contain: each
+    /// out-sample's similarities receive gradient from all `B − 1` anchors that list it. At
+    /// `s = 32` the hardest sample of a batch then takes about half the batch's gradient weight
+    /// (`docs/gce.md`, "Why GCE trailed ArcFace on LFW"); the default until issue 17.
+    Live,
+    /// Default. The out-sample sums of anchor `i` are constants (detached): anchor `i`'s terms
+    /// move only its own target and non-targets, against a threshold set by the rest of the
+    /// batch. Each sample's gradient then comes from its own two terms, as in margin softmax.
+    #[default]
+    Detached,
 }
 
 /// What happens to the one comparison that becomes trivial after a replacement: sample `j`
@@ -173,6 +191,7 @@ impl Default for PairwiseConfig {
 /// nontarget_form = "angular"  # "angular": cos(max(θ − m_n, 0)) | "additive": cos θ + m_n
 /// out_weight = "inverse_batch"  # or a number ω ≥ 0
 /// same_class_out = false
+/// out_gradient = "detached" # out-sample sums as constants | "live"
 /// term1_weight = 0.5
 /// term2_weight = 0.5
 /// [head.pairwise]
@@ -213,6 +232,10 @@ pub struct GceConfig {
     /// and targets). Default false (SPEC 5: out-samples are samples of other classes).
     #[serde(default)]
     pub same_class_out: bool,
+    /// Gradient through the out-sample sums: `"detached"` (default) or `"live"`
+    /// ([`OutGradient`]).
+    #[serde(default)]
+    pub out_gradient: OutGradient,
     /// Weight `w1` of term 1 (targets above all negatives). Default 0.5.
     #[serde(default = "default_half")]
     pub term1_weight: f64,
@@ -251,6 +274,7 @@ impl Default for GceConfig {
             nontarget_form: MarginForm::Angular,
             out_weight: OutWeight::default(),
             same_class_out: false,
+            out_gradient: OutGradient::Detached,
             term1_weight: default_half(),
             term2_weight: default_half(),
             pairwise: PairwiseConfig::default(),
@@ -758,6 +782,20 @@ impl Gce {
         let (a_b, g_b) = if omega == 0.0 {
             // No out-sample terms: both terms are the margin-softmax cross-entropy.
             (ell_b.shallow_clone(), neg_st_b.shallow_clone())
+        } else if self.cfg.out_gradient == OutGradient::Detached {
+            // The anchor's own entry (the diagonal) live, the out-samples' sums as constants:
+            // log(e^{x_i} + Σ_{k∈O(i)} ω e^{detach(x_k)}).
+            let eye = Tensor::eye(b, (Kind::Bool, device));
+            let logw1_bb = self
+                .log_weights(labels_b, omega, kind)
+                .masked_fill(&eye, f64::NEG_INFINITY);
+            let out1_b = (&logw1_bb + ell_b.detach().view([1, b])).logsumexp([1], false);
+            let logw2_bb = match valid_b {
+                Some(v) => logw1_bb.masked_fill(&v.eq(0.0).view([1, b]), f64::NEG_INFINITY),
+                None => logw1_bb,
+            };
+            let out2_b = (logw2_bb + neg_st_b.detach().view([1, b])).logsumexp([1], false);
+            (ell_b.logaddexp(&out1_b), neg_st_b.logaddexp(&out2_b))
         } else {
             let logw1_bb = self.log_weights(labels_b, omega, kind);
             let a_b = (&logw1_bb + ell_b.view([1, b])).logsumexp([1], false);

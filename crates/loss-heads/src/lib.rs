@@ -109,7 +109,8 @@ pub use elastic::{
     ElasticKind, ElasticParams, PlusAssignment,
 };
 pub use gce::{
-    Gce, GceConfig, MarginForm, OutWeight, OutWeightRule, PairwiseConfig, Replacement, SelfPair,
+    Gce, GceConfig, MarginForm, OutGradient, OutWeight, OutWeightRule, PairwiseConfig, Replacement,
+    SelfPair,
 };
 pub use head::{
     apply_to_targets, cross_entropy, scaled_target_offsets, scaled_targets, MarginHead, Scale,

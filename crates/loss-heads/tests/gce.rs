@@ -7,8 +7,8 @@
 
 use facerec_loss_heads::{
     cross_entropy, ArcFaceConfig, ArcFaceGradient, CosFaceConfig, CosineClassifier, Gce, GceConfig,
-    HeadConfig, MarginForm, OutWeight, PairwiseConfig, PartialFc, PartialFcConfig, Replacement,
-    SelfPair,
+    HeadConfig, MarginForm, OutGradient, OutWeight, PairwiseConfig, PartialFc, PartialFcConfig,
+    Replacement, SelfPair,
 };
 use facerec_testkit::gradcheck::{check_gradients, GradCheck};
 use facerec_testkit::{floats, randn_vec};
@@ -101,8 +101,11 @@ impl Fixture {
 
 /// The configurations every proof runs over (name, config, replacement).
 fn cases(s: f64) -> Vec<(String, GceConfig, Replacement)> {
+    // The live out-sample gradient (the true gradient of the value); the default, detached, is
+    // checked against the oracle in `gce_matches_the_oracle_at_the_lfw_recipe_values`.
     let base = GceConfig {
         s,
+        out_gradient: OutGradient::Live,
         ..Default::default()
     };
     let none = Replacement::default();
@@ -245,6 +248,196 @@ fn gce_matches_the_oracle() {
         );
     }
     eprintln!("{} GCE cases match the oracle", ours.len());
+}
+
+/// The shipped LFW recipe's GCE (`s = 32`, `m_t = 0.5`, `m_n = 0.1`, `ω = 1/(B − 1)`) at a
+/// realistic class count, C = 1,000, B = 16 (three classes twice, one three times): loss and
+/// gradients against `data-scripts/gce_oracle.py` (its row-at-a-time enumeration), with and
+/// without replacement, live and detached out-sample sums, f64 (1e-5) and f32 (1e-4). The
+/// class-weight gradient is compared on 23 rows (the batch's 11 classes and 12 others; the
+/// oracle returns only those, to keep its frozen answer small). Prototypes lean towards their
+/// samples, so target cosines sit well above the non-targets (about ±0.25), as in training.
+#[test]
+fn gce_matches_the_oracle_at_the_lfw_recipe_values() {
+    const BB: i64 = 16;
+    const CC: i64 = 1000;
+    const DD: i64 = 16;
+    let labels: Vec<i64> = vec![0, 1, 1, 3, 0, 999, 500, 3, 42, 42, 42, 7, 640, 128, 9, 77];
+    let emb_v = randn_vec(21, (BB * DD) as usize);
+    let mut w_v = randn_vec(22, (CC * DD) as usize);
+    for (i, &y) in labels.iter().enumerate() {
+        for d in 0..DD as usize {
+            w_v[y as usize * DD as usize + d] += 1.2 * emb_v[i * DD as usize + d];
+        }
+    }
+    let recipe = GceConfig {
+        s: 32.0,
+        m_t: 0.5,
+        m_n: 0.1,
+        out_gradient: OutGradient::Live,
+        ..Default::default()
+    };
+    assert_eq!(
+        recipe.out_weight,
+        OutWeight::Rule(facerec_loss_heads::OutWeightRule::InverseBatch)
+    );
+    let rep = Replacement {
+        classes: vec![1, 42],
+        samples: vec![2, 9],
+        copies: Vec::new(),
+    };
+    let configs = [
+        (
+            "recipe, no replacement",
+            recipe.clone(),
+            Replacement::default(),
+        ),
+        ("recipe, replacement", recipe.clone(), rep.clone()),
+        (
+            "recipe, live replacement, drop",
+            GceConfig {
+                pairwise: PairwiseConfig {
+                    detach: false,
+                    self_pair: SelfPair::Drop,
+                    ..Default::default()
+                },
+                ..recipe.clone()
+            },
+            rep.clone(),
+        ),
+        (
+            "recipe, out-sample sums detached, replacement",
+            GceConfig {
+                out_gradient: OutGradient::Detached,
+                ..recipe.clone()
+            },
+            rep,
+        ),
+    ];
+    let rows = |v: Vec<f64>, n: i64| json!(v.chunks(n as usize).collect::<Vec<_>>());
+    let mut weight_rows: Vec<i64> = labels.clone();
+    weight_rows.sort_unstable();
+    weight_rows.dedup();
+    weight_rows.extend([2, 4, 5, 100, 250, 333, 498, 501, 700, 871, 998, 6]);
+    let pick = |g: &Tensor| to_vec(&g.index_select(0, &Tensor::from_slice(&weight_rows)));
+    let (mut ours, mut request) = (Vec::new(), Vec::new());
+    for kind in [Kind::Double, Kind::Float] {
+        let mut vs = nn::VarStore::new(Device::Cpu);
+        let classifier = CosineClassifier::new(&vs.root(), CC, DD);
+        vs.set_kind(kind);
+        let mut weight = classifier.weight().shallow_clone();
+        let w = Tensor::from_slice(&w_v).view([CC, DD]).to_kind(kind);
+        tch::no_grad(|| weight.copy_(&w));
+        let emb = Tensor::from_slice(&emb_v)
+            .view([BB, DD])
+            .to_kind(kind)
+            .set_requires_grad(true);
+        let labels_t = Tensor::from_slice(&labels);
+        for (name, cfg, rep) in &configs {
+            let gce = Gce::new(cfg);
+            let cos = classifier.cosines(&emb);
+            let loss = gce.loss_with_replacement(&cos, &labels_t, &emb, rep);
+            let g = Tensor::run_backward(&[&loss], &[&emb, classifier.weight()], false, false);
+            ours.push((
+                format!("{name} {kind:?}"),
+                kind,
+                loss.double_value(&[]),
+                to_vec(&g[0]),
+                pick(&g[1]),
+            ));
+            request.push(json!({
+                "dtype": if kind == Kind::Double { "float64" } else { "float32" },
+                "emb": rows(to_vec(&emb), DD),
+                "weight": rows(to_vec(classifier.weight()), DD),
+                "labels": labels,
+                "cfg": serde_json::to_value(cfg).unwrap(),
+                "replacement": { "classes": rep.classes, "samples": rep.samples },
+                "grad_weight_rows": weight_rows,
+            }));
+        }
+        // The regime the fixture is meant to have.
+        let cos = classifier.cosines(&emb);
+        let t = to_vec(&cos.gather(1, &labels_t.view([BB, 1]), false));
+        let mean_t = t.iter().sum::<f64>() / t.len() as f64;
+        assert!((0.4..0.9).contains(&mean_t), "mean target cosine {mean_t}");
+    }
+    let answer = oracle(&json!({ "cases": request }));
+    let answers = answer["cases"].as_array().unwrap();
+    assert_eq!(answers.len(), ours.len());
+    for ((name, kind, loss, ge, gw), ans) in ours.iter().zip(answers) {
+        let rtol = if *kind == Kind::Double { 1e-5 } else { 1e-4 };
+        let expected = ans["loss"].as_f64().unwrap();
+        check(&format!("{name}: loss"), &[*loss], &[expected], rtol);
+        check(
+            &format!("{name}: d/demb"),
+            ge,
+            &floats(&ans["grad_emb"]),
+            rtol,
+        );
+        check(
+            &format!("{name}: d/dweight"),
+            gw,
+            &floats(&ans["grad_weight"]),
+            rtol,
+        );
+        eprintln!("{name}: loss {loss:.6} (oracle {expected:.6})");
+    }
+}
+
+/// `out_gradient = "detached"` (the default since issue 17; it was `"live"`, which fails this test)
+/// keeps the loss value, and the gradient that reaches sample `k`'s similarities is exactly that
+/// of its own two terms, `(w1·L1_k + w2·L2_k)/B`, differentiated with the live head (its `terms`)
+/// and read at row `k`; under `"live"` row `k` also receives the other anchors' gradient, so the
+/// two differ.
+#[test]
+fn detached_out_sums_keep_the_value_and_localise_the_gradient() {
+    let (b, c) = (10, 40);
+    let labels: Vec<i64> = vec![0, 3, 3, 7, 12, 12, 12, 20, 33, 39];
+    let labels = Tensor::from_slice(&labels);
+    let base = random_cos(5, b, c, -0.4, 0.9);
+    let live = Gce::new(&GceConfig {
+        s: 32.0,
+        out_gradient: OutGradient::Live,
+        ..Default::default()
+    });
+    // The default config: the detached out-sample sums.
+    let det = Gce::new(&GceConfig {
+        s: 32.0,
+        ..Default::default()
+    });
+    let cos = base.copy().set_requires_grad(true);
+    let l_det = det.loss(&cos, &labels);
+    let g_det = Tensor::run_backward(&[&l_det], &[&cos], false, false).remove(0);
+    let cos2 = base.copy().set_requires_grad(true);
+    let l_live = live.loss(&cos2, &labels);
+    let g_live = Tensor::run_backward(&[&l_live], &[&cos2], false, false).remove(0);
+    let (vd, vl) = (l_det.double_value(&[]), l_live.double_value(&[]));
+    assert!((vd - vl).abs() <= 1e-12 * vl.abs(), "value {vd} vs {vl}");
+    let mut max_diff_live = 0.0f64;
+    for k in 0..b {
+        let cos3 = base.copy().set_requires_grad(true);
+        let (l1, l2) = live.terms(&cos3, &labels, None);
+        let own = (l1.get(k) * 0.5 + l2.get(k) * 0.5) / b as f64;
+        let g_own = Tensor::run_backward(&[&own], &[&cos3], false, false).remove(0);
+        let expected = to_vec(&g_own.get(k));
+        check(
+            &format!("row {k}"),
+            &to_vec(&g_det.get(k)),
+            &expected,
+            1e-10,
+        );
+        let lv = to_vec(&g_live.get(k));
+        let d = lv
+            .iter()
+            .zip(&expected)
+            .map(|(a, e)| (a - e).abs())
+            .fold(0.0, f64::max);
+        max_diff_live = max_diff_live.max(d);
+    }
+    assert!(
+        max_diff_live > 1e-3,
+        "live gradient should differ: {max_diff_live}"
+    );
 }
 
 /// Finite differences in f64 through embeddings -> classifier -> (replacement) -> GCE.
