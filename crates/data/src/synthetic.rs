@@ -185,6 +185,34 @@ struct Identity {
     hair_top: f32,
     hair_bottom: f32,
     beard: f32,
+    /// Relief (heights in face units) that the lighting turns into shading: the head's depth, the
+    /// nose ridge and tip, eye sockets, brow ridge, cheekbones (height and drop below the eyes), chin.
+    relief: Relief,
+    /// Clear glasses (a thin frame around each eye) this person usually wears, if any.
+    specs: Option<Specs>,
+}
+
+/// Identity relief: heights of smooth bumps on an ellipsoidal head (see [`Identity::relief`]).
+#[derive(Debug, Clone)]
+struct Relief {
+    depth: f32,
+    nose: f32,
+    nose_tip: f32,
+    socket: f32,
+    brow: f32,
+    cheek: f32,
+    cheek_dy: f32,
+    chin: f32,
+}
+
+/// Clear glasses: frame gray level, frame thickness, lens size relative to the eye, and the
+/// probability that one image shows them.
+#[derive(Debug, Clone)]
+struct Specs {
+    frame: f32,
+    thickness: f32,
+    size: f32,
+    wear_p: f32,
 }
 
 fn lerp3(a: Rgb, b: Rgb, t: f32) -> Rgb {
@@ -285,6 +313,22 @@ impl Identity {
             } else {
                 0.0
             },
+            relief: Relief {
+                depth: rng.gen_range(0.12..0.22),
+                nose: rng.gen_range(0.012..0.035),
+                nose_tip: rng.gen_range(0.008..0.025),
+                socket: rng.gen_range(0.006..0.02),
+                brow: rng.gen_range(0.004..0.016),
+                cheek: rng.gen_range(0.0..0.02),
+                cheek_dy: rng.gen_range(0.05..0.09),
+                chin: rng.gen_range(0.004..0.018),
+            },
+            specs: rng.gen_bool(0.25).then(|| Specs {
+                frame: rng.gen_range(10.0..120.0),
+                thickness: rng.gen_range(0.003..0.008),
+                size: rng.gen_range(1.6..2.2),
+                wear_p: rng.gen_range(0.6..1.0),
+            }),
         }
     }
 }
@@ -312,9 +356,13 @@ struct Pose {
     tx: f32,
     ty: f32,
     scale: f32,
+    /// Horizontal stretch of the face (> 1 wider), as when a non-square photo is fitted.
+    aspect: f32,
     yaw: f32,
-    light: f32,
-    light_dir: [f32; 2],
+    /// Unit direction towards the light, in face coordinates (x right, y down, z to the camera).
+    light: [f32; 3],
+    /// Share of ambient (unshaded) light, in (0, 1].
+    ambient: f32,
     gain: Rgb,
     smile: f32,
     open: f32,
@@ -323,6 +371,12 @@ struct Pose {
     gaze: f32,
     bg: Rgb,
     bg_grad: [f32; 2],
+    /// Soft background blobs (image coordinates: centre, half-axes, gray level): clutter.
+    clutter: Vec<[f32; 5]>,
+    /// Gray level of the clothes below the neck.
+    clothes: f32,
+    /// Uniform draw compared with the identity's `Specs::wear_p`.
+    specs_roll: f32,
     occluder: Option<Occluder>,
     noise: f32,
 }
@@ -330,10 +384,23 @@ struct Pose {
 impl Pose {
     fn draw(rng: &mut ChaCha8Rng) -> Self {
         let angle = rng.gen_range(-0.2f32..0.2);
-        let light_dir = rng.gen_range(0.0..std::f32::consts::TAU);
-        let light = rng.gen_range(0.0f32..0.6);
+        // Light from any side, mostly from the front: polar angle up to 70 degrees.
+        let azimuth = rng.gen_range(0.0..std::f32::consts::TAU);
+        let polar = rng.gen_range(0.0f32..1.2);
+        let light = [
+            polar.sin() * azimuth.cos(),
+            polar.sin() * azimuth.sin(),
+            polar.cos(),
+        ];
+        let ambient = rng.gen_range(0.3f32..0.8);
         let gain = rng.gen_range(0.75f32..1.15);
-        let occluder = if rng.gen_bool(0.35) {
+        let light = if light[1] > 0.0 && rng.gen_bool(0.7) {
+            // Mostly from above (y points down).
+            [light[0], -light[1], light[2]]
+        } else {
+            light
+        };
+        let occluder = if rng.gen_bool(0.3) {
             let col = [
                 rng.gen_range(0.0..255.0),
                 rng.gen_range(0.0..255.0),
@@ -384,11 +451,12 @@ impl Pose {
             sin: angle.sin(),
             tx: rng.gen_range(-0.05..0.05),
             ty: rng.gen_range(-0.05..0.05),
-            scale: rng.gen_range(1.1..1.35),
+            scale: rng.gen_range(1.05..1.7),
+            aspect: rng.gen_range(0.9..1.25),
             yaw: rng.gen_range(-0.7..0.7),
             light,
-            light_dir: [light_dir.cos(), light_dir.sin()],
-            gain: [0, 1, 2].map(|_| gain * rng.gen_range(0.88..1.12)),
+            ambient,
+            gain: [0, 1, 2].map(|_| gain * rng.gen_range(0.92..1.08)),
             smile: rng.gen_range(-0.6..1.0),
             open: if rng.gen_bool(0.3) {
                 rng.gen_range(0.004..0.03)
@@ -403,12 +471,25 @@ impl Pose {
             },
             gaze: rng.gen_range(-0.35..0.35),
             bg: {
-                let level = rng.gen_range(50.0..205.0);
-                [0, 1, 2].map(|_| level + rng.gen_range(-25.0..25.0))
+                let level = rng.gen_range(20.0..210.0);
+                [0, 1, 2].map(|_| level + rng.gen_range(-12.0..12.0))
             },
-            bg_grad: [rng.gen_range(-80.0..80.0), rng.gen_range(-80.0..80.0)],
+            bg_grad: [rng.gen_range(-60.0..60.0), rng.gen_range(-60.0..60.0)],
+            clutter: (0..rng.gen_range(0..5))
+                .map(|_| {
+                    [
+                        rng.gen_range(-0.5..0.5),
+                        rng.gen_range(-0.5..0.5),
+                        rng.gen_range(0.05..0.3),
+                        rng.gen_range(0.05..0.3),
+                        rng.gen_range(0.0..255.0),
+                    ]
+                })
+                .collect(),
+            clothes: rng.gen_range(10.0..230.0),
+            specs_roll: rng.gen(),
             occluder,
-            noise: rng.gen_range(2.0..14.0),
+            noise: rng.gen_range(1.0..8.0),
         }
     }
 }
@@ -471,6 +552,8 @@ struct Layout {
     head_rx: f32,
     head_top: f32,
     head_bottom: f32,
+    /// Gaussian bumps of the relief on the face: centre x, centre y, sigma x, sigma y, height.
+    bumps: Vec<[f32; 5]>,
 }
 
 impl Layout {
@@ -495,17 +578,51 @@ impl Layout {
             face_a * id.hair_w,
             id.face_b + id.hair_top,
         );
+        let r = &id.relief;
+        let brow_y = id.eye_y - id.brow_dy - p.brow_raise;
+        let (nose_x, nose_end) = (feat_dx * 1.6, id.eye_y + id.nose_len);
+        let (mouth_x, mouth_y) = (feat_dx * 1.2, id.mouth_y - 0.004 * p.smile);
+        let mut bumps = vec![
+            [
+                nose_x,
+                0.5 * (id.eye_y + nose_end),
+                id.nose_w * 0.7,
+                id.nose_len * 0.5,
+                r.nose,
+            ],
+            [nose_x, nose_end - 0.012, id.nose_w * 0.9, 0.016, r.nose_tip],
+            [mouth_x, mouth_y + 0.08, 0.045, 0.03, r.chin],
+            [mouth_x, mouth_y, id.mouth_w * 0.8, 0.014, 0.006],
+        ];
+        for (&(ex, rx), side) in eyes.iter().zip([-1.0f32, 1.0]) {
+            bumps.push([
+                ex,
+                id.eye_y - 0.004,
+                rx * 1.2,
+                id.eye_ry * 2.0 + 0.01,
+                -r.socket,
+            ]);
+            bumps.push([ex, brow_y + 0.008, id.brow_len * 1.2, 0.016, r.brow]);
+            bumps.push([
+                ex + side * 0.02,
+                id.eye_y + r.cheek_dy,
+                0.045,
+                0.035,
+                r.cheek,
+            ]);
+        }
         Self {
+            bumps,
             face_a,
             face_cx,
             face_cy,
             eyes,
             eye_ry: id.eye_ry * p.blink,
-            brow_y: id.eye_y - id.brow_dy - p.brow_raise,
-            nose_x: feat_dx * 1.6,
-            nose_end: id.eye_y + id.nose_len,
-            mouth_x: feat_dx * 1.2,
-            mouth_y: id.mouth_y - 0.004 * p.smile,
+            brow_y,
+            nose_x,
+            nose_end,
+            mouth_x,
+            mouth_y,
             hair,
             head_rx: (face_a + 2.0 * id.ear).max(hair.2) + face_cx.abs() + 0.01,
             head_top: face_cy - id.face_b - 2.0 * id.hair_top - 0.01,
@@ -516,8 +633,13 @@ impl Layout {
 
 /// Render one image: `s*s*3` RGB bytes. The per-pixel noise continues the image's random stream.
 fn render(id: &Identity, p: &Pose, s: usize, rng: &mut ChaCha8Rng) -> Vec<u8> {
-    let pw = 1.0 / (s as f32 * p.scale); // one pixel in face units
+    // One pixel in face units (the narrower way when the face is stretched).
+    let pw = 1.0 / (s as f32 * p.scale * p.aspect.max(1.0));
     let l = Layout::new(id, p);
+    let body_top = l.face_cy + 0.3 * id.face_b;
+    // Exposure: the shading is divided by the square root of its value at the face centre facing
+    // the camera, so a side light darkens one side more than it dims the whole face.
+    let exposure = (p.ambient + (1.0 - p.ambient) * p.light[2]).sqrt();
     let mut out = Vec::with_capacity(s * s * 3);
     for py in 0..s {
         for px in 0..s {
@@ -525,23 +647,29 @@ fn render(id: &Identity, p: &Pose, s: usize, rng: &mut ChaCha8Rng) -> Vec<u8> {
             let y = (py as f32 + 0.5) / s as f32 - 0.5;
             // Image -> face coordinates: undo translation, rotation, scale.
             let (dx, dy) = (x - p.tx, y - p.ty);
-            let u = (p.cos * dx + p.sin * dy) / p.scale;
+            let u = (p.cos * dx + p.sin * dy) / (p.scale * p.aspect);
             let v = (-p.sin * dx + p.cos * dy) / p.scale;
             let mut c = [
                 p.bg[0] + p.bg_grad[0] * x,
                 p.bg[1] + p.bg_grad[1] * y,
                 p.bg[2] + 0.5 * (p.bg_grad[0] * y + p.bg_grad[1] * x),
             ];
+            for &[bx, by, rx, ry, level] in &p.clutter {
+                let a = ellipse(x, y, bx, by, rx, ry, 4.0 / s as f32);
+                blend(&mut c, [level; 3], 0.8 * a);
+            }
+            if v > body_top {
+                draw_body(id, p, &l, u, v, pw, &mut c);
+            }
             let on_head = u.abs() <= l.head_rx && v >= l.head_top && v <= l.head_bottom;
-            let fg = if on_head {
+            let (fg, face_cov) = if on_head {
                 draw_head(id, p, &l, u, v, pw, &mut c)
             } else {
-                0.0
+                (0.0, 0.0)
             };
-            // Lighting: a smooth directional shading over the head, then gain and colour cast.
+            // Lighting: Lambert shading of the relief over the head, then gain and colour cast.
             let k = if fg > 0.0 {
-                let proj = p.light_dir[0] * u + p.light_dir[1] * v;
-                1.0 + p.light * (proj / 0.2).tanh() * fg
+                1.0 + (shade(id, p, &l, u, v, face_cov) / exposure - 1.0) * fg
             } else {
                 1.0
             };
@@ -571,9 +699,51 @@ fn render(id: &Identity, p: &Pose, s: usize, rng: &mut ChaCha8Rng) -> Vec<u8> {
     out
 }
 
-/// Paint the head layers at face point `(u, v)` over `c`; returns the head's coverage there (for the
-/// lighting).
-fn draw_head(id: &Identity, p: &Pose, l: &Layout, u: f32, v: f32, pw: f32, c: &mut Rgb) -> f32 {
+/// Lambert shading `ambient + (1 - ambient) max(0, <n, light>)` at face point `(u, v)`: the normal `n`
+/// is that of the height field `depth sqrt(1 - r^2)` of the head's ellipse (its slope capped near the
+/// rim, so hair and ears get a steep normal) plus the identity's relief bumps, weighted by the face's
+/// coverage `face_cov`.
+fn shade(id: &Identity, p: &Pose, l: &Layout, u: f32, v: f32, face_cov: f32) -> f32 {
+    let (du, dv) = (u - l.face_cx, v - l.face_cy);
+    let (a2, b2) = (l.face_a * l.face_a, id.face_b * id.face_b);
+    let q = (1.0 - du * du / a2 - dv * dv / b2).max(0.04).sqrt();
+    let depth = id.relief.depth;
+    let (mut gx, mut gy) = (-depth * du / (a2 * q), -depth * dv / (b2 * q));
+    if face_cov > 0.0 {
+        for &[bx, by, sx, sy, h] in &l.bumps {
+            let (tx, ty) = ((u - bx) / sx, (v - by) / sy);
+            if tx.abs() < 3.0 && ty.abs() < 3.0 {
+                let g = face_cov * h * (-0.5 * (tx * tx + ty * ty)).exp();
+                gx -= g * tx / sx;
+                gy -= g * ty / sy;
+            }
+        }
+    }
+    // n = (-gx, -gy, 1) / |.|
+    let lit = (-gx * p.light[0] - gy * p.light[1] + p.light[2]) / (gx * gx + gy * gy + 1.0).sqrt();
+    p.ambient + (1.0 - p.ambient) * lit.max(0.0)
+}
+
+/// Neck and shoulders (clothes) below the face, at face point `(u, v)`.
+#[allow(clippy::too_many_arguments)]
+fn draw_body(id: &Identity, p: &Pose, l: &Layout, u: f32, v: f32, pw: f32, c: &mut Rgb) {
+    let neck = (u - l.face_cx).abs() - 0.55 * l.face_a;
+    blend(c, scale3(id.skin, 0.7), cover(neck, pw));
+    let shoulders = ellipse(u, v, l.face_cx, l.face_cy + id.face_b + 0.28, 0.65, 0.3, pw);
+    blend(c, [p.clothes; 3], shoulders);
+}
+
+/// Paint the head layers at face point `(u, v)` over `c`; returns the head's coverage there and the
+/// face's (for the lighting).
+fn draw_head(
+    id: &Identity,
+    p: &Pose,
+    l: &Layout,
+    u: f32,
+    v: f32,
+    pw: f32,
+    c: &mut Rgb,
+) -> (f32, f32) {
     let yaw = p.yaw;
     // Hair behind the head, cut off softly at its lower end.
     let hair_cov = if id.hair_top > 0.0 {
@@ -623,8 +793,41 @@ fn draw_head(id: &Identity, p: &Pose, l: &Layout, u: f32, v: f32, pw: f32, c: &m
         let mid = 0.5 * (l.eyes[0].0 + l.eyes[1].0);
         let bridge = ((v - id.eye_y + 0.01).abs() - 0.004).max((u - mid).abs() - id.eye_dx);
         blend(c, *col, cover(bridge, pw));
+    } else if let Some(sp) = id.specs.as_ref().filter(|sp| p.specs_roll < sp.wear_p) {
+        draw_specs(sp, id, l, u, v, pw, c);
     }
-    face_cov.max(hair_cov)
+    (face_cov.max(hair_cov), face_cov)
+}
+
+/// Clear glasses: an elliptic frame around each eye, a bridge and the temples towards the ears.
+#[allow(clippy::too_many_arguments)]
+fn draw_specs(sp: &Specs, id: &Identity, l: &Layout, u: f32, v: f32, pw: f32, c: &mut Rgb) {
+    let col = [sp.frame; 3];
+    let th = sp.thickness;
+    let lens_ry = id.eye_rx * sp.size * 0.55;
+    let mut cov = 0.0f32;
+    let mut inner = [0.0f32; 2];
+    for (k, &(ex, rx)) in l.eyes.iter().enumerate() {
+        let lens_rx = rx * sp.size * 0.75;
+        inner[k] = ex + if k == 0 { lens_rx } else { -lens_rx };
+        if (u - ex).abs() < lens_rx + th + pw && (v - id.eye_y).abs() < lens_ry + th + pw {
+            let d = ellipse_d(u, v, ex, id.eye_y, lens_rx, lens_ry).abs() - th;
+            cov = cov.max(cover(d, pw));
+        }
+        // Temple: from the outer edge of the lens to the side of the face.
+        let outer = ex + if k == 0 { -lens_rx } else { lens_rx };
+        let (lo, hi) = if k == 0 {
+            (l.face_cx - l.face_a, outer)
+        } else {
+            (outer, l.face_cx + l.face_a)
+        };
+        let temple = ((v - id.eye_y + 0.3 * lens_ry).abs() - 0.6 * th).max((lo - u).max(u - hi));
+        cov = cov.max(cover(temple, pw));
+    }
+    let (lo, hi) = (inner[0].min(inner[1]), inner[0].max(inner[1]));
+    let bridge = ((v - id.eye_y + 0.4 * lens_ry).abs() - 0.7 * th).max((lo - u).max(u - hi));
+    cov = cov.max(cover(bridge, pw));
+    blend(c, col, 0.9 * cov);
 }
 
 /// Beard, nose, mouth, eyes and brows, inside the face (`face_cov` > 0).

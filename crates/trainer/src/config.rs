@@ -1153,7 +1153,18 @@ mod tests {
         .unwrap();
         assert_eq!(cfg.augment.blur_p, 0.3);
         assert_eq!(cfg.augment.crop_scale, [0.5, 1.0]);
-        assert!(!Config::load(None, &[]).unwrap().augment.is_active());
+        // Off unless a config asks for it; the embedded default asks (its run transfers to real
+        // faces with it, docs/results.md), the real-face recipes extending it switch it off again.
+        assert!(!facerec_data::AugmentConfig::default().is_active());
+        assert!(Config::load(None, &[]).unwrap().augment.is_active());
+        let configs = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+        for recipe in ["orl.toml", "lfw-view1.toml"] {
+            let cfg = Config::load(Some(&configs.join(recipe)), &[]).unwrap();
+            assert!(
+                !cfg.augment.is_active(),
+                "{recipe} inherits the default's augmentation"
+            );
+        }
         let err = format!(
             "{:#}",
             Config::load(None, &["augment.erase_p=1.5".into()]).unwrap_err()
