@@ -92,10 +92,12 @@ fn library_validation_errors_name_the_config_key() {
 
 #[test]
 fn cluster_guided_rejects_head_values_it_would_ignore() {
-    // The default config's head is ArcFace with s = 32: the cluster-guided margin must agree.
+    // The default config's head is ArcFace with s = 32 (m 0.3, here set to the cluster-guided
+    // default m0 = 0.5): the cluster-guided margin must agree.
     let base = [
         "cluster_guided.refresh_every_epochs=1",
         "cluster_guided.margin.s=32.0",
+        "head.m=0.5",
     ];
     let ok: Vec<String> = base.iter().map(|s| s.to_string()).collect();
     Config::load(None, &ok).unwrap();
@@ -105,7 +107,7 @@ fn cluster_guided_rejects_head_values_it_would_ignore() {
         ("head.gradient=detached", "config key `head.gradient`:"),
         ("cluster_guided.margin.m0=0.45", "config key `head.m`:"),
     ] {
-        let e = load_error(&[base[0], base[1], extra]);
+        let e = load_error(&[base[0], base[1], base[2], extra]);
         assert!(e.starts_with(key), "{extra}: {e}");
     }
 }

@@ -87,6 +87,8 @@ fn vit_trains_through_every_objective() {
         &[
             "cluster_guided.refresh_every_epochs=1",
             "cluster_guided.margin.s=32.0",
+            // The default head's m (0.3) must equal the cluster-guided start margin m0.
+            "cluster_guided.margin.m0=0.3",
         ],
     ] {
         short_vit_run(extra);
