@@ -34,8 +34,8 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 use facerec_benches::{median, min, process_cpu_ms, sync};
 use facerec_loss_heads::{
-    cross_entropy, margin_cross_entropy, sharded_cross_entropy, CosineClassifier, Gce, GceConfig,
-    pool_sub_centres, HeadConfig, MarginHead, SingleProcess,
+    cross_entropy, margin_cross_entropy, pool_sub_centres, sharded_cross_entropy, CosineClassifier,
+    Gce, GceConfig, HeadConfig, MarginHead, SingleProcess,
 };
 use serde::Deserialize;
 use tch::{nn, Device, Kind, Tensor};
@@ -204,8 +204,8 @@ impl Case {
             let w = clf.weight().shallow_clone();
             (Some(clf), vec![emb, w])
         } else {
-            let raw =
-                (Tensor::rand([b, c * k], (Kind::Float, device)) * 2.0 - 1.0).set_requires_grad(true);
+            let raw = (Tensor::rand([b, c * k], (Kind::Float, device)) * 2.0 - 1.0)
+                .set_requires_grad(true);
             (None, vec![raw])
         };
         Self {

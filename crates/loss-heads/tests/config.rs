@@ -331,13 +331,15 @@ fn subcenter_arcface_and_magface_parse_with_defaults_and_name_bad_keys() {
         })
     );
     assert_eq!(sub.classifier_kind(), ClassifierKind::SubCenter(3));
-    let sub = parse("type = \"subcenter_arcface\"\nk = 2\nm = 0.4\ngradient = \"detached\"").unwrap();
+    let sub =
+        parse("type = \"subcenter_arcface\"\nk = 2\nm = 0.4\ngradient = \"detached\"").unwrap();
     assert_eq!(sub.classifier_kind(), ClassifierKind::SubCenter(2));
     assert_eq!(sub.classifier_kind().rows_per_class(), 2);
-    assert!(validation_error("type = \"subcenter_arcface\"\nk = 0").starts_with("k must be in [1, 64]"));
     assert!(
-        validation_error("type = \"subcenter_arcface\"\nm = 3.5").starts_with("m must be in [0, π)")
+        validation_error("type = \"subcenter_arcface\"\nk = 0").starts_with("k must be in [1, 64]")
     );
+    assert!(validation_error("type = \"subcenter_arcface\"\nm = 3.5")
+        .starts_with("m must be in [0, π)"));
     let mag = parse("type = \"magface\"").unwrap();
     assert_eq!(
         mag,
@@ -351,9 +353,14 @@ fn subcenter_arcface_and_magface_parse_with_defaults_and_name_bad_keys() {
         })
     );
     assert_eq!(mag.classifier_kind(), ClassifierKind::Cosine);
-    assert!(validation_error("type = \"magface\"\nu_a = 5.0").starts_with("u_a must be finite and > l_a"));
-    assert!(validation_error("type = \"magface\"\nl_a = 0.0").starts_with("l_a must be finite and > 0"));
-    assert!(validation_error("type = \"magface\"\nu_m = 0.3").starts_with("u_m must be in [l_m, π)"));
+    assert!(validation_error("type = \"magface\"\nu_a = 5.0")
+        .starts_with("u_a must be finite and > l_a"));
+    assert!(
+        validation_error("type = \"magface\"\nl_a = 0.0").starts_with("l_a must be finite and > 0")
+    );
+    assert!(
+        validation_error("type = \"magface\"\nu_m = 0.3").starts_with("u_m must be in [l_m, π)")
+    );
     assert!(validation_error("type = \"magface\"\nlambda_g = -1.0").starts_with("lambda_g must be"));
     for (ty, key) in [("magface", "m"), ("subcenter_arcface", "sub_centers")] {
         let err = parse(&format!("type = \"{ty}\"\n{key} = 1.0"))

@@ -118,10 +118,19 @@ fn cluster_guided_rejects_head_values_it_would_ignore() {
 #[test]
 fn subcenter_and_magface_errors_name_the_config_key() {
     let e = load_error(&["head.type=subcenter_arcface", "head.k=0"]);
-    assert!(e.starts_with("config key `head.k`: must be in [1, 64]"), "{e}");
+    assert!(
+        e.starts_with("config key `head.k`: must be in [1, 64]"),
+        "{e}"
+    );
     let e = load_error(&["head.type=magface", "head.u_a=5.0"]);
-    assert!(e.starts_with("config key `head.u_a`: must be finite and > l_a"), "{e}");
-    let e = load_error(&["head.type=subcenter_arcface", "cluster_guided.refresh_every_epochs=1"]);
+    assert!(
+        e.starts_with("config key `head.u_a`: must be finite and > l_a"),
+        "{e}"
+    );
+    let e = load_error(&[
+        "head.type=subcenter_arcface",
+        "cluster_guided.refresh_every_epochs=1",
+    ]);
     assert!(
         e.starts_with("config key `head.type`: [cluster_guided] trains its own"),
         "{e}"

@@ -209,7 +209,12 @@ fn subcenter_arcface_and_magface_train_also_under_partial_fc() {
     for extra in [&[][..], &["partial_fc.sample_rate=0.5"]] {
         for head in [
             &["head.type=subcenter_arcface", "head.s=16.0", "head.k=3"][..],
-            &["head.type=magface", "head.s=16.0", "head.l_a=1.0", "head.u_a=20.0"],
+            &[
+                "head.type=magface",
+                "head.s=16.0",
+                "head.l_a=1.0",
+                "head.u_a=20.0",
+            ],
         ] {
             let dir = tempfile::tempdir().unwrap();
             let mut args: Vec<&str> = head.to_vec();
@@ -219,7 +224,10 @@ fn subcenter_arcface_and_magface_train_also_under_partial_fc() {
             let k = if head[0].contains("subcenter") { 3 } else { 1 };
             let weight_rows = |file: &std::path::Path| {
                 let named = tch::Tensor::read_safetensors(file).unwrap();
-                let (_, w) = named.into_iter().find(|(k, _)| k.ends_with("weight")).unwrap();
+                let (_, w) = named
+                    .into_iter()
+                    .find(|(k, _)| k.ends_with("weight"))
+                    .unwrap();
                 w
             };
             let w = weight_rows(&summary.run_dir.join("classifier.safetensors"));

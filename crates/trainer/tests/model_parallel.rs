@@ -86,7 +86,11 @@ const CASES: [(&str, &str); 15] = [
 
 /// The config lines of the case called `name`.
 fn case(name: &str) -> &'static str {
-    CASES.iter().find(|(n, _)| *n == name).map(|(_, c)| *c).unwrap_or_else(|| panic!("no case `{name}`"))
+    CASES
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, c)| *c)
+        .unwrap_or_else(|| panic!("no case `{name}`"))
 }
 
 const CLUSTER_GUIDED: &str = "[head]\ntype = \"arcface\"\ns = 64.0\nm = 0.5\n[cluster_guided]\n\
@@ -301,7 +305,11 @@ fn sharded_step_equals_one_process(w: usize) {
             // norm ~0.03, and the cosine's gradient w.r.t. a row scales as 1/‖row‖, so the first
             // step amplifies the ranks' last-bit differences in those rows (measured up to 6.9e-5
             // at 2 ranks, 2.5e-5 at 3); a row credited to the wrong rank or sub-centre differs at O(1).
-            let tol = if name.starts_with("subcenter") { 2e-4 } else { 3e-5 };
+            let tol = if name.starts_with("subcenter") {
+                2e-4
+            } else {
+                3e-5
+            };
             assert!(
                 d <= tol || RANKS_AGREE_ONLY.contains(&name),
                 "{name}, {w} ranks: `{k}` differs from one process by {d:.3e} (flat index {at}: {} vs {})",

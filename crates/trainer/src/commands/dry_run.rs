@@ -489,7 +489,10 @@ impl fmt::Display for DryRun {
         let head = if c.bias {
             "linear (softmax head), with bias".to_string()
         } else if c.rows_per_class > 1 {
-            format!("cosine, {} sub-centres per class, no bias", c.rows_per_class)
+            format!(
+                "cosine, {} sub-centres per class, no bias",
+                c.rows_per_class
+            )
         } else {
             "cosine, no bias".to_string()
         };
