@@ -646,10 +646,12 @@ fn main() -> Result<()> {
             }
             // Same seed, same steps: equal across allocator / OpenMP settings and bit-identical
             // code changes (a check that a speed change did not change the numbers).
-            eprintln!(
-                "bench-train: {dev} {}: our loss after {} steps: {:.9e}",
-                net.name, ours.st.step, ours.last_loss
-            );
+            if ours.st.step > 0 {
+                eprintln!(
+                    "bench-train: {dev} {}: our loss after {} steps: {:.9e}",
+                    net.name, ours.st.step, ours.last_loss
+                );
+            }
             let params = ours.params();
             drop(ours);
             rows.push((net, params, sides));
