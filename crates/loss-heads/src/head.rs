@@ -61,9 +61,19 @@ pub trait MarginHead: std::fmt::Debug + Send {
         norms_b: &Tensor,
     ) -> Tensor {
         let ce = cross_entropy(&self.logits_with_norms(cos_bc, labels_b, norms_b), labels_b);
+        self.plus_norm_penalty(ce, norms_b)
+    }
+
+    /// `loss` plus [`MarginHead::norm_penalty`] of `norms_b` when the head has one: what the
+    /// default [`MarginHead::training_loss`] and a caller of the fused cross-entropy
+    /// ([`crate::margin_cross_entropy_with_norms`]) return.
+    ///
+    /// # Shapes
+    /// `loss` scalar, `norms_b [B]` -> scalar.
+    fn plus_norm_penalty(&self, loss: Tensor, norms_b: &Tensor) -> Tensor {
         match self.norm_penalty(norms_b) {
-            Some(p) => ce + p,
-            None => ce,
+            Some(p) => loss + p,
+            None => loss,
         }
     }
 

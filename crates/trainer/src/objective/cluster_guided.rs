@@ -199,7 +199,7 @@ impl Objective for ClusterGuidedObjective {
 
     fn loss(&mut self, model: &Model, x: &Tensor, y: &Tensor) -> MicroLoss {
         let emb = model.embed(x, true);
-        let (sampled, row_mask) = sample_classes(self.partial_fc.as_mut(), y, model.num_classes);
+        let (sampled, row_mask) = sample_classes(self.partial_fc.as_mut(), y, model);
         let (emb, scores) = model.scores(emb, sampled.as_ref());
         let (logits, labels) = match &sampled {
             Some(s) => (

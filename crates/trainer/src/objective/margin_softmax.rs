@@ -73,7 +73,7 @@ impl MarginSoftmax {
         views: Vec<Tensor>,
         y: &Tensor,
     ) -> (Vec<Tensor>, Option<Tensor>) {
-        let (sampled, mask) = super::sample_class_rows(self.partial_fc.as_mut(), y, model);
+        let (sampled, mask) = super::sample_classes(self.partial_fc.as_mut(), y, model);
         let labels = sampled
             .as_ref()
             .map(|s| s.labels.shallow_clone())
@@ -87,10 +87,7 @@ impl MarginSoftmax {
                     // Every margin head: the fused cross-entropy (one [B, C] buffer), plus the
                     // head's norm regulariser (MagFace).
                     let ce = margin_cross_entropy_with_norms(self.head(), &scores, &labels, &norms);
-                    match self.head().norm_penalty(&norms) {
-                        Some(p) => ce + p,
-                        None => ce,
-                    }
+                    self.head().plus_norm_penalty(ce, &norms)
                 } else {
                     // GCE and heads of users' own: their own training loss.
                     self.head_mut()

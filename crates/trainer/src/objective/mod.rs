@@ -151,21 +151,6 @@ pub trait TrainingSet {
     fn images(&self, idx: &[usize]) -> Result<Tensor>;
 }
 
-/// [`sample_classes`] for `model`'s classifier, whose weight may hold several rows per class
-/// (sub-center ArcFace): the row mask covers every row of a sampled class (`[C·K, 1]`).
-pub fn sample_class_rows(
-    pfc: Option<&mut PartialFc>,
-    y: &Tensor,
-    model: &Model,
-) -> (Option<Sampled>, Option<Tensor>) {
-    let k = model.classifier.rows_per_class();
-    let sampled = pfc.map(|pfc| pfc.sample(y, model.num_classes));
-    let mask = sampled
-        .as_ref()
-        .map(|s| s.row_mask_of_rows(model.num_classes, k, tch::Kind::Float));
-    (sampled, mask)
-}
-
 /// A term that every rank computes identically from the gathered views (CoReFace's contrastive
 /// loss, the supervised contrastive clustering loss), as this rank's share: its value is `t`, its
 /// gradient `t / W`, so the gathered views' gradients summed over the `W` ranks (the step's
@@ -182,15 +167,17 @@ pub fn replicated_share(t: &Tensor, world: usize) -> Tensor {
 }
 
 /// This micro-batch's Partial FC sample (when `pfc` is configured) and the classifier rows it may
-/// change: `(sample, row mask)`, both `None` without Partial FC.
+/// change: `(sample, row mask)`, both `None` without Partial FC. The mask covers every row of a
+/// sampled class of `model`'s classifier (`[C·K, 1]`: all `K` sub-centres with sub-center ArcFace).
 pub fn sample_classes(
     pfc: Option<&mut PartialFc>,
     y: &Tensor,
-    num_classes: i64,
+    model: &Model,
 ) -> (Option<Sampled>, Option<Tensor>) {
-    let sampled = pfc.map(|pfc| pfc.sample(y, num_classes));
+    let k = model.classifier.rows_per_class();
+    let sampled = pfc.map(|pfc| pfc.sample(y, model.num_classes));
     let mask = sampled
         .as_ref()
-        .map(|s| s.row_mask(num_classes, tch::Kind::Float));
+        .map(|s| s.row_mask_of_rows(model.num_classes, k, tch::Kind::Float));
     (sampled, mask)
 }
