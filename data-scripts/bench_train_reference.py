@@ -9,8 +9,9 @@ allocator, default `torch.optim.SGD` (on CPU its per-parameter loop), contiguous
 
 `--malloc keep` applies the same glibc settings as facerec's default (`crates/process`,
 `FACEREC_MALLOC=keep`: M_MMAP_THRESHOLD = 1 GiB, M_TRIM_THRESHOLD = 2 GiB - 1, through `mallopt`
-before torch is imported), and `--omp passive` sets `OMP_WAIT_POLICY=PASSIVE` before torch (and
-with it libgomp) is loaded, as facerec does by default; so the comparison can also be made with
+before torch is imported), and `--omp short` sets `GOMP_SPINCOUNT=3000` before torch (and
+with it libgomp) is loaded, as facerec does by default (`--omp passive`: `OMP_WAIT_POLICY=PASSIVE`,
+facerec's `FACEREC_OMP_WAIT=passive`); so the comparison can also be made with
 facerec's process settings on both sides.
 
 Serve mode (the only mode): prints {"torch", "threads", "malloc", "omp"}, then answers one JSON request
@@ -45,17 +46,21 @@ def parse_args():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, required=True)
     ap.add_argument("--malloc", choices=["system", "keep"], default="system")
-    ap.add_argument("--omp", choices=["default", "passive"], default="default")
+    ap.add_argument("--omp", choices=["default", "short", "passive"], default="default")
     return ap.parse_args()
 
 
 ARGS = parse_args()
 if ARGS.malloc == "keep":
     keep_memory()
-if ARGS.omp == "passive":
+if ARGS.omp != "default":
     import os
 
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # read by libgomp when torch loads it
+    # Read by libgomp when torch loads it.
+    if ARGS.omp == "short":
+        os.environ["GOMP_SPINCOUNT"] = "3000"  # crates/process: omp::SHORT_SPIN
+    else:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 import math  # noqa: E402
 import os  # noqa: E402

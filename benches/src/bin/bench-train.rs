@@ -11,7 +11,7 @@
 //! (arcface_torch's loop) on the independent oracle networks of `backbone_oracle.py`, run as users
 //! run it (`--reference defaults`: no allocator or OpenMP settings), with facerec's allocator
 //! setting (`malloc`: the same `mallopt` calls) and with all of facerec's process settings
-//! (`same`: those and `OMP_WAIT_POLICY=PASSIVE`; see `crates/process`).
+//! (`same`: those and `GOMP_SPINCOUNT=3000`; see `crates/process`).
 //! The batch is a fixed synthetic one (uniform images in [-1, 1], random labels) on both sides:
 //! data loading is `bench-data`'s subject.
 //!
@@ -399,7 +399,7 @@ fn ref_modes(list: &str) -> Result<Vec<RefMode>> {
                 "same" => RefMode {
                     name: "same",
                     malloc: "keep",
-                    omp: "passive",
+                    omp: "short",
                 },
                 other => bail!("--reference: `{other}` (defaults, malloc or same)"),
             })
@@ -439,6 +439,7 @@ impl Reference {
             // inherit it), nor glibc tunables.
             .env_remove("GLIBC_TUNABLES")
             .env_remove("OMP_WAIT_POLICY")
+            .env_remove("GOMP_SPINCOUNT")
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()

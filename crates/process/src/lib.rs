@@ -4,9 +4,9 @@
 //! - [`malloc`]: glibc keeps freed memory for reuse instead of returning large blocks to the kernel
 //!   and faulting them in again, zeroed, every training step (`FACEREC_MALLOC=keep`, the default;
 //!   `system` opts out).
-//! - [`omp`]: libtorch's OpenMP threads wait passively (sleep) at the end of a parallel region
-//!   instead of spinning (`OMP_WAIT_POLICY=PASSIVE` unless the user set it;
-//!   `FACEREC_OMP_WAIT=default` opts out). libgomp reads its environment when it is loaded, before
+//! - [`omp`]: libtorch's OpenMP threads spin briefly at the end of a parallel region, then sleep
+//!   (`GOMP_SPINCOUNT=3000` unless the user set it or `OMP_WAIT_POLICY`; `FACEREC_OMP_WAIT=passive`
+//!   sleeps at once, `default` opts out). libgomp reads its environment when it is loaded, before
 //!   `main`, so [`init`] sets the variable and re-executes the binary once.
 //!
 //! [`peak_rss_bytes`] and [`peak_rss_line`] report the memory side of the trade.
@@ -33,7 +33,7 @@ impl Settings {
 }
 
 /// Apply the process settings from the environment: first the OpenMP wait policy (which may
-/// re-execute the binary with `OMP_WAIT_POLICY=PASSIVE` set, so nothing before this call should
+/// re-execute the binary with `GOMP_SPINCOUNT` set, so nothing before this call should
 /// have side effects), then the allocator thresholds.
 ///
 /// Errors name the environment variable with a bad value, or the failing call.
