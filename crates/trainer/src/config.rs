@@ -1364,7 +1364,12 @@ mod tests {
     fn shipped_configs_validate() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
         let mut n = 0;
-        for dir in [root.clone(), root.join("recipes"), root.join("orl-methods")] {
+        for dir in [
+            root.clone(),
+            root.join("recipes"),
+            root.join("orl-methods"),
+            root.join("lfw-methods"),
+        ] {
             for entry in std::fs::read_dir(&dir).unwrap() {
                 let path = entry.unwrap().path();
                 if path.extension().is_some_and(|e| e == "toml") {
@@ -1375,7 +1380,7 @@ mod tests {
                 }
             }
         }
-        assert!(n >= 19, "only {n} configs found");
+        assert!(n >= 30, "only {n} configs found");
         let r100 = Config::load(
             Some(&root.join("recipes/ms1mv2_r100_elasticface_arc_plus.toml")),
             &[],

@@ -79,7 +79,7 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     let mut table = String::from(
-        "| config | target | accuracy (mean over seeds) | std over seeds | mean fold std | raw pixels | seeds | train s/run |\n|---|---|---:|---:|---:|---:|---:|---:|\n",
+        "| config | target | accuracy (mean over seeds) | std over seeds | mean fold std | paired diff vs first config (mean ± s.e.) | seeds better | raw pixels | seeds | train s/run |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for ((ci, target), c) in &cells {
         let stem = args.configs[*ci]
@@ -90,8 +90,12 @@ pub fn run(args: Args) -> Result<()> {
         let (fs, _) = mean_std(&c.fold_std);
         let (secs, _) = mean_std(&c.seconds);
         let per_seed: Vec<String> = c.accuracy.iter().map(|a| format!("{a:.4}")).collect();
+        let (diff, better) = match cells.get(&(0, target.clone())) {
+            Some(base) if *ci > 0 => paired(&c.accuracy, &base.accuracy),
+            _ => ("—".into(), "—".into()),
+        };
         table.push_str(&format!(
-            "| {stem} | {target} | {m:.4} | {s:.4} | {fs:.4} | {:.4} | {} ({}) | {secs:.0} |\n",
+            "| {stem} | {target} | {m:.4} | {s:.4} | {fs:.4} | {diff} | {better} | {:.4} | {} ({}) | {secs:.0} |\n",
             c.raw,
             c.accuracy.len(),
             per_seed.join(", ")
@@ -104,9 +108,39 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
+/// The paired difference of `a` against `base` run for run (the same seeds in the same order:
+/// same initial weights and data order): its mean with the standard error of that mean (sample
+/// std / sqrt(n); none for one seed), and how many runs of `a` beat their `base` run.
+fn paired(a: &[f64], base: &[f64]) -> (String, String) {
+    if a.len() != base.len() || a.is_empty() {
+        return ("—".into(), "—".into());
+    }
+    let d: Vec<f64> = a.iter().zip(base).map(|(x, y)| x - y).collect();
+    let n = d.len() as f64;
+    let (m, pop_std) = mean_std(&d);
+    let better = d.iter().filter(|&&x| x > 0.0).count();
+    let diff = if d.len() > 1 {
+        let se = pop_std * (n / (n - 1.0)).sqrt() / n.sqrt();
+        format!("{m:+.4} ± {se:.4}")
+    } else {
+        format!("{m:+.4}")
+    };
+    (diff, format!("{better}/{}", d.len()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn paired_difference_and_standard_error() {
+        // d = (+0.02, 0.00, +0.04): mean 0.02, sample std 0.02, s.e. 0.02 / sqrt(3).
+        let (diff, better) = paired(&[0.92, 0.90, 0.94], &[0.90, 0.90, 0.90]);
+        assert_eq!(diff, format!("+0.0200 ± {:.4}", 0.02 / 3f64.sqrt()));
+        assert_eq!(better, "2/3");
+        assert_eq!(paired(&[0.8], &[0.9]), ("-0.1000".into(), "0/1".into()));
+        assert_eq!(paired(&[0.8, 0.9], &[0.9]).0, "—");
+    }
 
     #[test]
     fn mean_std_is_population() {
