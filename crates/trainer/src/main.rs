@@ -6,10 +6,10 @@
 //!
 //! At process start the settings of `facerec-process` are applied: glibc keeps freed memory
 //! (`FACEREC_MALLOC=keep`, the default: large tensors are not faulted in again every step;
-//! `FACEREC_MALLOC=system` opts out) and OpenMP threads spin briefly, then sleep (`GOMP_SPINCOUNT=3000`
-//! unless set, by one re-execution; `FACEREC_OMP_WAIT=passive|default` changes it). `train`, `eval`,
-//! `cluster` and `compare` end with the settings and the peak resident size on stderr, so the
-//! memory side of the trade is visible.
+//! `FACEREC_MALLOC=system` opts out) and OpenMP threads spin briefly, then sleep
+//! (`GOMP_SPINCOUNT=3000` unless set, by one re-execution; `FACEREC_OMP_WAIT=passive|default`
+//! changes it). `train`, `eval`, `cluster` and `compare` end with the settings and the peak
+//! resident size on stderr, so the memory side of the trade is visible.
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
