@@ -96,6 +96,7 @@ impl Setup {
             embedding_size: 512,
             dropout: 0.0,
             input_size: args.input,
+            channels_last: true,
         });
         bcfg.validate()?;
         let vs = nn::VarStore::new(device);

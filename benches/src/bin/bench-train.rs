@@ -128,6 +128,7 @@ fn nets(args: &Args, device: Device) -> Result<Vec<Net>> {
                     embedding_size: 128,
                     dropout: 0.0,
                     input_size: 56,
+                    channels_last: true,
                 }),
                 pick(64),
                 8,

@@ -12,7 +12,7 @@
 //! (arcface_torch hard-codes 512 * 7 * 7).
 
 use crate::onnx::{self, ConvGeometry};
-use crate::{conv_cfg, to_param_kind, BatchNorm, IResNetConfig, PRelu};
+use crate::{conv_cfg, maybe_channels_last, to_param_kind, BatchNorm, IResNetConfig, PRelu};
 use facerec_onnx::GraphBuilder;
 use tch::nn::{self, Module, ModuleT};
 use tch::{Kind, Tensor};
@@ -133,6 +133,8 @@ pub struct IResNet {
     pub fc: nn::Linear,
     /// BatchNorm1d with a frozen unit weight and a trainable bias.
     pub features: BatchNorm,
+    /// `model.channels_last`: the trunk runs on NHWC-strided activations.
+    pub channels_last: bool,
 }
 
 impl IResNet {
@@ -182,6 +184,7 @@ impl IResNet {
             dropout: cfg.dropout,
             fc: nn::linear(p / "fc", fc_in, cfg.embedding_size, fc_cfg),
             features: BatchNorm::new(&(p / "features"), cfg.embedding_size, false),
+            channels_last: cfg.channels_last,
         }
     }
 
@@ -212,9 +215,10 @@ impl IResNet {
     /// On a wrong input shape.
     pub fn forward_trunk_amp(&self, xs: &Tensor, train: bool, autocast: Option<Kind>) -> Tensor {
         let trunk = crate::autocast::with_cuda_autocast(autocast, || {
+            let xs = maybe_channels_last(xs, self.channels_last);
             let mut x = self
                 .prelu
-                .forward(&self.bn1.forward_t(&self.conv1.forward(xs), train));
+                .forward(&self.bn1.forward_t(&self.conv1.forward(&xs), train));
             for block in self.stages.iter().flatten() {
                 x = block.forward_t(&x, train);
             }

@@ -114,6 +114,11 @@ pub struct IResNetConfig {
     /// Input side in pixels; the trunk output side is `ceil(input_size / 16)`. Default 112.
     #[serde(default = "default_input")]
     pub input_size: i64,
+    /// Run the convolutions on channels-last (NHWC) activations: the input is re-laid out once
+    /// and oneDNN keeps that layout through the network (same shapes and parameters, f32 rounding
+    /// differs). Default true (faster on CPU, see docs/backbones.md); false keeps PyTorch's NCHW.
+    #[serde(default = "default_channels_last")]
+    pub channels_last: bool,
 }
 
 fn default_widths() -> [i64; 4] {
@@ -124,6 +129,9 @@ fn default_embedding() -> i64 {
 }
 fn default_input() -> i64 {
     112
+}
+fn default_channels_last() -> bool {
+    true
 }
 
 impl Default for IResNetConfig {
@@ -142,6 +150,7 @@ impl IResNetConfig {
             embedding_size: default_embedding(),
             dropout: 0.0,
             input_size: default_input(),
+            channels_last: default_channels_last(),
         }
     }
     /// iResNet-18: blocks `[2, 2, 2, 2]`.
@@ -239,6 +248,11 @@ pub struct MobileFaceNetConfig {
     /// Input side in pixels; the global depthwise conv kernel is `ceil(input_size / 16)`. Default 112.
     #[serde(default = "default_input")]
     pub input_size: i64,
+    /// Run the convolutions on channels-last (NHWC) activations: the input is re-laid out once
+    /// and oneDNN keeps that layout through the network (same shapes and parameters, f32 rounding
+    /// differs). Default true (faster on CPU, see docs/backbones.md); false keeps PyTorch's NCHW.
+    #[serde(default = "default_channels_last")]
+    pub channels_last: bool,
 }
 
 fn default_mbf_blocks() -> [usize; 4] {
@@ -256,6 +270,7 @@ impl Default for MobileFaceNetConfig {
             blocks: default_mbf_blocks(),
             scale: default_mbf_scale(),
             input_size: default_input(),
+            channels_last: default_channels_last(),
         }
     }
 }
@@ -613,6 +628,16 @@ impl ModuleT for Backbone {
     }
 }
 
+/// `xs` (`[B, C, H, W]`) with channels-last strides when `on`: the same shape and values, laid
+/// out NHWC, so that oneDNN picks its channels-last convolutions and keeps that layout.
+fn maybe_channels_last(xs: &Tensor, on: bool) -> Tensor {
+    if on {
+        xs.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
+    } else {
+        xs.shallow_clone()
+    }
+}
+
 /// Casts the trunk output back to the parameter kind after an autocast region.
 fn to_param_kind(xs: Tensor, like: &Tensor) -> Tensor {
     if xs.kind() == like.kind() {
@@ -798,6 +823,7 @@ mod tests {
             embedding_size: 128,
             dropout: 0.4,
             input_size: 56,
+            channels_last: true,
         });
         for cfg in [
             custom,

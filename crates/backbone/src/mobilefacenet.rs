@@ -12,7 +12,7 @@
 //! ReLU gain), BN weight 1 / bias 0, PReLU 0.25.
 
 use crate::onnx::{self, ConvGeometry};
-use crate::{conv_cfg, to_param_kind, BatchNorm, MobileFaceNetConfig, PRelu};
+use crate::{conv_cfg, maybe_channels_last, to_param_kind, BatchNorm, MobileFaceNetConfig, PRelu};
 use facerec_onnx::GraphBuilder;
 use tch::nn::{self, Module, ModuleT};
 use tch::{Kind, Tensor};
@@ -218,6 +218,8 @@ pub struct MobileFaceNet {
     pub linear: nn::Linear,
     /// BatchNorm1d (`features.layers.3`), trainable weight.
     pub bn: BatchNorm,
+    /// `model.channels_last`: the convolutions run on NHWC-strided activations.
+    pub channels_last: bool,
 }
 
 impl MobileFaceNet {
@@ -267,6 +269,7 @@ impl MobileFaceNet {
             gdc: ConvUnit::new(&(&f / "0"), 512, 512, gdc, false),
             linear: nn::linear(&f / "2", 512, cfg.embedding_size, lin_cfg),
             bn: BatchNorm::new(&(&f / "3"), cfg.embedding_size, true),
+            channels_last: cfg.channels_last,
         }
     }
 
@@ -294,7 +297,9 @@ impl MobileFaceNet {
         let trunk = crate::autocast::with_cuda_autocast(autocast, || {
             self.stages
                 .iter()
-                .fold(xs.shallow_clone(), |x, s| s.forward_t(&x, train))
+                .fold(maybe_channels_last(xs, self.channels_last), |x, s| {
+                    s.forward_t(&x, train)
+                })
         });
         let x = self
             .conv_sep

@@ -628,6 +628,7 @@ mod tests {
                 embedding_size: 8,
                 dropout: 0.0,
                 input_size: 24,
+                channels_last: true,
             }),
             BackboneConfig::Mobilefacenet(MobileFaceNetConfig {
                 blocks: [2, 1, 1, 1],
@@ -671,6 +672,7 @@ mod tests {
             embedding_size: 8,
             dropout: 0.0,
             input_size: 16,
+            channels_last: true,
         })
     }
 
@@ -773,6 +775,7 @@ mod data_parallel_tests {
             embedding_size,
             dropout: 0.0,
             input_size: 16,
+            channels_last: true,
         });
         let spec = ClassifierSpec {
             num_classes,
