@@ -96,6 +96,12 @@ struct Args {
     /// Only our side.
     #[arg(long)]
     skip_python: bool,
+    /// Our activation layout, `channels-last` or `nchw` (`model.channels_last`). Default: the
+    /// faster one for each network on a CPU (docs/backbones.md): channels-last for `small` (as the
+    /// shipped CPU recipes, whose embedded default config sets it) and `mbf`, NCHW (the library
+    /// default) for `r18` and `r50`.
+    #[arg(long, value_parser = ["channels-last", "nchw"])]
+    layout: Option<String>,
     /// Python with torch (default `$FACEREC_PYTHON`, else `python3`).
     #[arg(long)]
     python: Option<PathBuf>,
@@ -139,6 +145,7 @@ fn nets(args: &Args, device: Device) -> Result<Vec<Net>> {
                 BackboneConfig::Mobilefacenet(MobileFaceNetConfig {
                     embedding_size: 128,
                     scale: 1,
+                    channels_last: true,
                     ..Default::default()
                 }),
                 pick(64),
@@ -168,6 +175,15 @@ fn nets(args: &Args, device: Device) -> Result<Vec<Net>> {
             ),
             other => bail!("--nets: unknown network `{other}` (small, mbf, r18, r50, vit_t)"),
         };
+        let mut model = model;
+        if let Some(layout) = &args.layout {
+            let on = layout == "channels-last";
+            match &mut model {
+                BackboneConfig::Iresnet(c) => c.channels_last = on,
+                BackboneConfig::Mobilefacenet(c) => c.channels_last = on,
+                BackboneConfig::Vit(_) => {}
+            }
+        }
         out.push(Net {
             name,
             model,
@@ -532,8 +548,9 @@ fn main() -> Result<()> {
     }
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
-        "bench-train: ours {}; {threads} libtorch threads; load average at start {}",
+        "bench-train: ours {}; {} activations; {threads} libtorch threads; load average at start {}",
         settings.describe(),
+        args.layout.as_deref().unwrap_or("each network's default"),
         load.split_whitespace()
             .take(3)
             .collect::<Vec<_>>()
