@@ -96,7 +96,7 @@ impl Setup {
             embedding_size: 512,
             dropout: 0.0,
             input_size: args.input,
-            channels_last: true,
+            channels_last: false,
         });
         bcfg.validate()?;
         let vs = nn::VarStore::new(device);

@@ -82,7 +82,7 @@ fn backbone(name: &str) -> Result<BackboneConfig> {
             embedding_size: 128,
             dropout: 0.0,
             input_size: 56,
-            channels_last: true,
+            channels_last: false,
         },
         "r18" => IResNetConfig::r18(),
         "r50" => IResNetConfig::r50(),

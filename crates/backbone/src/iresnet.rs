@@ -215,7 +215,7 @@ impl IResNet {
     /// On a wrong input shape.
     pub fn forward_trunk_amp(&self, xs: &Tensor, train: bool, autocast: Option<Kind>) -> Tensor {
         let trunk = crate::autocast::with_cuda_autocast(autocast, || {
-            let xs = maybe_channels_last(xs, self.channels_last);
+            let xs = self.lay_out_input(xs);
             let mut x = self
                 .prelu
                 .forward(&self.bn1.forward_t(&self.conv1.forward(&xs), train));
@@ -225,6 +225,13 @@ impl IResNet {
             self.bn2.forward_t(&x, train).flatten(1, -1)
         });
         to_param_kind(trunk, &self.fc.ws)
+    }
+
+    /// The input as the trunk's first layer receives it: with NHWC strides when
+    /// `model.channels_last` is on, else unchanged (same shape and values either way). Anything
+    /// that runs the layers one by one (the dry run's activation walk) starts from this.
+    pub fn lay_out_input(&self, xs: &Tensor) -> Tensor {
+        maybe_channels_last(xs, self.channels_last)
     }
 
     /// The neck: `fc` then the `features` BatchNorm1d (batch statistics when `train`). No dropout:

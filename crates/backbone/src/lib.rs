@@ -825,7 +825,7 @@ mod tests {
             embedding_size: 128,
             dropout: 0.4,
             input_size: 56,
-            channels_last: true,
+            channels_last: false,
         });
         for cfg in [
             custom,

@@ -297,14 +297,19 @@ impl MobileFaceNet {
         let trunk = crate::autocast::with_cuda_autocast(autocast, || {
             self.stages
                 .iter()
-                .fold(maybe_channels_last(xs, self.channels_last), |x, s| {
-                    s.forward_t(&x, train)
-                })
+                .fold(self.lay_out_input(xs), |x, s| s.forward_t(&x, train))
         });
         let x = self
             .conv_sep
             .forward_t(&to_param_kind(trunk, &self.linear.ws), train);
         self.gdc.forward_t(&x, train).flatten(1, -1)
+    }
+
+    /// The input as the trunk's first layer receives it: with NHWC strides when
+    /// `model.channels_last` is on, else unchanged (same shape and values either way). Anything
+    /// that runs the layers one by one (the dry run's activation walk) starts from this.
+    pub fn lay_out_input(&self, xs: &Tensor) -> Tensor {
+        maybe_channels_last(xs, self.channels_last)
     }
 
     /// The neck: the bias-free Linear (`features.layers.2`) then BatchNorm1d (`features.layers.3`).

@@ -84,7 +84,7 @@ fn configs() -> Vec<(&'static str, BackboneConfig, i64)> {
                 blocks: [2, 1, 1, 1],
                 scale: 1,
                 input_size: 32,
-                channels_last: true,
+                channels_last: false,
             }),
             32,
         ),

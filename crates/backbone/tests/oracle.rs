@@ -290,7 +290,7 @@ fn iresnet_forward_matches_oracle() {
         embedding_size: 16,
         dropout: 0.0,
         input_size: 40,
-        channels_last: true,
+        channels_last: false,
     };
     check_forward(&BackboneConfig::Iresnet(cfg), 4, 7);
 }
@@ -306,7 +306,7 @@ fn mobilefacenet_forward_matches_oracle() {
             blocks,
             scale,
             input_size: 64,
-            channels_last: true,
+            channels_last: false,
         };
         check_forward(&BackboneConfig::Mobilefacenet(cfg), 3, 17 + 1000 * k as u64);
     }

@@ -25,7 +25,7 @@ fn trunk_then_neck_equals_forward() {
             blocks: [1, 1, 1, 1],
             scale: 1,
             input_size: 56,
-            channels_last: true,
+            channels_last: false,
         }),
         // Masking and drop path draw from the same re-seeded generator in both passes.
         BackboneConfig::Vit(ViTConfig {

@@ -139,7 +139,7 @@ fn views_through_a_backbone_neck() {
         embedding_size: 16,
         dropout: 0.0,
         input_size: 32,
-        channels_last: true,
+        channels_last: false,
     });
     let vs = nn::VarStore::new(Device::Cpu);
     let model = build(&vs.root(), &cfg);

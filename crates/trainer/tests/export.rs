@@ -43,7 +43,7 @@ fn small_iresnet() -> BackboneConfig {
         embedding_size: 16,
         dropout: 0.0,
         input_size: 40,
-        channels_last: true,
+        channels_last: false,
     })
 }
 
@@ -53,7 +53,7 @@ fn small_mbf() -> BackboneConfig {
         blocks: [1, 2, 1, 1],
         scale: 1,
         input_size: 32,
-        channels_last: true,
+        channels_last: false,
     })
 }
 

@@ -140,6 +140,8 @@ widths = [4, 4, 8, 8]
 embedding_size = 8
 input_size = 32
 dropout = 0.0
+# NCHW: the tolerances here were measured with it (the embedded default is channels-last).
+channels_last = false
 {head}
 [optim]
 type = "sgd"
@@ -406,6 +408,8 @@ widths = [8, 8, 16, 16]
 embedding_size = 16
 input_size = 32
 dropout = 0.0
+# NCHW: the tolerances here were measured with it (the embedded default is channels-last).
+channels_last = false
 [head]
 type = "arcface"
 [optim]

@@ -94,7 +94,7 @@ fn small_iresnet() -> BackboneConfig {
         embedding_size: 16,
         dropout: 0.4,
         input_size: 56,
-        channels_last: true,
+        channels_last: false,
     })
 }
 

@@ -45,7 +45,7 @@ fn r18_small() -> BackboneConfig {
         embedding_size: 64,
         dropout: 0.0,
         input_size: 56,
-        channels_last: true,
+        channels_last: false,
     })
 }
 

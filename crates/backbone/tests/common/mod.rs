@@ -17,7 +17,7 @@ pub fn small() -> IResNetConfig {
         embedding_size: 128,
         dropout: 0.0,
         input_size: 56,
-        channels_last: true,
+        channels_last: false,
     }
 }
 

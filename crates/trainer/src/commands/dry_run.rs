@@ -77,7 +77,7 @@ impl Meter {
     }
 
     fn iresnet(&mut self, m: &IResNet, xs: &Tensor) -> (Tensor, i64) {
-        let x = self.keep(m.conv1.forward(xs));
+        let x = self.keep(m.conv1.forward(&m.lay_out_input(xs)));
         let x = self.keep(m.bn1.forward_t(&x, false));
         let mut x = self.keep(m.prelu.forward(&x));
         for b in m.stages.iter().flatten() {
@@ -107,7 +107,7 @@ impl Meter {
     }
 
     fn mobilefacenet(&mut self, m: &MobileFaceNet, xs: &Tensor) -> (Tensor, i64) {
-        let mut x = xs.shallow_clone();
+        let mut x = m.lay_out_input(xs);
         for s in &m.stages {
             x = match s {
                 Stage::Unit(u) => self.unit(u, &x),
@@ -616,7 +616,8 @@ mod tests {
         assert_eq!(mem(3 << 30), "3.00 GiB");
     }
 
-    /// The walk returns exactly the backbone's own eval output (so it visits the real layers).
+    /// The walk returns exactly the backbone's own eval output (so it visits the real layers),
+    /// in both activation layouts (`model.channels_last`).
     #[test]
     fn walk_matches_forward() {
         tch::manual_seed(3);
@@ -630,10 +631,26 @@ mod tests {
                 input_size: 24,
                 channels_last: true,
             }),
+            BackboneConfig::Iresnet(IResNetConfig {
+                depth: None,
+                layers: Some([1, 1, 1, 1]),
+                widths: [4, 8, 8, 16],
+                embedding_size: 8,
+                dropout: 0.0,
+                input_size: 24,
+                channels_last: false,
+            }),
             BackboneConfig::Mobilefacenet(MobileFaceNetConfig {
                 blocks: [2, 1, 1, 1],
                 scale: 1,
                 input_size: 32,
+                ..Default::default()
+            }),
+            BackboneConfig::Mobilefacenet(MobileFaceNetConfig {
+                blocks: [1, 1, 1, 1],
+                scale: 1,
+                input_size: 32,
+                channels_last: true,
                 ..Default::default()
             }),
             BackboneConfig::Vit(tiny_vit()),
