@@ -249,10 +249,8 @@ pub struct MobileFaceNetConfig {
     /// Input side in pixels; the global depthwise conv kernel is `ceil(input_size / 16)`. Default 112.
     #[serde(default = "default_input")]
     pub input_size: i64,
-    /// Run the convolutions on channels-last (NHWC) activations: the input is re-laid out once
-    /// and oneDNN keeps that layout through the network (same shapes and parameters, f32 rounding
-    /// differs). Default false (PyTorch's NCHW). On a CPU it trains the small networks of the
-    /// shipped CPU recipes about 1.2x faster and iResNet-18 about 10 % slower (docs/backbones.md).
+    /// As [`IResNetConfig::channels_last`]. Default false; on a CPU `true` trains `mbf` about
+    /// 1.2x faster (docs/benchmarks.md, "Channels-last convolutions").
     #[serde(default = "default_channels_last")]
     pub channels_last: bool,
 }

@@ -621,37 +621,33 @@ mod tests {
     #[test]
     fn walk_matches_forward() {
         tch::manual_seed(3);
+        let iresnet = IResNetConfig {
+            depth: None,
+            layers: Some([2, 1, 2, 1]),
+            widths: [4, 8, 8, 16],
+            embedding_size: 8,
+            dropout: 0.0,
+            input_size: 24,
+            channels_last: true,
+        };
+        let mbf = MobileFaceNetConfig {
+            blocks: [2, 1, 1, 1],
+            scale: 1,
+            input_size: 32,
+            ..Default::default()
+        };
         let cfgs = [
+            BackboneConfig::Iresnet(iresnet.clone()),
             BackboneConfig::Iresnet(IResNetConfig {
-                depth: None,
-                layers: Some([2, 1, 2, 1]),
-                widths: [4, 8, 8, 16],
-                embedding_size: 8,
-                dropout: 0.0,
-                input_size: 24,
-                channels_last: true,
-            }),
-            BackboneConfig::Iresnet(IResNetConfig {
-                depth: None,
                 layers: Some([1, 1, 1, 1]),
-                widths: [4, 8, 8, 16],
-                embedding_size: 8,
-                dropout: 0.0,
-                input_size: 24,
                 channels_last: false,
+                ..iresnet
             }),
-            BackboneConfig::Mobilefacenet(MobileFaceNetConfig {
-                blocks: [2, 1, 1, 1],
-                scale: 1,
-                input_size: 32,
-                ..Default::default()
-            }),
+            BackboneConfig::Mobilefacenet(mbf.clone()),
             BackboneConfig::Mobilefacenet(MobileFaceNetConfig {
                 blocks: [1, 1, 1, 1],
-                scale: 1,
-                input_size: 32,
                 channels_last: true,
-                ..Default::default()
+                ..mbf
             }),
             BackboneConfig::Vit(tiny_vit()),
         ];
