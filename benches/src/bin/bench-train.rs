@@ -177,12 +177,8 @@ fn nets(args: &Args, device: Device) -> Result<Vec<Net>> {
         };
         let mut model = model;
         if let Some(layout) = &args.layout {
-            let on = layout == "channels-last";
-            match &mut model {
-                BackboneConfig::Iresnet(c) => c.channels_last = on,
-                BackboneConfig::Mobilefacenet(c) => c.channels_last = on,
-                BackboneConfig::Vit(_) => {}
-            }
+            // The ViT has no convolutions to lay out: it runs as it is.
+            model.set_channels_last(layout == "channels-last");
         }
         out.push(Net {
             name,

@@ -88,6 +88,17 @@ impl BackboneConfig {
             BackboneConfig::Vit(c) => c.embedding_size,
         }
     }
+
+    /// Sets `channels_last` on the convolutional networks; returns false (and changes nothing)
+    /// for the ViT, which has no such key.
+    pub fn set_channels_last(&mut self, on: bool) -> bool {
+        match self {
+            BackboneConfig::Iresnet(c) => c.channels_last = on,
+            BackboneConfig::Mobilefacenet(c) => c.channels_last = on,
+            BackboneConfig::Vit(_) => return false,
+        }
+        true
+    }
 }
 
 /// iResNet ("LResNet-E-IR" without SE) as in arcface_torch `backbones/iresnet.py` (SPEC 1(d)).
