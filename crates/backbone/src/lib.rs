@@ -129,9 +129,13 @@ pub struct IResNetConfig {
     /// and oneDNN keeps that layout through the network (same shapes and parameters, f32 rounding
     /// differs). Default false (PyTorch's NCHW). On a CPU it trains the small networks of the
     /// shipped CPU recipes about 1.2x faster and iResNet-18 about 10 % slower (docs/backbones.md).
+    /// Refused when a width is below [`MIN_CHANNELS_LAST_WIDTH`] (a libtorch 2.13 defect).
     #[serde(default = "default_channels_last")]
     pub channels_last: bool,
 }
+
+/// The narrowest stage `channels_last = true` accepts (see [`IResNetConfig::channels_last`]).
+pub const MIN_CHANNELS_LAST_WIDTH: i64 = 8;
 
 fn default_widths() -> [i64; 4] {
     [64, 128, 256, 512]
@@ -223,6 +227,15 @@ impl IResNetConfig {
         ensure!(
             self.widths.iter().all(|&w| w >= 1),
             "model.widths: {:?} must be positive",
+            self.widths
+        );
+        // libtorch 2.13's channels-last (oneDNN) convolutions corrupt the heap on layers of 2 to 7
+        // channels (reproduced in plain PyTorch: docs/backbones.md), so such widths run NCHW only.
+        ensure!(
+            !self.channels_last || self.widths.iter().all(|&w| w >= MIN_CHANNELS_LAST_WIDTH),
+            "model.channels_last: widths {:?} have a stage below {MIN_CHANNELS_LAST_WIDTH} channels, \
+             where libtorch's channels-last convolutions corrupt memory; set model.channels_last = false \
+             (the embedded default sets it true) or widen the stage",
             self.widths
         );
         ensure!(
@@ -815,6 +828,16 @@ mod tests {
         assert!(e.contains("resnet"), "{e}");
         let e = err("[model]\ntype = \"mobilefacenet\"\nscale = 0\n");
         assert!(e.contains("model.scale"), "{e}");
+        // Channels-last below 8 channels corrupts libtorch's heap: refused, NCHW accepted.
+        let narrow = "[model]\ntype = \"iresnet\"\nlayers = [1, 1, 1, 1]\nwidths = [8, 4, 8, 8]\n";
+        let e = err(&format!("{narrow}channels_last = true\n"));
+        assert!(
+            e.contains("model.channels_last") && e.contains("[8, 4, 8, 8]"),
+            "{e}"
+        );
+        toml_cfg(&format!("{narrow}channels_last = false\n")).unwrap();
+        let wide = "[model]\ntype = \"iresnet\"\nlayers = [1, 1, 1, 1]\nwidths = [8, 8, 8, 8]\n";
+        toml_cfg(&format!("{wide}channels_last = true\n")).unwrap();
     }
 
     #[test]

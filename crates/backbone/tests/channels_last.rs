@@ -17,7 +17,10 @@ fn rel_diff(a: &Tensor, b: &Tensor) -> f64 {
 
 fn with_layout(cfg: &BackboneConfig, channels_last: bool) -> BackboneConfig {
     let mut cfg = cfg.clone();
-    assert!(cfg.set_channels_last(channels_last), "the ViT has no channels_last key");
+    assert!(
+        cfg.set_channels_last(channels_last),
+        "the ViT has no channels_last key"
+    );
     cfg
 }
 

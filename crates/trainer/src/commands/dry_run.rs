@@ -624,7 +624,9 @@ mod tests {
         let iresnet = IResNetConfig {
             depth: None,
             layers: Some([2, 1, 2, 1]),
-            widths: [4, 8, 8, 16],
+            // At least 8 channels a stage: libtorch's channels-last kernels corrupt memory below
+            // (IResNetConfig::channels_last).
+            widths: [8, 8, 8, 16],
             embedding_size: 8,
             dropout: 0.0,
             input_size: 24,
@@ -685,7 +687,7 @@ mod tests {
             embedding_size: 8,
             dropout: 0.0,
             input_size: 16,
-            channels_last: true,
+            channels_last: false,
         })
     }
 
@@ -788,7 +790,7 @@ mod data_parallel_tests {
             embedding_size,
             dropout: 0.0,
             input_size: 16,
-            channels_last: true,
+            channels_last: false,
         });
         let spec = ClassifierSpec {
             num_classes,
