@@ -305,9 +305,8 @@ impl MobileFaceNet {
         self.gdc.forward_t(&x, train).flatten(1, -1)
     }
 
-    /// The input as the trunk's first layer receives it: with NHWC strides when
-    /// `model.channels_last` is on, else unchanged (same shape and values either way). Anything
-    /// that runs the layers one by one (the dry run's activation walk) starts from this.
+    /// As [`crate::IResNet::lay_out_input`]: the input with NHWC strides when
+    /// `model.channels_last` is on, else unchanged.
     pub fn lay_out_input(&self, xs: &Tensor) -> Tensor {
         maybe_channels_last(xs, self.channels_last)
     }
