@@ -161,8 +161,22 @@ threads = 1
     Config::load(Some(&path), &[]).unwrap()
 }
 
+/// libtorch's CPU generator is one per process, and the tests of this binary run on parallel
+/// threads: a test that seeds it and then draws (weights, margins, masks) holds this lock from the
+/// seed to its last draw, or another test's draws land in between and its reference differs from
+/// the ranks' (separate processes with their own generator) at O(1), now and then.
+static TORCH_RNG: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn torch_rng() -> std::sync::MutexGuard<'static, ()> {
+    // A test that failed while holding it leaves the generator as usable as before.
+    TORCH_RNG
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// The images every rank sees: the same B images (see the module docs).
 fn images() -> Tensor {
+    let _rng = torch_rng();
     tch::manual_seed(7);
     Tensor::randn([B, 3, 32, 32], (Kind::Float, Device::Cpu))
 }
@@ -178,6 +192,7 @@ fn two_steps(world: &World, head: &str, x: &Tensor, y: &Tensor) -> Vec<(String, 
 /// (epoch 1) before the steps.
 fn two_steps_of(world: &World, cfg: Config, x: &Tensor, y: &Tensor) -> Vec<(String, Tensor)> {
     let head = "the case";
+    let _rng = torch_rng();
     tch::manual_seed(cfg.seed as i64);
     let shard = model_parallel::shard_of(&cfg, C, world).unwrap();
     let mut st = State::new_sharded(&cfg, C, shard, Device::Cpu);
@@ -346,10 +361,13 @@ fn partial_fc_optimizer_semantics() {
     let x = images();
     let y = Tensor::from_slice(&LABELS[0]);
     let cfg = step_config(case("arcface_pfc03_v1"));
-    tch::manual_seed(cfg.seed as i64);
-    let shard = model_parallel::shard_of(&cfg, C, &single).unwrap();
-    let init = State::new_sharded(&cfg, C, shard, Device::Cpu);
-    let w0 = init.classifier.weight().detach().copy();
+    let w0 = {
+        let _rng = torch_rng();
+        tch::manual_seed(cfg.seed as i64);
+        let shard = model_parallel::shard_of(&cfg, C, &single).unwrap();
+        let init = State::new_sharded(&cfg, C, shard, Device::Cpu);
+        init.classifier.weight().detach().copy()
+    };
     let after = |i: &str| -> Tensor {
         let named: std::collections::HashMap<_, _> =
             two_steps(&single, case(i), &x, &y).into_iter().collect();
@@ -366,6 +384,7 @@ fn partial_fc_optimizer_semantics() {
 /// The initial classifier block is the same rows of one matrix whatever the world size.
 #[test]
 fn initial_blocks_do_not_depend_on_the_world_size() {
+    let _rng = torch_rng();
     let cfg = step_config(case("arcface"));
     let whole = {
         let shard = facerec_loss_heads::ClassShard::of(C as i64, 0, 1);
