@@ -145,7 +145,15 @@ mod tests {
             .view([5, 2]);
         let (s1, i1) = top_k_neighbours(&x, 2, 1);
         let (s2, i2) = top_k_neighbours(&x, 2, 1 << 20);
-        assert!(i1.equal(&i2) && s1.allclose(&s2, 0.0, 0.0, false));
+        // Blocks of another shape may take another BLAS kernel (one row: a matrix-vector product),
+        // whose rounding differs in the last bit on some CPUs (seen on a ninth-session VM): the
+        // same neighbours, and the same similarities to float precision.
+        let worst = f64::try_from((&s1 - &s2).abs().max()).unwrap();
+        assert!(i1.equal(&i2), "{i1} vs {i2}");
+        assert!(
+            worst <= 1e-6,
+            "chunked and whole similarities differ by {worst:e}"
+        );
         let first: Vec<i64> = Vec::try_from(i1.select(1, 0)).unwrap();
         assert_eq!(first, [1, 0, 4, 2, 2]);
     }
