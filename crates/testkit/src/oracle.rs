@@ -29,11 +29,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde_json::Value;
 use tch::Tensor;
 
-/// Relative tolerance between a live answer and its fixture.
-pub const FROZEN_RTOL: f64 = 1e-6;
+/// Relative tolerance between a live answer and its fixture. Float32 oracles round differently on
+/// another CPU (other vector widths, other reduction orders): the GCE oracle's gradients moved by
+/// 2e-6 relative, and by 1.8e-7 absolute on an entry of 1e-2 in an array of about 3, between the
+/// machine that froze them and a ninth-session VM. A changed oracle moves answers far more.
+pub const FROZEN_RTOL: f64 = 1e-5;
 /// Absolute tolerance between a live answer and its fixture, times `max(1, max |x|)` of the array
-/// (or the number) it sits in.
-pub const FROZEN_ATOL: f64 = 1e-9;
+/// (or the number) it sits in: float32 rounding is relative to the array's scale.
+pub const FROZEN_ATOL: f64 = 1e-6;
 
 fn env_is(name: &str, value: &str) -> bool {
     std::env::var(name).as_deref() == Ok(value)
