@@ -14,7 +14,8 @@ Usage:
   backbone_oracle.py embed   ARCH_ARGS --weights W.safetensors --input X.npz --out OUT.npz
       reads an exported `.safetensors` (its own reader: torch and numpy only), checks that its keys,
       shapes and dtypes are exactly the model's state_dict (num_batches_tracked: int64 scalars),
-      loads it with strict=True in float32 and writes the eval-mode embeddings of X as "embedding".
+      loads it with strict=True in float32, converts the model to float64 and writes the eval-mode
+      embeddings of X (computed in float64) as "embedding".
 
 ARCH_ARGS: --arch iresnet (--depth D | --layers a,b,c,d) [--widths ...] [--emb E] [--input-size S]
            --arch mbf [--blocks a,b,c,d] [--scale K] [--emb E] [--input-size S]
@@ -277,8 +278,11 @@ def main():
         }))
         return
     if a.cmd == "embed":
-        load_exported(model, a.weights).eval()
-        x = torch.from_numpy(np.load(a.input)["input"]).float()
+        # Loaded as float32 (the file's dtypes are checked), then computed in float64 on those
+        # values: the answer is then the same on any CPU, and our float32 network is held to it
+        # with a float32 tolerance.
+        model = load_exported(model, a.weights).double().eval()
+        x = torch.from_numpy(np.load(a.input)["input"]).float().double()
         with torch.no_grad():
             emb = model(x)
         np.savez(a.out, embedding=emb.numpy())

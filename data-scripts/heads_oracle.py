@@ -25,6 +25,8 @@ answer = {"heads": [{"loss", "logits", "grad_cos", "margins"?}], "linear": [{"lo
           "grad_weight", "grad_bias"}], "partial_fc": [{"index", "labels"}],
           "embedding_heads": [{"loss", "cos" (pooled B x C), "grad_emb", "grad_weight"}]}
           (all flattened lists)
+"dtype" is the precision of our code under test: the inputs are rounded to it, and the oracle then
+computes in float64 (see as_input).
 """
 import json
 import math
@@ -168,10 +170,18 @@ def magface(emb, weight, labels, cfg):
     return ce(z, labels) + cfg["lambda_g"] * g.mean(), cos
 
 
+def as_input(values, dtype):
+    """`values` rounded to the case's dtype (the numbers our code sees), then held in float64: the
+    oracle computes in float64 whatever the case's dtype, so its answer is the exact function of
+    those inputs to ~1e-15 on any CPU (a float32 computation rounds differently on another CPU's
+    kernels, and its frozen answer would then move)."""
+    return torch.tensor(values, dtype=torch.float64).to(dtype).to(torch.float64)
+
+
 def embedding_head_case(case):
     dtype = getattr(torch, case["dtype"])
-    emb = torch.tensor(case["emb"], dtype=torch.float64).to(dtype).requires_grad_(True)
-    weight = torch.tensor(case["weight"], dtype=torch.float64).to(dtype).requires_grad_(True)
+    emb = as_input(case["emb"], dtype).requires_grad_(True)
+    weight = as_input(case["weight"], dtype).requires_grad_(True)
     labels = torch.tensor(case["labels"], dtype=torch.int64)
     cfg = case["head"]
     if cfg["type"] == "subcenter_arcface":
@@ -191,7 +201,7 @@ def embedding_head_case(case):
 
 def head_case(case):
     dtype = getattr(torch, case["dtype"])
-    cos = torch.tensor(case["cos"], dtype=torch.float64).to(dtype).requires_grad_(True)
+    cos = as_input(case["cos"], dtype).requires_grad_(True)
     labels = torch.tensor(case["labels"], dtype=torch.int64)
     cfg = case["head"]
     kind = cfg["type"]
@@ -208,16 +218,16 @@ def head_case(case):
         z = angular(cos, labels, cfg["s"], cfg["m1"], cfg["m2"], cfg["m3"], cfg["gradient"])
     elif kind == "sphereface":
         norms = case.get("norms")
-        norms = None if norms is None else torch.tensor(norms, dtype=torch.float64).to(dtype)
+        norms = None if norms is None else as_input(norms, dtype)
         z = sphereface(cos, labels, cfg, case["step"], norms)
     elif kind.startswith("elastic_"):
-        draw = torch.tensor(case["draw"], dtype=torch.float64).to(dtype)
+        draw = as_input(case["draw"], dtype)
         z, margins = elastic(cos, labels, cfg, draw, arc=kind.startswith("elastic_arc"))
     elif kind == "curricularface":
         z = curricularface(cos, labels, cfg, case["state"]["t"])
     elif kind == "adaface":
         norms = case.get("norms")
-        norms = None if norms is None else torch.tensor(norms, dtype=torch.float64).to(dtype)
+        norms = None if norms is None else as_input(norms, dtype)
         z = adaface(cos, labels, cfg, norms, case["state"]["norm_mean"], case["state"]["norm_std"])
     else:
         raise ValueError(kind)
@@ -231,7 +241,7 @@ def head_case(case):
 
 def linear_case(case):
     dtype = getattr(torch, case["dtype"])
-    t = lambda key: torch.tensor(case[key], dtype=torch.float64).to(dtype).requires_grad_(True)
+    t = lambda key: as_input(case[key], dtype).requires_grad_(True)
     emb, weight, bias = t("emb"), t("weight"), t("bias")
     labels = torch.tensor(case["labels"], dtype=torch.int64)
     loss = ce(emb @ weight.T + bias, labels)

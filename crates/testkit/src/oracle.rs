@@ -29,16 +29,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use serde_json::Value;
 use tch::Tensor;
 
-/// Relative tolerance between a live answer and its fixture. Float32 oracles round differently on
-/// another CPU (other vector widths, other reduction orders): the GCE oracle's gradients moved by
-/// 2e-6 relative, and by 1.8e-7 absolute on an entry of 1e-2 in an array of about 3, between the
-/// machine that froze them and a ninth-session VM, one GCE weight gradient by 2.5e-4 relative (our
-/// code matched the live answer there within its test's own tolerance). A changed oracle moves
-/// answers by far more; the tests of our code hold it to the live answer with their own tolerance.
-pub const FROZEN_RTOL: f64 = 1e-3;
+/// Relative tolerance between a live answer and its fixture. The oracles compute in float64 (a
+/// float32 case only rounds the oracle's inputs to float32), so an answer is the same function of
+/// its inputs on any CPU to ~1e-13, while a changed oracle moves it by far more than this. A
+/// float32 oracle would not do: its gradients moved by up to 2.5e-4 relative between the machine
+/// that froze them and another CPU.
+pub const FROZEN_RTOL: f64 = 1e-6;
 /// Absolute tolerance between a live answer and its fixture, times `max(1, max |x|)` of the array
-/// (or the number) it sits in: float32 rounding is relative to the array's scale.
-pub const FROZEN_ATOL: f64 = 1e-5;
+/// (or the number) it sits in.
+pub const FROZEN_ATOL: f64 = 1e-9;
 
 fn env_is(name: &str, value: &str) -> bool {
     std::env::var(name).as_deref() == Ok(value)
