@@ -37,9 +37,15 @@ fn short_run_in(dir: &std::path::Path, extra: &[&str]) -> facerec_trainer::RunSu
         losses.iter().all(|l| l.is_finite()),
         "{extra:?}: {losses:?}"
     );
+    // The mean over the last third of the logged steps below the mean over the first third: one
+    // step's loss against another's is noise on these small batches (a GCE pairwise run on
+    // another CPU ended 0.3 above its first step while its thirds fell from 14.5 to 13.5).
+    let third = (losses.len() / 3).max(1);
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let (first, last) = (mean(&losses[..third]), mean(&losses[losses.len() - third..]));
     assert!(
-        losses.last() < losses.first(),
-        "{extra:?}: loss did not go down: {losses:?}"
+        last < first,
+        "{extra:?}: loss did not go down (first third {first:.4}, last third {last:.4}): {losses:?}"
     );
     assert_eq!(summary.skipped_steps, 0, "{extra:?}");
     summary
