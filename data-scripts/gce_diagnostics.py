@@ -34,6 +34,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gce_oracle  # noqa: E402
+from backbone_oracle import load_safetensors  # noqa: E402
 
 
 def recipe(**over):
@@ -64,23 +65,6 @@ def arcface_ce(emb, weight, labels, s=32.0, m=0.5):
     logits = s * cos.clone()
     logits[torch.arange(len(labels)), y] = s * tt
     return torch.nn.functional.cross_entropy(logits, y)
-
-
-def load_safetensors(path):
-    """The tensors of a .safetensors file (8-byte little-endian header size, JSON header, data)."""
-    kinds = {"F32": np.float32, "F64": np.float64, "F16": np.float16}
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-        data = f.read()
-    out = {}
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        lo, hi = meta["data_offsets"]
-        arr = np.frombuffer(data[lo:hi], dtype=kinds[meta["dtype"]]).reshape(meta["shape"])
-        out[name] = torch.from_numpy(arr.copy())
-    return out
 
 
 def natural_key(s):

@@ -20,9 +20,13 @@ replacement: {classes, samples}, optional grad_weight_rows}]} where cfg is GceCo
 """
 import json
 import math
+import os
 import sys
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from heads_oracle import as_input  # noqa: E402
 
 COS_EPS = 1e-7
 
@@ -191,10 +195,6 @@ def gce_rows(emb, weight, labels, cfg, rep):
 SMALL = 5000
 
 
-def as_input(values, dtype):
-    return torch.tensor(values, dtype=torch.float64).to(dtype).to(torch.float64).requires_grad_(True)
-
-
 def main():
     req = json.load(sys.stdin)
     out = []
@@ -203,8 +203,8 @@ def main():
         # oracle computes in float64 on those values, so that its answer (and its frozen fixture)
         # does not depend on the CPU's float32 kernels.
         dtype = torch.float64 if case["dtype"] == "float64" else torch.float32
-        emb = as_input(case["emb"], dtype)
-        weight = as_input(case["weight"], dtype)
+        emb = as_input(case["emb"], dtype).requires_grad_(True)
+        weight = as_input(case["weight"], dtype).requires_grad_(True)
         args = (emb, weight, case["labels"], case["cfg"], case["replacement"])
         loss = gce_rows(*args)
         b, ncls = len(case["emb"]), len(case["weight"])

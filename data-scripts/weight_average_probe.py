@@ -2,12 +2,12 @@
 """Average the backbone weights of a run's last K checkpoints (a post-hoc probe of weight averaging,
 issue 17; not part of the trainer).
 
-Each `<run dir>/checkpoints/step-N/model.safetensors` is read (numpy only: the safetensors layout is
-an 8-byte little-endian header length, a JSON header of {name: {dtype, shape, data_offsets}}, then
-the raw little-endian data). Float tensors, BatchNorm running means and variances included, are
-averaged with equal weight; integer tensors (`num_batches_tracked`) are taken from the newest. The
-result is written as one `.safetensors` with the same names, shapes and dtypes, which
-`facerec eval --model OUT --config <run dir>/config.toml` reads like any exported model.
+Each `<run dir>/checkpoints/step-N/model.safetensors` is read with backbone_oracle's reader. Float
+tensors, BatchNorm running means and variances included, are averaged with equal weight (summed in
+float64); integer tensors (`num_batches_tracked`) are taken from the newest. The result is written
+as one `.safetensors` with the same names, shapes and dtypes (8-byte little-endian header length,
+JSON header, raw little-endian data), which `facerec eval --model OUT --config <run dir>/config.toml`
+reads like any exported model.
 
 Usage: weight_average_probe.py RUN_DIR --last K --out avg.safetensors
 """
@@ -17,33 +17,24 @@ import os
 import struct
 import sys
 
-import numpy as np
+import torch
 
-DTYPES = {"F32": np.float32, "F64": np.float64, "I64": np.int64, "F16": np.float16}
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from backbone_oracle import SAFETENSORS_DTYPES, load_safetensors  # noqa: E402
 
-
-def read(path):
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-        data = f.read()
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in DTYPES:
-            raise SystemExit(f"{path}: tensor {name}: dtype {info['dtype']} not handled")
-        lo, hi = info["data_offsets"]
-        a = np.frombuffer(data[lo:hi], dtype=np.dtype(DTYPES[info["dtype"]]).newbyteorder("<"))
-        out[name] = (info["dtype"], a.reshape(info["shape"]))
-    return out
+DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
 def write(path, tensors):
+    """`tensors` (name -> CPU tensor) to `path`, atomically."""
     header, blobs, offset = {}, [], 0
-    for name, (dtype, a) in tensors.items():
-        b = np.ascontiguousarray(a, dtype=np.dtype(DTYPES[dtype]).newbyteorder("<")).tobytes()
-        header[name] = {"dtype": dtype, "shape": list(a.shape), "data_offsets": [offset, offset + len(b)]}
+    for name, t in tensors.items():
+        b = t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {
+            "dtype": DTYPE_NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + len(b)],
+        }
         blobs.append(b)
         offset += len(b)
     h = json.dumps(header).encode()
@@ -72,20 +63,20 @@ def main():
     if len(steps) < a.last:
         raise SystemExit(f"{root}: {len(steps)} complete checkpoints, fewer than --last {a.last}")
     chosen = steps[-a.last:]
-    states = [read(os.path.join(root, d, "model.safetensors")) for _, d in chosen]
+    states = [load_safetensors(os.path.join(root, d, "model.safetensors")) for _, d in chosen]
     newest = states[-1]
+    if any(set(s) != set(newest) for s in states):
+        raise SystemExit(f"{root}: the last {a.last} checkpoints hold different tensors")
     avg = {}
-    for name, (dtype, a_newest) in newest.items():
-        if any(set(s) != set(newest) for s in states):
-            raise SystemExit("the checkpoints hold different tensors")
-        if dtype.startswith("F"):
-            mean = sum(s[name][1].astype(np.float64) for s in states) / len(states)
-            avg[name] = (dtype, mean)
+    for name, t in newest.items():
+        if t.is_floating_point():
+            mean = sum(s[name].double() for s in states) / len(states)
+            avg[name] = mean.to(t.dtype)
         else:
-            avg[name] = (dtype, a_newest)
+            avg[name] = t
     write(a.out, avg)
     print(json.dumps({"steps": [s for s, _ in chosen], "tensors": len(avg), "out": a.out}))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
