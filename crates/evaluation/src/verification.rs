@@ -110,12 +110,19 @@ pub fn squared_distances(emb: &[f32], dim: usize) -> Vec<f64> {
     emb.chunks_exact(2 * dim)
         .map(|pair| {
             let (a, b) = pair.split_at(dim);
-            a.iter().zip(b).fold(0.0f64, |acc, (&x, &y)| {
-                let d = f64::from(x) - f64::from(y);
-                acc + d * d
-            })
+            squared_distance(a, b)
         })
         .collect()
+}
+
+/// `||a - b||^2` of two equally long rows, each component difference and the sum taken in f64, summed
+/// left to right: the one rule behind [`squared_distances`] and [`crate::pair_distances`].
+pub(crate) fn squared_distance(a: &[f32], b: &[f32]) -> f64 {
+    debug_assert_eq!(a.len(), b.len());
+    a.iter().zip(b).fold(0.0f64, |acc, (&x, &y)| {
+        let d = f64::from(x) - f64::from(y);
+        acc + d * d
+    })
 }
 
 /// insightface 10-fold "Accuracy-Flip" on already-computed embeddings.

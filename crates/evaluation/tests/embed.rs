@@ -1,6 +1,9 @@
 //! `embed_with_flip` and `verify_images` against hand computation with simple linear models.
 
-use facerec_evaluation::{balanced_pairs, embed_with_flip, verify, verify_images, PairSet};
+use facerec_evaluation::{
+    balanced_pairs, embed_with_flip, pair_distances, squared_distances, verify, verify_images,
+    PairSet,
+};
 use tch::{Kind, Tensor};
 
 fn images(n: i64, h: i64, w: i64, seed: i64) -> Tensor {
@@ -128,4 +131,36 @@ fn verify_images_equals_verify_on_gathered_rows() {
     };
     let err = verify_images(&model, &x, &few, 8).unwrap_err().to_string();
     assert!(err.contains("3 pairs") && err.contains("10 folds"), "{err}");
+}
+
+#[test]
+fn pair_distances_equal_squared_distances_of_gathered_rows() {
+    // A transposed (non-contiguous) [N, D] view: rows are read in place, as the gathered copy.
+    tch::manual_seed(11);
+    let e = Tensor::randn([5, 7], (Kind::Float, tch::Device::Cpu)).transpose(0, 1);
+    assert!(!e.is_contiguous());
+    let pairs = balanced_pairs(&[0, 0, 1, 1, 2, 2, 2], 3);
+    let mut flat = Vec::new();
+    for p in &pairs {
+        for r in [p.a, p.b] {
+            flat.extend(Vec::<f32>::try_from(e.get(r as i64)).unwrap());
+        }
+    }
+    assert_eq!(
+        pair_distances(&e, &pairs),
+        squared_distances(&flat, 5),
+        "the same f64 arithmetic, bit for bit"
+    );
+}
+
+#[test]
+#[should_panic(expected = "out of range for 7 rows")]
+fn pair_distances_reject_an_index_past_the_rows() {
+    let e = images(7, 1, 1, 3).reshape([7, 3]);
+    let bad = [facerec_evaluation::Pair {
+        a: 2,
+        b: 7,
+        same: false,
+    }];
+    pair_distances(&e, &bad);
 }
